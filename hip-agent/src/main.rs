@@ -1,0 +1,112 @@
+//! `hip-agent`: the root agent and its operator CLI.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hip_datapath::{Datapath, Direction};
+
+#[derive(Parser)]
+#[command(
+    name = "hip-agent",
+    version,
+    about = "SIP calls secured with HIP, media kept in the kernel"
+)]
+struct Cli {
+    /// Run in this network namespace (`/run/netns/NAME`) without changing the mount namespace.
+    #[arg(long, global = true, env = "HIP_NETNS")]
+    netns: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load, attach, inspect and unload the eBPF datapath.
+    #[command(subcommand)]
+    Datapath(DatapathCmd),
+}
+
+#[derive(Subcommand)]
+enum DatapathCmd {
+    /// Load the programs, attach them to IFACE and pin the maps (persisting after exit).
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
+        pin_dir: PathBuf,
+    },
+    /// Detach the programs from IFACE and remove the pins.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
+        pin_dir: PathBuf,
+    },
+    /// Print the interface counters from the pinned maps.
+    Stats {
+        #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
+        pin_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HIP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(ns) = &cli.netns {
+        hip_agent::netns::enter(ns)?;
+    }
+    match cli.cmd {
+        Cmd::Datapath(DatapathCmd::Attach { iface, pin_dir }) => {
+            let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
+            let links = dp
+                .attach_persistent(&iface)
+                .with_context(|| format!("attaching to {iface}"))?;
+            println!(
+                "attached {} and {} to {iface} ({}); maps pinned under {}",
+                hip_common::PROG_TC_INGRESS,
+                hip_common::PROG_TC_EGRESS,
+                if hip_datapath::tc_uses_tcx() {
+                    "tcx"
+                } else {
+                    "netlink clsact"
+                },
+                pin_dir.display()
+            );
+            for l in links {
+                println!("link pinned at {}", l.display());
+            }
+            // The maps stay pinned and the programs attached; this process may exit.
+            std::mem::forget(dp);
+        }
+        Cmd::Datapath(DatapathCmd::Detach { iface, pin_dir }) => {
+            hip_datapath::unload(&iface, &pin_dir)?;
+            println!("detached from {iface}; removed {}", pin_dir.display());
+        }
+        Cmd::Datapath(DatapathCmd::Stats { pin_dir, json }) => {
+            let ing = hip_datapath::read_pinned_counters(&pin_dir, Direction::Ingress)?;
+            let eg = hip_datapath::read_pinned_counters(&pin_dir, Direction::Egress)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ingress": {"packets": ing.packets, "bytes": ing.bytes},
+                        "egress": {"packets": eg.packets, "bytes": eg.bytes},
+                    })
+                );
+            } else {
+                println!("ingress: {} packets, {} bytes", ing.packets, ing.bytes);
+                println!("egress:  {} packets, {} bytes", eg.packets, eg.bytes);
+            }
+        }
+    }
+    Ok(())
+}
