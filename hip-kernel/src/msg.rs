@@ -1,0 +1,587 @@
+//! Pure converters between hip's typed parameters and `netlink-packet-xfrm` messages
+//! (strongSwan's `kernel_netlink_ipsec.c` keeps the same split: build/parse without I/O).
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use netlink_packet_xfrm::{
+    Address, Alg, AlgAead, AlgAuth, IPPROTO_ESP, LifetimeConfig, UserPolicyId, UserPolicyInfo,
+    UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XFRM_INF, XFRM_MODE_BEET, XFRM_POLICY_ALLOW,
+    XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY, XfrmAttrs,
+    XfrmMessage,
+    constants::{AF_INET, AF_INET6},
+    policy::{DelGetMessage as PolicyDelGet, ModifyMessage as PolicyModify},
+    state::{AllocSpiMessage, DelGetMessage as StateDelGet, ModifyMessage as StateModify},
+};
+
+use crate::{
+    EspTransform, HitPair, KernelEvent, Lifetimes, LocatorPair, PolicyAction, PolicyDir,
+    PolicyEntry, PolicyId, PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
+};
+
+fn addr_back(a: &Address, fam: u16) -> IpAddr {
+    if fam == AF_INET {
+        IpAddr::V4(a.to_ipv4())
+    } else {
+        IpAddr::V6(a.to_ipv6())
+    }
+}
+
+fn name64(s: &str) -> [u8; 64] {
+    let mut n = [0u8; 64];
+    n[..s.len()].copy_from_slice(s.as_bytes());
+    n
+}
+
+fn name_back(n: &[u8; 64]) -> String {
+    let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+    String::from_utf8_lossy(&n[..end]).into_owned()
+}
+
+fn inf(v: u64) -> u64 {
+    if v == 0 { XFRM_INF } else { v }
+}
+
+fn lifetime_cfg(l: &Lifetimes) -> LifetimeConfig {
+    LifetimeConfig {
+        soft_byte_limit: inf(l.soft_bytes),
+        hard_byte_limit: inf(l.hard_bytes),
+        // Packet limits are not configurable: byte and time limits cover rekeying.
+        soft_packet_limit: XFRM_INF,
+        hard_packet_limit: XFRM_INF,
+        // For the time limits the kernel's "no limit" is 0, not XFRM_INF.
+        soft_add_expires_seconds: l.soft_secs,
+        hard_add_expires_seconds: l.hard_secs,
+        soft_use_expires_seconds: 0,
+        hard_use_expires_seconds: 0,
+    }
+}
+
+fn lifetimes_back(c: &LifetimeConfig) -> Lifetimes {
+    let fin = |v: u64| if v == XFRM_INF { 0 } else { v };
+    Lifetimes {
+        soft_secs: c.soft_add_expires_seconds,
+        hard_secs: c.hard_add_expires_seconds,
+        soft_bytes: fin(c.soft_byte_limit),
+        hard_bytes: fin(c.hard_byte_limit),
+    }
+}
+
+fn selector(src: Prefix, dst: Prefix) -> netlink_packet_xfrm::Selector {
+    netlink_packet_xfrm::Selector {
+        saddr: Address::from_ipv6(&src.addr),
+        daddr: Address::from_ipv6(&dst.addr),
+        prefixlen_s: src.len,
+        prefixlen_d: dst.len,
+        family: AF_INET6,
+        ..Default::default()
+    }
+}
+
+fn selector_back(s: &netlink_packet_xfrm::Selector) -> Option<(Prefix, Prefix)> {
+    // hip's selectors are IPv6 (HITs); anything else is not hip's shape.
+    if s.family != AF_INET6 {
+        return None;
+    }
+    Some((
+        Prefix {
+            addr: s.saddr.to_ipv6(),
+            len: s.prefixlen_s,
+        },
+        Prefix {
+            addr: s.daddr.to_ipv6(),
+            len: s.prefixlen_d,
+        },
+    ))
+}
+
+/// `XFRM_MSG_NEWSA`/`UPDSA` body for one BEET SA (`update` picks the message type).
+pub(crate) fn sa_message(p: &SaParams, update: bool) -> XfrmMessage {
+    let mut info = UserSaInfo::default();
+    info.source(&p.locators.src);
+    info.destination(&p.locators.dst);
+    info.id.spi = p.spi;
+    info.id.proto = IPPROTO_ESP;
+    info.selector = selector(Prefix::host(p.hits.src), Prefix::host(p.hits.dst));
+    info.reqid = p.reqid.0;
+    info.mode = XFRM_MODE_BEET;
+    info.replay_window = p.replay_window;
+    info.lifetime_cfg = lifetime_cfg(&p.lifetimes);
+    let algs = p.keys.transform().kernel_algs();
+    let mut nlas = Vec::new();
+    if let Some((name, trunc)) = algs.auth {
+        nlas.push(XfrmAttrs::AuthenticationAlgTrunc(AlgAuth {
+            alg_name: name64(name),
+            alg_key_len: (p.keys.auth().len() * 8) as u32,
+            alg_trunc_len: trunc,
+            alg_key: p.keys.auth().to_vec(),
+        }));
+    }
+    if let Some(name) = algs.enc {
+        nlas.push(XfrmAttrs::EncryptionAlg(Alg {
+            alg_name: name64(name),
+            alg_key_len: (p.keys.enc().len() * 8) as u32,
+            alg_key: p.keys.enc().to_vec(),
+        }));
+    }
+    if let Some((name, icv)) = algs.aead {
+        nlas.push(XfrmAttrs::EncryptionAlgAead(AlgAead {
+            alg_name: name64(name),
+            alg_key_len: (p.keys.enc().len() * 8) as u32,
+            alg_icv_len: icv,
+            alg_key: p.keys.enc().to_vec(),
+        }));
+    }
+    let m = StateModify {
+        user_sa_info: info,
+        nlas,
+    };
+    if update {
+        XfrmMessage::UpdateSa(m)
+    } else {
+        XfrmMessage::AddSa(m)
+    }
+}
+
+/// `XFRM_MSG_ALLOCSPI` body: a larval SA from `locators.src` to `locators.dst` whose SPI
+/// the kernel picks in `min..=max`.
+pub(crate) fn allocspi_message(
+    locators: LocatorPair,
+    reqid: Reqid,
+    min: Spi,
+    max: Spi,
+) -> XfrmMessage {
+    let mut spi = UserSpiInfo::default();
+    spi.info.source(&locators.src);
+    spi.info.destination(&locators.dst);
+    spi.info.reqid = reqid.0;
+    spi.info.mode = XFRM_MODE_BEET;
+    spi.protocol(IPPROTO_ESP);
+    spi.spi_range(min, max);
+    XfrmMessage::AllocSpi(AllocSpiMessage {
+        spi_info: spi,
+        nlas: vec![],
+    })
+}
+
+fn sa_id(id: &SaId) -> UserSaId {
+    let mut u = UserSaId::default();
+    u.destination(&id.dst);
+    u.spi = id.spi;
+    u.proto = IPPROTO_ESP;
+    u
+}
+
+/// `XFRM_MSG_DELSA` body.
+pub(crate) fn del_sa_message(id: &SaId) -> XfrmMessage {
+    XfrmMessage::DeleteSa(StateDelGet {
+        user_sa_id: sa_id(id),
+        nlas: vec![],
+    })
+}
+
+/// `XFRM_MSG_GETSA` body (one SA).
+pub(crate) fn get_sa_message(id: &SaId) -> XfrmMessage {
+    XfrmMessage::GetSa(StateDelGet {
+        user_sa_id: sa_id(id),
+        nlas: vec![],
+    })
+}
+
+fn dir_code(d: PolicyDir) -> u8 {
+    match d {
+        PolicyDir::In => XFRM_POLICY_IN,
+        PolicyDir::Out => XFRM_POLICY_OUT,
+        PolicyDir::Fwd => XFRM_POLICY_FWD,
+    }
+}
+
+fn dir_back(d: u8) -> Option<PolicyDir> {
+    match d {
+        XFRM_POLICY_IN => Some(PolicyDir::In),
+        XFRM_POLICY_OUT => Some(PolicyDir::Out),
+        XFRM_POLICY_FWD => Some(PolicyDir::Fwd),
+        _ => None,
+    }
+}
+
+/// `XFRM_MSG_NEWPOLICY`/`UPDPOLICY` body.
+pub(crate) fn policy_message(p: &PolicyParams, update: bool) -> XfrmMessage {
+    let mut info = UserPolicyInfo {
+        selector: selector(p.id.src, p.id.dst),
+        lifetime_cfg: LifetimeConfig::default(),
+        ..Default::default()
+    };
+    info.priority = p.priority;
+    info.direction = dir_code(p.id.dir);
+    info.share = XFRM_SHARE_ANY;
+    let mut nlas = Vec::new();
+    match p.action {
+        PolicyAction::Ipsec { locators, reqid } => {
+            info.action = XFRM_POLICY_ALLOW;
+            let mut t = UserTemplate::default();
+            t.source(&locators.src);
+            t.destination(&locators.dst);
+            t.protocol(IPPROTO_ESP);
+            t.mode(XFRM_MODE_BEET);
+            t.reqid(reqid.0);
+            // "level required": a missing SA drops the packet (and raises ACQUIRE);
+            // it never lets it out in clear text.
+            t.optional(false);
+            nlas.push(XfrmAttrs::Template(vec![t]));
+        }
+        PolicyAction::Block => info.action = XFRM_POLICY_BLOCK,
+        PolicyAction::Allow => info.action = XFRM_POLICY_ALLOW,
+    }
+    let m = PolicyModify {
+        user_policy_info: info,
+        nlas,
+    };
+    if update {
+        XfrmMessage::UpdatePolicy(m)
+    } else {
+        XfrmMessage::AddPolicy(m)
+    }
+}
+
+fn policy_id(id: &PolicyId) -> UserPolicyId {
+    UserPolicyId {
+        selector: selector(id.src, id.dst),
+        index: 0,
+        direction: dir_code(id.dir),
+    }
+}
+
+/// `XFRM_MSG_DELPOLICY` body.
+pub(crate) fn del_policy_message(id: &PolicyId) -> XfrmMessage {
+    XfrmMessage::DeletePolicy(PolicyDelGet {
+        user_policy_id: policy_id(id),
+        nlas: vec![],
+    })
+}
+
+/// `XFRM_MSG_GETPOLICY` body (one policy).
+pub(crate) fn get_policy_message(id: &PolicyId) -> XfrmMessage {
+    XfrmMessage::GetPolicy(PolicyDelGet {
+        user_policy_id: policy_id(id),
+        nlas: vec![],
+    })
+}
+
+/// `XFRM_MSG_GETSA` dump request.
+pub(crate) fn dump_sa_message() -> XfrmMessage {
+    XfrmMessage::GetDumpSa(Default::default())
+}
+
+/// `XFRM_MSG_GETPOLICY` dump request.
+pub(crate) fn dump_policy_message() -> XfrmMessage {
+    XfrmMessage::GetPolicy(Default::default())
+}
+
+/// Reads an SA (`NEWSA` reply of a dump, `GETSA` or `ALLOCSPI`) back into hip's terms.
+/// Returns `None` for non-ESP SAs.
+pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry> {
+    if info.id.proto != IPPROTO_ESP {
+        return None;
+    }
+    let dst = addr_back(&info.id.daddr, info.family);
+    let src = addr_back(&info.saddr, info.family);
+    let hits = selector_back(&info.selector).and_then(|(s, d)| {
+        (s.len == 128 && d.len == 128).then_some(HitPair {
+            src: s.addr,
+            dst: d.addr,
+        })
+    });
+    let (mut enc, mut auth, mut aead) = (None, None, None);
+    for n in nlas {
+        match n {
+            XfrmAttrs::EncryptionAlg(a) => enc = Some(name_back(&a.alg_name)),
+            XfrmAttrs::AuthenticationAlgTrunc(a) => auth = Some(name_back(&a.alg_name)),
+            XfrmAttrs::EncryptionAlgAead(a) => aead = Some(name_back(&a.alg_name)),
+            _ => {}
+        }
+    }
+    let transform =
+        EspTransform::from_kernel_names(enc.as_deref(), auth.as_deref(), aead.as_deref())
+            .filter(|_| enc.is_some() || aead.is_some());
+    Some(SaEntry {
+        id: SaId {
+            dst,
+            spi: info.id.spi,
+        },
+        src,
+        hits,
+        reqid: Reqid(info.reqid),
+        beet: info.mode == XFRM_MODE_BEET,
+        transform,
+        lifetimes: lifetimes_back(&info.lifetime_cfg),
+        bytes: info.lifetime_cur.bytes,
+        packets: info.lifetime_cur.packets,
+    })
+}
+
+/// The algorithm attributes of an SA message, for comparing an installed SA with the
+/// wanted one (keys included).
+pub(crate) fn alg_attrs(nlas: &[XfrmAttrs]) -> Vec<&XfrmAttrs> {
+    let mut v: Vec<&XfrmAttrs> = nlas
+        .iter()
+        .filter(|n| {
+            matches!(
+                n,
+                XfrmAttrs::EncryptionAlg(_)
+                    | XfrmAttrs::AuthenticationAlgTrunc(_)
+                    | XfrmAttrs::EncryptionAlgAead(_)
+            )
+        })
+        .collect();
+    v.sort_by_key(|n| netlink_packet_core::Nla::kind(*n));
+    v
+}
+
+/// Reads a policy back into hip's terms; `None` if it is not of a shape hip installs
+/// (non-IPv6 selector, unknown direction, several templates).
+pub(crate) fn policy_entry(info: &UserPolicyInfo, nlas: &[XfrmAttrs]) -> Option<PolicyEntry> {
+    let (src, dst) = selector_back(&info.selector)?;
+    let dir = dir_back(info.direction)?;
+    let tmpls: Vec<&UserTemplate> = nlas
+        .iter()
+        .filter_map(|n| match n {
+            XfrmAttrs::Template(t) => Some(t.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let action = match (info.action, tmpls.as_slice()) {
+        (XFRM_POLICY_BLOCK, []) => PolicyAction::Block,
+        (XFRM_POLICY_ALLOW, []) => PolicyAction::Allow,
+        (XFRM_POLICY_ALLOW, [t]) => PolicyAction::Ipsec {
+            locators: LocatorPair {
+                src: addr_back(&t.saddr, t.family),
+                dst: addr_back(&t.id.daddr, t.family),
+            },
+            reqid: Reqid(t.reqid),
+        },
+        _ => return None,
+    };
+    Some(PolicyEntry {
+        params: PolicyParams {
+            id: PolicyId { dir, src, dst },
+            action,
+            priority: info.priority,
+        },
+        index: info.index,
+    })
+}
+
+/// Maps a multicast message to an event; `None` for messages hip does not report.
+pub(crate) fn event(m: &XfrmMessage) -> Option<KernelEvent> {
+    match m {
+        XfrmMessage::Acquire(a) => {
+            let sel = &a.acquire.selector;
+            let reqid = a
+                .nlas
+                .iter()
+                .find_map(|n| match n {
+                    XfrmAttrs::Template(t) => t.first().map(|t| t.reqid),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Some(KernelEvent::Acquire {
+                hits: HitPair {
+                    src: v6(&sel.saddr, sel.family),
+                    dst: v6(&sel.daddr, sel.family),
+                },
+                locators: LocatorPair {
+                    src: addr_back(&a.acquire.saddr, tmpl_family(&a.nlas).unwrap_or(sel.family)),
+                    dst: addr_back(
+                        &a.acquire.id.daddr,
+                        tmpl_family(&a.nlas).unwrap_or(sel.family),
+                    ),
+                },
+                reqid: Reqid(reqid),
+            })
+        }
+        XfrmMessage::Expire(e) => {
+            let s = &e.expire.state;
+            Some(KernelEvent::Expire {
+                sa: SaId {
+                    dst: addr_back(&s.id.daddr, s.family),
+                    spi: s.id.spi,
+                },
+                hits: HitPair {
+                    src: v6(&s.selector.saddr, s.selector.family),
+                    dst: v6(&s.selector.daddr, s.selector.family),
+                },
+                reqid: Reqid(s.reqid),
+                hard: e.expire.hard != 0,
+            })
+        }
+        XfrmMessage::DeleteSa(d) => {
+            let reqid = d.nlas.iter().find_map(|n| match n {
+                XfrmAttrs::SaInfo(i) => Some(Reqid(i.reqid)),
+                _ => None,
+            });
+            Some(KernelEvent::SaDeleted {
+                sa: SaId {
+                    dst: addr_back(&d.user_sa_id.daddr, d.user_sa_id.family),
+                    spi: d.user_sa_id.spi,
+                },
+                reqid,
+            })
+        }
+        XfrmMessage::DeletePolicy(d) => {
+            let (src, dst) = selector_back(&d.user_policy_id.selector)?;
+            let dir = dir_back(d.user_policy_id.direction)?;
+            let priority = d.nlas.iter().find_map(|n| match n {
+                XfrmAttrs::PolicyInfo(i) => Some(i.priority),
+                _ => None,
+            });
+            Some(KernelEvent::PolicyDeleted {
+                id: PolicyId { dir, src, dst },
+                priority,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn tmpl_family(nlas: &[XfrmAttrs]) -> Option<u16> {
+    nlas.iter().find_map(|n| match n {
+        XfrmAttrs::Template(t) => t.first().map(|t| t.family),
+        _ => None,
+    })
+}
+
+fn v6(a: &Address, fam: u16) -> Ipv6Addr {
+    match addr_back(a, fam) {
+        IpAddr::V6(v) => v,
+        IpAddr::V4(v) => v.to_ipv6_mapped(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EspKeys, owner};
+    use netlink_packet_core::{Emitable, ParseableParametrized};
+
+    fn sa() -> SaParams {
+        SaParams {
+            locators: LocatorPair {
+                src: "2001:db8::1".parse().unwrap(),
+                dst: "2001:db8::2".parse().unwrap(),
+            },
+            hits: HitPair {
+                src: "2001:20::a".parse().unwrap(),
+                dst: "2001:20::b".parse().unwrap(),
+            },
+            spi: 0x1234,
+            reqid: Reqid::hip(1),
+            keys: EspKeys::new(EspTransform::AesCbc128HmacSha256, &[1; 16], &[2; 32]).unwrap(),
+            replay_window: 32,
+            lifetimes: Lifetimes {
+                soft_secs: 10,
+                hard_secs: 20,
+                ..Lifetimes::UNLIMITED
+            },
+        }
+    }
+
+    fn round_trip(m: &XfrmMessage) -> XfrmMessage {
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        XfrmMessage::parse_with_param(&buf, m.message_type()).unwrap()
+    }
+
+    #[test]
+    fn sa_message_reads_back_as_the_same_sa() {
+        let p = sa();
+        let m = round_trip(&sa_message(&p, false));
+        let XfrmMessage::AddSa(s) = m else {
+            panic!("{m:?}")
+        };
+        let e = sa_entry(&s.user_sa_info, &s.nlas).unwrap();
+        assert_eq!(e.id, p.id());
+        assert_eq!(e.hits, Some(p.hits));
+        assert_eq!(e.reqid, p.reqid);
+        assert!(e.beet);
+        assert_eq!(e.transform, Some(EspTransform::AesCbc128HmacSha256));
+        assert_eq!(e.lifetimes, p.lifetimes);
+        // Byte limits must be "infinite", not 0 (0 would expire at once).
+        assert_eq!(s.user_sa_info.lifetime_cfg.hard_byte_limit, XFRM_INF);
+    }
+
+    #[test]
+    fn gcm_and_null_map_to_kernel_names() {
+        for t in EspTransform::ALL {
+            let mut p = sa();
+            p.keys =
+                EspKeys::new(t, &vec![3; t.enc_key_len()], &vec![4; t.auth_key_len()]).unwrap();
+            let XfrmMessage::AddSa(s) = sa_message(&p, false) else {
+                unreachable!()
+            };
+            assert_eq!(
+                sa_entry(&s.user_sa_info, &s.nlas).unwrap().transform,
+                Some(t)
+            );
+        }
+    }
+
+    #[test]
+    fn ipsec_policy_reads_back() {
+        let p = PolicyParams {
+            id: PolicyId {
+                dir: PolicyDir::Out,
+                src: Prefix::host("2001:20::a".parse().unwrap()),
+                dst: Prefix::host("2001:20::b".parse().unwrap()),
+            },
+            action: PolicyAction::Ipsec {
+                locators: sa().locators,
+                reqid: Reqid::hip(1),
+            },
+            priority: owner::PRIORITY_IPSEC,
+        };
+        let XfrmMessage::AddPolicy(m) = round_trip(&policy_message(&p, false)) else {
+            panic!()
+        };
+        assert_eq!(
+            policy_entry(&m.user_policy_info, &m.nlas).unwrap().params,
+            p
+        );
+        let b = PolicyParams {
+            action: PolicyAction::Block,
+            ..p
+        };
+        let XfrmMessage::UpdatePolicy(m) = round_trip(&policy_message(&b, true)) else {
+            panic!()
+        };
+        assert_eq!(
+            policy_entry(&m.user_policy_info, &m.nlas).unwrap().params,
+            b
+        );
+    }
+
+    #[test]
+    fn expire_event_maps() {
+        let p = sa();
+        let XfrmMessage::AddSa(s) = sa_message(&p, false) else {
+            unreachable!()
+        };
+        let m = XfrmMessage::Expire(netlink_packet_xfrm::monitor::ExpireMessage {
+            expire: netlink_packet_xfrm::UserExpire {
+                state: s.user_sa_info,
+                hard: 0,
+            },
+        });
+        let ev = event(&round_trip(&m)).unwrap();
+        assert_eq!(
+            ev,
+            KernelEvent::Expire {
+                sa: p.id(),
+                hits: p.hits,
+                reqid: p.reqid,
+                hard: false
+            }
+        );
+        assert!(ev.is_owned());
+    }
+}
