@@ -14,6 +14,7 @@ pub mod hit;
 pub mod identity;
 pub mod keyfile;
 pub mod legacy;
+pub mod wire;
 
 pub use hit::{Hit, HitSuite};
 pub use identity::{Algorithm, HostId, HostIdentity, IdentityError};
