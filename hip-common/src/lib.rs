@@ -1,13 +1,44 @@
 //! Types shared by the eBPF programs in `hip-ebpf` and the agent.
 //!
-//! Every map key and value is `#[repr(C)]`, `Copy`, and has no padding that the
-//! kernel could leave uninitialised: the eBPF side and the userspace side read
-//! the same bytes. With the `user` feature the types implement `aya::Pod` so the
-//! agent can use them in typed aya maps.
+//! Every map key and value is `#[repr(C)]`, `Copy`, and has **no implicit padding**
+//! (explicit `_pad` fields instead, checked by the `const` assertions at the bottom):
+//! the kernel copies map values byte for byte, so padding the compiler left
+//! uninitialised would leak stack bytes into maps and make keys compare unequal. With
+//! the `user` feature the types implement `aya::Pod` so the agent can use them in
+//! typed aya maps.
+//!
+//! Addresses are 16 bytes in network byte order: IPv6 as is, IPv4 as an IPv4-mapped
+//! IPv6 address (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2), so one map holds both families.
+//!
+//! Byte order: SPIs are kept in **host** byte order in keys and values; ports and SSRCs
+//! too. The programs convert once when they parse a header.
 #![no_std]
 
-/// Name of the per-interface traffic counter map (a `PERCPU_ARRAY` indexed by [`Direction`]).
+// ---------------------------------------------------------------------------------------
+// Names in the object file (programs and maps). The maps are pinned under the pin
+// directory by these names, so `bpftool map dump pinned /sys/fs/bpf/hip/HIP_FLOWS` works.
+// ---------------------------------------------------------------------------------------
+
+/// Per-direction packet/byte counters of every packet the programs see
+/// (`PERCPU_ARRAY` indexed by [`Direction`]).
 pub const MAP_IFACE_STATS: &str = "HIP_IFACE_STATS";
+/// Datapath counters (`PERCPU_ARRAY<u64>` indexed by [`Stat`]).
+pub const MAP_STATS: &str = "HIP_STATS";
+/// The one-entry configuration array ([`Config`]).
+pub const MAP_CONFIG: &str = "HIP_CONFIG";
+/// Associations: peer HIT ([`Addr`]) → [`Association`]. Written by the agent only.
+pub const MAP_ASSOCS: &str = "HIP_ASSOCS";
+/// Reverse index for the media guard: peer locator ([`Addr`]) → [`LocatorEntry`].
+/// Written by the agent only, kept in step with [`MAP_ASSOCS`].
+pub const MAP_LOCATORS: &str = "HIP_LOCATORS";
+/// ESP SPIs: [`SpiKey`] → [`SpiEntry`]. Created by the agent, counted by the programs.
+pub const MAP_SPIS: &str = "HIP_SPIS";
+/// HIT-addressed RTP flows: [`FlowKey`] → [`FlowStats`] (`LRU_HASH`).
+pub const MAP_FLOWS: &str = "HIP_FLOWS";
+/// Media-guard drops per destination: [`Addr`] → [`GuardDrop`] (`LRU_HASH`).
+pub const MAP_GUARD_DROPS: &str = "HIP_GUARD_DROPS";
+/// Ring buffer of [`Event`]s for the agent.
+pub const MAP_EVENTS: &str = "HIP_EVENTS";
 
 /// Names of the tc programs in the object file.
 pub const PROG_TC_INGRESS: &str = "hip_tc_ingress";
@@ -15,6 +46,70 @@ pub const PROG_TC_EGRESS: &str = "hip_tc_egress";
 
 /// Directory under bpffs where the agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/hip";
+
+/// Sizes of the maps.
+pub const MAX_ASSOCS: u32 = 1024;
+/// Two locators per association and some slack for the reverse index.
+pub const MAX_LOCATOR_ENTRIES: u32 = 4 * MAX_ASSOCS;
+/// Inbound and outbound SPIs of every association, plus one rekey's worth of both.
+pub const MAX_SPIS: u32 = 4 * MAX_ASSOCS;
+/// Flows are LRU: a full table evicts the least recently seen flow instead of
+/// refusing new ones.
+pub const MAX_FLOWS: u32 = 8192;
+/// Destinations remembered by the media guard (LRU).
+pub const MAX_GUARD_DROPS: u32 = 1024;
+/// Ring buffer size in bytes (a power of two and a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 64 * 1024;
+
+/// Locators kept per association (the preferred one first).
+pub const MAX_LOCATORS: usize = 2;
+
+/// RTP clock rate used when [`Config::clock_hz`] has none for a payload type:
+/// 8000 Hz, the rate of PCMU/PCMA (RFC 3551 §4.5.14, §6 table 4).
+pub const DEFAULT_CLOCK_HZ: u32 = 8000;
+
+/// A 16-byte address: an IPv6 address, or an IPv4 address mapped into IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    /// The all-zero address (“none”).
+    pub const UNSPECIFIED: Addr = Addr([0; 16]);
+
+    /// Maps an IPv4 address (4 bytes, network order) into `::ffff:a.b.c.d`.
+    pub const fn from_v4(a: [u8; 4]) -> Self {
+        Addr([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ])
+    }
+
+    /// True for an IPv4-mapped address.
+    pub const fn is_v4_mapped(&self) -> bool {
+        let b = &self.0;
+        b[0] == 0
+            && b[1] == 0
+            && b[2] == 0
+            && b[3] == 0
+            && b[4] == 0
+            && b[5] == 0
+            && b[6] == 0
+            && b[7] == 0
+            && b[8] == 0
+            && b[9] == 0
+            && b[10] == 0xff
+            && b[11] == 0xff
+    }
+
+    /// True for a HIT: ORCHIDv2 `2001:20::/28` (RFC 7343 §6, used by HIPv2,
+    /// RFC 7401 §3) or the legacy ORCHID `2001:10::/28` (RFC 4843, HIPv1).
+    pub const fn is_hit(&self) -> bool {
+        self.0[0] == 0x20
+            && self.0[1] == 0x01
+            && self.0[2] == 0x00
+            && (self.0[3] & 0xf0 == 0x20 || self.0[3] & 0xf0 == 0x10)
+    }
+}
 
 /// Index into [`MAP_IFACE_STATS`].
 #[repr(u32)]
@@ -35,8 +130,362 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// Index into [`MAP_STATS`]: what the programs counted.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// ESP packets received for an SPI in [`MAP_SPIS`].
+    EspIn = 0,
+    /// ESP packets received for an SPI the agent does not know.
+    EspInUnknownSpi = 1,
+    /// ESP packets sent for an SPI in [`MAP_SPIS`].
+    EspOut = 2,
+    /// ESP packets sent for an SPI the agent does not know.
+    EspOutUnknownSpi = 3,
+    /// Received HIT-addressed RTP packets accounted in [`MAP_FLOWS`].
+    RtpIn = 4,
+    /// Received HIT-addressed UDP packets that are not RTP (wrong port, version, RTCP).
+    HitUdpNotRtp = 5,
+    /// Clear-text RTP sent to a verified locator of an established association.
+    GuardPassed = 6,
+    /// Clear-text RTP dropped by the media guard.
+    GuardDropped = 7,
+    /// Packets whose IP/UDP/ESP headers claim more bytes than the packet has, or
+    /// headers that are invalid (IPv4 IHL < 5): passed untouched, never RTP.
+    Malformed = 8,
+    /// Locator changes seen (ESP for a known SPI from a new outer address).
+    LocatorChanges = 9,
+    /// Events that did not fit into the ring buffer.
+    EventsLost = 10,
+    /// A new flow could not be inserted (only under map-update failure).
+    FlowInsertFailed = 11,
+}
+
+/// Number of entries of [`MAP_STATS`].
+pub const STATS_ENTRIES: u32 = 12;
+
+/// Configuration written by the agent (the single entry of [`MAP_CONFIG`]).
+///
+/// A zeroed config (as the kernel creates it) means: media guard off, port range
+/// empty (no packet is recognised as RTP), default clock rate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Non-zero: the media guard drops clear-text RTP to unverified addresses.
+    pub guard_enabled: u32,
+    /// Media UDP port range, inclusive: a packet is RTP only if its source or
+    /// destination port lies in it (SDP `m=` ports are negotiated within it).
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Clock rate for payload types whose [`Config::clock_hz`] entry is 0.
+    pub default_clock_hz: u32,
+    pub _pad: u32,
+    /// RTP clock rate per payload type 0..=127 (RFC 3551 §6 for the static ones;
+    /// dynamic ones come from SDP `a=rtpmap`); 0 = use `default_clock_hz`.
+    pub clock_hz: [u32; 128],
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            guard_enabled: 0,
+            port_min: 0,
+            port_max: 0,
+            default_clock_hz: DEFAULT_CLOCK_HZ,
+            _pad: 0,
+            clock_hz: [0; 128],
+        }
+    }
+}
+
+/// HIP association state as the datapath needs it (RFC 7401 §4.4.2 states; only
+/// `Established` enables the media guard's pass verdict).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AssocState {
+    Unassociated = 0,
+    I1Sent = 1,
+    I2Sent = 2,
+    R2Sent = 3,
+    Established = 4,
+    Closing = 5,
+    Closed = 6,
+}
+
+impl AssocState {
+    /// Parses the raw byte stored in the maps.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Unassociated,
+            1 => Self::I1Sent,
+            2 => Self::I2Sent,
+            3 => Self::R2Sent,
+            4 => Self::Established,
+            5 => Self::Closing,
+            6 => Self::Closed,
+            _ => return None,
+        })
+    }
+}
+
+/// Verification state of a peer locator (RFC 8046 §5.2 / RFC 5206: a locator is
+/// UNVERIFIED until a return-routability check succeeds, then ACTIVE; DEPRECATED
+/// ones are no longer used for new traffic).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocatorState {
+    None = 0,
+    Unverified = 1,
+    Active = 2,
+    Deprecated = 3,
+}
+
+impl LocatorState {
+    /// Parses the raw byte stored in the maps.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::None,
+            1 => Self::Unverified,
+            2 => Self::Active,
+            3 => Self::Deprecated,
+            _ => return None,
+        })
+    }
+}
+
+/// Value of [`MAP_ASSOCS`], keyed by the peer's HIT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Association {
+    /// Our HIT in this association.
+    pub local_hit: Addr,
+    /// Peer locators, preferred first; unused slots are [`Addr::UNSPECIFIED`].
+    pub locators: [Addr; MAX_LOCATORS],
+    /// SPI of the inbound SA (chosen by us), host order.
+    pub spi_in: u32,
+    /// SPI of the outbound SA (chosen by the peer), host order.
+    pub spi_out: u32,
+    /// [`AssocState`] as a byte.
+    pub state: u8,
+    /// [`LocatorState`] of each entry of `locators`.
+    pub locator_state: [u8; MAX_LOCATORS],
+    pub _pad: [u8; 5],
+}
+
+/// Value of [`MAP_LOCATORS`]: what the media guard needs about one peer locator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocatorEntry {
+    /// The association this locator belongs to.
+    pub peer_hit: Addr,
+    /// Outbound SPI of that association, host order.
+    pub spi_out: u32,
+    /// [`LocatorState`] of this locator.
+    pub state: u8,
+    /// [`AssocState`] of the association.
+    pub assoc_state: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Direction of an SPI in [`SpiKey`].
+pub const SPI_DIR_IN: u32 = 0;
+/// Direction of an SPI in [`SpiKey`].
+pub const SPI_DIR_OUT: u32 = 1;
+
+/// Key of [`MAP_SPIS`]. The direction is part of the key because the peer chooses our
+/// outbound SPI and may pick the same number as one of our inbound ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpiKey {
+    /// SPI in host order.
+    pub spi: u32,
+    /// [`SPI_DIR_IN`] or [`SPI_DIR_OUT`].
+    pub dir: u32,
+}
+
+/// Value of [`MAP_SPIS`].
+///
+/// The agent creates it (counters zero, `last_src` = the peer's preferred locator);
+/// from then on only the programs write it, so agent updates never race with the
+/// counters: on rekey the agent inserts the new SPI and deletes the old one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpiEntry {
+    /// The association's peer HIT.
+    pub peer_hit: Addr,
+    /// Outer source address of the last inbound ESP packet (inbound SPIs only).
+    pub last_src: Addr,
+    pub packets: u64,
+    /// Bytes of the outer packets, as the tc program sees them (with L2 header).
+    pub bytes: u64,
+    /// Number of locator changes seen on this SPI.
+    pub locator_changes: u64,
+    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+}
+
+/// Key of [`MAP_FLOWS`]: one RTP stream between two HITs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_hit: Addr,
+    pub dst_hit: Addr,
+    /// UDP ports, host order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// RTP synchronisation source (RFC 3550 §5.1), host order.
+    pub ssrc: u32,
+}
+
+/// The flow's SPI and locator came from the packet's XFRM state
+/// (`bpf_skb_get_xfrm_state`): it was really decrypted from ESP.
+pub const FLOW_VIA_XFRM: u8 = 1;
+/// The flow's SPI and locator came from the association map (no XFRM state on the
+/// packet, e.g. HIT-addressed traffic on a link without ESP).
+pub const FLOW_VIA_ASSOC: u8 = 2;
+
+/// Value of [`MAP_FLOWS`]: receive statistics of one RTP stream (RFC 3550 §6.4.1
+/// and Appendix A.1, A.3, A.8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// RTP packets received (duplicates included, as RFC 3550 A.3 counts them).
+    pub packets: u64,
+    /// Bytes of the inner IP packets (from the IP header on).
+    pub bytes: u64,
+    /// Cumulative packets lost: expected − received (RFC 3550 A.3); negative with
+    /// duplicates.
+    pub lost: i64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Interarrival jitter per RFC 3550 A.8, in RTP timestamp units × 16 (four
+    /// fractional bits, exactly the `rtp->jitter` variable of A.8): divide by 16 for
+    /// timestamp units, by 16 × clock rate for seconds.
+    pub jitter_q4: u32,
+    /// Relative transit time of the last packet (A.8 `rtp->transit`), as `i32` bits.
+    pub transit: u32,
+    /// Extended (with cycle count) sequence number of the first packet, A.1 `base_seq`.
+    pub base_seq: u32,
+    /// Extended highest sequence number received, A.1 `cycles | max_seq`.
+    pub max_seq: u32,
+    /// Clock rate used for the jitter (Hz).
+    pub clock_hz: u32,
+    /// SPI (host order) of the SA the packets were decrypted with; 0 if unknown.
+    pub spi: u32,
+    /// Outer source address (peer locator) the packets came from; zero if unknown.
+    pub locator: Addr,
+    /// RTP payload type of the last packet.
+    pub payload_type: u8,
+    /// [`FLOW_VIA_XFRM`] or [`FLOW_VIA_ASSOC`] or 0.
+    pub via: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`MAP_GUARD_DROPS`]: clear-text RTP dropped towards one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardDrop {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// [`Event::kind`]: ESP for a known inbound SPI arrived from a new outer address.
+pub const EVENT_LOCATOR_CHANGE: u32 = 1;
+/// [`Event::kind`]: the media guard dropped its first packet towards a destination
+/// (later drops are summed in [`MAP_GUARD_DROPS`] without an event).
+pub const EVENT_GUARD_DROP: u32 = 2;
+
+/// A record of the [`MAP_EVENTS`] ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// SPI (host order) for a locator change; 0 otherwise.
+    pub spi: u32,
+    /// `bpf_ktime_get_ns()` when it happened.
+    pub ts_ns: u64,
+    /// Peer HIT of the association (locator change), zero otherwise.
+    pub peer_hit: Addr,
+    /// Locator change: the previous outer source. Guard drop: the source address.
+    pub old_addr: Addr,
+    /// Locator change: the new outer source. Guard drop: the destination address.
+    pub new_addr: Addr,
+    /// Guard drop: UDP ports (host order).
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
+// No implicit padding: each size equals the sum of the field sizes.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Addr>() == 16);
+    assert!(size_of::<Counters>() == 16);
+    assert!(size_of::<Config>() == 4 + 2 + 2 + 4 + 4 + 4 * 128);
+    assert!(size_of::<Association>() == 16 * 3 + 4 + 4 + 1 + 2 + 5);
+    assert!(size_of::<LocatorEntry>() == 16 + 4 + 1 + 1 + 2);
+    assert!(size_of::<SpiKey>() == 8);
+    assert!(size_of::<SpiEntry>() == 32 + 8 * 4);
+    assert!(size_of::<FlowKey>() == 32 + 2 + 2 + 4);
+    assert!(size_of::<FlowStats>() == 8 * 5 + 4 * 6 + 16 + 1 + 1 + 6);
+    assert!(size_of::<GuardDrop>() == 32);
+    assert!(size_of::<Event>() == 4 + 4 + 8 + 48 + 2 + 2 + 4);
+};
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: `#[repr(C)]`, only `u64` fields, no padding, every bit pattern valid.
+    // SAFETY (all): `#[repr(C)]`, integer/byte-array fields only, no implicit padding
+    // (asserted above), every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Addr {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Association {}
+    unsafe impl aya::Pod for super::LocatorEntry {}
+    unsafe impl aya::Pod for super::SpiKey {}
+    unsafe impl aya::Pod for super::SpiEntry {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::GuardDrop {}
+    unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_prefixes() {
+        let orchid2 = Addr([0x20, 0x01, 0x00, 0x2a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let orchid1 = Addr([0x20, 0x01, 0x00, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let doc = Addr([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let next = Addr([0x20, 0x01, 0x00, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert!(orchid2.is_hit());
+        assert!(orchid1.is_hit());
+        assert!(!doc.is_hit());
+        assert!(!next.is_hit());
+    }
+
+    #[test]
+    fn v4_mapping() {
+        let a = Addr::from_v4([192, 0, 2, 7]);
+        assert!(a.is_v4_mapped());
+        assert_eq!(&a.0[12..], &[192, 0, 2, 7]);
+        assert!(!Addr::UNSPECIFIED.is_v4_mapped());
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for v in 0..=6 {
+            assert_eq!(AssocState::from_u8(v).map(|s| s as u8), Some(v));
+        }
+        assert_eq!(AssocState::from_u8(7), None);
+        for v in 0..=3 {
+            assert_eq!(LocatorState::from_u8(v).map(|s| s as u8), Some(v));
+        }
+        assert_eq!(LocatorState::from_u8(4), None);
+    }
 }

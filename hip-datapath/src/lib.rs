@@ -14,15 +14,24 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuValues},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLinkId},
     },
 };
-pub use hip_common::{Counters, Direction, PIN_DIR};
-use hip_common::{MAP_IFACE_STATS, PROG_TC_EGRESS, PROG_TC_INGRESS};
+pub use hip_common::{AssocState, Counters, Direction, LocatorState, PIN_DIR};
+use hip_common::{PROG_TC_EGRESS, PROG_TC_INGRESS};
+
+pub mod events;
+pub mod maps;
+
+use aya_log::EbpfLogger;
+pub use events::{DatapathEvent, EventReader};
+pub use maps::{
+    AssociationSpec, DatapathStats, Flow, GuardDrops, Maps, MediaConfig, PeerLocator, SpiCounters,
+    addr_to_ip, ip_to_addr,
+};
 
 /// The eBPF object embedded at build time (see `build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hip-ebpf.o"));
@@ -81,6 +90,15 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
+    /// The media configuration is invalid (nothing was written).
+    #[error("invalid media configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// The association is invalid or conflicts with another (nothing was written).
+    #[error("invalid association: {0}")]
+    InvalidAssociation(&'static str),
+    /// [`Datapath::events`] was called twice.
+    #[error("the event reader was already taken")]
+    EventsTaken,
     /// tc netlink failure.
     #[error("tc on {iface}: {source}")]
     Tc {
@@ -106,18 +124,87 @@ const PROGRAMS: [(&str, TcAttachType); 2] = [
     (PROG_TC_EGRESS, TcAttachType::Egress),
 ];
 
-/// A loaded datapath: the object, its attachments, and where its maps are pinned.
+/// Which of the two programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `hip_tc_ingress`: ESP per inbound SPI, locator changes, HIT-addressed RTP flows.
+    Ingress,
+    /// `hip_tc_egress`: ESP per outbound SPI, the media guard.
+    Egress,
+}
+
+impl Hook {
+    /// The program's name in the object.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Hook::Ingress => PROG_TC_INGRESS,
+            Hook::Egress => PROG_TC_EGRESS,
+        }
+    }
+}
+
+/// What [`Datapath::start`] sets up.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Interfaces to attach both programs to.
+    pub interfaces: Vec<String>,
+    /// Where the maps are pinned ([`PIN_DIR`] by default).
+    pub pin_dir: PathBuf,
+    /// Media guard, RTP ports, clock rates.
+    pub media: MediaConfig,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            pin_dir: PathBuf::from(PIN_DIR),
+            media: MediaConfig::default(),
+        }
+    }
+}
+
+/// A loaded datapath: the object, its attachments, its maps and where they are pinned.
+///
+/// Dropping it detaches the programs (aya drops the links: a tcx link closes, a
+/// netlink filter is deleted) and removes the pins; [`Datapath::shutdown`] does the
+/// same and reports errors.
 pub struct Datapath {
     ebpf: Ebpf,
+    maps: Maps,
+    /// Kept alive for the programs' lifetime (see ENVIRONMENT.md: dropping it closes
+    /// the `AYA_LOGS` map fd). `None` if the object has no log statements.
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pin_dir: PathBuf,
     attached: Vec<(String, &'static str, SchedClassifierLinkId)>,
+    /// Set by [`Datapath::attach_persistent`]: leave pins and links on drop.
+    persistent: bool,
+    shut_down: bool,
 }
 
 impl Datapath {
+    /// Starts the datapath for the agent: removes what a killed earlier run left on
+    /// `opts.interfaces` and under `opts.pin_dir`, loads the object, pins the maps,
+    /// writes the media configuration and attaches both programs to every interface.
+    /// On error nothing stays attached or pinned.
+    pub fn start(opts: &DatapathOptions) -> Result<Self, DatapathError> {
+        for iface in &opts.interfaces {
+            cleanup_leftovers(iface, &opts.pin_dir)?;
+        }
+        let mut dp = Self::load(&opts.pin_dir)?;
+        dp.maps.set_media_config(&opts.media)?;
+        for iface in &opts.interfaces {
+            dp.attach(iface)?;
+        }
+        Ok(dp)
+    }
+
     /// Loads the embedded object and pins its maps under `pin_dir` (created if needed).
     ///
     /// Maps already pinned there by an earlier run are removed first: a restarted agent
-    /// starts from fresh maps, and [`Datapath::detach_stale`] removes old attachments.
+    /// starts from fresh maps, and [`detach_stale`] removes old attachments. The media
+    /// configuration starts zeroed (guard off, no RTP port): call
+    /// [`Datapath::set_media_config`].
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
         let obj = object()?;
         raise_memlock();
@@ -129,19 +216,53 @@ impl Datapath {
         })?;
         let mut ebpf = EbpfLoader::new().load(obj)?;
         for (name, map) in ebpf.maps() {
+            if !name.starts_with("HIP_") {
+                continue;
+            }
             let path = pin_dir.join(name);
-            map.pin(&path)
-                .map_err(|source| DatapathError::Pin { path, source })?;
+            if let Err(source) = map.pin(&path) {
+                let _ = remove_pins(pin_dir);
+                return Err(DatapathError::Pin { path, source });
+            }
         }
-        for (name, _) in PROGRAMS {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
+        // The logger takes AYA_LOGS out of `ebpf`; it must outlive program loading.
+        let logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("no eBPF logger: {e}");
+                None
+            }
+        };
+        let loaded = (|| {
+            for (name, _) in PROGRAMS {
+                let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+                prog.load()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+            }
+            Maps::from_maps(|name| {
+                ebpf.take_map(name).ok_or(DatapathError::Map {
+                    name,
+                    source: aya::maps::MapError::InvalidName {
+                        name: name.to_owned(),
+                    },
+                })
+            })
+        })();
+        let maps = match loaded {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = remove_pins(pin_dir);
+                return Err(e);
+            }
+        };
         Ok(Self {
             ebpf,
+            maps,
+            logger,
             pin_dir: pin_dir.to_owned(),
             attached: Vec::new(),
+            persistent: false,
+            shut_down: false,
         })
     }
 
@@ -151,14 +272,13 @@ impl Datapath {
         detach_stale(iface)?;
         if !tc_uses_tcx() {
             // Netlink attachment needs the clsact qdisc; EEXIST means it is there already.
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
-                {
-                    return Err(DatapathError::Tc {
-                        iface: iface.to_owned(),
-                        source: e,
-                    });
-                }
+            if let Err(e) = tc::qdisc_add_clsact(iface)
+                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(DatapathError::Tc {
+                    iface: iface.to_owned(),
+                    source: e,
+                });
             }
         }
         for (name, kind) in PROGRAMS {
@@ -177,6 +297,7 @@ impl Datapath {
     /// persist by themselves. [`unload`] undoes it.
     pub fn attach_persistent(&mut self, iface: &str) -> Result<Vec<PathBuf>, DatapathError> {
         self.attach(iface)?;
+        self.persistent = true;
         let mut pinned = Vec::new();
         if tc_uses_tcx() {
             let links_dir = self.pin_dir.join("links");
@@ -199,13 +320,82 @@ impl Datapath {
                 })?;
                 pinned.push(path);
             }
+        } else {
+            // Netlink filters outlive the process only if aya does not delete them
+            // when the program is dropped: take the links out of its bookkeeping.
+            for (_, name, id) in std::mem::take(&mut self.attached) {
+                let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                std::mem::forget(link);
+            }
         }
         Ok(pinned)
     }
 
+    /// Writes the media configuration (guard, RTP ports, clock rates).
+    pub fn set_media_config(&mut self, cfg: &MediaConfig) -> Result<(), DatapathError> {
+        self.maps.set_media_config(cfg)
+    }
+
+    /// Adds (on ESTABLISHED) or updates (rekey, locator change) an association.
+    pub fn upsert_association(&mut self, spec: &AssociationSpec) -> Result<(), DatapathError> {
+        self.maps.upsert_association(spec)
+    }
+
+    /// Removes an association (on CLOSE) and its flows; returns their last statistics.
+    pub fn remove_association(
+        &mut self,
+        peer_hit: std::net::Ipv6Addr,
+    ) -> Result<Vec<Flow>, DatapathError> {
+        self.maps.remove_association(peer_hit)
+    }
+
+    /// The maps (read access: flows, SPI counters, stats, …).
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The maps (write access).
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// The flow table.
+    pub fn flows(&self) -> Result<Vec<Flow>, DatapathError> {
+        self.maps.flows()
+    }
+
+    /// Per-SPI counters.
+    pub fn spi_counters(&self) -> Result<Vec<SpiCounters>, DatapathError> {
+        self.maps.spi_counters()
+    }
+
+    /// All program counters.
+    pub fn stats(&self) -> Result<DatapathStats, DatapathError> {
+        self.maps.stats()
+    }
+
+    /// Takes the event reader (once; later calls fail with [`DatapathError::EventsTaken`]).
+    pub fn events(&mut self) -> Result<EventReader, DatapathError> {
+        self.maps
+            .events
+            .take()
+            .map(EventReader::new)
+            .ok_or(DatapathError::EventsTaken)
+    }
+
+    /// Forwards the programs' aya-log records (rare events only) to the `log` facade.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
     /// Reads the per-direction counters of every interface the programs are attached to.
     pub fn counters(&self, dir: Direction) -> Result<Counters, DatapathError> {
-        read_counters_from(&self.ebpf, dir)
+        self.maps.iface_counters(dir)
     }
 
     /// The directory the maps are pinned in.
@@ -213,65 +403,127 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Runs one program once on `frame` (an Ethernet frame) with `BPF_PROG_TEST_RUN`
+    /// and returns its verdict. For tests and benchmarks: the program sees the frame
+    /// as an skb on the loopback device, without any XFRM state.
+    pub fn test_run(&self, hook: Hook, frame: &[u8]) -> Result<i32, DatapathError> {
+        self.test_run_repeat(hook, frame, 1).map(|(v, _)| v)
+    }
+
+    /// Like [`Datapath::test_run`], `repeat` times; also returns the kernel's mean
+    /// run time per repetition.
+    pub fn test_run_repeat(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, std::time::Duration), DatapathError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let name = hook.program_name();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| DatapathError::Program { name, source })?;
+        Ok((res.return_value as i32, res.duration))
+    }
+
+    /// The kernel's accounting of a program (`kernel.bpf_stats_enabled`): total run
+    /// time and run count since load.
+    pub fn program_run_stats(
+        &self,
+        hook: Hook,
+    ) -> Result<(std::time::Duration, u64), DatapathError> {
+        let name = hook.program_name();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let info = prog
+            .info()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
+    /// Detaches from one interface (the programs stay loaded, the maps pinned).
+    pub fn detach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|(i, _, _)| i == iface);
+        self.attached = rest;
+        for (_, name, id) in mine {
+            let prog = program(&mut self.ebpf, name)?;
+            prog.detach(id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
     /// Detaches everything and removes the pins.
     pub fn shutdown(mut self) -> Result<(), DatapathError> {
+        self.shut_down = true;
+        let mut first_err = None;
+        for (_, name, id) in std::mem::take(&mut self.attached) {
+            match program(&mut self.ebpf, name) {
+                Ok(prog) => {
+                    if let Err(source) = prog.detach(id) {
+                        first_err.get_or_insert(DatapathError::Program { name, source });
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Err(e) = remove_pins(&self.pin_dir) {
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.shut_down || self.persistent {
+            return;
+        }
         for (_, name, id) in std::mem::take(&mut self.attached) {
             if let Ok(prog) = program(&mut self.ebpf, name) {
                 let _ = prog.detach(id);
             }
         }
-        remove_pins(&self.pin_dir)
+        let _ = remove_pins(&self.pin_dir);
     }
-}
-
-fn read_counters_from(ebpf: &Ebpf, dir: Direction) -> Result<Counters, DatapathError> {
-    let map = ebpf.map(MAP_IFACE_STATS).ok_or(DatapathError::Map {
-        name: MAP_IFACE_STATS,
-        source: aya::maps::MapError::InvalidName {
-            name: MAP_IFACE_STATS.to_owned(),
-        },
-    })?;
-    let arr: PerCpuArray<&MapData, Counters> =
-        PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
-            name: MAP_IFACE_STATS,
-            source,
-        })?;
-    let per_cpu = arr
-        .get(&(dir as u32), 0)
-        .map_err(|source| DatapathError::Map {
-            name: MAP_IFACE_STATS,
-            source,
-        })?;
-    Ok(sum(&per_cpu))
-}
-
-fn sum(per_cpu: &PerCpuValues<Counters>) -> Counters {
-    per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    })
 }
 
 /// Reads the counters from the map pinned under `pin_dir` (another process's datapath).
 pub fn read_pinned_counters(pin_dir: &Path, dir: Direction) -> Result<Counters, DatapathError> {
-    let path = pin_dir.join(MAP_IFACE_STATS);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Map {
-        name: MAP_IFACE_STATS,
-        source,
-    })?;
-    let map = aya::maps::Map::PerCpuArray(data);
-    let arr: PerCpuArray<MapData, Counters> =
-        PerCpuArray::try_from(map).map_err(|source| DatapathError::Map {
-            name: MAP_IFACE_STATS,
-            source,
-        })?;
-    let per_cpu = arr
-        .get(&(dir as u32), 0)
-        .map_err(|source| DatapathError::Map {
-            name: MAP_IFACE_STATS,
-            source,
-        })?;
-    Ok(sum(&per_cpu))
+    Maps::open_pinned(pin_dir)?.iface_counters(dir)
+}
+
+/// Removes what a killed earlier run left: pinned tcx links, netlink filters with our
+/// program names on `iface`, and the pinned maps. (A killed run's *unpinned* tcx
+/// links went away with its file descriptors.)
+pub fn cleanup_leftovers(iface: &str, pin_dir: &Path) -> Result<(), DatapathError> {
+    unload(iface, pin_dir)
 }
 
 /// Detaches what a persistent attach (or a killed agent) left on `iface` and removes

@@ -1,43 +1,710 @@
-//! hip's tc programs. They never modify a packet unless a rule says so, and
-//! always let it continue (`TC_ACT_PIPE`) otherwise.
+//! hip's tc programs: they see every packet of a HIP association on the configured
+//! interfaces, classify ESP by SPI and decrypted HIT-addressed RTP by flow, report
+//! locator changes, and enforce the media guard.
+//!
+//! # Why tc ingress and tc egress (and nothing else)
+//!
+//! * **Egress.** On output the XFRM transform runs *before* the packet reaches the
+//!   device: `ip6_output`/`ip_output` → `dst_output()` on the xfrm dst bundle →
+//!   `xfrm_output()` (net/xfrm/xfrm_output.c) encrypts → `dev_queue_xmit()` →
+//!   `sch_handle_egress()` (clsact, kernels < 6.6) or `tcx_run()` (tcx, ≥ 6.6). So tc
+//!   egress sees protected media only as ESP (we count it per outbound SPI) and sees
+//!   in clear text exactly what XFRM did **not** protect: that is where the media guard
+//!   must sit. Anything earlier (cgroup/skb, LSM) would see packets before XFRM and
+//!   could not tell protected from unprotected media.
+//! * **Ingress.** `__netif_receive_skb_core()` runs `sch_handle_ingress()` (clsact) or
+//!   `tcx_run()` (tcx, ≥ 6.6) *before* the IP layer, so tc ingress sees the ESP packet
+//!   with its outer (locator) addresses: we count it per inbound SPI and notice a
+//!   new outer source (locator change). Then `xfrm6_rcv()`/`xfrm4_rcv()` →
+//!   `xfrm_input()` decrypts; BEET is a "tunnel-like" mode (`XFRM_MODE_FLAG_TUNNEL` in
+//!   the mode table of net/xfrm/xfrm_state.c), so after
+//!   `xfrm_inner_mode_encap_remove()` (→ `xfrm{4,6}_remove_beet_encap()`, which
+//!   rebuilds the MAC header) `xfrm_input()` re-injects the inner HIT-addressed packet
+//!   on the *same* device with `gro_cells_receive()` (which falls back to
+//!   `netif_rx()`), and it crosses tc ingress a second time, now with the skb's
+//!   sec_path still attached (`xfrm_input()` only clears `sp->olen`). That second pass
+//!   is where flows are classified; `bpf_skb_get_xfrm_state()` (tc helper since 4.18)
+//!   reads the SPI and the outer remote address from that sec_path. Seen on the 6.1
+//!   guest kernel (netlink clsact); the same path exists in 6.18 (tcx).
+//! * XDP is not used: the re-injected inner packet never passes XDP, and XDP has no
+//!   egress hook.
+//!
+//! # Verdicts
+//!
+//! Every packet continues (`TC_ACT_PIPE`: the next filter or tcx program runs, then
+//! the stack; under tcx `tcx_action_code()` maps it to `TCX_NEXT`) except clear-text
+//! RTP that the media guard drops (`TC_ACT_SHOT`). Truncated or malformed headers
+//! always continue untouched and are never counted as RTP.
+//!
+//! # Concurrency
+//!
+//! Counters that several CPUs can hit at once (per-SPI, per-flow packets/bytes) use
+//! atomic adds (`BPF_XADD`). The per-flow sequence/jitter state is read-modify-write
+//! without a lock: packets of one UDP flow arrive on one RX queue (RSS hashes the
+//! 5-tuple) and so one CPU at a time; a rare interleaving only perturbs the jitter
+//! estimate, never the packet counts.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the bpfel target has no compare-and-swap (`atomic_cas: false`), so
+// `core` offers no `AtomicU64::fetch_add`; the intrinsic lowers to `BPF_XADD`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+};
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
+    bindings::{BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, bpf_xfrm_state},
+    helpers::{bpf_ktime_get_ns, generated::bpf_skb_get_xfrm_state},
     macros::{classifier, map},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
-use hip_common::{Counters, Direction, IFACE_STATS_ENTRIES};
+use aya_log_ebpf::info;
+use hip_common::{
+    Addr, AssocState, Association, Config, Counters, Direction, EVENT_GUARD_DROP,
+    EVENT_LOCATOR_CHANGE, EVENTS_BYTES, Event, FLOW_VIA_ASSOC, FLOW_VIA_XFRM, FlowKey, FlowStats,
+    GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState, MAX_ASSOCS, MAX_FLOWS,
+    MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, STATS_ENTRIES,
+    SpiEntry, SpiKey, Stat,
+};
 
 #[map(name = "HIP_IFACE_STATS")]
-static HIP_IFACE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(IFACE_STATS_ENTRIES, 0);
+static HIP_IFACE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(IFACE_STATS_ENTRIES, 0);
+#[map(name = "HIP_STATS")]
+static HIP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+#[map(name = "HIP_CONFIG")]
+static HIP_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map(name = "HIP_ASSOCS")]
+static HIP_ASSOCS: HashMap<Addr, Association> = HashMap::with_max_entries(MAX_ASSOCS, 0);
+#[map(name = "HIP_LOCATORS")]
+static HIP_LOCATORS: HashMap<Addr, LocatorEntry> =
+    HashMap::with_max_entries(MAX_LOCATOR_ENTRIES, 0);
+#[map(name = "HIP_SPIS")]
+static HIP_SPIS: HashMap<SpiKey, SpiEntry> = HashMap::with_max_entries(MAX_SPIS, 0);
+#[map(name = "HIP_FLOWS")]
+static HIP_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map(name = "HIP_GUARD_DROPS")]
+static HIP_GUARD_DROPS: LruHashMap<Addr, GuardDrop> =
+    LruHashMap::with_max_entries(MAX_GUARD_DROPS, 0);
+#[map(name = "HIP_EVENTS")]
+static HIP_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ESP: u8 = 50;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+/// Fixed RTP header (RFC 3550 §5.1).
+const RTP_HLEN: usize = 12;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// RFC 3550 A.1: a forward jump below this is in-order (with loss); a backward one
+/// within `MAX_MISORDER` is a duplicate or reordered packet.
+const MAX_DROPOUT: u16 = 3000;
+const MAX_MISORDER: u16 = 100;
 
 #[classifier]
 pub fn hip_tc_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Ingress);
-    TC_ACT_PIPE
+    count_iface(&ctx, Direction::Ingress);
+    ingress(&ctx);
+    TC_ACT_PIPE as i32
 }
 
 #[classifier]
 pub fn hip_tc_egress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Egress);
-    TC_ACT_PIPE
+    count_iface(&ctx, Direction::Egress);
+    egress(&ctx)
 }
 
 #[inline(always)]
-fn count(ctx: &TcContext, dir: Direction) {
-    // Per-CPU slots: no atomics needed (BPF has no 64-bit fetch_add in `core`); the agent
-    // sums the CPUs when it reads the map.
+fn count_iface(ctx: &TcContext, dir: Direction) {
+    // Per-CPU slots: no atomics needed; the agent sums the CPUs when it reads the map.
     if let Some(c) = HIP_IFACE_STATS.get_ptr_mut(dir as u32) {
-        // SAFETY: the pointer comes from the map and is valid and exclusive to this CPU
-        // for the program's run.
+        // SAFETY: map value pointer, valid and exclusive to this CPU during the run.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += u64::from(ctx.len());
         }
     }
+}
+
+#[inline(always)]
+fn stat(s: Stat) {
+    if let Some(c) = HIP_STATS.get_ptr_mut(s as u32) {
+        // SAFETY: per-CPU map value pointer.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Atomic add on a map value field (`BPF_XADD`, result unused: valid on every BPF ISA
+/// version the kernels we support accept).
+#[inline(always)]
+fn add(field: *mut u64, v: u64) {
+    // SAFETY: `field` points into a map value, 8-byte aligned (all our u64 fields are).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, v) };
+}
+
+/// A pointer to `len` bytes of packet at `off`, or `None` if the packet is shorter.
+/// Headers outside the linear area are pulled in first (`bpf_skb_pull_data`), which
+/// does not change the packet's content.
+#[inline(always)]
+fn bytes_at(ctx: &TcContext, off: usize, len: usize) -> Option<*const u8> {
+    // The bound is checked on the very pointer that is returned (`p + len`), so the
+    // verifier's packet-range tracking applies to later accesses through `p`.
+    let p = ctx.data() + off;
+    if p + len <= ctx.data_end() {
+        return Some(p as *const u8);
+    }
+    if (ctx.len() as usize) < off + len {
+        return None;
+    }
+    ctx.pull_data((off + len) as u32).ok()?;
+    let p = ctx.data() + off;
+    if p + len <= ctx.data_end() {
+        Some(p as *const u8)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn be16(p: *const u8, off: usize) -> u16 {
+    // SAFETY: callers checked `off + 2` bytes with `bytes_at`.
+    unsafe { u16::from_be_bytes([*p.add(off), *p.add(off + 1)]) }
+}
+
+#[inline(always)]
+fn be32(p: *const u8, off: usize) -> u32 {
+    // SAFETY: callers checked `off + 4` bytes with `bytes_at`.
+    unsafe {
+        u32::from_be_bytes([
+            *p.add(off),
+            *p.add(off + 1),
+            *p.add(off + 2),
+            *p.add(off + 3),
+        ])
+    }
+}
+
+#[inline(always)]
+fn addr16(p: *const u8, off: usize) -> Addr {
+    let mut a = [0u8; 16];
+    // SAFETY: callers checked `off + 16` bytes with `bytes_at`.
+    unsafe { core::ptr::copy_nonoverlapping(p.add(off), a.as_mut_ptr(), 16) };
+    Addr(a)
+}
+
+#[inline(always)]
+fn addr4(p: *const u8, off: usize) -> Addr {
+    // SAFETY: callers checked `off + 4` bytes with `bytes_at`.
+    unsafe {
+        Addr::from_v4([
+            *p.add(off),
+            *p.add(off + 1),
+            *p.add(off + 2),
+            *p.add(off + 3),
+        ])
+    }
+}
+
+/// The IP header of a packet: what the programs need from it.
+struct Ip {
+    l4_proto: u8,
+    /// Offset of the transport header from the start of the frame.
+    l4_off: usize,
+    /// Bytes from the transport header to the end of the IP payload (IP length field).
+    l4_len: usize,
+    /// Bytes of the IP packet (header included).
+    ip_len: u32,
+    src: Addr,
+    dst: Addr,
+    v6: bool,
+}
+
+enum Parsed {
+    Ip(Ip),
+    /// Not IP, or an IP packet without a transport header to look at (non-first
+    /// fragment): nothing for us.
+    Other,
+    /// Claims an IP header it does not have, or an invalid one.
+    Malformed,
+}
+
+/// Parses the IP header after a 14-byte Ethernet header. The L3 type comes from
+/// `skb->protocol`, not from the Ethernet header: after BEET decapsulation changed
+/// the family (IPv6 inner in IPv4 outer), the rebuilt MAC header still carries the
+/// outer EtherType while `skb->protocol` is the inner one.
+#[inline(always)]
+fn parse_ip(ctx: &TcContext) -> Parsed {
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    if proto == ETH_P_IPV6 {
+        let Some(p) = bytes_at(ctx, ETH_HLEN, IPV6_HLEN) else {
+            return Parsed::Malformed;
+        };
+        // SAFETY: 40 bytes checked.
+        let ver = unsafe { *p } >> 4;
+        if ver != 6 {
+            return Parsed::Malformed;
+        }
+        let payload = be16(p, 4) as usize;
+        // SAFETY: 40 bytes checked.
+        let next = unsafe { *p.add(6) };
+        Parsed::Ip(Ip {
+            l4_proto: next,
+            l4_off: ETH_HLEN + IPV6_HLEN,
+            l4_len: payload,
+            ip_len: (IPV6_HLEN + payload) as u32,
+            src: addr16(p, 8),
+            dst: addr16(p, 24),
+            v6: true,
+        })
+    } else if proto == ETH_P_IP {
+        let Some(p) = bytes_at(ctx, ETH_HLEN, 20) else {
+            return Parsed::Malformed;
+        };
+        // SAFETY: 20 bytes checked.
+        let vihl = unsafe { *p };
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return Parsed::Malformed;
+        }
+        let total = be16(p, 2) as usize;
+        if total < ihl {
+            return Parsed::Malformed;
+        }
+        if be16(p, 6) & 0x1fff != 0 {
+            // A non-first fragment carries no transport header (RFC 791).
+            return Parsed::Other;
+        }
+        // SAFETY: 20 bytes checked.
+        let l4_proto = unsafe { *p.add(9) };
+        Parsed::Ip(Ip {
+            l4_proto,
+            l4_off: ETH_HLEN + ihl,
+            l4_len: total - ihl,
+            ip_len: total as u32,
+            src: addr4(p, 12),
+            dst: addr4(p, 16),
+            v6: false,
+        })
+    } else {
+        Parsed::Other
+    }
+}
+
+/// An RTP packet: UDP ports and the fixed RTP header fields.
+struct Rtp {
+    sport: u16,
+    dport: u16,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    pt: u8,
+}
+
+enum Udp {
+    Rtp(Rtp),
+    NotRtp,
+    Malformed,
+}
+
+/// Recognises RTP in a UDP datagram: a media port (source or destination in the
+/// configured range), version 2 (RFC 3550 §5.1), not RTCP (second octet 192..=223,
+/// RFC 5761 §4), and long enough for the fixed header, the CSRC list and, when the X
+/// bit is set, the extension header word.
+#[inline(always)]
+fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
+    let Some(u) = bytes_at(ctx, ip.l4_off, UDP_HLEN) else {
+        return Udp::Malformed;
+    };
+    let sport = be16(u, 0);
+    let dport = be16(u, 2);
+    let ulen = be16(u, 4) as usize;
+    if ulen < UDP_HLEN || ulen > ip.l4_len {
+        return Udp::Malformed;
+    }
+    let in_range = |p: u16| p != 0 && p >= cfg.port_min && p <= cfg.port_max;
+    if !in_range(sport) && !in_range(dport) {
+        return Udp::NotRtp;
+    }
+    let payload = ulen - UDP_HLEN;
+    if payload < RTP_HLEN {
+        return Udp::NotRtp;
+    }
+    let Some(r) = bytes_at(ctx, ip.l4_off + UDP_HLEN, RTP_HLEN) else {
+        // The UDP length promised these bytes: the packet is truncated.
+        return Udp::Malformed;
+    };
+    // SAFETY: 12 bytes checked.
+    let (b0, b1) = unsafe { (*r, *r.add(1)) };
+    if b0 >> 6 != 2 || (192..=223).contains(&b1) {
+        return Udp::NotRtp;
+    }
+    let mut need = RTP_HLEN + 4 * (b0 & 0x0f) as usize;
+    if b0 & 0x10 != 0 {
+        need += 4;
+    }
+    if payload < need {
+        return Udp::NotRtp;
+    }
+    Udp::Rtp(Rtp {
+        sport,
+        dport,
+        seq: be16(r, 2),
+        ts: be32(r, 4),
+        ssrc: be32(r, 8),
+        pt: b1 & 0x7f,
+    })
+}
+
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    HIP_CONFIG.get(0)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) {
+    let ip = match parse_ip(ctx) {
+        Parsed::Ip(ip) => ip,
+        Parsed::Other => return,
+        Parsed::Malformed => return stat(Stat::Malformed),
+    };
+    match ip.l4_proto {
+        IPPROTO_ESP => esp_in(ctx, &ip),
+        IPPROTO_UDP if ip.v6 && ip.src.is_hit() && ip.dst.is_hit() => {
+            let Some(cfg) = config() else { return };
+            match parse_udp(ctx, &ip, cfg) {
+                Udp::Rtp(rtp) => flow_in(ctx, &ip, &rtp, cfg),
+                Udp::NotRtp => stat(Stat::HitUdpNotRtp),
+                Udp::Malformed => stat(Stat::Malformed),
+            }
+        }
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn esp_spi(ctx: &TcContext, ip: &Ip) -> Option<u32> {
+    // ESP header: SPI (4) + sequence number (4), RFC 4303 §2.
+    if ip.l4_len < 8 {
+        return None;
+    }
+    let p = bytes_at(ctx, ip.l4_off, 8)?;
+    Some(be32(p, 0))
+}
+
+#[inline(always)]
+fn esp_in(ctx: &TcContext, ip: &Ip) {
+    let Some(spi) = esp_spi(ctx, ip) else {
+        return stat(Stat::Malformed);
+    };
+    let key = SpiKey {
+        spi,
+        dir: SPI_DIR_IN,
+    };
+    let Some(e) = HIP_SPIS.get_ptr_mut(&key) else {
+        return stat(Stat::EspInUnknownSpi);
+    };
+    stat(Stat::EspIn);
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: map value pointer; the u64 fields are 8-byte aligned.
+    unsafe {
+        add(&raw mut (*e).packets, 1);
+        add(&raw mut (*e).bytes, u64::from(ctx.len()));
+        (*e).last_seen_ns = now;
+        let old = (*e).last_src;
+        if old != ip.src {
+            (*e).last_src = ip.src;
+            // The agent seeds `last_src` with the peer's locator; an unseeded entry
+            // learns its first source silently.
+            if old != Addr::UNSPECIFIED {
+                add(&raw mut (*e).locator_changes, 1);
+                stat(Stat::LocatorChanges);
+                let ev = Event {
+                    kind: EVENT_LOCATOR_CHANGE,
+                    spi,
+                    ts_ns: now,
+                    peer_hit: (*e).peer_hit,
+                    old_addr: old,
+                    new_addr: ip.src,
+                    src_port: 0,
+                    dst_port: 0,
+                    _pad: 0,
+                };
+                if HIP_EVENTS.output::<Event>(&ev, 0).is_err() {
+                    stat(Stat::EventsLost);
+                }
+                info!(ctx, "hip: locator change on SPI {:x}", spi);
+            }
+        }
+    }
+}
+
+/// The SPI and outer source the inner packet was decrypted with, from its sec_path.
+#[inline(always)]
+fn xfrm_origin(ctx: &TcContext) -> Option<(u32, Addr)> {
+    // SAFETY: all-zero is a valid `bpf_xfrm_state` (integers and a union of integers).
+    let mut xs: bpf_xfrm_state = unsafe { core::mem::zeroed() };
+    // SAFETY: the helper writes at most `size` bytes into `xs`.
+    let r = unsafe {
+        bpf_skb_get_xfrm_state(
+            ctx.skb.skb,
+            0,
+            &mut xs,
+            size_of::<bpf_xfrm_state>() as u32,
+            0,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // `spi` and the addresses are in network order (`x->id.spi`, `x->props.saddr`).
+    let spi = u32::from_be(xs.spi);
+    // SAFETY: the union member is chosen by `family`, both are plain integers.
+    let addr = unsafe {
+        match xs.family {
+            AF_INET => Addr::from_v4(xs.__bindgen_anon_1.remote_ipv4.to_ne_bytes()),
+            AF_INET6 => {
+                let w = xs.__bindgen_anon_1.remote_ipv6;
+                let mut a = [0u8; 16];
+                a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+                a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+                a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+                a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+                Addr(a)
+            }
+            _ => Addr::UNSPECIFIED,
+        }
+    };
+    Some((spi, addr))
+}
+
+/// RTP arrival time in timestamp units since the flow's first packet (A.8 `arrival`).
+/// Split into seconds and remainder so that nothing overflows for any clock rate
+/// below 2³² Hz and any flow age.
+#[inline(always)]
+fn arrival_units(elapsed_ns: u64, clock_hz: u32) -> u32 {
+    let secs = elapsed_ns / 1_000_000_000;
+    let rem = elapsed_ns % 1_000_000_000;
+    let hz = u64::from(clock_hz);
+    (secs.wrapping_mul(hz) + rem * hz / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn flow_in(ctx: &TcContext, ip: &Ip, rtp: &Rtp, cfg: &Config) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (spi, locator, via) = match xfrm_origin(ctx) {
+        Some((spi, a)) => (spi, a, FLOW_VIA_XFRM),
+        None => match unsafe { HIP_ASSOCS.get(&ip.src) } {
+            Some(a) => (a.spi_in, a.locators[0], FLOW_VIA_ASSOC),
+            None => (0, Addr::UNSPECIFIED, 0),
+        },
+    };
+    let clock = match cfg.clock_hz.get((rtp.pt & 0x7f) as usize) {
+        Some(&c) if c != 0 => c,
+        _ => cfg.default_clock_hz,
+    };
+    let key = FlowKey {
+        src_hit: ip.src,
+        dst_hit: ip.dst,
+        src_port: rtp.sport,
+        dst_port: rtp.dport,
+        ssrc: rtp.ssrc,
+    };
+    let (f, new) = match HIP_FLOWS.get_ptr_mut(&key) {
+        Some(f) => (f, false),
+        None => {
+            let init = FlowStats {
+                packets: 0,
+                bytes: 0,
+                lost: 0,
+                first_seen_ns: now,
+                last_seen_ns: now,
+                jitter_q4: 0,
+                transit: 0,
+                base_seq: u32::from(rtp.seq),
+                max_seq: u32::from(rtp.seq),
+                clock_hz: clock,
+                spi,
+                locator,
+                payload_type: rtp.pt,
+                via,
+                _pad: [0; 6],
+            };
+            // NOEXIST: if another CPU created it meanwhile, use theirs.
+            let _ = HIP_FLOWS.insert(&key, &init, BPF_NOEXIST as u64);
+            match HIP_FLOWS.get_ptr_mut(&key) {
+                Some(f) => (f, true),
+                None => return stat(Stat::FlowInsertFailed),
+            }
+        }
+    };
+    stat(Stat::RtpIn);
+    // SAFETY: map value pointer, fields naturally aligned.
+    unsafe {
+        add(&raw mut (*f).packets, 1);
+        add(&raw mut (*f).bytes, u64::from(ip.ip_len));
+        let received = (*f).packets;
+        // Sequence numbers, RFC 3550 A.1 (without the probation of new sources: a
+        // flow starts counting at its first packet).
+        if !new {
+            let max = (*f).max_seq;
+            let udelta = rtp.seq.wrapping_sub(max as u16);
+            if udelta < MAX_DROPOUT {
+                let mut cycles = max & 0xffff_0000;
+                if rtp.seq < max as u16 {
+                    cycles = cycles.wrapping_add(0x1_0000);
+                }
+                (*f).max_seq = cycles | u32::from(rtp.seq);
+            } else if udelta <= u16::MAX - MAX_MISORDER {
+                // A large jump: the sender restarted its sequence. A.1 waits for a
+                // second packet to confirm; we re-base at once and keep the loss
+                // counted so far (expected − received stays as it was).
+                let ext = (max & 0xffff_0000) | u32::from(rtp.seq);
+                let lost_before = (*f).lost;
+                (*f).max_seq = ext;
+                (*f).base_seq = ext.wrapping_sub((received as i64 + lost_before - 1) as u32);
+            }
+            // Otherwise a duplicate or reordered packet: counted, max unchanged.
+        }
+        let expected = (*f).max_seq.wrapping_sub((*f).base_seq) as i64 + 1;
+        (*f).lost = expected - received as i64;
+        // Interarrival jitter, RFC 3550 A.8, in timestamp units × 16.
+        let arrival = arrival_units(now.wrapping_sub((*f).first_seen_ns), clock);
+        let transit = arrival.wrapping_sub(rtp.ts);
+        if !new {
+            let d = (transit.wrapping_sub((*f).transit) as i32).unsigned_abs();
+            let j = (*f).jitter_q4;
+            (*f).jitter_q4 = j.wrapping_add(d).wrapping_sub((j + 8) >> 4);
+        }
+        (*f).transit = transit;
+        (*f).last_seen_ns = now;
+        (*f).spi = spi;
+        (*f).locator = locator;
+        (*f).via = via;
+        (*f).payload_type = rtp.pt;
+        (*f).clock_hz = clock;
+    }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> i32 {
+    let ip = match parse_ip(ctx) {
+        Parsed::Ip(ip) => ip,
+        Parsed::Other => return TC_ACT_PIPE as i32,
+        Parsed::Malformed => {
+            stat(Stat::Malformed);
+            return TC_ACT_PIPE as i32;
+        }
+    };
+    match ip.l4_proto {
+        IPPROTO_ESP => {
+            esp_out(ctx, &ip);
+            TC_ACT_PIPE as i32
+        }
+        IPPROTO_UDP => guard(ctx, &ip),
+        _ => TC_ACT_PIPE as i32,
+    }
+}
+
+#[inline(always)]
+fn esp_out(ctx: &TcContext, ip: &Ip) {
+    let Some(spi) = esp_spi(ctx, ip) else {
+        return stat(Stat::Malformed);
+    };
+    let key = SpiKey {
+        spi,
+        dir: SPI_DIR_OUT,
+    };
+    let Some(e) = HIP_SPIS.get_ptr_mut(&key) else {
+        return stat(Stat::EspOutUnknownSpi);
+    };
+    stat(Stat::EspOut);
+    // SAFETY: map value pointer.
+    unsafe {
+        add(&raw mut (*e).packets, 1);
+        add(&raw mut (*e).bytes, u64::from(ctx.len()));
+        (*e).last_seen_ns = bpf_ktime_get_ns();
+    }
+}
+
+/// The media guard (draft §5: media only to addresses HIP has verified). Clear-text
+/// RTP leaving the host passes only towards an ACTIVE locator of an ESTABLISHED
+/// association; everything else that is RTP is dropped and counted.
+#[inline(always)]
+fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_PIPE as i32;
+    };
+    if cfg.guard_enabled == 0 {
+        return TC_ACT_PIPE as i32;
+    }
+    let rtp = match parse_udp(ctx, ip, cfg) {
+        Udp::Rtp(rtp) => rtp,
+        Udp::NotRtp => return TC_ACT_PIPE as i32,
+        Udp::Malformed => {
+            stat(Stat::Malformed);
+            return TC_ACT_PIPE as i32;
+        }
+    };
+    if let Some(l) = unsafe { HIP_LOCATORS.get(&ip.dst) } {
+        if l.state == LocatorState::Active as u8 && l.assoc_state == AssocState::Established as u8 {
+            stat(Stat::GuardPassed);
+            return TC_ACT_PIPE as i32;
+        }
+    }
+    stat(Stat::GuardDropped);
+    let now = unsafe { bpf_ktime_get_ns() };
+    match HIP_GUARD_DROPS.get_ptr_mut(&ip.dst) {
+        Some(g) => unsafe {
+            add(&raw mut (*g).packets, 1);
+            add(&raw mut (*g).bytes, u64::from(ip.ip_len));
+            (*g).last_ns = now;
+        },
+        None => {
+            let g = GuardDrop {
+                packets: 1,
+                bytes: u64::from(ip.ip_len),
+                first_ns: now,
+                last_ns: now,
+            };
+            if HIP_GUARD_DROPS
+                .insert(&ip.dst, &g, BPF_NOEXIST as u64)
+                .is_err()
+            {
+                // Another CPU created it first: add to theirs, no second event.
+                if let Some(g) = HIP_GUARD_DROPS.get_ptr_mut(&ip.dst) {
+                    unsafe {
+                        add(&raw mut (*g).packets, 1);
+                        add(&raw mut (*g).bytes, u64::from(ip.ip_len));
+                    }
+                }
+                return TC_ACT_SHOT as i32;
+            }
+            let ev = Event {
+                kind: EVENT_GUARD_DROP,
+                spi: 0,
+                ts_ns: now,
+                peer_hit: Addr::UNSPECIFIED,
+                old_addr: ip.src,
+                new_addr: ip.dst,
+                src_port: rtp.sport,
+                dst_port: rtp.dport,
+                _pad: 0,
+            };
+            if HIP_EVENTS.output::<Event>(&ev, 0).is_err() {
+                stat(Stat::EventsLost);
+            }
+            info!(ctx, "hip: media guard dropped RTP to an unverified address");
+        }
+    }
+    TC_ACT_SHOT as i32
 }
 
 #[cfg(not(test))]
