@@ -26,6 +26,9 @@ use hip_common::{PROG_TC_EGRESS, PROG_TC_INGRESS};
 pub mod events;
 pub mod maps;
 
+/// The shared map types (`hip-common`), for users that need the raw layouts.
+pub use hip_common as common;
+
 use aya_log::EbpfLogger;
 pub use events::{DatapathEvent, EventReader};
 pub use maps::{
