@@ -10,6 +10,7 @@
 //! Nothing here reads a clock, opens a socket or draws from a global RNG (key files in
 //! [`keyfile`] are the one exception to "no I/O", and the protocol never calls it).
 
+pub mod crypto;
 pub mod hit;
 pub mod identity;
 pub mod keyfile;

@@ -1,0 +1,613 @@
+//! The HIP crypto suite (RFC 7401 §5.2.7-8, §6.5, §4.1.2): Diffie-Hellman groups,
+//! RHASH/HMAC per HIT suite, HIP-KDF, HIP_CIPHER and the puzzle.
+//!
+//! Every primitive comes from RustCrypto crates (p256, p384, crypto-bigint, sha1/sha2,
+//! hmac, hkdf, aes, cbc). What is written here are the protocol constructions around them:
+//! value encodings, the puzzle loop and key layout.
+
+use crypto_bigint::{
+    Odd, U256, U3072,
+    modular::{FixedMontyForm, FixedMontyParams},
+};
+use hmac::{Hmac, KeyInit, Mac};
+use rand_core::CryptoRng;
+use sha2::{Digest, Sha256, Sha384};
+use zeroize::Zeroizing;
+
+use crate::hit::{Hit, HitSuite};
+
+/// Errors of the crypto layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// A DH group ID this implementation does not support.
+    #[error("unsupported DH group {0}")]
+    UnsupportedDhGroup(u8),
+    /// A peer's DH public value is not valid for its group.
+    #[error("invalid DH public value for group {0}")]
+    BadDhPublic(u8),
+    /// A HIP_CIPHER ID this implementation does not support.
+    #[error("unsupported HIP cipher {0}")]
+    UnsupportedCipher(u16),
+    /// Ciphertext whose length is not a whole number of blocks, or a missing IV.
+    #[error("ciphertext length {0} is not valid for the cipher")]
+    BadCiphertext(usize),
+    /// A HIT suite that cannot be used for RHASH/HMAC here.
+    #[error("unsupported HIT suite {0}")]
+    UnsupportedHitSuite(u8),
+    /// The KDF was asked for more than it can produce (255 × hash length).
+    #[error("KEYMAT request of {0} octets is too long")]
+    KeymatTooLong(usize),
+}
+
+/// DH group IDs (RFC 7401 §5.2.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DhGroup {
+    /// 3072-bit MODP group (RFC 3526 group 15), ID 4.
+    Modp3072,
+    /// NIST P-256, ID 7.
+    NistP256,
+    /// NIST P-384, ID 8.
+    NistP384,
+}
+
+impl DhGroup {
+    /// All supported groups, in this implementation's default preference order.
+    pub const ALL: [DhGroup; 3] = [DhGroup::NistP256, DhGroup::NistP384, DhGroup::Modp3072];
+
+    /// The wire ID.
+    pub fn id(self) -> u8 {
+        match self {
+            DhGroup::Modp3072 => 4,
+            DhGroup::NistP256 => 7,
+            DhGroup::NistP384 => 8,
+        }
+    }
+
+    /// From the wire ID.
+    pub fn from_id(id: u8) -> Option<Self> {
+        Some(match id {
+            4 => DhGroup::Modp3072,
+            7 => DhGroup::NistP256,
+            8 => DhGroup::NistP384,
+            _ => return None,
+        })
+    }
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DhGroup::Modp3072 => "modp3072",
+            DhGroup::NistP256 => "p256",
+            DhGroup::NistP384 => "p384",
+        }
+    }
+
+    /// Parses a short name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.name() == s)
+    }
+}
+
+/// RFC 3526 §4, the 3072-bit MODP prime (generator 2). Hex taken from the RFC's group 15
+/// (checked against OpenSSL's `modp_3072` parameters).
+const MODP3072_P: &str = "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7EDEE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3BE39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA051015728E5A8AAAC42DAD33170D04507A33A85521ABDF1CBA64ECFB850458DBEF0A8AEA71575D060C7DB3970F85A6E1E4C7ABF5AE8CDB0933D71E8C94E04A25619DCEE3D2261AD2EE6BF12FFA06D98A0864D87602733EC86A64521F2B18177B200CBBE117577A615D6C770988C0BAD946E208E24FA074E5AB3143DB5BFCE0FD108E4B82D120A93AD2CAFFFFFFFFFFFFFFFF";
+
+fn modp_params() -> FixedMontyParams<{ U3072::LIMBS }> {
+    let p = U3072::from_be_hex(MODP3072_P);
+    FixedMontyParams::new_vartime(Odd::new(p).expect("the MODP prime is odd"))
+}
+
+/// A local DH key pair. One pair may be reused across exchanges (R1 precomputation,
+/// RFC 7401 §4.1.4 allows the Responder to reuse its DH value for a while).
+#[derive(Clone)]
+pub enum DhSecret {
+    /// P-256.
+    P256(p256::SecretKey),
+    /// P-384.
+    P384(p384::SecretKey),
+    /// MODP 3072: a 256-bit secret exponent (RFC 3526 §8: twice the security level in
+    /// bits suffices) and the public value.
+    Modp3072 {
+        /// Secret exponent.
+        x: Box<U256>,
+        /// g^x mod p, 384 octets.
+        public: Vec<u8>,
+    },
+}
+
+impl DhSecret {
+    /// Generates a key pair.
+    pub fn generate<R: CryptoRng + ?Sized>(group: DhGroup, rng: &mut R) -> Self {
+        use p256::elliptic_curve::Generate as _;
+        match group {
+            DhGroup::NistP256 => DhSecret::P256(p256::SecretKey::generate_from_rng(rng)),
+            DhGroup::NistP384 => DhSecret::P384(p384::SecretKey::generate_from_rng(rng)),
+            DhGroup::Modp3072 => {
+                let mut b = [0u8; 32];
+                rng.fill_bytes(&mut b);
+                b[0] |= 0x80;
+                let x = U256::from_be_slice(&b);
+                let g = FixedMontyForm::new(&U3072::from_u8(2), &modp_params());
+                let y = g.pow(&x).retrieve();
+                DhSecret::Modp3072 {
+                    x: Box::new(x),
+                    public: y.to_be_bytes().to_vec(),
+                }
+            }
+        }
+    }
+
+    /// The group.
+    pub fn group(&self) -> DhGroup {
+        match self {
+            DhSecret::P256(_) => DhGroup::NistP256,
+            DhSecret::P384(_) => DhGroup::NistP384,
+            DhSecret::Modp3072 { .. } => DhGroup::Modp3072,
+        }
+    }
+
+    /// The public value as carried in DIFFIE_HELLMAN: for ECDH groups the SEC1 uncompressed
+    /// point (0x04 ‖ x ‖ y), for MODP groups the big-endian value padded to the prime's
+    /// length (RFC 7401 §5.2.7).
+    pub fn public_value(&self) -> Vec<u8> {
+        match self {
+            DhSecret::P256(k) => k.public_key().to_sec1_bytes().to_vec(),
+            DhSecret::P384(k) => k.public_key().to_sec1_bytes().to_vec(),
+            DhSecret::Modp3072 { public, .. } => public.clone(),
+        }
+    }
+
+    /// Computes the shared secret Kij with the peer's public value: the x-coordinate for
+    /// ECDH, g^xy mod p (full length) for MODP.
+    pub fn agree(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let g = self.group().id();
+        match self {
+            DhSecret::P256(k) => {
+                let pk = p256::PublicKey::from_sec1_bytes(peer)
+                    .map_err(|_| CryptoError::BadDhPublic(g))?;
+                Ok(Zeroizing::new(
+                    k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
+                ))
+            }
+            DhSecret::P384(k) => {
+                let pk = p384::PublicKey::from_sec1_bytes(peer)
+                    .map_err(|_| CryptoError::BadDhPublic(g))?;
+                Ok(Zeroizing::new(
+                    k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
+                ))
+            }
+            DhSecret::Modp3072 { x, .. } => {
+                if peer.len() != 384 {
+                    return Err(CryptoError::BadDhPublic(g));
+                }
+                let params = modp_params();
+                let y = U3072::from_be_slice(peer);
+                let p = params.modulus().get();
+                // RFC 2631 §2.1.5-style range check: 1 < y < p - 1.
+                let pm1 = p.wrapping_sub(&U3072::ONE);
+                if y <= U3072::ONE || y >= pm1 {
+                    return Err(CryptoError::BadDhPublic(g));
+                }
+                let s = FixedMontyForm::new(&y, &params).pow(&**x).retrieve();
+                Ok(Zeroizing::new(s.to_be_bytes().to_vec()))
+            }
+        }
+    }
+}
+
+/// The hash function of a HIT suite (RHASH, RFC 7401 §5.2.10), used for the puzzle, the
+/// HMACs and HIP-KDF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rhash {
+    /// SHA-256 (suite RSA,DSA/SHA-256).
+    Sha256,
+    /// SHA-384 (suite ECDSA/SHA-384).
+    Sha384,
+}
+
+impl Rhash {
+    /// RHASH for a HIT suite. ECDSA_LOW/SHA-1 is refused (SHA-1 is too weak to negotiate).
+    /// For EdDSA/cSHAKE128 (RFC 9374) no RFC defines a keyed base-exchange hash (a
+    /// KMAC-based one is only drafted in draft-moskowitz-hip-new-crypto), so SHA-256 is
+    /// used; both ends of this implementation agree, others may not.
+    pub fn for_suite(s: HitSuite) -> Result<Self, CryptoError> {
+        match s {
+            HitSuite::RsaDsaSha256 | HitSuite::EddsaCshake128 => Ok(Rhash::Sha256),
+            HitSuite::EcdsaSha384 => Ok(Rhash::Sha384),
+            HitSuite::EcdsaLowSha1 => Err(CryptoError::UnsupportedHitSuite(s.id())),
+        }
+    }
+
+    /// Output length in octets (RHASH_len / 8).
+    pub fn len(self) -> usize {
+        match self {
+            Rhash::Sha256 => 32,
+            Rhash::Sha384 => 48,
+        }
+    }
+
+    /// Always false; present for the `len` convention.
+    pub fn is_empty(self) -> bool {
+        false
+    }
+
+    /// RHASH(data).
+    pub fn digest(self, parts: &[&[u8]]) -> Vec<u8> {
+        match self {
+            Rhash::Sha256 => {
+                let mut h = Sha256::new();
+                parts.iter().for_each(|p| h.update(p));
+                h.finalize().to_vec()
+            }
+            Rhash::Sha384 => {
+                let mut h = Sha384::new();
+                parts.iter().for_each(|p| h.update(p));
+                h.finalize().to_vec()
+            }
+        }
+    }
+
+    /// HMAC-RHASH(key, data).
+    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+        match self {
+            Rhash::Sha256 => {
+                let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("any key length");
+                m.update(data);
+                m.finalize().into_bytes().to_vec()
+            }
+            Rhash::Sha384 => {
+                let mut m = <Hmac<Sha384> as KeyInit>::new_from_slice(key).expect("any key length");
+                m.update(data);
+                m.finalize().into_bytes().to_vec()
+            }
+        }
+    }
+
+    /// Constant-time HMAC check.
+    pub fn verify_hmac(self, key: &[u8], data: &[u8], tag: &[u8]) -> bool {
+        match self {
+            Rhash::Sha256 => {
+                let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("any key length");
+                m.update(data);
+                m.verify_slice(tag).is_ok()
+            }
+            Rhash::Sha384 => {
+                let mut m = <Hmac<Sha384> as KeyInit>::new_from_slice(key).expect("any key length");
+                m.update(data);
+                m.verify_slice(tag).is_ok()
+            }
+        }
+    }
+}
+
+/// KEYMAT as produced by HIP-KDF (RFC 7401 §6.5):
+///
+/// `KEYMAT = KDF(salt = I | J, IKM = Kij, info = sort(HIT-I | HIT-R), L)` where the KDF is
+/// the extract-and-expand construction of RFC 5869 with HMAC-RHASH — which is exactly what
+/// the `hkdf` crate implements. The PRK is kept so that keys can be drawn further along
+/// KEYMAT later (rekeying without a new DH exchange, RFC 7402 §6.1) without storing it all.
+#[derive(Clone)]
+pub struct Keymat {
+    rhash: Rhash,
+    prk: Zeroizing<Vec<u8>>,
+    info: [u8; 32],
+}
+
+impl std::fmt::Debug for Keymat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keymat({:?}, …)", self.rhash)
+    }
+}
+
+impl Keymat {
+    /// Derives KEYMAT from the puzzle values, the DH secret and both HITs.
+    pub fn derive(rhash: Rhash, i: &[u8], j: &[u8], kij: &[u8], hit_i: Hit, hit_r: Hit) -> Self {
+        let mut salt = Vec::with_capacity(i.len() + j.len());
+        salt.extend_from_slice(i);
+        salt.extend_from_slice(j);
+        let (lo, hi) = if hit_i <= hit_r {
+            (hit_i, hit_r)
+        } else {
+            (hit_r, hit_i)
+        };
+        let mut info = [0u8; 32];
+        info[..16].copy_from_slice(&lo.0);
+        info[16..].copy_from_slice(&hi.0);
+        let prk = match rhash {
+            Rhash::Sha256 => hkdf::Hkdf::<Sha256>::extract(Some(&salt), kij).0.to_vec(),
+            Rhash::Sha384 => hkdf::Hkdf::<Sha384>::extract(Some(&salt), kij).0.to_vec(),
+        };
+        Keymat {
+            rhash,
+            prk: Zeroizing::new(prk),
+            info,
+        }
+    }
+
+    /// KEYMAT octets `[offset, offset + len)`.
+    pub fn draw(&self, offset: usize, len: usize) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let total = offset + len;
+        if total > 255 * self.rhash.len() {
+            return Err(CryptoError::KeymatTooLong(total));
+        }
+        let mut okm = Zeroizing::new(vec![0u8; total]);
+        let ok = match self.rhash {
+            Rhash::Sha256 => hkdf::Hkdf::<Sha256>::from_prk(&self.prk)
+                .map(|h| h.expand(&self.info, &mut okm).is_ok()),
+            Rhash::Sha384 => hkdf::Hkdf::<Sha384>::from_prk(&self.prk)
+                .map(|h| h.expand(&self.info, &mut okm).is_ok()),
+        };
+        if !matches!(ok, Ok(true)) {
+            return Err(CryptoError::KeymatTooLong(total));
+        }
+        Ok(Zeroizing::new(okm[offset..].to_vec()))
+    }
+
+    /// The RHASH this KEYMAT was derived with.
+    pub fn rhash(&self) -> Rhash {
+        self.rhash
+    }
+}
+
+/// HIP_CIPHER suites (RFC 7401 §5.2.8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HipCipher {
+    /// NULL-ENCRYPT (ID 1).
+    Null,
+    /// AES-128-CBC (ID 2).
+    Aes128Cbc,
+    /// AES-256-CBC (ID 4).
+    Aes256Cbc,
+}
+
+impl HipCipher {
+    /// All supported, in default preference order.
+    pub const ALL: [HipCipher; 3] = [HipCipher::Aes128Cbc, HipCipher::Aes256Cbc, HipCipher::Null];
+
+    /// Wire ID.
+    pub fn id(self) -> u16 {
+        match self {
+            HipCipher::Null => 1,
+            HipCipher::Aes128Cbc => 2,
+            HipCipher::Aes256Cbc => 4,
+        }
+    }
+
+    /// From the wire ID.
+    pub fn from_id(id: u16) -> Option<Self> {
+        Some(match id {
+            1 => HipCipher::Null,
+            2 => HipCipher::Aes128Cbc,
+            4 => HipCipher::Aes256Cbc,
+            _ => return None,
+        })
+    }
+
+    /// Key length in octets (the "natural size", RFC 7401 §6.5).
+    pub fn key_len(self) -> usize {
+        match self {
+            HipCipher::Null => 0,
+            HipCipher::Aes128Cbc => 16,
+            HipCipher::Aes256Cbc => 32,
+        }
+    }
+
+    /// IV length in octets.
+    pub fn iv_len(self) -> usize {
+        match self {
+            HipCipher::Null => 0,
+            _ => 16,
+        }
+    }
+
+    /// Encrypts `plain` (zero-padded here to the block size) and returns IV ‖ ciphertext,
+    /// the contents of ENCRYPTED after its reserved field (RFC 7401 §5.2.18).
+    pub fn encrypt<R: CryptoRng + ?Sized>(self, key: &[u8], plain: &[u8], rng: &mut R) -> Vec<u8> {
+        use cbc::cipher::{BlockModeEncrypt, KeyIvInit, block_padding::NoPadding};
+        let mut iv = [0u8; 16];
+        let mut buf = plain.to_vec();
+        if self != HipCipher::Null {
+            rng.fill_bytes(&mut iv);
+            buf.resize(plain.len().div_ceil(16) * 16, 0);
+        }
+        let n = buf.len();
+        match self {
+            HipCipher::Null => return buf,
+            HipCipher::Aes128Cbc => {
+                cbc::Encryptor::<aes::Aes128>::new_from_slices(key, &iv)
+                    .expect("key and IV lengths")
+                    .encrypt_padded::<NoPadding>(&mut buf, n)
+                    .expect("block-aligned");
+            }
+            HipCipher::Aes256Cbc => {
+                cbc::Encryptor::<aes::Aes256>::new_from_slices(key, &iv)
+                    .expect("key and IV lengths")
+                    .encrypt_padded::<NoPadding>(&mut buf, n)
+                    .expect("block-aligned");
+            }
+        }
+        let mut out = iv.to_vec();
+        out.extend_from_slice(&buf);
+        out
+    }
+
+    /// Decrypts IV ‖ ciphertext. The result may carry padding after the parameter it
+    /// holds; the caller parses the TLV and ignores what follows.
+    pub fn decrypt(self, key: &[u8], data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        use cbc::cipher::{BlockModeDecrypt, KeyIvInit, block_padding::NoPadding};
+        if self == HipCipher::Null {
+            return Ok(data.to_vec());
+        }
+        if data.len() < 32 || data.len() % 16 != 0 {
+            return Err(CryptoError::BadCiphertext(data.len()));
+        }
+        let (iv, ct) = data.split_at(16);
+        let mut buf = ct.to_vec();
+        let r = match self {
+            HipCipher::Aes128Cbc => cbc::Decryptor::<aes::Aes128>::new_from_slices(key, iv)
+                .expect("key and IV lengths")
+                .decrypt_padded::<NoPadding>(&mut buf)
+                .map(|_| ()),
+            HipCipher::Aes256Cbc => cbc::Decryptor::<aes::Aes256>::new_from_slices(key, iv)
+                .expect("key and IV lengths")
+                .decrypt_padded::<NoPadding>(&mut buf)
+                .map(|_| ()),
+            HipCipher::Null => Ok(()),
+        };
+        r.map_err(|_| CryptoError::BadCiphertext(data.len()))?;
+        Ok(buf)
+    }
+}
+
+/// The puzzle (RFC 7401 §4.1.2): find J such that the K lowest-order bits of
+/// `RHASH(I | HIT-I | HIT-R | J)` are zero.
+pub mod puzzle {
+    use super::*;
+
+    /// Whether the K lowest-order bits of `h` are zero.
+    fn low_bits_zero(h: &[u8], k: u8) -> bool {
+        let k = k as usize;
+        if k > h.len() * 8 {
+            return false;
+        }
+        let full = k / 8;
+        let rest = k % 8;
+        let n = h.len();
+        if h[n - full..].iter().any(|b| *b != 0) {
+            return false;
+        }
+        rest == 0 || h[n - full - 1] & ((1u8 << rest) - 1) == 0
+    }
+
+    /// Whether `j` solves the puzzle.
+    pub fn verify(rhash: Rhash, i: &[u8], hit_i: Hit, hit_r: Hit, j: &[u8], k: u8) -> bool {
+        let h = rhash.digest(&[i, &hit_i.0, &hit_r.0, j]);
+        low_bits_zero(&h, k)
+    }
+
+    /// Searches for a solution, trying at most `max_attempts` random candidates (the
+    /// solver is bounded: the core has no clock, so the bound is a count of RHASH
+    /// computations, which the caller sizes from the puzzle lifetime). `None` when the
+    /// bound is reached.
+    pub fn solve<R: CryptoRng + ?Sized>(
+        rhash: Rhash,
+        i: &[u8],
+        hit_i: Hit,
+        hit_r: Hit,
+        k: u8,
+        max_attempts: u64,
+        rng: &mut R,
+    ) -> Option<Vec<u8>> {
+        let mut j = vec![0u8; i.len()];
+        rng.fill_bytes(&mut j);
+        for _ in 0..max_attempts {
+            if verify(rhash, i, hit_i, hit_r, &j, k) {
+                return Some(j);
+            }
+            // Counter increment of the random start: fresh candidates, no RNG per try.
+            for b in j.iter_mut().rev() {
+                *b = b.wrapping_add(1);
+                if *b != 0 {
+                    break;
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    #[test]
+    fn dh_agreement_in_every_group() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        for g in DhGroup::ALL {
+            let a = DhSecret::generate(g, &mut rng);
+            let b = DhSecret::generate(g, &mut rng);
+            let ka = a.agree(&b.public_value()).unwrap();
+            let kb = b.agree(&a.public_value()).unwrap();
+            assert_eq!(ka, kb, "{g:?}");
+            let expect_len = match g {
+                DhGroup::NistP256 => 65,
+                DhGroup::NistP384 => 97,
+                DhGroup::Modp3072 => 384,
+            };
+            assert_eq!(a.public_value().len(), expect_len);
+            let mut bad = b.public_value();
+            bad[5] ^= 1;
+            if g != DhGroup::Modp3072 {
+                assert!(a.agree(&bad).is_err());
+            }
+            assert!(a.agree(&bad[..10]).is_err());
+        }
+        let m = DhSecret::generate(DhGroup::Modp3072, &mut rng);
+        let mut one = vec![0u8; 384];
+        one[383] = 1;
+        assert_eq!(m.agree(&one).unwrap_err(), CryptoError::BadDhPublic(4));
+    }
+
+    #[test]
+    fn modp_matches_a_known_small_case() {
+        // 2^1 mod p = 2: a secret exponent of 1 yields the generator as public value.
+        let x = U256::ONE;
+        let g = FixedMontyForm::new(&U3072::from_u8(2), &modp_params());
+        assert_eq!(g.pow(&x).retrieve(), U3072::from_u8(2));
+    }
+
+    #[test]
+    fn kdf_is_hkdf_and_prefix_stable() {
+        let hi: Hit = "2001:20::1".parse().unwrap();
+        let hr: Hit = "2001:20::2".parse().unwrap();
+        let k = Keymat::derive(Rhash::Sha256, &[1; 32], &[2; 32], &[3; 32], hr, hi);
+        let k2 = Keymat::derive(Rhash::Sha256, &[1; 32], &[2; 32], &[3; 32], hi, hr);
+        let a = k.draw(0, 100).unwrap();
+        assert_eq!(a, k2.draw(0, 100).unwrap(), "info sorts the HITs");
+        assert_eq!(&a[40..60], &k.draw(40, 20).unwrap()[..]);
+        // Independent check with the RFC 5869 definition written out.
+        let salt = [[1u8; 32], [2u8; 32]].concat();
+        let prk = Rhash::Sha256.hmac(&salt, &[3; 32]);
+        let mut info = hi.0.to_vec();
+        info.extend_from_slice(&hr.0);
+        info.push(1);
+        let t1 = Rhash::Sha256.hmac(&prk, &info);
+        assert_eq!(&a[..32], &t1[..]);
+        assert!(k.draw(0, 255 * 32 + 1).is_err());
+    }
+
+    #[test]
+    fn cipher_round_trip() {
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        for c in HipCipher::ALL {
+            let key = vec![7u8; c.key_len()];
+            let plain = vec![9u8; 40];
+            let ct = c.encrypt(&key, &plain, &mut rng);
+            let pt = c.decrypt(&key, &ct).unwrap();
+            assert_eq!(&pt[..40], &plain[..]);
+            if c != HipCipher::Null {
+                assert_ne!(&ct[16..56], &plain[..]);
+                assert!(c.decrypt(&key, &ct[..31]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn puzzle_solve_and_verify() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let (hi, hr) = (Hit([1; 16]), Hit([2; 16]));
+        let i = [0x55u8; 48];
+        let j = puzzle::solve(Rhash::Sha384, &i, hi, hr, 10, 1 << 20, &mut rng).unwrap();
+        assert!(puzzle::verify(Rhash::Sha384, &i, hi, hr, &j, 10));
+        assert!(
+            !puzzle::verify(Rhash::Sha384, &i, hr, hi, &j, 10)
+                || !puzzle::verify(Rhash::Sha384, &i, hr, hi, &j, 11)
+        );
+        // Bounded: an impossible difficulty within 100 attempts fails cleanly.
+        assert!(puzzle::solve(Rhash::Sha384, &i, hi, hr, 40, 100, &mut rng).is_none());
+        // K = 0 is always solved.
+        assert!(puzzle::verify(Rhash::Sha256, &[0; 32], hi, hr, &[1; 32], 0));
+    }
+}
