@@ -1,5 +1,6 @@
 //! `hip-agent`: the root agent and its operator CLI.
 
+mod cmd_xfrm;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -25,6 +26,8 @@ enum Cmd {
     /// Load, attach, inspect and unload the eBPF datapath.
     #[command(subcommand)]
     Datapath(DatapathCmd),
+    /// List hip's XFRM SAs and policies (`--json`), reconcile to a spec, or benchmark.
+    Xfrm(cmd_xfrm::XfrmArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +68,8 @@ fn main() -> Result<()> {
         hip_agent::netns::enter(ns)?;
     }
     match cli.cmd {
+        // The lead connects the known-HITs pool here for SIP URIs.
+        Cmd::Xfrm(a) => cmd_xfrm::run(a, &|_| None)?,
         Cmd::Datapath(DatapathCmd::Attach { iface, pin_dir }) => {
             let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
             let links = dp
