@@ -7,3 +7,4 @@
 //!   bytes to send, timer deadlines and events come out. Sockets live in the agent.
 
 pub mod sdp;
+pub mod sip;

@@ -252,9 +252,7 @@ fn classify(kind: char, value: &str) -> Option<(Form, Kind, &str)> {
                 return None;
             }
             let rest = rest.trim_start();
-            let (m, d) = rest
-                .split_once([' ', '\t'])
-                .unwrap_or((rest, ""));
+            let (m, d) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
             (Form::KeyMgmt, m, d)
         }
         _ => return None,
