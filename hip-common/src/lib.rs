@@ -174,7 +174,10 @@ pub struct Config {
     /// Non-zero: the media guard drops clear-text RTP to unverified addresses.
     pub guard_enabled: u32,
     /// Media UDP port range, inclusive: a packet is RTP only if its source or
-    /// destination port lies in it (SDP `m=` ports are negotiated within it).
+    /// destination port lies in it. Either port counts: on egress our own RTP source
+    /// port is in the range while the destination port is whatever the peer's SDP
+    /// said, and a guard keyed on the destination port alone would let a hostile SDP
+    /// aim our media at a victim simply by choosing a port outside the range.
     pub port_min: u16,
     pub port_max: u16,
     /// Clock rate for payload types whose [`Config::clock_hz`] entry is 0.
