@@ -1,6 +1,8 @@
 //! `hip-agent`: the root agent and its operator CLI.
 
+mod cmd_flows;
 mod cmd_xfrm;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -28,6 +30,14 @@ enum Cmd {
     Datapath(DatapathCmd),
     /// List hip's XFRM SAs and policies (`--json`), reconcile to a spec, or benchmark.
     Xfrm(cmd_xfrm::XfrmArgs),
+    /// Print the RTP flow table from the pinned maps.
+    Flows {
+        #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
+        pin_dir: PathBuf,
+        /// JSON array of flows (fields of `hip_datapath::Flow`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -45,6 +55,21 @@ enum DatapathCmd {
         iface: String,
         #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
         pin_dir: PathBuf,
+    },
+    /// Run the datapath in the foreground until SIGINT/SIGTERM, then detach and unpin
+    /// (cleans up what a killed earlier run left first).
+    Run {
+        /// Interface to attach to (repeatable).
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+        #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
+        pin_dir: PathBuf,
+        /// Turn the media guard off.
+        #[arg(long)]
+        no_guard: bool,
+        /// UDP ports carrying RTP, LOW-HIGH.
+        #[arg(long, default_value = "16384-32767")]
+        media_ports: String,
     },
     /// Print the interface counters from the pinned maps.
     Stats {
@@ -92,6 +117,13 @@ fn main() -> Result<()> {
             // The maps stay pinned and the programs attached; this process may exit.
             std::mem::forget(dp);
         }
+        Cmd::Flows { pin_dir, json } => cmd_flows::flows(&pin_dir, json)?,
+        Cmd::Datapath(DatapathCmd::Run {
+            iface,
+            pin_dir,
+            no_guard,
+            media_ports,
+        }) => cmd_flows::run(iface, &pin_dir, !no_guard, &media_ports)?,
         Cmd::Datapath(DatapathCmd::Detach { iface, pin_dir }) => {
             hip_datapath::unload(&iface, &pin_dir)?;
             println!("detached from {iface}; removed {}", pin_dir.display());
