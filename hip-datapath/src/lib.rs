@@ -630,6 +630,37 @@ fn fs_magic(path: &Path) -> Option<i64> {
     (r == 0).then_some(st.f_type as i64)
 }
 
+/// Names of the programs attached to `iface` through tcx (both directions), as the
+/// kernel reports them (`BPF_PROG_QUERY`); empty on kernels without tcx, where
+/// `tc filter show` lists netlink attachments instead. Runs in the calling thread's
+/// network namespace.
+pub fn tcx_attached_programs(iface: &str) -> Result<Vec<String>, DatapathError> {
+    if !tc_uses_tcx() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::new();
+    for (dir, kind) in [
+        ("ingress", TcAttachType::Ingress),
+        ("egress", TcAttachType::Egress),
+    ] {
+        let (_, infos) =
+            SchedClassifier::query_tcx(iface, kind).map_err(|source| DatapathError::Program {
+                name: if dir == "ingress" {
+                    PROG_TC_INGRESS
+                } else {
+                    PROG_TC_EGRESS
+                },
+                source,
+            })?;
+        names.extend(
+            infos
+                .iter()
+                .map(|i| format!("{dir}:{}", i.name_as_str().unwrap_or("?"))),
+        );
+    }
+    Ok(names)
+}
+
 /// aya attaches with tcx on kernels ≥ 6.6 (see `SchedClassifier::attach`).
 pub fn tc_uses_tcx() -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
