@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::run().and_then(|()| ebpf::build()),
         Task::BuildAndLoad(a) => setup::run().and_then(|()| ebpf::build_and_load(&a)),
         Task::Vm(a) => setup::run().and_then(|()| vm::run(&a)),
-        Task::Test(a) => setup::run().and_then(|()| test::run(&a)),
+        Task::Test(a) => test::run(&a),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Bench => setup::run().and_then(|()| bench::run()),
     };

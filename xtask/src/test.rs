@@ -143,7 +143,12 @@ fn test_targets(prefix: &str) -> Result<Vec<String>> {
 pub fn run(a: &TestArgs) -> Result<()> {
     let total = Instant::now();
     let mut t = Tally::default();
+    let step = Instant::now();
+    crate::setup::run()?;
+    t.stages.push(("setup".into(), true, step.elapsed(), "provisioned".into()));
+    let step = Instant::now();
     ebpf::build()?;
+    t.stages.push(("ebpf".into(), true, step.elapsed(), "eBPF object built".into()));
 
     if a.no_lint {
         t.stages.push((
@@ -185,7 +190,9 @@ pub fn run(a: &TestArgs) -> Result<()> {
         util::cmd("cargo").args(["test", "--workspace", "--exclude", "hip-tests"]),
     )?;
 
+    let step = Instant::now();
     let agent = ebpf::build_agent(false)?;
+    t.stages.push(("agent".into(), true, step.elapsed(), "hip-agent built".into()));
 
     if a.no_host {
         t.stages.push((

@@ -117,7 +117,9 @@ pub fn run_script(
         .args(["--exec", &full])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        // Piped, not inherited: vng/qemu reopen an inherited stderr at offset 0, which
+        // overwrites a log file the caller redirected to.
+        .stderr(Stdio::piped())
         // Own process group, so the watchdog can kill vng and its qemu together.
         .process_group(0);
     eprintln!("+ {} -r {} ... --exec <script>", vng, kernel.display());
@@ -140,12 +142,19 @@ pub fn run_script(
             unsafe { libc::kill(-pid, libc::SIGKILL) };
         });
     }
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         on_line(&line);
     }
     let st = child.wait()?;
+    let _ = err_thread.join();
     done.store(true, Ordering::Relaxed);
     if timed_out.load(Ordering::Relaxed) {
         bail!("the VM did not finish within {timeout:?} and was killed");
