@@ -182,6 +182,9 @@ pub struct Datapath {
     attached: Vec<(String, &'static str, SchedClassifierLinkId)>,
     /// Set by [`Datapath::attach_persistent`]: leave pins and links on drop.
     persistent: bool,
+    /// The network namespace the programs were attached in: netlink (pre-tcx)
+    /// detaches must be sent from there, whatever thread shuts the datapath down.
+    netns: Option<fs::File>,
     shut_down: bool,
 }
 
@@ -265,6 +268,7 @@ impl Datapath {
             pin_dir: pin_dir.to_owned(),
             attached: Vec::new(),
             persistent: false,
+            netns: None,
             shut_down: false,
         })
     }
@@ -272,6 +276,9 @@ impl Datapath {
     /// Attaches the ingress and egress programs to `iface` (tcx on ≥ 6.6, netlink
     /// clsact before). Leftovers of a killed earlier run are removed first.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        if self.netns.is_none() {
+            self.netns = fs::File::open("/proc/thread-self/ns/net").ok();
+        }
         detach_stale(iface)?;
         if !tc_uses_tcx() {
             // Netlink attachment needs the clsact qdisc; EEXIST means it is there already.
@@ -480,22 +487,45 @@ impl Datapath {
         Ok(())
     }
 
+    /// Detaches every attachment, from the namespace they were made in (a helper
+    /// thread joins it when the caller's thread is elsewhere).
+    fn detach_all(&mut self) -> Option<DatapathError> {
+        let attached = std::mem::take(&mut self.attached);
+        if attached.is_empty() {
+            return None;
+        }
+        let ebpf = &mut self.ebpf;
+        let netns = self.netns.as_ref();
+        let work = move || {
+            if let Some(ns) = netns {
+                use std::os::fd::AsRawFd;
+                // SAFETY: valid namespace fd; affects only this helper thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    tracing::warn!("setns for detach: {}", io::Error::last_os_error());
+                }
+            }
+            let mut first_err = None;
+            for (_, name, id) in attached {
+                match program(ebpf, name) {
+                    Ok(prog) => {
+                        if let Err(source) = prog.detach(id) {
+                            first_err.get_or_insert(DatapathError::Program { name, source });
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err
+        };
+        std::thread::scope(|s| s.spawn(work).join().unwrap_or(None))
+    }
+
     /// Detaches everything and removes the pins.
     pub fn shutdown(mut self) -> Result<(), DatapathError> {
         self.shut_down = true;
-        let mut first_err = None;
-        for (_, name, id) in std::mem::take(&mut self.attached) {
-            match program(&mut self.ebpf, name) {
-                Ok(prog) => {
-                    if let Err(source) = prog.detach(id) {
-                        first_err.get_or_insert(DatapathError::Program { name, source });
-                    }
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
+        let mut first_err = self.detach_all();
         if let Err(e) = remove_pins(&self.pin_dir) {
             first_err.get_or_insert(e);
         }
@@ -508,11 +538,7 @@ impl Drop for Datapath {
         if self.shut_down || self.persistent {
             return;
         }
-        for (_, name, id) in std::mem::take(&mut self.attached) {
-            if let Ok(prog) = program(&mut self.ebpf, name) {
-                let _ = prog.detach(id);
-            }
-        }
+        let _ = self.detach_all();
         let _ = remove_pins(&self.pin_dir);
     }
 }
