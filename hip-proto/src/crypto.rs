@@ -438,7 +438,7 @@ impl HipCipher {
         if self == HipCipher::Null {
             return Ok(data.to_vec());
         }
-        if data.len() < 32 || data.len() % 16 != 0 {
+        if data.len() < 32 || !data.len().is_multiple_of(16) {
             return Err(CryptoError::BadCiphertext(data.len()));
         }
         let (iv, ct) = data.split_at(16);

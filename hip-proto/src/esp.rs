@@ -102,7 +102,12 @@ pub struct EspKeys {
 
 impl std::fmt::Debug for EspKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EspKeys(enc {} octets, auth {} octets)", self.enc.len(), self.auth.len())
+        write!(
+            f,
+            "EspKeys(enc {} octets, auth {} octets)",
+            self.enc.len(),
+            self.auth.len()
+        )
     }
 }
 

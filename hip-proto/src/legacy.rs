@@ -66,7 +66,7 @@ impl LegacyKey {
 /// RFC 2536 §2: T (1 octet), Q (20), P, G, Y (64 + 8T octets each).
 fn dsa_rfc2536(p: &[u8], q: &[u8], g: &[u8], y: &[u8]) -> Option<Vec<u8>> {
     let len = p.len();
-    if !(64..=128).contains(&len) || (len - 64) % 8 != 0 || q.len() > 20 {
+    if !(64..=128).contains(&len) || !(len - 64).is_multiple_of(8) || q.len() > 20 {
         return None;
     }
     if g.len() > len || y.len() > len {
@@ -160,7 +160,7 @@ pub fn parse_host_identities(xml: &str) -> Result<Vec<XmlIdentity>, IdentityErro
 fn decode_dsa(fields: &[(&str, String)]) -> Result<LegacyKey, String> {
     let mut v = Vec::new();
     for (tag, text) in fields {
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(format!(
                 "field <{tag}>: odd number of hex digits ({})",
                 text.len()

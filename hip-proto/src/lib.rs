@@ -11,6 +11,7 @@
 //! [`keyfile`] are the one exception to "no I/O", and the protocol never calls it).
 
 pub mod crypto;
+pub mod endpoint;
 pub mod esp;
 pub mod hit;
 pub mod identity;

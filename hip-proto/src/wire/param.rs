@@ -269,7 +269,7 @@ fn exact(t: u16, c: &[u8], n: usize) -> Result<(), WireError> {
 }
 
 fn u16_list(t: u16, c: &[u8]) -> Result<Vec<u16>, WireError> {
-    if c.is_empty() || c.len() % 2 != 0 {
+    if c.is_empty() || !c.len().is_multiple_of(2) {
         return Err(bad(
             t,
             format!("length {} is not a non-zero multiple of 2", c.len()),
@@ -363,7 +363,7 @@ impl Param {
                 }
             }
             ty::SOLUTION => {
-                if c.len() < 6 || (c.len() - 4) % 2 != 0 || c.len() > 4 + 128 {
+                if c.len() < 6 || !(c.len() - 4).is_multiple_of(2) || c.len() > 4 + 128 {
                     return Err(bad(t, format!("length {} is not 4 + 2n", c.len())));
                 }
                 let n = (c.len() - 4) / 2;
@@ -379,7 +379,7 @@ impl Param {
                 Param::Seq(be32(c))
             }
             ty::ACK => {
-                if c.is_empty() || c.len() % 4 != 0 {
+                if c.is_empty() || !c.len().is_multiple_of(4) {
                     return Err(bad(t, format!("length {} is not a multiple of 4", c.len())));
                 }
                 Param::Ack(c.chunks_exact(4).map(be32).collect())
@@ -459,7 +459,7 @@ impl Param {
             ty::ECHO_RESPONSE_SIGNED => Param::EchoResponseSigned(c.to_vec()),
             ty::TRANSPORT_FORMAT_LIST => Param::TransportFormatList(u16_list(t, c)?),
             ty::ESP_TRANSFORM => {
-                if c.len() < 4 || c.len() % 2 != 0 {
+                if c.len() < 4 || !c.len().is_multiple_of(2) {
                     return Err(bad(t, format!("length {} is not 2 + 2n, n >= 1", c.len())));
                 }
                 Param::EspTransform(c[2..].chunks_exact(2).map(be16).collect())

@@ -1,0 +1,698 @@
+//! The HIP state machine (RFC 7401 §4.4) behind a sans-IO [`Endpoint`].
+//!
+//! # Call order
+//!
+//! The owner (a driver with sockets and a clock, or a test with simulated time) does:
+//!
+//! 1. [`Endpoint::new`] with the local identity, a [`Config`], an RNG and the current time;
+//!    this precomputes the R1 pool (one signed R1 per DH group and pool slot).
+//! 2. For each received HIP packet: [`Endpoint::handle_packet`]`(now, src, dst, bytes)`
+//!    with the IP source and destination (needed for the checksum). An `Err` means the
+//!    packet was dropped for that reason and changed nothing.
+//! 3. Commands at any time: [`Endpoint::initiate`], [`Endpoint::close`].
+//! 4. After every input or command, drain the outputs: [`Endpoint::poll_transmit`] until
+//!    `None` (send each datagram from `src` to `dst` as IP protocol 139),
+//!    [`Endpoint::poll_event`] until `None`, then read [`Endpoint::poll_timeout`] and arm a
+//!    timer for it.
+//! 5. When that timer fires: [`Endpoint::handle_timeout`]`(now)`, then drain again (4).
+//!
+//! Nothing inside reads a clock, opens a socket or draws randomness from anywhere but the
+//! RNG handed to [`Endpoint::new`]. The inbound ESP SPI comes from a [`SpiAllocator`]
+//! (the agent's allocates it in the kernel with `XFRM_MSG_ALLOCSPI`), and a
+//! [`PeerPolicy`] decides which initiators may associate.
+
+mod assoc;
+mod r1pool;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use rand_core::CryptoRng;
+use zeroize::Zeroizing;
+
+use crate::{
+    crypto::{CryptoError, DhGroup, HipCipher, Keymat},
+    esp::{EspKeys, EspSuite},
+    hit::{Hit, HitSuite},
+    identity::{HostId, HostIdentity, IdentityError},
+    wire::{self, Packet, PacketType, WireError},
+};
+
+use assoc::Assoc;
+pub use assoc::State;
+use r1pool::R1Pool;
+
+/// Protocol errors: why a packet was dropped or an exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The packet is malformed or its checksum is wrong.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A Host Identity problem (unsupported or malformed HI).
+    #[error("host identity: {0}")]
+    Identity(String),
+    /// A crypto-layer failure (bad DH value, unsupported group, bad ciphertext).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The receiver HIT is neither ours nor (for I1) the null HIT.
+    #[error("packet for HIT {0}, which is not ours")]
+    NotForUs(Hit),
+    /// A packet that the association's state does not accept.
+    #[error("{packet_type:?} not accepted in state {state:?}")]
+    Unexpected {
+        /// Packet type.
+        packet_type: PacketType,
+        /// Association state.
+        state: State,
+    },
+    /// A packet for an association that does not exist.
+    #[error("no association with {0}")]
+    NoAssociation(Hit),
+    /// The responder's HI does not hash to the HIT the initiation expected (the HIT
+    /// learned from SIP): the exchange is aborted.
+    #[error("peer HI hashes to {actual}, expected {expected}")]
+    HitMismatch {
+        /// The expected peer HIT.
+        expected: Hit,
+        /// The HIT of the HI the peer presented.
+        actual: Hit,
+    },
+    /// A HOST_ID that does not hash to the sender HIT of its packet.
+    #[error("HOST_ID hashes to {computed}, packet claims {claimed}")]
+    InvalidHit {
+        /// Sender HIT in the header.
+        claimed: Hit,
+        /// HIT of the HOST_ID.
+        computed: Hit,
+    },
+    /// A HIP_SIGNATURE or HIP_SIGNATURE_2 that does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// A HIP_MAC or HIP_MAC_2 that does not verify.
+    #[error("bad HMAC")]
+    BadHmac,
+    /// The puzzle's #I was not issued by this responder, or has expired.
+    #[error("puzzle not issued by us or expired")]
+    BadPuzzle,
+    /// The SOLUTION does not solve the puzzle.
+    #[error("wrong puzzle solution")]
+    BadSolution,
+    /// The responder asks for a puzzle harder than we accept.
+    #[error("puzzle difficulty {0} exceeds our maximum")]
+    PuzzleTooHard(u8),
+    /// The solver hit its bound without a solution.
+    #[error("puzzle not solved within the attempt bound")]
+    PuzzleUnsolved,
+    /// An I2 whose puzzle solution was already used.
+    #[error("replayed I2")]
+    ReplayedI2,
+    /// No DH group in common.
+    #[error("no DH group in common")]
+    NoCommonDhGroup,
+    /// The responder chose a DH group other than the one the lists dictate (an I1 whose
+    /// DH_GROUP_LIST was tampered with, RFC 7401 §4.1.3).
+    #[error("DH downgrade: responder chose group {chosen}, expected {expected}")]
+    DhDowngrade {
+        /// Group chosen in R1.
+        chosen: u8,
+        /// Group the lists dictate.
+        expected: u8,
+    },
+    /// No HIP_CIPHER in common.
+    #[error("no HIP cipher in common")]
+    NoCommonCipher,
+    /// The I2 chose a HIP_CIPHER the R1 did not offer.
+    #[error("HIP cipher {0} was not offered")]
+    InvalidCipherChosen(u16),
+    /// No ESP transform in common.
+    #[error("no ESP transform in common")]
+    NoCommonEspTransform,
+    /// The I2 chose an ESP transform the R1 did not offer.
+    #[error("ESP transform {0} was not offered")]
+    InvalidEspTransformChosen(u16),
+    /// The peer's HIT suite is not one we accept (or ours is not in the R1's list).
+    #[error("HIT suite {0} not accepted")]
+    UnsupportedHitSuite(u8),
+    /// Our policy refuses this initiator.
+    #[error("initiator {0} refused by policy")]
+    BlockedByPolicy(Hit),
+    /// The SPI allocator failed.
+    #[error("SPI allocation failed: {0}")]
+    SpiAllocation(String),
+    /// Retransmissions exhausted.
+    #[error("no answer to {0:?} after all retransmissions")]
+    Timeout(PacketType),
+    /// An I1 to the null HIT while opportunistic mode is off.
+    #[error("opportunistic mode is disabled")]
+    OpportunisticDisabled,
+    /// A command for a peer that already has an association in progress or established.
+    #[error("already associated with {0}")]
+    AlreadyAssociated(Hit),
+    /// The ENCRYPTED parameter does not hold a HOST_ID.
+    #[error("ENCRYPTED does not decrypt to a HOST_ID")]
+    BadEncrypted,
+    /// The peer closed while the exchange was in progress or refused it (a verified
+    /// NOTIFY).
+    #[error("peer reported {0}")]
+    PeerNotified(&'static str),
+    /// Configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl From<IdentityError> for ProtocolError {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::BadSignature => ProtocolError::BadSignature,
+            e => ProtocolError::Identity(e.to_string()),
+        }
+    }
+}
+
+/// Endpoint configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// DH groups, preferred first (sent in I1's and R1's DH_GROUP_LIST).
+    pub dh_groups: Vec<DhGroup>,
+    /// HIP ciphers, preferred first.
+    pub hip_ciphers: Vec<HipCipher>,
+    /// ESP transforms, preferred first.
+    pub esp_suites: Vec<EspSuite>,
+    /// HIT suites accepted from peers (R1's HIT_SUITE_LIST).
+    pub hit_suites: Vec<HitSuite>,
+    /// Puzzle difficulty K put in R1.
+    pub puzzle_difficulty: u8,
+    /// Puzzle lifetime exponent (2^(value-32) seconds, RFC 7401 §5.2.4).
+    pub puzzle_lifetime: u8,
+    /// The hardest puzzle this initiator attempts.
+    pub max_puzzle_difficulty: u8,
+    /// Bound on RHASH computations when solving one puzzle.
+    pub puzzle_max_attempts: u64,
+    /// Send the initiator's HOST_ID inside ENCRYPTED (RFC 7401 §5.3.3 allows either).
+    pub encrypt_host_id: bool,
+    /// Signed R1s kept per DH group.
+    pub r1_pool_size: usize,
+    /// Lifetime of an R1 generation (DH keys, puzzle secret); I2s answering the previous
+    /// generation are still accepted.
+    pub r1_generation_lifetime: Duration,
+    /// First retransmission timeout; doubled on every retransmission.
+    pub rto_initial: Duration,
+    /// Cap of the retransmission timeout.
+    pub rto_max: Duration,
+    /// Retransmissions of I1 before giving up.
+    pub i1_retries: u32,
+    /// Retransmissions of I2 before giving up.
+    pub i2_retries: u32,
+    /// Retransmissions of CLOSE before giving up.
+    pub close_retries: u32,
+    /// Time in R2-SENT before moving to ESTABLISHED without further packets.
+    pub r2_sent_timeout: Duration,
+    /// Time an association stays in CLOSED or E-FAILED before it is forgotten.
+    pub linger: Duration,
+    /// Answer I1s sent to the null HIT (opportunistic mode, RFC 7401 §4.1.8).
+    pub opportunistic: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            dh_groups: DhGroup::ALL.to_vec(),
+            hip_ciphers: HipCipher::ALL.to_vec(),
+            esp_suites: EspSuite::ALL.to_vec(),
+            hit_suites: vec![
+                HitSuite::EcdsaSha384,
+                HitSuite::RsaDsaSha256,
+                HitSuite::EddsaCshake128,
+            ],
+            puzzle_difficulty: 8,
+            puzzle_lifetime: 37,
+            max_puzzle_difficulty: 28,
+            puzzle_max_attempts: 1 << 26,
+            encrypt_host_id: true,
+            r1_pool_size: 1,
+            r1_generation_lifetime: Duration::from_secs(600),
+            rto_initial: Duration::from_secs(1),
+            rto_max: Duration::from_secs(16),
+            i1_retries: 5,
+            i2_retries: 5,
+            close_retries: 5,
+            r2_sent_timeout: Duration::from_secs(10),
+            linger: Duration::from_secs(30),
+            opportunistic: true,
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |s: &str| Err(ProtocolError::Config(s.to_owned()));
+        if self.dh_groups.is_empty() {
+            return bad("no DH group");
+        }
+        if self.hip_ciphers.is_empty() {
+            return bad("no HIP cipher");
+        }
+        if self.esp_suites.is_empty() {
+            return bad("no ESP transform");
+        }
+        if self.hit_suites.is_empty() {
+            return bad("no HIT suite");
+        }
+        if self.r1_pool_size == 0 || self.r1_pool_size > 256 {
+            return bad("r1_pool_size must be 1..=256");
+        }
+        Ok(())
+    }
+}
+
+/// A datagram to send: the HIP packet (checksum filled in) and its IP addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Source locator (ours).
+    pub src: IpAddr,
+    /// Destination locator.
+    pub dst: IpAddr,
+    /// The HIP packet.
+    pub payload: Vec<u8>,
+}
+
+impl Transmit {
+    /// The packet type (from the payload).
+    pub fn packet_type(&self) -> Option<PacketType> {
+        self.payload.get(2).and_then(|t| PacketType::from_u8(*t))
+    }
+}
+
+/// Everything the kernel layer needs once a base exchange has completed.
+#[derive(Clone, Debug)]
+pub struct Established {
+    /// Our HIT.
+    pub local_hit: Hit,
+    /// The peer's HIT (verified: its HI hashes to it and it signed the exchange).
+    pub peer_hit: Hit,
+    /// The peer's Host Identity.
+    pub peer_hi: HostId,
+    /// Our locator.
+    pub local_locator: IpAddr,
+    /// The peer's locator.
+    pub peer_locator: IpAddr,
+    /// Whether we initiated.
+    pub initiator: bool,
+    /// The negotiated ESP transform (RFC 7402 suite ID via [`EspSuite::id`]).
+    pub esp_suite: EspSuite,
+    /// SPI of the inbound SA (ours, allocated by the [`SpiAllocator`]).
+    pub spi_inbound: u32,
+    /// SPI of the outbound SA (the peer's).
+    pub spi_outbound: u32,
+    /// Keys of the inbound SA (peer → us).
+    pub keys_inbound: EspKeys,
+    /// Keys of the outbound SA (us → peer).
+    pub keys_outbound: EspKeys,
+    /// KEYMAT, for drawing further keys on rekeying.
+    pub keymat: Keymat,
+    /// KEYMAT index after the ESP keys drawn here.
+    pub keymat_index: usize,
+    /// The negotiated DH group.
+    pub dh_group: DhGroup,
+    /// The negotiated HIP cipher.
+    pub hip_cipher: HipCipher,
+}
+
+/// Outputs other than datagrams.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A base exchange completed (for a responder: when R2 is sent).
+    Established(Box<Established>),
+    /// An exchange failed (E-FAILED). For an expected-HIT mismatch, `error` is
+    /// [`ProtocolError::HitMismatch`].
+    Failed {
+        /// The peer HIT, when known.
+        peer_hit: Option<Hit>,
+        /// The peer locator.
+        peer_locator: IpAddr,
+        /// Why.
+        error: ProtocolError,
+    },
+    /// An association was closed (CLOSE/CLOSE_ACK, or the CLOSE retransmissions ran out).
+    Closed {
+        /// The peer.
+        peer_hit: Hit,
+        /// Whether the peer sent the CLOSE.
+        by_peer: bool,
+    },
+    /// A NOTIFY arrived.
+    Notified {
+        /// Sender HIT.
+        peer_hit: Hit,
+        /// Notify Message Type.
+        msg_type: u16,
+        /// Notification Data.
+        data: Vec<u8>,
+        /// Whether its signature was verified with a known HI of the sender.
+        verified: bool,
+    },
+}
+
+/// Supplies the SPI of each new inbound ESP SA.
+pub trait SpiAllocator: Send {
+    /// Allocates an SPI for an inbound SA from `peer_hit` (the agent calls the kernel's
+    /// `XFRM_MSG_ALLOCSPI`).
+    fn allocate(
+        &mut self,
+        local_hit: Hit,
+        peer_hit: Hit,
+        peer_locator: IpAddr,
+    ) -> Result<u32, String>;
+    /// Returns an SPI that will not be used (the exchange failed).
+    fn release(&mut self, _spi: u32) {}
+}
+
+/// A deterministic allocator for tests and in-process use: 0x1000_0000, 0x1000_0001, …
+#[derive(Debug, Clone)]
+pub struct SequentialSpis(pub u32);
+
+impl Default for SequentialSpis {
+    fn default() -> Self {
+        SequentialSpis(0x1000_0000)
+    }
+}
+
+impl SpiAllocator for SequentialSpis {
+    fn allocate(&mut self, _: Hit, _: Hit, _: IpAddr) -> Result<u32, String> {
+        let s = self.0;
+        self.0 = self.0.wrapping_add(1).max(256);
+        Ok(s)
+    }
+}
+
+/// Decides whether an initiator (its verified HIT and HI) may associate with us.
+pub trait PeerPolicy: Send {
+    /// `true` to accept.
+    fn accept(&self, peer_hit: &Hit, peer_hi: &HostId) -> bool;
+}
+
+/// Accepts every initiator (opportunistic).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AcceptAll;
+
+impl PeerPolicy for AcceptAll {
+    fn accept(&self, _: &Hit, _: &HostId) -> bool {
+        true
+    }
+}
+
+impl<F: Fn(&Hit, &HostId) -> bool + Send> PeerPolicy for F {
+    fn accept(&self, h: &Hit, hi: &HostId) -> bool {
+        self(h, hi)
+    }
+}
+
+/// A boxed RNG.
+pub type BoxRng = Box<dyn CryptoRng + Send>;
+
+/// The HIP endpoint: our identity, the associations keyed by peer HIT, the R1 pool.
+pub struct Endpoint {
+    config: Config,
+    identity: HostIdentity,
+    hi_param: wire::Param,
+    rng: BoxRng,
+    spis: Box<dyn SpiAllocator>,
+    policy: Box<dyn PeerPolicy>,
+    assocs: HashMap<Hit, Assoc>,
+    /// Opportunistic initiations (peer HIT unknown until R1), keyed by peer locator.
+    opportunistic: HashMap<IpAddr, Assoc>,
+    pool: R1Pool,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("hit", &self.identity.hit())
+            .field("associations", &self.assocs.len())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Creates an endpoint and precomputes its R1 pool.
+    pub fn new(
+        config: Config,
+        identity: HostIdentity,
+        mut rng: BoxRng,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        let suite = identity.host_id().hit_suite();
+        crate::crypto::Rhash::for_suite(suite)?;
+        let hid = identity.host_id();
+        let hi_param = wire::Param::HostId {
+            algorithm: hid.algorithm() as u16,
+            hi: hid.to_hi_bytes(),
+            di_type: 0,
+            di: Vec::new(),
+        };
+        let pool = R1Pool::new(&config, &identity, &hi_param, &mut *rng, now)?;
+        Ok(Self {
+            config,
+            identity,
+            hi_param,
+            rng,
+            spis: Box::new(SequentialSpis::default()),
+            policy: Box::new(AcceptAll),
+            assocs: HashMap::new(),
+            opportunistic: HashMap::new(),
+            pool,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// Replaces the SPI allocator.
+    pub fn set_spi_allocator(&mut self, a: Box<dyn SpiAllocator>) {
+        self.spis = a;
+    }
+
+    /// Replaces the policy deciding which initiators may associate.
+    pub fn set_policy(&mut self, p: Box<dyn PeerPolicy>) {
+        self.policy = p;
+    }
+
+    /// Our HIT.
+    pub fn hit(&self) -> Hit {
+        self.identity.hit()
+    }
+
+    /// Our identity.
+    pub fn identity(&self) -> &HostIdentity {
+        &self.identity
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The state of the association with `peer`, if any.
+    pub fn state(&self, peer: &Hit) -> Option<State> {
+        self.assocs.get(peer).map(|a| a.state)
+    }
+
+    /// Whether we initiated the association with `peer`.
+    pub fn is_initiator(&self, peer: &Hit) -> Option<bool> {
+        self.assocs.get(peer).map(|a| a.initiator)
+    }
+
+    /// The current R1 generation counter (sent in R1_COUNTER).
+    pub fn r1_generation(&self) -> u64 {
+        self.pool.counter()
+    }
+
+    /// Number of associations (all states, opportunistic ones included).
+    pub fn association_count(&self) -> usize {
+        self.assocs.len() + self.opportunistic.len()
+    }
+
+    /// Starts a base exchange with the host at `peer_locator`, sending I1 from
+    /// `local_locator`. With `expected_peer_hit`, the I1 is addressed to that HIT and the
+    /// exchange aborts with [`ProtocolError::HitMismatch`] unless the responder's HI
+    /// hashes to it; without, the I1 goes to the null HIT (opportunistic mode).
+    pub fn initiate(
+        &mut self,
+        now: Instant,
+        local_locator: IpAddr,
+        peer_locator: IpAddr,
+        expected_peer_hit: Option<Hit>,
+    ) -> Result<(), ProtocolError> {
+        if let Some(h) = expected_peer_hit {
+            if let Some(a) = self.assocs.get(&h)
+                && !matches!(a.state, State::Closed | State::EFailed)
+            {
+                return Err(ProtocolError::AlreadyAssociated(h));
+            }
+        } else if self.opportunistic.contains_key(&peer_locator) {
+            return Err(ProtocolError::AlreadyAssociated(Hit::ZERO));
+        }
+        let mut a = Assoc::new_initiator(
+            &self.config,
+            self.hit(),
+            expected_peer_hit,
+            local_locator,
+            peer_locator,
+        );
+        let i1 = a.build_i1(&self.config);
+        a.send_reliably(now, &self.config, i1, &mut self.transmits);
+        match expected_peer_hit {
+            Some(h) => {
+                self.assocs.insert(h, a);
+            }
+            None => {
+                self.opportunistic.insert(peer_locator, a);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the association with `peer` (CLOSE, RFC 7401 §5.3.7).
+    pub fn close(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
+        let Some(a) = self.assocs.get_mut(&peer) else {
+            return Err(ProtocolError::NoAssociation(peer));
+        };
+        match a.state {
+            State::Established | State::R2Sent => {
+                let pkt = a.build_close(&self.identity, &mut *self.rng)?;
+                a.state = State::Closing;
+                a.retries = 0;
+                a.rto = self.config.rto_initial;
+                a.send_reliably(now, &self.config, pkt, &mut self.transmits);
+                Ok(())
+            }
+            State::I1Sent | State::I2Sent => {
+                // Nothing to tell the peer yet: abandon the exchange.
+                if let Some(spi) = a.spi_in.take() {
+                    self.spis.release(spi);
+                }
+                self.assocs.remove(&peer);
+                Ok(())
+            }
+            s => Err(ProtocolError::Unexpected {
+                packet_type: PacketType::Close,
+                state: s,
+            }),
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Endpoint::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.assocs
+            .values()
+            .chain(self.opportunistic.values())
+            .filter_map(|a| a.timer)
+            .chain(std::iter::once(self.pool.next_rotation(&self.config)))
+            .min()
+    }
+
+    /// Advances timers: retransmissions, R2-SENT → ESTABLISHED, forgetting closed and
+    /// failed associations, R1 pool rotation.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.pool.next_rotation(&self.config)
+            && let Err(e) = self.pool.rotate(
+                &self.config,
+                &self.identity,
+                &self.hi_param,
+                &mut *self.rng,
+                now,
+            )
+        {
+            // Signing failed inside the crypto library: keep the current generation
+            // rather than answer with nothing.
+            debug_assert!(false, "R1 pool rotation failed: {e}");
+        }
+        let mut gone = Vec::new();
+        for (k, a) in self.assocs.iter_mut() {
+            if a.timer.is_some_and(|t| t <= now)
+                && a.on_timer(now, &self.config, &mut self.transmits, &mut self.events)
+            {
+                gone.push(*k);
+            }
+        }
+        for k in gone {
+            if let Some(mut a) = self.assocs.remove(&k)
+                && let Some(spi) = a.spi_in.take()
+                && a.state != State::Closed
+            {
+                self.spis.release(spi);
+            }
+        }
+        let mut gone = Vec::new();
+        for (k, a) in self.opportunistic.iter_mut() {
+            if a.timer.is_some_and(|t| t <= now)
+                && a.on_timer(now, &self.config, &mut self.transmits, &mut self.events)
+            {
+                gone.push(*k);
+            }
+        }
+        for k in gone {
+            self.opportunistic.remove(&k);
+        }
+    }
+
+    /// Processes one received HIP packet from `src` to `dst`. `Err` tells why it was
+    /// dropped; a dropped packet changes no state.
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        dst: IpAddr,
+        bytes: &[u8],
+    ) -> Result<(), ProtocolError> {
+        if !wire::verify_checksum(bytes, src, dst) {
+            // A structurally broken packet reports its structural error first.
+            Packet::parse(bytes)?;
+            return Err(WireError::BadChecksum.into());
+        }
+        let pkt = Packet::parse(bytes)?;
+        pkt.check_critical(assoc::KNOWN_PARAMS)?;
+        match pkt.header.packet_type {
+            PacketType::I1 => self.on_i1(now, src, dst, &pkt),
+            PacketType::R1 => self.on_r1(now, src, dst, &pkt),
+            PacketType::I2 => self.on_i2(now, src, dst, &pkt),
+            PacketType::R2 => self.on_r2(now, &pkt),
+            PacketType::Notify => self.on_notify(now, src, &pkt),
+            PacketType::Close => self.on_close(now, src, dst, &pkt),
+            PacketType::CloseAck => self.on_close_ack(now, &pkt),
+            PacketType::Update => {
+                let peer = pkt.header.sender;
+                let st = self
+                    .assocs
+                    .get(&peer)
+                    .map(|a| a.state)
+                    .ok_or(ProtocolError::NoAssociation(peer))?;
+                Err(ProtocolError::Unexpected {
+                    packet_type: PacketType::Update,
+                    state: st,
+                })
+            }
+        }
+    }
+}
+
+/// Zeroizing byte vector alias.
+pub(crate) type Secret = Zeroizing<Vec<u8>>;
+
+#[cfg(test)]
+mod tests;
