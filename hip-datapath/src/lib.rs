@@ -23,6 +23,7 @@ use aya::{
 pub use hip_common::{AssocState, Counters, Direction, LocatorState, PIN_DIR};
 use hip_common::{PROG_TC_EGRESS, PROG_TC_INGRESS};
 
+pub mod bench;
 pub mod events;
 pub mod maps;
 
