@@ -2,3 +2,8 @@
 //! by the privileged integration tests.
 
 pub mod netns;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod pool;
+pub mod sip_service;

@@ -1,6 +1,7 @@
 //! `hip-agent`: the root agent and its operator CLI.
 
 mod cmd_flows;
+mod cmd_sip;
 mod cmd_xfrm;
 
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Sip(cmd_sip::SipCmd),
 }
 
 #[derive(Subcommand)]
@@ -118,6 +121,7 @@ fn main() -> Result<()> {
             std::mem::forget(dp);
         }
         Cmd::Flows { pin_dir, json } => cmd_flows::flows(&pin_dir, json)?,
+        Cmd::Sip(c) => cmd_sip::run(c)?,
         Cmd::Datapath(DatapathCmd::Run {
             iface,
             pin_dir,

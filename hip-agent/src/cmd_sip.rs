@@ -1,0 +1,220 @@
+//! CLI for the SIP side: `run` (the daemon), `call`, `hangup`, `answer`, `status`, `hits`
+//! (clients of the control socket) and the offline `sdp inspect`.
+
+use std::{io::Read as _, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Subcommand;
+use hip_agent::{
+    config::Config,
+    control::{self, Request},
+    daemon::{self, Daemon},
+};
+use serde_json::Value;
+
+/// Default control socket, overridable by `--socket` or `HIP_CONTROL_SOCKET`.
+const SOCKET: &str = "/run/hip/agent.sock";
+
+#[derive(Subcommand)]
+pub enum SipCmd {
+    /// Run the agent daemon (SIP user agent, known-HITs pool, control socket).
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short, env = "HIP_CONFIG")]
+        config: PathBuf,
+    },
+    /// Place a call to a SIP URI; prints the call handle.
+    Call {
+        /// `sip:user@host` or `sips:…`.
+        uri: String,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
+    /// Hang up a call (CANCEL, BYE or decline, whichever fits).
+    Hangup {
+        /// Call handle (from `call` or `status`).
+        call: u64,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
+    /// Answer a ringing incoming call (answer mode `manual`).
+    Answer {
+        /// Call handle.
+        call: u64,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
+    /// Agent status: identity, registration, calls, counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
+    /// The known-HITs pool: peer URI ↔ HIT(s).
+    Hits {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
+    /// Offline SDP tools.
+    #[command(subcommand)]
+    Sdp(SdpCmd),
+}
+
+#[derive(Subcommand)]
+pub enum SdpCmd {
+    /// List the Host Identities in an SDP body (stdin, or FILE): where and in which form.
+    Inspect {
+        #[arg(long)]
+        json: bool,
+        /// Read this file instead of stdin.
+        file: Option<PathBuf>,
+    },
+}
+
+fn ask(socket: &std::path::Path, req: Request) -> Result<Value> {
+    let v = control::request(socket, &req)?;
+    if v.get("ok") != Some(&Value::Bool(true)) {
+        bail!(
+            "{}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed")
+        );
+    }
+    Ok(v)
+}
+
+pub fn run(cmd: SipCmd) -> Result<()> {
+    match cmd {
+        SipCmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let d = Daemon::new(cfg).await?;
+                let shutdown = async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("SIGTERM handler");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                };
+                d.run(shutdown).await?;
+                anyhow::Ok(())
+            })?;
+        }
+        SipCmd::Call { uri, socket } => {
+            let v = ask(&socket, Request::Call { uri })?;
+            println!("{}", v["call"]);
+        }
+        SipCmd::Hangup { call, socket } => {
+            ask(&socket, Request::Hangup { call })?;
+        }
+        SipCmd::Answer { call, socket } => {
+            ask(&socket, Request::Answer { call })?;
+        }
+        SipCmd::Status { json, socket } => {
+            let v = ask(&socket, Request::Status)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{}  HIT {}",
+                    v["aor"].as_str().unwrap_or(""),
+                    v["hit"].as_str().unwrap_or("")
+                );
+                println!("listen: {}", v["listen"]);
+                let r = &v["registration"];
+                println!(
+                    "registration: {}",
+                    if r["registered"] == Value::Bool(true) {
+                        format!("registered (expires {})", r["expires"])
+                    } else {
+                        format!("not registered {}", r["error"].as_str().unwrap_or(""))
+                    }
+                );
+                for c in v["calls"].as_array().into_iter().flatten() {
+                    println!(
+                        "call {} {} {} {} ({})",
+                        c["handle"],
+                        c["direction"].as_str().unwrap_or(""),
+                        c["state"].as_str().unwrap_or(""),
+                        c["remote_uri"].as_str().unwrap_or(""),
+                        c["call_id"].as_str().unwrap_or("")
+                    );
+                }
+                println!("stats: {}", v["stats"]);
+            }
+        }
+        SipCmd::Hits { json, socket } => {
+            let v = ask(&socket, Request::Hits)?;
+            if json {
+                println!("{}", v["hits"]);
+            } else {
+                for e in v["hits"].as_array().into_iter().flatten() {
+                    let hits: Vec<&str> = e["identities"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| i["hit"].as_str())
+                        .collect();
+                    println!(
+                        "{}  {}  (call {})",
+                        e["peer_uri"].as_str().unwrap_or(""),
+                        hits.join(", "),
+                        e["call_id"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        SipCmd::Sdp(SdpCmd::Inspect { json, file }) => {
+            let body = match file {
+                Some(f) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                None => {
+                    let mut b = Vec::new();
+                    std::io::stdin().read_to_end(&mut b)?;
+                    b
+                }
+            };
+            let (sdp, ids) = daemon::identities_in(&body).context("SDP rejected")?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"media": sdp.media_count(), "identities": ids})
+                );
+            } else if ids.is_empty() {
+                println!(
+                    "no Host Identity in {} media description(s)",
+                    sdp.media_count()
+                );
+            } else {
+                for i in ids {
+                    let scope = match i.scope {
+                        hip_sip::sdp::Scope::Session => "session".to_owned(),
+                        hip_sip::sdp::Scope::Media(m) => {
+                            format!("media {m} ({})", sdp.media_line(m).unwrap_or(""))
+                        }
+                    };
+                    let form = match i.form {
+                        hip_sip::sdp::Form::K => "k=",
+                        hip_sip::sdp::Form::KeyMgmt => "a=key-mgmt:",
+                    };
+                    let kind = if i.hi.is_some() { "HI" } else { "HIT" };
+                    println!(
+                        "line {}: {kind} {} ({}) in {scope}, form {form}",
+                        i.line,
+                        i.hit,
+                        i.hit.to_hex()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! The daemon's TOML configuration (`hip-agent run --config FILE`).
+//!
+//! Every table is `deny_unknown_fields`: a misspelt key is an error naming the key and its
+//! line, never a silently ignored setting. The `[hip]`, `[kernel]` and `[datapath]` tables
+//! exist (empty) so that they are accepted now; their fields are added by the subsystems
+//! that own them.
+//!
+//! ```toml
+//! identity = "/etc/hip/identity.pem"   # or: hit = "2001:20::1" (no HI sent then)
+//! pool = "/var/lib/hip/pool.json"
+//! control_socket = "/run/hip/agent.sock"
+//!
+//! [sip]
+//! user = "alice"
+//! domain = "atlanta.com"
+//! password = "secret"
+//! outbound_proxy = "udp:192.0.2.2:5060"
+//! contact_host = "192.0.2.1"
+//! listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]
+//!
+//! [sip.answer]
+//! mode = "auto"        # auto | reject | manual
+//!
+//! [sip.sdp]
+//! form = "key-mgmt"    # key-mgmt | k
+//! ```
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use hip_sip::{
+    sdp::{Form, Hit, HitFormat, IdentityPolicy},
+    sip::{TimerConfig, Transport},
+};
+use serde::{Deserialize, Deserializer};
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type (the message names the key
+    /// and the line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// Values that parse but do not fit together.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `transport:address:port`, e.g. `udp:192.0.2.2:5060` or `tls:[2001:db8::1]:5061`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportAddr {
+    /// The transport.
+    pub transport: Transport,
+    /// The socket address.
+    pub addr: SocketAddr,
+}
+
+impl FromStr for TransportAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (t, a) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected transport:address:port"))?;
+        let transport = match t.to_ascii_lowercase().as_str() {
+            "udp" => Transport::Udp,
+            "tcp" => Transport::Tcp,
+            "tls" => Transport::Tls,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown transport {other:?} (udp, tcp, tls)"
+                ));
+            }
+        };
+        let addr = a
+            .parse()
+            .map_err(|_| format!("{s:?}: {a:?} is not an IP address with a port"))?;
+        Ok(Self { transport, addr })
+    }
+}
+
+impl fmt::Display for TransportAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}",
+            self.transport.via_token().to_ascii_lowercase(),
+            self.addr
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for TransportAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn de_hit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Hit>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| {
+        s.parse::<Hit>()
+            .map_err(|e| serde::de::Error::custom(format!("hit {s:?}: {e}")))
+    })
+    .transpose()
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our Host Identity key file (PKCS#8 PEM, `hip_proto::keyfile`). Its HIT and HI are
+    /// what we put in SDP.
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    /// Our HIT when no identity file is given (only the HIT is sent then).
+    #[serde(default, deserialize_with = "de_hit")]
+    pub hit: Option<Hit>,
+    /// The known-HITs pool file (JSON, written atomically).
+    #[serde(default = "default_pool")]
+    pub pool: PathBuf,
+    /// The control socket (root-only, mode 0600).
+    #[serde(default = "default_socket")]
+    pub control_socket: PathBuf,
+    /// SIP account, transports and call policy.
+    pub sip: SipSection,
+    /// HIP settings (filled in by the HIP integration).
+    #[serde(default)]
+    pub hip: HipSection,
+    /// Kernel IPsec settings (filled in by the kernel integration).
+    #[serde(default)]
+    pub kernel: KernelSection,
+    /// eBPF datapath settings (filled in by the datapath integration).
+    #[serde(default)]
+    pub datapath: DatapathSection,
+}
+
+/// Default pool file.
+pub fn default_pool() -> PathBuf {
+    PathBuf::from("/var/lib/hip/pool.json")
+}
+
+/// Default control socket.
+pub fn default_socket() -> PathBuf {
+    PathBuf::from("/run/hip/agent.sock")
+}
+
+/// `[hip]`: reserved for the HIP base exchange settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HipSection {}
+
+/// `[kernel]`: reserved for the kernel IPsec settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSection {}
+
+/// `[datapath]`: reserved for the eBPF datapath settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathSection {}
+
+/// `[sip]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipSection {
+    /// User part of our address of record.
+    pub user: String,
+    /// Domain of our address of record.
+    pub domain: String,
+    /// Display name in From.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Digest username (default: `user`).
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// Digest password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Outbound proxy for calls and OPTIONS.
+    #[serde(default)]
+    pub outbound_proxy: Option<TransportAddr>,
+    /// Registrar (default: the outbound proxy).
+    #[serde(default)]
+    pub registrar: Option<TransportAddr>,
+    /// Register at start-up (needs a registrar or outbound proxy).
+    #[serde(default)]
+    pub register: bool,
+    /// Requested registration lifetime, seconds.
+    #[serde(default = "default_expires")]
+    pub register_expires: u32,
+    /// The address peers reach us at (Via, Contact, SDP `c=`). Default: the first listen
+    /// address if it is not a wildcard.
+    #[serde(default)]
+    pub contact_host: Option<IpAddr>,
+    /// Where to listen.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<TransportAddr>,
+    /// TLS certificate and key for `tls:` listeners, and CA for verifying TLS peers.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    /// RFC 3261 timers T1/T2/T4 in milliseconds.
+    #[serde(default)]
+    pub timers: TimerConfig,
+    /// What to do with incoming calls.
+    #[serde(default)]
+    pub answer: AnswerSection,
+    /// What to put in SDP.
+    #[serde(default)]
+    pub sdp: SdpSection,
+}
+
+fn default_expires() -> u32 {
+    3600
+}
+
+fn default_listen() -> Vec<TransportAddr> {
+    vec![TransportAddr {
+        transport: Transport::Udp,
+        addr: SocketAddr::from(([0, 0, 0, 0], 5060)),
+    }]
+}
+
+/// `[sip.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain for our TLS listener.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for our TLS listener.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates trusted for TLS connections we open.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Server name to verify when connecting (default: the peer's IP address).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// Incoming-call policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerMode {
+    /// 180 Ringing, then 200 OK after `ring_ms`.
+    #[default]
+    Auto,
+    /// Reject with `reject_status`.
+    Reject,
+    /// 180 Ringing; the operator answers (`hip-agent answer`) or hangs up.
+    Manual,
+}
+
+/// `[sip.answer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerSection {
+    /// The policy.
+    #[serde(default)]
+    pub mode: AnswerMode,
+    /// Delay between 180 and 200 in `auto` mode, milliseconds.
+    #[serde(default)]
+    pub ring_ms: u64,
+    /// Status for `reject` mode.
+    #[serde(default = "default_reject")]
+    pub reject_status: u16,
+}
+
+fn default_reject() -> u16 {
+    486
+}
+
+impl Default for AnswerSection {
+    fn default() -> Self {
+        Self {
+            mode: AnswerMode::Auto,
+            ring_ms: 0,
+            reject_status: default_reject(),
+        }
+    }
+}
+
+/// `[sip.sdp]`: the Host Identity policy plus our media description.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdpSection {
+    /// Line form in offers: `key-mgmt` (default) or `k`.
+    #[serde(default)]
+    pub form: Form,
+    /// Answer in the form the offer used (default true).
+    #[serde(default = "yes")]
+    pub mirror_offer_form: bool,
+    /// `hex` (32 digits, default) or `ipv6`.
+    #[serde(default)]
+    pub hit_format: HitFormat,
+    /// One line per media description (default, as in the draft) or one at session level.
+    #[serde(default = "yes")]
+    pub per_media: bool,
+    /// Also send our HI (needs an identity file).
+    #[serde(default)]
+    pub send_hi: bool,
+    /// RTP port we advertise.
+    #[serde(default = "default_rtp")]
+    pub rtp_port: u16,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_rtp() -> u16 {
+    16384
+}
+
+impl SdpSection {
+    /// The policy for `hip_sip::sdp`.
+    pub fn identity(&self) -> IdentityPolicy {
+        IdentityPolicy {
+            form: self.form,
+            mirror_offer_form: self.mirror_offer_form,
+            hit_format: self.hit_format,
+            per_media: self.per_media,
+            send_hi: self.send_hi,
+        }
+    }
+}
+
+impl Default for SdpSection {
+    fn default() -> Self {
+        let p = IdentityPolicy::default();
+        Self {
+            form: p.form,
+            mirror_offer_form: p.mirror_offer_form,
+            hit_format: p.hit_format,
+            per_media: p.per_media,
+            send_hi: p.send_hi,
+            rtp_port: default_rtp(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text (`path` only labels errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |m: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: m,
+            })
+        };
+        if self.identity.is_none() && self.hit.is_none() {
+            return invalid(
+                "set `identity` (key file) or `hit`: the agent needs its own HIT".into(),
+            );
+        }
+        if self.sip.listen.is_empty() {
+            return invalid("[sip] listen is empty".into());
+        }
+        let mut seen = Vec::new();
+        for l in &self.sip.listen {
+            if seen.contains(&l.transport) {
+                return invalid(format!(
+                    "[sip] listen: more than one {} listener",
+                    l.transport
+                ));
+            }
+            seen.push(l.transport);
+        }
+        if self
+            .sip
+            .listen
+            .iter()
+            .any(|l| l.transport == Transport::Tls)
+            && self
+                .sip
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.cert.is_none() || t.key.is_none())
+        {
+            return invalid("a tls: listener needs [sip.tls] cert and key".into());
+        }
+        if self.contact_host().is_none() {
+            return invalid(
+                "[sip] contact_host is needed when listening on a wildcard address".into(),
+            );
+        }
+        if self.sip.register && self.sip.registrar.or(self.sip.outbound_proxy).is_none() {
+            return invalid("[sip] register = true needs a registrar or outbound_proxy".into());
+        }
+        for (name, t) in [
+            ("outbound_proxy", self.sip.outbound_proxy),
+            ("registrar", self.sip.registrar),
+        ] {
+            if let Some(t) = t
+                && !seen.contains(&t.transport)
+            {
+                return invalid(format!(
+                    "[sip] {name} uses {} but there is no {} listener",
+                    t.transport, t.transport
+                ));
+            }
+        }
+        if !(300..700).contains(&self.sip.answer.reject_status) {
+            return invalid(format!(
+                "[sip.answer] reject_status {} is not 300-699",
+                self.sip.answer.reject_status
+            ));
+        }
+        if self.sip.timers.t1.is_zero() || self.sip.timers.t2 < self.sip.timers.t1 {
+            return invalid("[sip.timers] need t1 > 0 and t2 >= t1".into());
+        }
+        Ok(())
+    }
+
+    /// The address we advertise.
+    pub fn contact_host(&self) -> Option<IpAddr> {
+        self.sip.contact_host.or_else(|| {
+            self.sip
+                .listen
+                .first()
+                .map(|l| l.addr.ip())
+                .filter(|ip| !ip.is_unspecified())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("test.toml"))
+    }
+
+    const MIN: &str = "hit = \"2001:20::1\"\n[sip]\nuser = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:192.0.2.1:5060\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.hit, Some("2001:20::1".parse().unwrap()));
+        assert_eq!(c.control_socket, PathBuf::from("/run/hip/agent.sock"));
+        assert_eq!(c.sip.answer.mode, AnswerMode::Auto);
+        assert_eq!(c.sip.sdp.identity(), IdentityPolicy::default());
+        assert_eq!(c.contact_host(), Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.sip.timers, TimerConfig::default());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            "identity = \"/etc/hip/id.pem\"\npool = \"/tmp/p.json\"\ncontrol_socket = \"/tmp/s\"\n\
+             [sip]\nuser = \"bob\"\ndomain = \"biloxi.com\"\npassword = \"pw\"\n\
+             outbound_proxy = \"udp:192.0.2.3:5060\"\nregister = true\nregister_expires = 60\n\
+             contact_host = \"192.0.2.4\"\nlisten = [\"udp:0.0.0.0:5060\", \"tcp:0.0.0.0:5060\"]\n\
+             timers = { t1 = 100, t2 = 1000, t4 = 2000 }\n\
+             [sip.answer]\nmode = \"manual\"\nring_ms = 200\n\
+             [sip.sdp]\nform = \"k\"\nhit_format = \"ipv6\"\nsend_hi = true\nper_media = false\nrtp_port = 4000\n\
+             [hip]\n[kernel]\n[datapath]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sip.outbound_proxy.unwrap().to_string(),
+            "udp:192.0.2.3:5060"
+        );
+        assert_eq!(c.sip.answer.mode, AnswerMode::Manual);
+        assert_eq!(c.sip.sdp.form, Form::K);
+        assert!(c.sip.sdp.send_hi);
+        assert_eq!(c.sip.sdp.rtp_port, 4000);
+        assert_eq!(c.sip.timers.t1, std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_them() {
+        let e = parse(&format!("{MIN}usr = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("usr"), "{e}");
+        let e = parse(&MIN.replace("[sip]", "bogus = 1\n[sip]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse(&format!("{MIN}[hip]\nfoo = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("foo"), "{e}");
+        let e = parse(&format!("{MIN}[sip.sdp]\nform = \"z\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("z"), "{e}");
+        let e = parse(&MIN.replace("udp:192.0.2.1:5060", "sctp:192.0.2.1:5060"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sctp"), "{e}");
+        let e = parse(&MIN.replace("2001:20::1", "xyz"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xyz"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused() {
+        let e = parse(&MIN.replace("hit = \"2001:20::1\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("own HIT"), "{e}");
+        let e = parse(&MIN.replace("192.0.2.1:5060", "0.0.0.0:5060"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("contact_host"), "{e}");
+        let e = parse(&format!("{MIN}register = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registrar"), "{e}");
+        let e = parse(&format!("{MIN}outbound_proxy = \"tcp:192.0.2.2:5060\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no TCP listener"), "{e}");
+        let e = parse(&MIN.replace("[\"udp:192.0.2.1:5060\"]", "[\"tls:192.0.2.1:5061\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[sip.tls]"), "{e}");
+    }
+}
