@@ -1,0 +1,412 @@
+//! The agent's SIP side against real peers, each test in namespaces of its own:
+//! SIPp as caller and as callee (HITs cross in SDP and land in the known-HITs pool),
+//! malformed SIP at the listening socket, and the draft's trapezoid through two Kamailio
+//! proxies with digest-authenticated registration (F1–F12).
+
+use std::{
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
+use serde_json::Value;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hipt-sip-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sipp_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sipp")
+}
+
+/// A running `hip-agent run` inside a namespace; killed on drop.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in `ns` with `sip` as the `[sip]` table body (plus `extra` tables).
+    fn start(ns: &NetNs, hit: &str, sip: &str, extra: &str) -> Result<Self> {
+        let dir = scratch("agent");
+        let sock = dir.join("agent.sock");
+        let cfg = dir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "hit = \"{hit}\"\npool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
+                dir.join("pool.json").display(),
+                sock.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let child = Command::new(agent_bin())
+            .args(["--netns", ns.name(), "run", "--config"])
+            .arg(&cfg)
+            .env("HIP_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning hip-agent")?;
+        let mut a = Self { child, dir, sock };
+        wait_until(
+            Duration::from_secs(15),
+            "the agent's control socket",
+            || {
+                if let Ok(Some(st)) = a.child.try_wait() {
+                    panic!("agent exited early ({st}): {}", a.log());
+                }
+                a.ctl(&["status", "--json"]).ok()
+            },
+        )?;
+        Ok(a)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a CLI subcommand against this agent's socket.
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.sock)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hip-agent {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ctl(args).unwrap()).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.json(&["status", "--json"])
+    }
+
+    fn hits(&self) -> Value {
+        self.json(&["hits", "--json"])
+    }
+
+    /// The pool entry for `peer_uri`, once it is there.
+    fn wait_for_pool_entry(&self, peer_uri: &str) -> Value {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("pool entry for {peer_uri}"),
+            || {
+                self.hits()
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["peer_uri"] == peer_uri)
+                    .cloned()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs SIPp to completion inside namespace `ns`; returns its message log.
+fn sipp(ns: &str, dir: &Path, args: &[&str]) -> Result<String> {
+    let log = dir.join("sipp-messages.log");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sipp"])
+        .args(args)
+        .args(["-nostdin", "-trace_msg", "-message_file"])
+        .arg(&log)
+        .args(["-trace_err", "-error_file"])
+        .arg(dir.join("sipp-errors.log"))
+        // A global timeout that fails the run, so a stuck call cannot hang the test.
+        .args(["-timeout", "30", "-timeout_error"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running sipp")?;
+    let messages = std::fs::read_to_string(&log).unwrap_or_default();
+    if !out.status.success() {
+        bail!(
+            "sipp failed ({}):\n{}\nerrors:\n{}\nmessages:\n{messages}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(dir.join("sipp-errors.log")).unwrap_or_default()
+        );
+    }
+    Ok(messages)
+}
+
+const SIPP_HIT: &str = "7214148E0433AFE2FA2D48003D31172E"; // Alice's HIT in the draft
+const SIPP_UAS_HIT: &str = "44A5C522D7EDEDF962E55A0677DB1346"; // Bob's HIT in the draft
+
+fn hex_of(ipv6: &str) -> String {
+    let a: std::net::Ipv6Addr = ipv6.parse().unwrap();
+    a.octets().iter().map(|b| format!("{b:02X}")).collect()
+}
+
+fn entry_hits(e: &Value) -> Vec<String> {
+    e["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["hit"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ipv6_of_hex(h: &str) -> String {
+    let mut b = [0u8; 16];
+    for (i, o) in b.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
+    }
+    std::net::Ipv6Addr::from(b).to_string()
+}
+
+#[test]
+fn sipp_calls_the_agent_and_the_hits_cross() {
+    let p = VethPair::new("sipuac", &["10.61.0.1/24"], &["10.61.0.2/24"]).unwrap();
+    let agent_hit = "2001:20::b0b";
+    let agent = Agent::start(
+        &p.b,
+        agent_hit,
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.61.0.2:5060\"]",
+        "",
+    )
+    .unwrap();
+    let dir = scratch("sipp-uac");
+    let msgs = sipp(
+        p.a.name(),
+        &dir,
+        &[
+            "-sf",
+            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
+            "-key",
+            "hit",
+            SIPP_HIT,
+            "-s",
+            "bob",
+            "-i",
+            "10.61.0.1",
+            "-p",
+            "5070",
+            "10.61.0.2:5060",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    // INVITE / 100? / 180 / 200 / ACK / BYE / 200 completed (SIPp exited 0). The agent's
+    // answer carried its own HIT, in the form of SIPp's offer (k=, mirrored by default).
+    assert!(
+        msgs.contains(&format!("k=host-identity-tag:{}", hex_of(agent_hit))),
+        "agent HIT missing from its SDP:\n{msgs}"
+    );
+    assert!(msgs.contains("SIP/2.0 180 Ringing"));
+    // SIPp's HIT is in the pool, bound to SIPp's From URI, on media 0, in k= form.
+    let e = agent.wait_for_pool_entry("sip:sipp@10.61.0.1:5070");
+    assert_eq!(entry_hits(&e), vec![ipv6_of_hex(SIPP_HIT)]);
+    assert_eq!(e["identities"][0]["media"], 0);
+    assert_eq!(e["identities"][0]["form"], "k");
+    assert!(e["call_id"].as_str().unwrap().ends_with("@10.61.0.1"));
+    let st = agent.status();
+    assert_eq!(st["stats"]["calls_in"], 1);
+    assert_eq!(st["stats"]["confirmed"], 1);
+    wait_until(Duration::from_secs(5), "the call to end", || {
+        (agent.status()["stats"]["ended"] == 1).then_some(())
+    })
+    .unwrap();
+    assert_eq!(agent.status()["calls"].as_array().unwrap().len(), 0);
+    // The pool survives a restart of the agent (persisted, atomically written).
+    let pool = agent.dir.join("pool.json");
+    wait_until(Duration::from_secs(5), "the pool file", || {
+        std::fs::read_to_string(&pool)
+            .ok()
+            .filter(|s| s.contains(&ipv6_of_hex(SIPP_HIT)))
+    })
+    .unwrap();
+}
+
+#[test]
+fn the_agent_calls_sipp_and_the_hits_cross() {
+    let p = VethPair::new("sipuas", &["10.62.0.1/24"], &["10.62.0.2/24"]).unwrap();
+    let agent_hit = "2001:20::a11c";
+    let agent = Agent::start(
+        &p.a,
+        agent_hit,
+        "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.62.0.1:5060\"]",
+        "",
+    )
+    .unwrap();
+    let dir = scratch("sipp-uas");
+    let uas = {
+        let (ns_cmd_dir, scen) = (dir.clone(), sipp_dir().join("uas_hit.xml"));
+        let ns = p.b.name().to_owned();
+        std::thread::spawn(move || {
+            sipp(
+                &ns,
+                &ns_cmd_dir,
+                &[
+                    "-sf",
+                    scen.to_str().unwrap(),
+                    "-key",
+                    "hit",
+                    SIPP_UAS_HIT,
+                    "-i",
+                    "10.62.0.2",
+                    "-p",
+                    "5080",
+                    "-m",
+                    "1",
+                ],
+            )
+        })
+    };
+    // SIPp may still be starting: the INVITE is retransmitted (Timer A) until it answers.
+    let call = agent.ctl(&["call", "sip:sipp@10.62.0.2:5080"]).unwrap();
+    let call = call.trim().to_owned();
+    let e = agent.wait_for_pool_entry("sip:sipp@10.62.0.2:5080");
+    assert_eq!(entry_hits(&e), vec![ipv6_of_hex(SIPP_UAS_HIT)]);
+    assert_eq!(e["identities"][0]["form"], "k");
+    let st = agent.status();
+    let c = &st["calls"][0];
+    assert_eq!(c["state"], "confirmed");
+    assert_eq!(c["direction"], "outgoing");
+    assert_eq!(c["handle"].to_string(), call);
+    agent.ctl(&["hangup", &call]).unwrap();
+    let msgs = uas
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    // The agent's offer carried its HIT in the default a=key-mgmt form.
+    assert!(
+        msgs.contains(&format!(
+            "a=key-mgmt:host-identity-tag {}",
+            hex_of(agent_hit)
+        )),
+        "agent HIT missing from its offer:\n{msgs}"
+    );
+    wait_until(Duration::from_secs(5), "the call to end", || {
+        agent.status()["calls"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn malformed_sip_gets_400_or_is_dropped_and_a_call_still_completes() {
+    let p = VethPair::new("sipbad", &["10.63.0.1/24"], &["10.63.0.2/24"]).unwrap();
+    let agent = Agent::start(
+        &p.b,
+        "2001:20::bad",
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.63.0.2:5060\"]",
+        "",
+    )
+    .unwrap();
+    let replies = p
+        .a
+        .run_in(|| -> Vec<String> {
+            let s = UdpSocket::bind("10.63.0.1:5099").unwrap();
+            // Bounded wait for each reply; the agent answers in well under a second.
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let to = "10.63.0.2:5060";
+            let req = |first: &str, cid: &str, cseq: &str, extra: &str| {
+                format!(
+                    "{first}\r\nVia: SIP/2.0/UDP 10.63.0.1:5099;branch=z9hG4bK{cid}\r\nTo: <sip:bob@biloxi.com>\r\nFrom: <sip:t@10.63.0.1>;tag=t1\r\nCall-ID: {cid}\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n{extra}"
+                )
+            };
+            let sends = [
+                // RFC 4475 §3.1.2.9-style: extra spaces in the request line → 400.
+                req("OPTIONS  sip:bob@10.63.0.2 SIP/2.0", "bad1", "1 OPTIONS", "Content-Length: 0\r\n\r\n"),
+                // CSeq method differs from the request method (RFC 4475 §3.1.2.17) → 400.
+                req("OPTIONS sip:bob@10.63.0.2 SIP/2.0", "bad2", "1 INVITE", "Content-Length: 0\r\n\r\n"),
+                // Body shorter than Content-Length on UDP (RFC 3261 §18.3) → 400.
+                req("INVITE sip:bob@10.63.0.2 SIP/2.0", "bad3", "1 INVITE", "Content-Length: 900\r\n\r\nv=0\r\n"),
+                // Unanswerable: binary junk, a malformed response, a request without Call-ID.
+                "\u{0}\u{1}\u{2}junk".to_owned(),
+                "SIP/2.0 2000 OK\r\nVia: SIP/2.0/UDP 10.63.0.2;branch=z9hG4bKx\r\n\r\n".to_owned(),
+                "OPTIONS sip:bob@10.63.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.63.0.1:5099;branch=z9hG4bKbad6\r\nTo: <sip:bob@biloxi.com>\r\nFrom: <sip:t@x>;tag=1\r\nCSeq: 1 OPTIONS\r\n\r\n".to_owned(),
+                // Then a valid OPTIONS: its 200 must be the next reply, proving nothing was
+                // answered to the three before it.
+                req("OPTIONS sip:bob@10.63.0.2 SIP/2.0", "good7", "1 OPTIONS", "Content-Length: 0\r\n\r\n"),
+            ];
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            for (i, m) in sends.iter().enumerate() {
+                s.send_to(m.as_bytes(), to).unwrap();
+                if matches!(i, 0 | 1 | 2 | 6) {
+                    let (n, _) = s.recv_from(&mut buf).expect("a reply");
+                    got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+            got
+        })
+        .unwrap();
+    for (r, cid) in replies.iter().zip(["bad1", "bad2", "bad3"]) {
+        assert!(r.starts_with("SIP/2.0 400 Bad Request\r\n"), "{r}");
+        assert!(r.contains(&format!("Call-ID: {cid}\r\n")), "{r}");
+        assert!(r.contains("Warning: 399"), "{r}");
+    }
+    assert!(
+        replies[3].starts_with("SIP/2.0 200 OK\r\n"),
+        "{}",
+        replies[3]
+    );
+    assert!(replies[3].contains("Call-ID: good7\r\n"));
+    let st = agent.status();
+    assert_eq!(st["stats"]["bad_input_answered"], 3, "{st}");
+    assert_eq!(st["stats"]["bad_input_dropped"], 3, "{st}");
+    assert!(st["calls"].as_array().unwrap().is_empty());
+    assert!(agent.hits().as_array().unwrap().is_empty());
+    // A normal call completes afterwards.
+    let dir = scratch("sipp-after-bad");
+    sipp(
+        p.a.name(),
+        &dir,
+        &[
+            "-sf",
+            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
+            "-key",
+            "hit",
+            SIPP_HIT,
+            "-s",
+            "bob",
+            "-i",
+            "10.63.0.1",
+            "-p",
+            "5070",
+            "10.63.0.2:5060",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    agent.wait_for_pool_entry("sip:sipp@10.63.0.1:5070");
+}
