@@ -410,3 +410,385 @@ fn malformed_sip_gets_400_or_is_dropped_and_a_call_still_completes() {
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     agent.wait_for_pool_entry("sip:sipp@10.63.0.1:5070");
 }
+
+// ----------------------------------------------------------------------------- trapezoid
+
+/// The draft's network: Alice (pc33, 192.0.2.1), atlanta.com proxy (192.0.2.2), biloxi.com
+/// proxy (192.0.2.3), Bob (192.0.2.4), each in its own namespace, joined by a bridge in a
+/// fifth one where the capture runs.
+struct Trapezoid {
+    lan: NetNs,
+    hosts: Vec<NetNs>,
+}
+
+impl Trapezoid {
+    fn new() -> Result<Self> {
+        let lan = NetNs::new("trlan")?;
+        // Ageing time 0: the bridge never learns addresses and floods every frame, so its own
+        // interface sees every message exactly once (a learning bridge forwards unicast
+        // port to port, past a capture on br0).
+        lan.ip(["link", "add", "br0", "type", "bridge", "ageing_time", "0"])?;
+        lan.ip(["link", "set", "br0", "up"])?;
+        let mut hosts = Vec::new();
+        for (i, name) in ["alice", "atlanta", "biloxi", "bob"].iter().enumerate() {
+            let ns = NetNs::new(&format!("tr{name}"))?;
+            let (inner, outer) = (format!("v{name}"), format!("p{i}"));
+            hip_tests::ip([
+                "link",
+                "add",
+                &inner,
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                lan.name(),
+            ])?;
+            lan.ip(["link", "set", &outer, "master", "br0", "up"])?;
+            ns.ip([
+                "addr",
+                "add",
+                &format!("192.0.2.{}/24", i + 1),
+                "dev",
+                &inner,
+            ])?;
+            ns.ip(["link", "set", &inner, "up"])?;
+            hosts.push(ns);
+        }
+        Ok(Self { lan, hosts })
+    }
+}
+
+/// Starts Kamailio with `tests/kamailio/proxy.cfg` filled in; it daemonizes (the namespace's
+/// drop kills it).
+fn kamailio(ns: &NetNs, dir: &Path, vars: &[(&str, &str)]) -> Result<()> {
+    let mut cfg = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kamailio/proxy.cfg"),
+    )?;
+    for (k, v) in vars {
+        cfg = cfg.replace(&format!("@{k}@"), v);
+    }
+    let path = dir.join(format!("{}.cfg", ns.name()));
+    std::fs::write(&path, cfg)?;
+    let log = std::fs::File::create(dir.join(format!("{}.log", ns.name())))?;
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "kamailio", "-f"])
+        .arg(&path)
+        .arg("-P")
+        .arg(dir.join(format!("{}.pid", ns.name())))
+        .args(["-m", "64", "-M", "8", "-E"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()?;
+    if !st.success() {
+        bail!("kamailio in {} failed: {st}", ns.name());
+    }
+    Ok(())
+}
+
+/// One SIP message seen on the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    src: String,
+    dst: String,
+    /// Method, or status code.
+    what: String,
+    cseq_method: String,
+    call_id: String,
+}
+
+#[test]
+fn trapezoid_through_two_kamailio_proxies_reproduces_f1_to_f12() {
+    let t = Trapezoid::new().unwrap();
+    let dir = scratch("trapezoid");
+    let (alice_ns, atlanta, biloxi, bob_ns) = (&t.hosts[0], &t.hosts[1], &t.hosts[2], &t.hosts[3]);
+
+    // Capture on the bridge: an independent view of every message (tshark).
+    let pcap = dir.join("trapezoid.pcap");
+    let cap_err = dir.join("tshark.err");
+    let mut cap = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            t.lan.name(),
+            "tshark",
+            "-i",
+            "br0",
+            "-f",
+            "udp port 5060",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&cap_err).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "tshark to capture", || {
+        std::fs::read_to_string(&cap_err)
+            .ok()
+            .filter(|s| s.contains("Capturing on"))
+    })
+    .unwrap();
+
+    // atlanta.com: MD5 digest; biloxi.com: SHA-256 digest (RFC 8760).
+    kamailio(
+        atlanta,
+        &dir,
+        &[
+            ("IP", "192.0.2.2"),
+            ("DOMAIN", "atlanta.com"),
+            ("USER", "alice"),
+            ("PASSWORD", "alice-pw"),
+            ("ALGORITHM", "MD5"),
+            ("PEER_DOMAIN", "biloxi.com"),
+            ("PEER_IP", "192.0.2.3"),
+        ],
+    )
+    .unwrap();
+    kamailio(
+        biloxi,
+        &dir,
+        &[
+            ("IP", "192.0.2.3"),
+            ("DOMAIN", "biloxi.com"),
+            ("USER", "bob"),
+            ("PASSWORD", "bob-pw"),
+            ("ALGORITHM", "SHA-256"),
+            ("PEER_DOMAIN", "atlanta.com"),
+            ("PEER_IP", "192.0.2.2"),
+        ],
+    )
+    .unwrap();
+
+    // The draft's HITs, in the draft's k= form.
+    let alice = Agent::start(
+        alice_ns,
+        "7214148E0433AFE2FA2D48003D31172E",
+        "user = \"alice\"\ndomain = \"atlanta.com\"\ndisplay_name = \"Alice\"\npassword = \"alice-pw\"\n\
+         outbound_proxy = \"udp:192.0.2.2:5060\"\nregister = true\nregister_expires = 300\n\
+         listen = [\"udp:192.0.2.1:5060\"]",
+        "[sip.sdp]\nform = \"k\"\n",
+    )
+    .unwrap();
+    let bob = Agent::start(
+        bob_ns,
+        "44A5C522D7EDEDF962E55A0677DB1346",
+        "user = \"bob\"\ndomain = \"biloxi.com\"\ndisplay_name = \"Bob\"\npassword = \"bob-pw\"\n\
+         outbound_proxy = \"udp:192.0.2.3:5060\"\nregister = true\nregister_expires = 300\n\
+         listen = [\"udp:192.0.2.4:5060\"]",
+        "[sip.sdp]\nform = \"k\"\n",
+    )
+    .unwrap();
+    for (who, a) in [("alice", &alice), ("bob", &bob)] {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{who} registered"),
+            || (a.status()["registration"]["registered"] == true).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), a.status()));
+    }
+
+    let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let bob_entry = alice.wait_for_pool_entry("sip:bob@biloxi.com");
+    let alice_entry = bob.wait_for_pool_entry("sip:alice@atlanta.com");
+    // Each pool holds the other's HIT bound to the other's URI (draft §3.3, end of F12).
+    assert_eq!(
+        entry_hits(&bob_entry),
+        vec![ipv6_of_hex("44A5C522D7EDEDF962E55A0677DB1346")]
+    );
+    assert_eq!(
+        entry_hits(&alice_entry),
+        vec![ipv6_of_hex("7214148E0433AFE2FA2D48003D31172E")]
+    );
+    assert_eq!(bob_entry["identities"][0]["media"], 0);
+    assert_eq!(bob_entry["call_id"], alice_entry["call_id"]);
+    alice.ctl(&["hangup", call.trim()]).unwrap();
+    wait_until(Duration::from_secs(10), "both calls to end", || {
+        (alice.status()["calls"].as_array()?.is_empty()
+            && bob.status()["calls"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .unwrap();
+
+    // The capture has seen the whole call, BYE and its 200 included (Alice to Bob directly).
+    wait_until(
+        Duration::from_secs(10),
+        "the BYE's 200 in the capture",
+        || {
+            let o = Command::new("tshark")
+                .arg("-r")
+                .arg(&pcap)
+                .args(["-Y", "sip.CSeq.method == \"BYE\" && sip.Status-Code == 200"])
+                .args(["-T", "fields", "-e", "ip.src", "-e", "ip.dst"])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&o.stdout)
+                .contains("192.0.2.4\t192.0.2.1")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    // Stop the capture cleanly (SIGINT lets tshark finish the file).
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(cap.id() as i32, libc::SIGINT) };
+    let _ = cap.wait();
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args([
+            "-Y",
+            "sip",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "sip.Method",
+            "-e",
+            "sip.Status-Code",
+            "-e",
+            "sip.CSeq.method",
+            "-e",
+            "sip.Call-ID",
+        ])
+        .output()
+        .unwrap();
+    let seen: Vec<Seen> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            Some(Seen {
+                src: f.first()?.to_string(),
+                dst: f.get(1)?.to_string(),
+                what: if f.get(2)?.is_empty() {
+                    f.get(3)?.to_string()
+                } else {
+                    f.get(2)?.to_string()
+                },
+                cseq_method: f.get(4)?.to_string(),
+                call_id: f.get(5)?.to_string(),
+            })
+        })
+        .collect();
+    let call_id = bob_entry["call_id"].as_str().unwrap();
+    let dialog: Vec<&Seen> = seen.iter().filter(|s| s.call_id == call_id).collect();
+    let (a, atl, bil, b) = ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4");
+    // Atlanta challenges the first INVITE (outbound proxy digest); the flow of the draft
+    // starts with the authenticated one.
+    let first = |src: &str, dst: &str, what: &str, from: usize| -> usize {
+        dialog
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, s)| s.src == src && s.dst == dst && s.what == what && s.cseq_method != "BYE")
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("no {what} {src} -> {dst} after #{from} in {dialog:#?}"))
+    };
+    let challenge = first(atl, a, "407", 0);
+    let f1 = first(a, atl, "INVITE", challenge);
+    let f2 = first(atl, a, "100", f1);
+    let f3 = first(atl, bil, "INVITE", f1);
+    let f4 = first(bil, atl, "100", f3);
+    let f5 = first(bil, b, "INVITE", f3);
+    let f6 = first(b, bil, "180", f5);
+    let f7 = first(bil, atl, "180", f6);
+    let f8 = first(atl, a, "180", f7);
+    let f9 = first(b, bil, "200", f6);
+    let f10 = first(bil, atl, "200", f9);
+    let f11 = first(atl, a, "200", f10);
+    let f12 = first(a, b, "ACK", f11);
+    let _ = (f2, f4, f8, f12);
+    // Each of F1..F12 exactly once (no retransmission was needed on this link), and the
+    // ACK went straight from Alice to Bob, not through the proxies.
+    for (src, dst, what) in [
+        (a, atl, "INVITE"),
+        (atl, bil, "INVITE"),
+        (bil, b, "INVITE"),
+        (b, bil, "180"),
+        (bil, atl, "180"),
+        (atl, a, "180"),
+        (b, bil, "200"),
+        (bil, atl, "200"),
+        (atl, a, "200"),
+    ] {
+        let n = dialog[f1..]
+            .iter()
+            .filter(|s| s.src == src && s.dst == dst && s.what == what && s.cseq_method == "INVITE")
+            .count();
+        assert_eq!(n, 1, "{what} {src} -> {dst} seen {n} times: {dialog:#?}");
+    }
+    assert!(
+        !dialog[f11..]
+            .iter()
+            .any(|s| s.what == "ACK" && s.src == a && s.dst == atl),
+        "the ACK for the 2xx must go straight to Bob: {dialog:#?}"
+    );
+
+    // The SDP of F1/F3/F5 carries Alice's HIT and that of F9/F10/F11 Bob's, in k= form.
+    let with = |needle: &str| -> Vec<(String, String, String)> {
+        let o = Command::new("tshark")
+            .arg("-r")
+            .arg(&pcap)
+            .args([
+                "-Y",
+                &format!("sip && frame contains \"{needle}\""),
+                "-T",
+                "fields",
+                "-E",
+                "separator=|",
+                "-e",
+                "ip.src",
+                "-e",
+                "ip.dst",
+                "-e",
+                "sip.Method",
+                "-e",
+                "sip.Status-Code",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('|').collect();
+                (f[0].into(), f[1].into(), format!("{}{}", f[2], f[3]))
+            })
+            .collect()
+    };
+    let alice_hit = with("k=host-identity-tag:7214148E0433AFE2FA2D48003D31172E");
+    for hop in [(a, atl), (atl, bil), (bil, b)] {
+        assert!(
+            alice_hit.contains(&(hop.0.into(), hop.1.into(), "INVITE".into())),
+            "{alice_hit:?}"
+        );
+    }
+    let bob_hit = with("k=host-identity-tag:44A5C522D7EDEDF962E55A0677DB1346");
+    assert_eq!(
+        bob_hit,
+        vec![
+            (b.into(), bil.into(), "200".into()),
+            (bil.into(), atl.into(), "200".into()),
+            (atl.into(), a.into(), "200".into())
+        ]
+    );
+    // REGISTER was challenged and then accepted at both proxies.
+    for (ua, proxy) in [(a, atl), (b, bil)] {
+        assert!(seen.iter().any(|s| s.src == proxy
+            && s.dst == ua
+            && s.what == "401"
+            && s.cseq_method == "REGISTER"));
+        assert!(seen.iter().any(|s| s.src == proxy
+            && s.dst == ua
+            && s.what == "200"
+            && s.cseq_method == "REGISTER"));
+    }
+}
