@@ -43,6 +43,9 @@ pub const MAP_EVENTS: &str = "HIP_EVENTS";
 /// Names of the tc programs in the object file.
 pub const PROG_TC_INGRESS: &str = "hip_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "hip_tc_egress";
+/// An empty tc program (returns `TC_ACT_OK`): the benchmark's baseline, never
+/// attached by the agent.
+pub const PROG_TC_FLOOR: &str = "hip_tc_floor";
 
 /// Directory under bpffs where the agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/hip";

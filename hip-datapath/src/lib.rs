@@ -452,12 +452,9 @@ impl Datapath {
         Ok((res.return_value as i32, res.duration))
     }
 
-    /// The kernel's accounting of a program (`kernel.bpf_stats_enabled`): total run
-    /// time and run count since load.
-    pub fn program_run_stats(
-        &self,
-        hook: Hook,
-    ) -> Result<(std::time::Duration, u64), DatapathError> {
+    /// The kernel's view of a loaded program (`BPF_OBJ_GET_INFO_BY_FD`): id, tag,
+    /// translated and JIT-compiled sizes, verified instruction count, run statistics.
+    pub fn program_info(&self, hook: Hook) -> Result<aya::programs::ProgramInfo, DatapathError> {
         let name = hook.program_name();
         let prog: &SchedClassifier = self
             .ebpf
@@ -468,9 +465,17 @@ impl Datapath {
             })?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
-        let info = prog
-            .info()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.info()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// The kernel's accounting of a program (`kernel.bpf_stats_enabled`): total run
+    /// time and run count since load.
+    pub fn program_run_stats(
+        &self,
+        hook: Hook,
+    ) -> Result<(std::time::Duration, u64), DatapathError> {
+        let info = self.program_info(hook)?;
         Ok((info.run_time(), info.run_count()))
     }
 

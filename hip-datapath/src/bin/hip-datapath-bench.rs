@@ -1,9 +1,40 @@
 //! `hip-datapath-bench [PACKETS [ROUNDS]]`: the datapath benchmark (root; creates
 //! and removes two network namespaces of its own). Prints one line per scenario and
 //! the same as JSON on the last line.
+//!
+//! `hip-datapath-bench --micro [REPEAT [TRIALS]]`: only the programs' cost on each
+//! scenario's frame under `BPF_PROG_TEST_RUN`, and their sizes (seconds, no
+//! namespaces; for comparing program versions).
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--micro") {
+        args.next();
+        let repeat = args
+            .next()
+            .map(|a| a.parse())
+            .transpose()?
+            .unwrap_or(200_000);
+        let trials = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
+        let reports = hip_datapath::bench::micro(repeat, trials)?;
+        for r in &reports {
+            println!(
+                "micro {} {}: {:.1} ns/run ({:.1} over the empty program's {:.1}), verdict {}, \
+                 xlated {} B, jited {} B, {} insns verified",
+                r.scenario,
+                r.hook,
+                r.ns,
+                r.ns - r.floor_ns,
+                r.floor_ns,
+                r.verdict,
+                r.xlated_bytes,
+                r.jited_bytes,
+                r.verified_insns
+            );
+        }
+        println!("{}", serde_json::to_string(&reports)?);
+        return Ok(());
+    }
     let mut opts = hip_datapath::bench::BenchOptions::default();
     if let Some(p) = args.next() {
         opts.packets = p.parse()?;
@@ -14,16 +45,33 @@ fn main() -> anyhow::Result<()> {
     let reports = hip_datapath::bench::run(&opts)?;
     for r in &reports {
         println!(
-            "datapath {}: {:.0} pps attached vs {:.0} pps detached = {:.3} of detached (goal >= 0.95); \
-             egress {:.1} ns/packet over {} runs, ingress {:.1} ns/packet over {} runs (goal < 100)",
+            "datapath {}: rate attached/detached {:.3} (goal >= 0.95; per CPU-second of the \
+             sender, median of {} rounds, {:.0} vs {:.0} pps; wall-clock {:.3}), \
+             empty program attached/detached {:.3}, attached/empty {:.3}",
             r.name,
-            r.attached_pps,
-            r.detached_pps,
             r.ratio,
-            r.egress_ns,
-            r.egress_runs,
-            r.ingress_ns,
-            r.ingress_runs
+            r.round_ratios.len(),
+            r.attached.cpu_pps,
+            r.detached.cpu_pps,
+            r.ratio_wall,
+            r.floor_ratio,
+            r.ratio_vs_floor,
+        );
+        println!(
+            "datapath {}: egress {:.1} ns/packet ({:.1} over the empty program's {:.1}), \
+             ingress {:.1} ns/packet ({:.1} over the empty program's {:.1}) (goal < 100); \
+             runs {}/{}/{}/{}",
+            r.name,
+            r.egress.ns,
+            r.egress_net_ns(),
+            r.floor_egress.ns,
+            r.ingress.ns,
+            r.ingress_net_ns(),
+            r.floor_ingress.ns,
+            r.egress.runs,
+            r.ingress.runs,
+            r.floor_egress.runs,
+            r.floor_ingress.runs,
         );
     }
     println!("{}", serde_json::to_string(&reports)?);
