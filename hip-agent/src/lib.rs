@@ -2,6 +2,7 @@
 //! by the privileged integration tests.
 
 pub mod netns;
+pub mod hip_driver;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -1,6 +1,8 @@
 //! `hip-agent`: the root agent and its operator CLI.
 
 mod cmd_flows;
+mod cmd_hi;
+mod cmd_hip;
 mod cmd_sip;
 mod cmd_xfrm;
 
@@ -41,6 +43,12 @@ enum Cmd {
     },
     #[command(flatten)]
     Sip(cmd_sip::SipCmd),
+    /// Host Identities: generate, show, import the legacy XML format.
+    #[command(subcommand)]
+    Hi(cmd_hi::HiCmd),
+    /// HIP base exchanges over raw sockets (listen / connect).
+    #[command(subcommand)]
+    Hip(cmd_hip::HipCmd),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +130,8 @@ fn main() -> Result<()> {
         }
         Cmd::Flows { pin_dir, json } => cmd_flows::flows(&pin_dir, json)?,
         Cmd::Sip(c) => cmd_sip::run(c)?,
+        Cmd::Hi(c) => cmd_hi::run(c)?,
+        Cmd::Hip(c) => cmd_hip::run(c)?,
         Cmd::Datapath(DatapathCmd::Run {
             iface,
             pin_dir,

@@ -1,0 +1,215 @@
+//! `hip-agent hip listen|connect`: run HIP base exchanges over raw sockets from the CLI
+//! (between two network namespaces, for instance), printing one JSON line per event.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use hip_agent::hip_driver::{HipDriver, Sockets, os_rng};
+use hip_proto::{
+    Hit, HostId,
+    crypto::DhGroup,
+    endpoint::{Config, Endpoint, Established, Event, SequentialSpis},
+    esp::EspSuite,
+    keyfile,
+};
+use sha2::{Digest, Sha256};
+
+/// HIP base exchange commands.
+#[derive(Subcommand)]
+pub enum HipCmd {
+    /// Answer base exchanges; print each established association as a JSON line.
+    Listen {
+        #[command(flatten)]
+        common: Common,
+        /// Accept only initiators with these HITs (repeatable; default: any).
+        #[arg(long = "accept-hit")]
+        accept: Vec<Hit>,
+        /// Exit after this many associations were established (and, with --wait-close,
+        /// closed again).
+        #[arg(long)]
+        count: Option<usize>,
+        /// Wait for the peer to close each association before counting it.
+        #[arg(long)]
+        wait_close: bool,
+    },
+    /// Run one base exchange with the peer at --locator; print it as a JSON line.
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        /// The HIT the responder must prove (omit for opportunistic mode).
+        #[arg(long)]
+        peer_hit: Option<Hit>,
+        /// The peer's IP address.
+        #[arg(long)]
+        locator: IpAddr,
+        /// Our source address (default: the routed one).
+        #[arg(long)]
+        local: Option<IpAddr>,
+        /// Close the association (CLOSE / CLOSE_ACK) once established.
+        #[arg(long)]
+        close: bool,
+    },
+}
+
+/// Options shared by `listen` and `connect`.
+#[derive(Args)]
+pub struct Common {
+    /// Host Identity key file (`hip-agent hi new`).
+    #[arg(long)]
+    key: PathBuf,
+    /// DH groups, preferred first (p256, p384, modp3072).
+    #[arg(long = "dh", value_delimiter = ',')]
+    dh: Vec<String>,
+    /// ESP transforms, preferred first (aes128-gcm16, aes128-cbc-hmac-sha256,
+    /// aes256-cbc-hmac-sha256, null-hmac-sha256).
+    #[arg(long = "esp", value_delimiter = ',')]
+    esp: Vec<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// First inbound SPI handed out (until the kernel allocates SPIs).
+    #[arg(long, default_value_t = 0x1000_0000)]
+    first_spi: u32,
+}
+
+fn fingerprint(k: &[u8]) -> String {
+    hex::encode(&Sha256::digest(k)[..8])
+}
+
+fn hi_name(h: &HostId) -> &'static str {
+    h.algorithm_name()
+}
+
+fn established_json(e: &Established) -> serde_json::Value {
+    serde_json::json!({
+        "event": "established",
+        "local_hit": e.local_hit.to_string(),
+        "peer_hit": e.peer_hit.to_string(),
+        "peer_hi_algorithm": hi_name(&e.peer_hi),
+        "local_locator": e.local_locator.to_string(),
+        "peer_locator": e.peer_locator.to_string(),
+        "initiator": e.initiator,
+        "esp_transform": e.esp_suite.id(),
+        "esp_transform_name": e.esp_suite.name(),
+        "dh_group": e.dh_group.id(),
+        "spi_inbound": e.spi_inbound,
+        "spi_outbound": e.spi_outbound,
+        // Fingerprints, not keys: enough to check that both ends agree.
+        "key_inbound_enc_sha256": fingerprint(&e.keys_inbound.enc),
+        "key_inbound_auth_sha256": fingerprint(&e.keys_inbound.auth),
+        "key_outbound_enc_sha256": fingerprint(&e.keys_outbound.enc),
+        "key_outbound_auth_sha256": fingerprint(&e.keys_outbound.auth),
+    })
+}
+
+fn endpoint(c: &Common) -> Result<Endpoint> {
+    let id = keyfile::load(&c.key)?;
+    let mut config = Config::default();
+    if !c.dh.is_empty() {
+        config.dh_groups =
+            c.dh.iter()
+                .map(|s| DhGroup::from_name(s).with_context(|| format!("unknown DH group {s:?}")))
+                .collect::<Result<_>>()?;
+    }
+    if !c.esp.is_empty() {
+        config.esp_suites = c
+            .esp
+            .iter()
+            .map(|s| EspSuite::from_name(s).with_context(|| format!("unknown ESP transform {s:?}")))
+            .collect::<Result<_>>()?;
+    }
+    let mut ep = Endpoint::new(config, id, os_rng()?, std::time::Instant::now())?;
+    ep.set_spi_allocator(Box::new(SequentialSpis(c.first_spi)));
+    Ok(ep)
+}
+
+/// Runs a `hip` subcommand.
+pub fn run(cmd: HipCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            HipCmd::Listen {
+                common,
+                accept,
+                count,
+                wait_close,
+            } => {
+                let mut ep = endpoint(&common)?;
+                if !accept.is_empty() {
+                    ep.set_policy(Box::new(move |h: &Hit, _: &HostId| accept.contains(h)));
+                }
+                let mut d = HipDriver::spawn(ep, Sockets::open()?);
+                eprintln!("listening as {}", d.hit());
+                let mut done = 0;
+                while let Some(ev) = d.next_event().await {
+                    match &ev {
+                        Event::Established(e) => {
+                            println!("{}", established_json(e));
+                            if !wait_close {
+                                done += 1;
+                            }
+                        }
+                        Event::Closed { peer_hit, by_peer } => {
+                            println!(
+                                "{}",
+                                serde_json::json!({"event": "closed", "peer_hit": peer_hit.to_string(), "by_peer": by_peer})
+                            );
+                            if wait_close {
+                                done += 1;
+                            }
+                        }
+                        other => eprintln!("{other:?}"),
+                    }
+                    if count.is_some_and(|c| done >= c) {
+                        break;
+                    }
+                }
+                d.shutdown().await?;
+                Ok(())
+            }
+            HipCmd::Connect {
+                common,
+                peer_hit,
+                locator,
+                local,
+                close,
+            } => {
+                let ep = endpoint(&common)?;
+                let mut d = HipDriver::spawn(ep, Sockets::open()?);
+                d.initiate(local, locator, peer_hit).await?;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(common.timeout);
+                let mut established: Option<Hit> = None;
+                loop {
+                    let ev = tokio::time::timeout_at(deadline, d.next_event())
+                        .await
+                        .context("timed out waiting for the base exchange")?;
+                    match ev {
+                        None => bail!("driver stopped"),
+                        Some(Event::Established(e)) => {
+                            println!("{}", established_json(&e));
+                            if !close {
+                                break;
+                            }
+                            established = Some(e.peer_hit);
+                            d.close(e.peer_hit).await?;
+                        }
+                        Some(Event::Closed { peer_hit, by_peer }) if established == Some(peer_hit) => {
+                            println!(
+                                "{}",
+                                serde_json::json!({"event": "closed", "peer_hit": peer_hit.to_string(), "by_peer": by_peer})
+                            );
+                            break;
+                        }
+                        Some(Event::Failed { error, .. }) => bail!("base exchange failed: {error}"),
+                        Some(other) => eprintln!("{other:?}"),
+                    }
+                }
+                d.shutdown().await?;
+                Ok(())
+            }
+        }
+    })
+}

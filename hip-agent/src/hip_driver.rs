@@ -1,0 +1,409 @@
+//! The HIP driver: one tokio task owns raw IPv4 and IPv6 sockets for IP protocol 139
+//! (HIP, RFC 7401 §5) and runs a sans-IO [`hip_proto::endpoint::Endpoint`] over them.
+//!
+//! The task follows the endpoint's documented call order: every received datagram goes
+//! to `handle_packet` with its IP source and destination (the HIP checksum covers a
+//! pseudo-header), commands go to `initiate`/`close`, the timer armed from
+//! `poll_timeout` calls `handle_timeout`, and after each step all `poll_transmit`
+//! datagrams are sent and all `poll_event` events forwarded on a channel.
+//!
+//! Raw sockets need `CAP_NET_RAW`. On receive, IPv4 raw sockets hand over the IP header
+//! (which carries the destination address); IPv6 raw sockets do not, so the destination
+//! comes from an `IPV6_PKTINFO` control message (RFC 3542 §6). On send, the source
+//! address the checksum was computed for is pinned with `IP_PKTINFO` / `IPV6_PKTINFO`.
+
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Instant,
+};
+
+use hip_proto::{
+    Hit,
+    endpoint::{BoxRng, Endpoint, Event, ProtocolError, Transmit},
+    wire::IPPROTO_HIP,
+};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    recvmsg, sendmsg, setsockopt, sockopt,
+};
+use rand_core::SeedableRng;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+
+/// Errors of the HIP driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Opening or using a raw socket failed.
+    #[error("raw HIP socket: {0}")]
+    Io(#[from] io::Error),
+    /// The protocol core refused a command.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The driver task has stopped.
+    #[error("the HIP driver task has stopped")]
+    Stopped,
+    /// No raw socket could be opened for either address family.
+    #[error("no raw HIP socket could be opened (IPv4: {v4}; IPv6: {v6})")]
+    NoSocket {
+        /// Why IPv4 failed.
+        v4: String,
+        /// Why IPv6 failed.
+        v6: String,
+    },
+}
+
+/// A cryptographically secure RNG for an endpoint, seeded from the OS.
+pub fn os_rng() -> Result<BoxRng, DriverError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(Box::new(rand_chacha::ChaCha20Rng::from_seed(seed)))
+}
+
+/// The local address the kernel would use to reach `peer` (a connected UDP socket's
+/// local address: no packet is sent).
+pub fn source_for(peer: IpAddr) -> io::Result<IpAddr> {
+    let bind: SocketAddr = match peer {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.connect((peer, 9))?;
+    Ok(s.local_addr()?.ip())
+}
+
+struct RawSocket {
+    fd: AsyncFd<OwnedFd>,
+    v6: bool,
+}
+
+impl RawSocket {
+    fn open(v6: bool) -> io::Result<Self> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                IPPROTO_HIP as i32,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if v6 {
+            setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)?;
+        }
+        // SAFETY: `fd` is an OwnedFd that the AsyncFd owns from here on; nothing else
+        // closes or replaces it.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(Self { fd, v6 })
+    }
+
+    /// One datagram: (payload range in `buf`, source, destination).
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<(usize, usize, IpAddr, IpAddr)> {
+        let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+        let (n, src, dst6) = {
+            let mut iov = [IoSliceMut::new(buf)];
+            let msg = recvmsg::<SockaddrStorage>(
+                self.fd.get_ref().as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .map_err(io::Error::from)?;
+            let mut dst6 = None;
+            if let Ok(cms) = msg.cmsgs() {
+                for c in cms {
+                    if let ControlMessageOwned::Ipv6PacketInfo(pi) = c {
+                        dst6 = Some(Ipv6Addr::from(pi.ipi6_addr.s6_addr));
+                    }
+                }
+            }
+            let src = msg.address.and_then(|a| {
+                a.as_sockaddr_in6()
+                    .map(|s| IpAddr::V6(s.ip()))
+                    .or_else(|| a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())))
+            });
+            (msg.bytes, src, dst6)
+        };
+        if self.v6 {
+            let (Some(src), Some(dst)) = (src, dst6) else {
+                return Err(io::Error::other(
+                    "IPv6 datagram without address information",
+                ));
+            };
+            return Ok((0, n, src, dst.into()));
+        }
+        // IPv4 raw sockets deliver the IP header too.
+        let b = &buf[..n];
+        if n < 20 || b[0] >> 4 != 4 {
+            return Err(io::Error::other("short IPv4 datagram"));
+        }
+        let ihl = (b[0] & 0x0f) as usize * 4;
+        if ihl < 20 || ihl > n {
+            return Err(io::Error::other("bad IPv4 header length"));
+        }
+        let s = Ipv4Addr::new(b[12], b[13], b[14], b[15]);
+        let d = Ipv4Addr::new(b[16], b[17], b[18], b[19]);
+        Ok((ihl, n, s.into(), d.into()))
+    }
+
+    fn send(&self, t: &Transmit) -> io::Result<()> {
+        let iov = [IoSlice::new(&t.payload)];
+        let fd = self.fd.get_ref().as_raw_fd();
+        match (t.src, t.dst) {
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let pi = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: s.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                let to = SockaddrIn6::from(std::net::SocketAddrV6::new(d, 0, 0, 0));
+                sendmsg(
+                    fd,
+                    &iov,
+                    &[ControlMessage::Ipv6PacketInfo(&pi)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+            }
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let pi = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(s).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                let to = SockaddrIn::from(std::net::SocketAddrV4::new(d, 0));
+                sendmsg(
+                    fd,
+                    &iov,
+                    &[ControlMessage::Ipv4PacketInfo(&pi)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+            }
+            _ => return Err(io::Error::other("mixed address families")),
+        }
+        .map(|_| ())
+        .map_err(io::Error::from)
+    }
+}
+
+/// The raw sockets of a driver (at least one family).
+pub struct Sockets {
+    v4: Option<RawSocket>,
+    v6: Option<RawSocket>,
+}
+
+impl Sockets {
+    /// Opens raw IPv4 and IPv6 sockets for protocol 139 in the current network namespace
+    /// (call from inside a tokio runtime). Fails only if neither family can be opened.
+    pub fn open() -> Result<Self, DriverError> {
+        let v4 = RawSocket::open(false);
+        let v6 = RawSocket::open(true);
+        match (v4, v6) {
+            (Err(a), Err(b)) => Err(DriverError::NoSocket {
+                v4: a.to_string(),
+                v6: b.to_string(),
+            }),
+            (a, b) => Ok(Self {
+                v4: a.ok(),
+                v6: b.ok(),
+            }),
+        }
+    }
+
+    fn for_dst(&self, dst: IpAddr) -> Option<&RawSocket> {
+        match dst {
+            IpAddr::V4(_) => self.v4.as_ref(),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+}
+
+enum Command {
+    Initiate {
+        local: Option<IpAddr>,
+        peer: IpAddr,
+        expected: Option<Hit>,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    Close {
+        peer: Hit,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+}
+
+/// Handle to a running driver task.
+pub struct HipDriver {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    task: JoinHandle<Result<(), DriverError>>,
+    hit: Hit,
+}
+
+impl HipDriver {
+    /// Spawns the driver task on the current tokio runtime.
+    pub fn spawn(endpoint: Endpoint, sockets: Sockets) -> Self {
+        let (ctx, crx) = mpsc::channel(64);
+        let (etx, erx) = mpsc::unbounded_channel();
+        let hit = endpoint.hit();
+        let task = tokio::spawn(run(endpoint, sockets, crx, etx));
+        Self {
+            commands: ctx,
+            events: erx,
+            task,
+            hit,
+        }
+    }
+
+    /// Our HIT.
+    pub fn hit(&self) -> Hit {
+        self.hit
+    }
+
+    /// Starts a base exchange with `peer` (see [`Endpoint::initiate`]). Without `local`,
+    /// the source address is the one the kernel routes from.
+    pub async fn initiate(
+        &self,
+        local: Option<IpAddr>,
+        peer: IpAddr,
+        expected: Option<Hit>,
+    ) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Initiate {
+                local,
+                peer,
+                expected,
+                reply,
+            })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Closes the association with `peer`.
+    pub async fn close(&self, peer: Hit) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Close { peer, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// The next event from the endpoint; `None` once the task has stopped.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Stops the task.
+    pub async fn shutdown(self) -> Result<(), DriverError> {
+        drop(self.commands);
+        self.task.await.map_err(|_| DriverError::Stopped)?
+    }
+}
+
+async fn readable(
+    s: &Option<RawSocket>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match s {
+        Some(s) => s.fd.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn flush(ep: &mut Endpoint, socks: &Sockets, events: &mpsc::UnboundedSender<Event>) {
+    while let Some(t) = ep.poll_transmit() {
+        match socks.for_dst(t.dst) {
+            // A lost send is like a lost packet: the endpoint retransmits.
+            Some(s) => {
+                if let Err(e) = s.send(&t) {
+                    tracing::warn!(dst = %t.dst, "sending HIP packet: {e}");
+                }
+            }
+            None => tracing::warn!(dst = %t.dst, "no raw socket for this address family"),
+        }
+    }
+    while let Some(e) = ep.poll_event() {
+        let _ = events.send(e);
+    }
+}
+
+fn receive(ep: &mut Endpoint, s: &RawSocket, buf: &mut [u8]) -> io::Result<()> {
+    loop {
+        match s.try_recv(buf) {
+            Ok((start, end, src, dst)) => {
+                if let Err(e) = ep.handle_packet(Instant::now(), src, dst, &buf[start..end]) {
+                    tracing::debug!(%src, "HIP packet dropped: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Other => {
+                tracing::debug!("unusable datagram: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run(
+    mut ep: Endpoint,
+    socks: Sockets,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<(), DriverError> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        flush(&mut ep, &socks, &events);
+        let deadline = ep.poll_timeout();
+        tokio::select! {
+            g = readable(&socks.v4) => {
+                let mut g = g?;
+                let s = socks.v4.as_ref().expect("readable only when present");
+                receive(&mut ep, s, &mut buf)?;
+                g.clear_ready();
+            }
+            g = readable(&socks.v6) => {
+                let mut g = g?;
+                let s = socks.v6.as_ref().expect("readable only when present");
+                receive(&mut ep, s, &mut buf)?;
+                g.clear_ready();
+            }
+            c = commands.recv() => match c {
+                None => return Ok(()),
+                Some(Command::Initiate { local, peer, expected, reply }) => {
+                    let r = match local.map(Ok).unwrap_or_else(|| source_for(peer)) {
+                        Ok(local) => ep
+                            .initiate(Instant::now(), local, peer, expected)
+                            .map_err(DriverError::from),
+                        Err(e) => Err(e.into()),
+                    };
+                    let _ = reply.send(r);
+                }
+                Some(Command::Close { peer, reply }) => {
+                    let _ = reply.send(ep.close(Instant::now(), peer).map_err(Into::into));
+                }
+            },
+            _ = sleep_until(deadline) => ep.handle_timeout(Instant::now()),
+        }
+    }
+}
