@@ -57,6 +57,9 @@ enum XfrmCmd {
         /// extrapolated linearly beyond (one process per object is slow under TCG).
         #[arg(long, default_value_t = usize::MAX)]
         ip_limit: usize,
+        /// Install only the 2 policies per association (runs without ESP, on the host).
+        #[arg(long)]
+        policies_only: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -85,8 +88,9 @@ pub fn run(args: XfrmArgs, uris: UriLookup<'_>) -> Result<()> {
         Some(XfrmCmd::Bench {
             sizes,
             ip_limit,
+            policies_only,
             json,
-        }) => bench(&sizes, ip_limit, json),
+        }) => bench(&sizes, ip_limit, policies_only, json),
     }
 }
 
@@ -276,16 +280,22 @@ fn install(spec: &Path, hold: bool) -> Result<()> {
     })
 }
 
-fn bench(sizes: &[usize], ip_limit: usize, json: bool) -> Result<()> {
-    let rows = hip_kernel::bench::run(sizes, ip_limit).map_err(anyhow::Error::msg)?;
+fn bench(sizes: &[usize], ip_limit: usize, policies_only: bool, json: bool) -> Result<()> {
+    let shape = if policies_only {
+        hip_kernel::bench::Shape::PoliciesOnly
+    } else {
+        hip_kernel::bench::Shape::Full
+    };
+    let rows = hip_kernel::bench::run(sizes, ip_limit, shape).map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     for r in &rows {
         println!(
-            "xfrm install N={:>6} ({} objects): netlink {:.3} s ({:.1} µs/assoc), ip xfrm {:.3} s \
+            "xfrm install {:?} N={:>6} ({} objects): netlink {:.3} s ({:.1} µs/assoc), ip xfrm {:.3} s \
              ({:.1} µs/assoc{}), ratio {:.1}x",
+            r.shape,
             r.n,
             r.objects,
             r.netlink_secs,

@@ -1,7 +1,11 @@
 //! Benchmark: time to install N associations (2 SAs + 2 policies each, the
 //! [`FailClosed::Guard`] shape) through [`XfrmNetlink`], against one `ip xfrm` command
-//! per object in the same run. SAs need ESP, so this runs in the VM (`cargo xtask
-//! bench` → `hip-agent xfrm bench`).
+//! per object in the same run. SAs need ESP, so the full shape runs in the VM;
+//! [`Shape::PoliciesOnly`] (2 policies per association) runs on the host kernel.
+//!
+//! Before measuring, one association is installed in a scratch namespace so the kernel
+//! has loaded the crypto modules (`cbc(aes)`, `hmac(sha256)`…; under TCG the first
+//! load takes seconds) for both contenders alike.
 //!
 //! Each measurement runs in a fresh network namespace of its own (created with
 //! `ip netns add`, deleted afterwards), so the runs do not see each other's objects.
@@ -14,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::{
@@ -21,12 +26,24 @@ use crate::{
     PolicyAction, PolicyDir, PolicyParams, Reqid, SaParams, XfrmNetlink, install_associations,
 };
 
+/// What each association installs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// 2 SAs + 2 policies (needs ESP).
+    Full,
+    /// 2 policies (runs on a kernel without ESP).
+    PoliciesOnly,
+}
+
 /// One row of the result.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
+    /// What each association installs.
+    pub shape: Shape,
     /// Associations installed.
     pub n: usize,
-    /// Objects installed (4 per association).
+    /// Objects installed (4 or 2 per association).
     pub objects: usize,
     /// Wall time through hip's netlink path.
     pub netlink_secs: f64,
@@ -209,8 +226,9 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> std::io::Result<
 
 /// Installs `n` associations through netlink in a fresh namespace; returns the time
 /// and checks that the kernel then holds exactly 2n SAs and 2n policies of hip's.
-pub fn measure_netlink(n: usize) -> Result<Duration, String> {
+pub fn measure_netlink(n: usize, shape: Shape) -> Result<Duration, String> {
     let assocs: Vec<AssociationParams> = (0..n).map(association).collect();
+    let policies: Vec<PolicyParams> = assocs.iter().flat_map(|a| a.ipsec_policies()).collect();
     let ns = ScratchNs::new(&format!("nl{n}")).map_err(|e| e.to_string())?;
     in_netns(&ns.0, || -> Result<Duration, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -220,15 +238,24 @@ pub fn measure_netlink(n: usize) -> Result<Duration, String> {
         rt.block_on(async {
             let k = XfrmNetlink::new().map_err(|e| e.to_string())?;
             let t = Instant::now();
-            let res = install_associations(&k, &assocs, 128).await;
+            let res = match shape {
+                Shape::Full => install_associations(&k, &assocs, 128).await,
+                Shape::PoliciesOnly => {
+                    futures::stream::iter(policies.iter().map(|p| k.add_policy(p)))
+                        .buffered(128)
+                        .collect()
+                        .await
+                }
+            };
             let el = t.elapsed();
             if let Some(e) = res.into_iter().find_map(Result::err) {
                 return Err(e.to_string());
             }
             let o = k.list_owned().await.map_err(|e| e.to_string())?;
-            if o.sas.len() != 2 * n || o.policies.len() != 2 * n {
+            let want_sas = if shape == Shape::Full { 2 * n } else { 0 };
+            if o.sas.len() != want_sas || o.policies.len() != 2 * n {
                 return Err(format!(
-                    "expected {} SAs and policies, kernel has {} and {}",
+                    "expected {want_sas} SAs and {} policies, kernel has {} and {}",
                     2 * n,
                     o.sas.len(),
                     o.policies.len()
@@ -241,13 +268,15 @@ pub fn measure_netlink(n: usize) -> Result<Duration, String> {
 }
 
 /// Installs the first `n` associations with one `ip xfrm` process per object.
-pub fn measure_ip(n: usize) -> Result<Duration, String> {
+pub fn measure_ip(n: usize, shape: Shape) -> Result<Duration, String> {
     let ns = ScratchNs::new(&format!("ip{n}")).map_err(|e| e.to_string())?;
     let mut cmds = Vec::with_capacity(4 * n);
     for i in 0..n {
         let a = association(i);
-        cmds.push(ip_sa_args(&a.sa_in()));
-        cmds.push(ip_sa_args(&a.sa_out()));
+        if shape == Shape::Full {
+            cmds.push(ip_sa_args(&a.sa_in()));
+            cmds.push(ip_sa_args(&a.sa_out()));
+        }
         for p in a.ipsec_policies() {
             cmds.push(ip_policy_args(&p));
         }
@@ -270,15 +299,18 @@ pub fn measure_ip(n: usize) -> Result<Duration, String> {
 
 /// Runs the benchmark for each N; the `ip` baseline installs at most `ip_limit`
 /// associations and is extrapolated linearly beyond (say so when reporting).
-pub fn run(sizes: &[usize], ip_limit: usize) -> Result<Vec<BenchRow>, String> {
+pub fn run(sizes: &[usize], ip_limit: usize, shape: Shape) -> Result<Vec<BenchRow>, String> {
+    // Warm-up: crypto modules loaded, code paths paged in, for both contenders.
+    measure_netlink(1, shape)?;
     let mut rows = Vec::new();
     for &n in sizes {
-        let nl = measure_netlink(n)?.as_secs_f64();
+        let nl = measure_netlink(n, shape)?.as_secs_f64();
         let sampled = n.min(ip_limit.max(1));
-        let ip = measure_ip(sampled)?.as_secs_f64() * n as f64 / sampled as f64;
+        let ip = measure_ip(sampled, shape)?.as_secs_f64() * n as f64 / sampled as f64;
         rows.push(BenchRow {
+            shape,
             n,
-            objects: 4 * n,
+            objects: if shape == Shape::Full { 4 * n } else { 2 * n },
             netlink_secs: nl,
             ip_secs: ip,
             ip_sampled: sampled,
