@@ -792,3 +792,130 @@ fn trapezoid_through_two_kamailio_proxies_reproduces_f1_to_f12() {
             && s.cseq_method == "REGISTER"));
     }
 }
+
+// ----------------------------------------------------------------------------- TCP, TLS
+
+#[test]
+fn sipp_over_tcp_calls_the_agent() {
+    let p = VethPair::new("siptcp", &["10.64.0.1/24"], &["10.64.0.2/24"]).unwrap();
+    let agent = Agent::start(
+        &p.b,
+        "2001:20::7c9",
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"tcp:10.64.0.2:5060\"]",
+        "",
+    )
+    .unwrap();
+    let dir = scratch("sipp-tcp");
+    let msgs = sipp(
+        p.a.name(),
+        &dir,
+        &[
+            "-sf",
+            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
+            "-t",
+            "t1",
+            "-key",
+            "hit",
+            SIPP_HIT,
+            "-s",
+            "bob",
+            "-i",
+            "10.64.0.1",
+            "-p",
+            "5070",
+            "10.64.0.2:5060",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    assert!(msgs.contains("TCP message received"), "{msgs}");
+    assert!(msgs.contains(&format!("k=host-identity-tag:{}", hex_of("2001:20::7c9"))));
+    assert!(
+        msgs.contains("Contact: <sip:bob@10.64.0.2:5060;transport=tcp>"),
+        "{msgs}"
+    );
+    let e = agent.wait_for_pool_entry("sip:sipp@10.64.0.1:5070");
+    assert_eq!(entry_hits(&e), vec![ipv6_of_hex(SIPP_HIT)]);
+}
+
+#[test]
+fn two_agents_call_over_tls() {
+    let p = VethPair::new("siptls", &["10.65.0.1/24"], &["10.65.0.2/24"]).unwrap();
+    let dir = scratch("tls");
+    // One self-signed certificate naming both addresses, trusted by both agents.
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    hip_tests::run(
+        "openssl",
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hip-test",
+            "-addext",
+            "subjectAltName=IP:10.65.0.1,IP:10.65.0.2",
+            // An end-entity certificate (webpki refuses a CA certificate as one).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth,clientAuth",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let tls = format!(
+        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        cert.display()
+    );
+    let alice = Agent::start(
+        &p.a,
+        "2001:20::a",
+        "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"tls:10.65.0.1:5061\"]",
+        &tls,
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        "2001:20::b",
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"tls:10.65.0.2:5061\"]",
+        &tls,
+    )
+    .unwrap();
+    let call = alice.ctl(&["call", "sips:bob@10.65.0.2:5061"]).unwrap();
+    assert_eq!(
+        entry_hits(&alice.wait_for_pool_entry("sips:bob@10.65.0.2:5061")),
+        vec!["2001:20::b"]
+    );
+    assert_eq!(
+        entry_hits(&bob.wait_for_pool_entry("sip:alice@atlanta.com")),
+        vec!["2001:20::a"]
+    );
+    // Bob saw the call arrive over TLS: its remote target is a sips: URI.
+    let st = bob.status();
+    assert!(
+        st["calls"][0]["remote_target"]
+            .as_str()
+            .unwrap()
+            .starts_with("sips:alice@10.65.0.1:5061"),
+        "{st}"
+    );
+    alice.ctl(&["hangup", call.trim()]).unwrap();
+    wait_until(Duration::from_secs(10), "both calls to end", || {
+        (alice.status()["calls"].as_array()?.is_empty()
+            && bob.status()["calls"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .unwrap();
+}
