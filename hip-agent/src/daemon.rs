@@ -639,3 +639,49 @@ impl Daemon {
 
 /// Reply type of a control request, for tests.
 pub type Reply = oneshot::Sender<Value>;
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::*;
+
+    /// An EdDSA HI (RFC 9374 §3.4): algorithm 13, curve 1 (Ed25519), and RFC 8032 §7.1's
+    /// first test public key.
+    fn ed25519_hi() -> Vec<u8> {
+        let pk = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        let mut v = vec![0, 13, 0, 1];
+        v.extend((0..32).map(|i| u8::from_str_radix(&pk[2 * i..2 * i + 2], 16).unwrap()));
+        v
+    }
+
+    #[test]
+    fn hi_in_sdp_is_checked_against_its_hit_with_hip_proto() {
+        let hi = ed25519_hi();
+        let hit = derive_hit(&hi).unwrap();
+        // ORCHIDv2 prefix 2001:20::/28 with the EdDSA/cSHAKE128 suite (OGA 5, RFC 9374).
+        assert_eq!(&hit.0[..3], &[0x20, 0x01, 0x00]);
+        assert_eq!(hit.0[3] & 0xf0, 0x20);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&hi);
+        let head = "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nt=0 0\r\nm=audio 1 RTP/AVP 0\r\n";
+        let good = format!(
+            "{head}a=key-mgmt:host-identity {b64}\r\na=key-mgmt:host-identity-tag {}\r\n",
+            hit.to_hex()
+        );
+        let (_, ids) = identities_in(good.as_bytes()).unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.iter().all(|i| i.hit == hit));
+        let bad = format!("{head}k=host-identity:{b64}\r\nk=host-identity-tag:2001:20::1\r\n");
+        assert!(matches!(
+            identities_in(bad.as_bytes()),
+            Err(SdpError::HiHitMismatch { line: 7, .. })
+        ));
+        // An HI of an unknown algorithm, and one too short for its algorithm ID.
+        let e = derive_hit(&[0, 99, 0, 1, 2]).unwrap_err();
+        assert!(e.contains("99"), "{e}");
+        assert!(matches!(
+            identities_in(format!("{head}a=key-mgmt:host-identity AA==\r\n").as_bytes()),
+            Err(SdpError::BadHostIdentity { .. })
+        ));
+    }
+}
