@@ -41,6 +41,7 @@ struct Agent {
 
 impl Agent {
     /// Starts the agent in `ns` with `sip` as the `[sip]` table body (plus `extra` tables).
+    /// `hit` is the agent's HIT, or the path of its identity key file.
     fn start(ns: &NetNs, hit: &str, sip: &str, extra: &str) -> Result<Self> {
         let dir = scratch("agent");
         let sock = dir.join("agent.sock");
@@ -48,7 +49,12 @@ impl Agent {
         std::fs::write(
             &cfg,
             format!(
-                "hit = \"{hit}\"\npool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
+                "{}pool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
+                if hit.starts_with('/') {
+                    format!("identity = \"{hit}\"\n")
+                } else {
+                    format!("hit = \"{hit}\"\n")
+                },
                 dir.join("pool.json").display(),
                 sock.display()
             ),
@@ -918,4 +924,94 @@ fn two_agents_call_over_tls() {
         .then_some(())
     })
     .unwrap();
+}
+
+#[test]
+fn an_agent_with_a_key_file_sends_its_hi_and_the_peer_checks_it() {
+    let p = VethPair::new("siphi", &["10.66.0.1/24"], &["10.66.0.2/24"]).unwrap();
+    let dir = scratch("hi");
+    let key = dir.join("alice.pem");
+    hip_tests::run(
+        "openssl",
+        [
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    // hip_proto::keyfile refuses key files others can read.
+    hip_tests::run("chmod", ["600", key.to_str().unwrap()]).unwrap();
+    let alice = Agent::start(
+        &p.a,
+        key.to_str().unwrap(),
+        "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.66.0.1:5060\"]",
+        "[sip.sdp]\nsend_hi = true\nhit_format = \"ipv6\"\n",
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        "2001:20::b",
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.66.0.2:5060\"]",
+        "",
+    )
+    .unwrap();
+    let alice_hit = alice.status()["hit"].as_str().unwrap().to_owned();
+    // An ORCHIDv2 HIT (2001:20::/28), derived from the key by hip_proto.
+    assert!(alice_hit.starts_with("2001:2"), "{alice_hit}");
+    let call = alice.ctl(&["call", "sip:bob@10.66.0.2"]).unwrap();
+    let e = bob.wait_for_pool_entry("sip:alice@atlanta.com");
+    // Bob got the HIT line and the HI line; the HI's own HIT (derived by Bob) matched.
+    let ids = e["identities"].as_array().unwrap();
+    assert_eq!(ids.len(), 2, "{e}");
+    assert!(ids.iter().all(|i| i["hit"] == alice_hit.as_str()), "{e}");
+    assert!(
+        ids.iter()
+            .any(|i| i["hi"].as_str().is_some_and(|h| h.len() > 40)),
+        "{e}"
+    );
+    alice.ctl(&["hangup", call.trim()]).unwrap();
+}
+
+#[test]
+fn sdp_inspect_lists_the_drafts_identities() {
+    let f1 = "v=0\no=alice 53655765 2353687637 IN IP4 pc33.atlanta.com\ns=Session SDP\nt=0 0\nc=IN IP4 pc33.atlanta.com\nm=audio 3456 RTP/AVP 0 1 3 99\na=rtpmap:0 PCMU/8000\nk=host-identity-tag:7214148E0433AFE2FA2D48003D31172E\n";
+    let run = |args: &[&str], input: &str| {
+        use std::io::Write as _;
+        let mut c = Command::new(agent_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let out = run(&["sdp", "inspect", "--json"], f1);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["media"], 1);
+    assert_eq!(v["identities"][0]["hit"], ipv6_of_hex(SIPP_HIT));
+    assert_eq!(
+        v["identities"][0]["scope"],
+        serde_json::json!({"level": "media", "index": 0})
+    );
+    assert_eq!(v["identities"][0]["form"], "k");
+    assert_eq!(v["identities"][0]["kind"], "hit");
+    let out = run(&["sdp", "inspect"], f1);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("line 8: HIT 7214:148e:433:afe2:fa2d:4800:3d31:172e")
+    );
+    // A bad HIT: a clear error and a failing exit status.
+    let out = run(&["sdp", "inspect"], &f1.replace("172E", "172G"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 8"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
