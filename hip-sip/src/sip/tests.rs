@@ -1088,3 +1088,28 @@ fn commands_refuse_what_does_not_fit() {
     }
     assert_eq!(n, 1, "only the one valid INVITE");
 }
+
+#[test]
+fn a_callee_hanging_up_before_the_ack_sends_bye_only_after_it() {
+    let mut sim = Sim::new(vec![ua("bob", "biloxi.com", BOB, 2)]);
+    sim.inject(0, "192.0.2.9:5060", &invite_from_peer("z9hG4bKb1", "b@x"));
+    let h = incoming(&sim, 0);
+    let now = sim.now;
+    sim.nodes[0]
+        .ua
+        .answer(now, h, Some(sdp("bob", "2001:20::b")))
+        .unwrap();
+    sim.nodes[0].ua.hangup(now, h).unwrap();
+    sim.run_until(ms(700));
+    assert!(
+        sim.times_of(addr(BOB), "BYE").is_empty(),
+        "no BYE before the ACK"
+    );
+    let tag = to_tag_in(sim.sent_by(addr(BOB))[0]);
+    sim.inject(
+        0,
+        "192.0.2.9:5060",
+        &ack_from_peer("z9hG4bKb2", "b@x", &tag),
+    );
+    assert_eq!(sim.times_of(addr(BOB), "BYE"), vec![ms(700)]);
+}

@@ -85,6 +85,8 @@ struct Call {
     provisional_seen: bool,
     cancel_pending: bool,
     cancel_sent: bool,
+    /// UAS hung up before the ACK for its 2xx: BYE when it arrives (RFC 3261 §15).
+    bye_on_ack: bool,
     /// UAS: the 2xx being retransmitted, and the current interval.
     final_2xx: Option<(Response, Duration)>,
     /// UAC: the ACK for the 2xx, re-sent on every retransmitted 2xx (RFC 3261 §13.2.2.4).
@@ -815,6 +817,7 @@ impl UserAgent {
             provisional_seen: false,
             cancel_pending: false,
             cancel_sent: false,
+            bye_on_ack: false,
             final_2xx: None,
             ack: None,
         };
@@ -905,7 +908,7 @@ impl UserAgent {
         }
     }
 
-    fn on_ack(&mut self, _now: Instant, ack: &Request) {
+    fn on_ack(&mut self, now: Instant, ack: &Request) {
         let Some(h) = self.dialog_of(&ack.headers) else {
             return;
         };
@@ -921,9 +924,13 @@ impl UserAgent {
             c.remote_sdp = Some(ack.body().clone());
         }
         let info = c.info();
+        let bye = c.bye_on_ack;
         self.timers.clear(&TimerKey::Retransmit2xx(h));
         self.timers.clear(&TimerKey::AckTimeout(h));
         self.events.push_back(Event::Confirmed { call: info });
+        if bye {
+            let _ = self.send_bye(now, h);
+        }
     }
 
     fn retransmit_2xx(&mut self, now: Instant, h: CallHandle) {
@@ -1495,6 +1502,7 @@ impl UserAgent {
             provisional_seen: false,
             cancel_pending: false,
             cancel_sent: false,
+            bye_on_ack: false,
             final_2xx: None,
             ack: None,
         };
@@ -1645,6 +1653,14 @@ impl UserAgent {
             }
             (Direction::Incoming, CallState::Initiating | CallState::Early) => {
                 self.reject(now, h, 603, "Decline")
+            }
+            // RFC 3261 §15: the callee does not send BYE before the ACK for its 2xx (or the
+            // ACK timeout, which sends it anyway).
+            (Direction::Incoming, CallState::Answered) => {
+                if let Some(c) = self.calls.get_mut(&h) {
+                    c.bye_on_ack = true;
+                }
+                Ok(())
             }
             (_, CallState::Answered | CallState::Confirmed) => self.send_bye(now, h),
             (_, state) => Err(SipError::WrongState {
