@@ -4,7 +4,7 @@
 //! # The seam for HIP
 //!
 //! Every call outcome that matters beyond SIP becomes an [`AgentEvent`], handed to
-//! [`Daemon::dispatch`] on the loop's task:
+//! `Daemon::dispatch` on the loop's task:
 //!
 //! * [`AgentEvent::PeerHitsLearned`] when a dialog is confirmed (UAC: 2xx received and ACK
 //!   sent; UAS: ACK received) or new SDP arrives in it (UPDATE/re-INVITE), after the pool was
