@@ -10,6 +10,7 @@
 //! Nothing here reads a clock, opens a socket or draws from a global RNG (key files in
 //! [`keyfile`] are the one exception to "no I/O", and the protocol never calls it).
 
+pub mod bench;
 pub mod crypto;
 pub mod endpoint;
 pub mod esp;

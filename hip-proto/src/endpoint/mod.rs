@@ -586,6 +586,19 @@ impl Endpoint {
         }
     }
 
+    /// Forgets the association with `peer` at once, sending nothing (for a local failure,
+    /// e.g. the kernel refused its SAs). Its inbound SPI goes back to the allocator.
+    pub fn abort(&mut self, peer: Hit) -> Result<(), ProtocolError> {
+        let mut a = self
+            .assocs
+            .remove(&peer)
+            .ok_or(ProtocolError::NoAssociation(peer))?;
+        if let Some(spi) = a.spi_in.take() {
+            self.spis.release(spi);
+        }
+        Ok(())
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
