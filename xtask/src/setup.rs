@@ -25,6 +25,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting eBPF maps and programs"),
     ("strongswan", "reference IKE daemon programming XFRM"),
     ("python3-pip", "installing virtme-ng"),
+    ("openssl", "test certificates for SIPS (TLS)"),
 ];
 
 /// virtme-ng (PyPI), verified here.
