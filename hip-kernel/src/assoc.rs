@@ -198,8 +198,12 @@ async fn undo<K: KernelIpsec>(k: &K, done: Vec<Done>) -> Result<(), XfrmError> {
             Done::Policy(id) => k.del_policy(&id).await.map(|_| ()),
             Done::Sa(id) => k.del_sa(&id).await.map(|_| ()),
         };
-        if let Err(e) = r {
-            first.get_or_insert(e);
+        match r {
+            // Not hip's: the failed step did not create it, and it is not ours to remove.
+            Ok(()) | Err(XfrmError::ForeignConflict { .. }) => {}
+            Err(e) => {
+                first.get_or_insert(e);
+            }
         }
     }
     first.map_or(Ok(()), Err)

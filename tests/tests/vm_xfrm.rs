@@ -652,3 +652,102 @@ fn hard_expiry_is_reported_and_the_sa_is_gone() {
     })
     .unwrap();
 }
+
+#[test]
+fn sa_upserts_replace_hips_keys_and_refuse_foreign_sas() {
+    let ns = NetNs::new("xupsert").unwrap();
+    let rt = rt();
+    let k = xfrm_in(&ns, &rt);
+    let t = EspTransform::AesCbc128HmacSha256;
+    let mk = |seed| {
+        side(
+            t,
+            seed,
+            (HIT_A, LOC_A),
+            (HIT_B, LOC_B),
+            0x7000,
+            0x7001,
+            Lifetimes::UNLIMITED,
+            FailClosed::PerPeer,
+        )
+        .sa_out()
+    };
+    let (v1, v2) = (mk(1), mk(2));
+    let key_hex = |s: &SaParams| {
+        s.keys
+            .enc()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    rt.block_on(k.add_sa(&v1)).unwrap();
+    assert!(ip_text(&ns, "state").contains(&key_hex(&v1)));
+    // Same SPI, other keys: hip's own SA is replaced (the kernel's UPDSA keeps keys).
+    rt.block_on(k.add_sa(&v2)).unwrap();
+    let st = ip_text(&ns, "state");
+    assert_eq!(ip_count(&ns, "state"), 1, "{st}");
+    assert!(st.contains(&key_hex(&v2)), "{st}");
+    assert!(!st.contains(&key_hex(&v1)), "{st}");
+    rt.block_on(k.del_sa(&v2.id())).unwrap();
+
+    // A foreign SA in the same slot is never changed or deleted.
+    ns.ip([
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        LOC_A,
+        "dst",
+        LOC_B,
+        "proto",
+        "esp",
+        "spi",
+        "0x7001",
+        "reqid",
+        "77",
+        "mode",
+        "beet",
+        "sel",
+        "src",
+        HIT_A,
+        "dst",
+        HIT_B,
+        "auth-trunc",
+        "hmac(sha256)",
+        "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20",
+        "128",
+        "enc",
+        "cbc(aes)",
+        "0xa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
+    ])
+    .unwrap();
+    let foreign = ip_text(&ns, "state");
+    let e = rt.block_on(k.add_sa(&v1)).unwrap_err();
+    assert!(
+        matches!(e, hip_kernel::XfrmError::ForeignConflict { .. }),
+        "{e:?}"
+    );
+    let e = rt.block_on(k.del_sa(&v1.id())).unwrap_err();
+    assert!(
+        matches!(e, hip_kernel::XfrmError::ForeignConflict { .. }),
+        "{e:?}"
+    );
+    // And an association whose outbound SA hits it is rolled back completely.
+    let a = side(
+        t,
+        1,
+        (HIT_A, LOC_A),
+        (HIT_B, LOC_B),
+        0x7002,
+        0x7001,
+        Lifetimes::UNLIMITED,
+        FailClosed::PerPeer,
+    );
+    let e = rt.block_on(install_association(&k, &a)).unwrap_err();
+    assert!(
+        matches!(e, hip_kernel::XfrmError::ForeignConflict { .. }),
+        "{e:?}"
+    );
+    assert_eq!(ip_text(&ns, "state"), foreign);
+    assert_eq!(ip_count(&ns, "policy"), 0, "{}", ip_text(&ns, "policy"));
+}
