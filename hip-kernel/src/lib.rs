@@ -12,6 +12,7 @@
 //! * [`install_association`] / [`remove_association`] / [`rekey_association`] /
 //!   [`reconcile`]: the unit the agent works with, one HIP association at a time, ordered
 //!   so that no clear-text window opens ([`FailClosed`]);
+//! * [`HitRoutes`]: rtnetlink helpers that put local HITs on `lo` and route peer HITs;
 //! * [`owner`]: how hip's objects are recognised (reqid and priority ranges), so that
 //!   installs are upserts, a restart reconciles, and foreign objects are never touched.
 //!
@@ -32,6 +33,7 @@ mod error;
 mod msg;
 mod netlink;
 pub mod owner;
+mod routes;
 mod types;
 
 pub use assoc::{
@@ -41,6 +43,7 @@ pub use assoc::{
 };
 pub use error::{XfrmError, errno_text};
 pub use netlink::XfrmNetlink;
+pub use routes::HitRoutes;
 pub use types::{
     EspKeyPair, EspKeys, EspTransform, HitPair, KernelEvent, Lifetimes, LocatorPair,
     MAX_REPLAY_WINDOW, Owned, PolicyAction, PolicyDir, PolicyEntry, PolicyId, PolicyParams, Prefix,

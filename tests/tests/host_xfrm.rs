@@ -7,9 +7,9 @@
 use std::{net::UdpSocket, time::Duration};
 
 use hip_kernel::{
-    AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, KernelEvent,
-    KernelIpsec, Lifetimes, LocatorPair, PolicyAction, Prefix, Reqid, XfrmError, XfrmNetlink,
-    install_association, install_guard, owner, reconcile, remove_guard,
+    AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, HitRoutes,
+    KernelEvent, KernelIpsec, Lifetimes, LocatorPair, PolicyAction, Prefix, Reqid, XfrmError,
+    XfrmNetlink, install_association, install_guard, owner, reconcile, remove_guard,
 };
 use hip_tests::{NetNs, VethPair};
 use tokio::runtime::Runtime;
@@ -372,4 +372,49 @@ fn bad_parameters_change_nothing() {
     assert!(matches!(e, XfrmError::InvalidParam(_)), "{e:?}");
     assert_eq!(ip_count(&ns, "state"), 0);
     assert_eq!(ip_count(&ns, "policy"), 0);
+}
+
+#[test]
+fn hit_addresses_and_routes_are_set_through_rtnetlink() {
+    let p = VethPair::new("xfrmrt", &["2001:db8::1/64"], &["2001:db8::2/64"]).unwrap();
+    let rt = rt();
+    let r =
+        p.a.run_in(|| {
+            let _g = rt.enter();
+            HitRoutes::new().unwrap()
+        })
+        .unwrap();
+    let (ha, hb) = (HIT_A.parse().unwrap(), HIT_B.parse().unwrap());
+    for _ in 0..2 {
+        rt.block_on(r.add_local_hit(ha)).unwrap();
+        rt.block_on(r.add_peer_route(hb, ha, LOC_B.parse().unwrap()))
+            .unwrap();
+    }
+    let addrs =
+        String::from_utf8_lossy(&p.a.ip(["-6", "addr", "show", "dev", "lo"]).unwrap().stdout)
+            .into_owned();
+    assert!(addrs.contains("inet6 2001:20::a/128"), "{addrs}");
+    let routes = String::from_utf8_lossy(&p.a.ip(["-6", "route", "show", HIT_B]).unwrap().stdout)
+        .into_owned();
+    assert_eq!(routes.lines().count(), 1, "{routes}");
+    assert!(
+        routes.contains("2001:20::b via 2001:db8::2 dev va") && routes.contains("src 2001:20::a"),
+        "{routes}"
+    );
+    // The kernel now picks the HIT as source towards the peer HIT.
+    let get = String::from_utf8_lossy(&p.a.ip(["-6", "route", "get", HIT_B]).unwrap().stdout)
+        .into_owned();
+    assert!(get.contains("src 2001:20::a"), "{get}");
+
+    assert!(rt.block_on(r.del_peer_route(hb)).unwrap());
+    assert!(!rt.block_on(r.del_peer_route(hb)).unwrap());
+    assert!(rt.block_on(r.del_local_hit(ha)).unwrap());
+    assert!(!rt.block_on(r.del_local_hit(ha)).unwrap());
+    let routes = p.a.ip(["-6", "route", "show", HIT_B]).unwrap().stdout;
+    assert!(routes.is_empty());
+    // An unreachable locator is a clear error, not a silent no-op.
+    let e = rt
+        .block_on(r.add_peer_route(hb, ha, "2001:db9::9".parse().unwrap()))
+        .unwrap_err();
+    assert!(e.to_string().contains("2001:db9::9"), "{e}");
 }
