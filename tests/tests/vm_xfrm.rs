@@ -17,8 +17,8 @@ use std::{
 };
 
 use hip_kernel::{
-    AssociationParams, EspKeyPair, EspTransform, Events, FailClosed, KernelEvent, KernelIpsec,
-    Lifetimes, LocatorPair, Reqid, SaParams, Spi, XfrmNetlink, install_association,
+    AssociationParams, EspKeyPair, EspTransform, Events, FailClosed, HitRoutes, KernelEvent,
+    KernelIpsec, Lifetimes, LocatorPair, Reqid, SaParams, Spi, XfrmNetlink, install_association,
     rekey_association, remove_association,
 };
 use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
@@ -64,28 +64,23 @@ fn ip_text(ns: &NetNs, what: &str) -> String {
     String::from_utf8_lossy(&ns.ip(["xfrm", what, "list"]).unwrap().stdout).into_owned()
 }
 
-/// Namespaces a/b, veth va/vb with the locators, HITs as /128 on lo, and a route to the
-/// peer HIT over the veth (the BEET SA then rewrites the outer addresses).
-fn topology(tag: &str) -> VethPair {
+/// Namespaces a/b, veth va/vb with the locators, and through hip's rtnetlink helpers
+/// the HITs as /128 on lo and a route to the peer HIT following the locator's route (the
+/// BEET SA then rewrites the outer addresses).
+fn topology(tag: &str, rt: &Runtime) -> VethPair {
     let p = VethPair::new(tag, &[&format!("{LOC_A}/64")], &[&format!("{LOC_B}/64")]).unwrap();
-    for (ns, ifc, hit, peer_hit, peer_loc) in [
-        (&p.a, &p.if_a, HIT_A, HIT_B, LOC_B),
-        (&p.b, &p.if_b, HIT_B, HIT_A, LOC_A),
-    ] {
-        ns.ip(["addr", "add", &format!("{hit}/128"), "dev", "lo"])
+    for (ns, hit, peer_hit, peer_loc) in [(&p.a, HIT_A, HIT_B, LOC_B), (&p.b, HIT_B, HIT_A, LOC_A)]
+    {
+        let r = ns
+            .run_in(|| {
+                let _g = rt.enter();
+                HitRoutes::new().unwrap()
+            })
             .unwrap();
-        ns.ip([
-            "route",
-            "add",
-            &format!("{peer_hit}/128"),
-            "via",
-            peer_loc,
-            "dev",
-            ifc,
-            "src",
-            hit,
-        ])
-        .unwrap();
+        let (hit, peer_hit) = (hit.parse().unwrap(), peer_hit.parse().unwrap());
+        rt.block_on(r.add_local_hit(hit)).unwrap();
+        rt.block_on(r.add_peer_route(peer_hit, hit, peer_loc.parse().unwrap()))
+            .unwrap();
     }
     p
 }
@@ -290,8 +285,8 @@ fn exchange(p: &VethPair, n: usize, tag: &str) {
 }
 
 fn datapath(t: EspTransform) {
-    let p = topology(&format!("x{}", t.suite_id()));
     let rt = rt();
+    let p = topology(&format!("x{}", t.suite_id()), &rt);
     let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
     let (aa, ab) = pair(&rt, &ka, &kb, t, 7, Lifetimes::UNLIMITED);
     rt.block_on(install_association(&ka, &aa)).unwrap();
@@ -550,8 +545,8 @@ fn wait_event(
 
 #[test]
 fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
-    let p = topology("xrekey");
     let rt = rt();
+    let p = topology("xrekey", &rt);
     let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
     let (mut ev_a, mut ev_b) = (events_in(&p.a, &rt, &ka), events_in(&p.b, &rt, &kb));
     let t = EspTransform::AesCbc128HmacSha256;
