@@ -138,6 +138,8 @@ pub(super) struct Assoc {
     pub rto: Duration,
     pub timer: Option<Instant>,
     pub close_nonce: Vec<u8>,
+    /// UPDATE state (RFC 7401 §6.11).
+    pub upd: super::update::UpdateState,
 }
 
 impl Assoc {
@@ -167,10 +169,11 @@ impl Assoc {
             rto: config.rto_initial,
             timer: None,
             close_nonce: Vec::new(),
+            upd: Default::default(),
         }
     }
 
-    fn transmit(&self, mut payload: Vec<u8>) -> Transmit {
+    pub(super) fn transmit(&self, mut payload: Vec<u8>) -> Transmit {
         wire::set_checksum(&mut payload, self.local_loc, self.peer_loc);
         Transmit {
             src: self.local_loc,
@@ -202,7 +205,7 @@ impl Assoc {
     }
 
     /// Appends HIP_MAC (when keys exist) and HIP_SIGNATURE, and checksums.
-    fn finish_authenticated(
+    pub(super) fn finish_authenticated(
         &self,
         mut b: PacketBuilder,
         id: &HostIdentity,
@@ -233,7 +236,7 @@ impl Assoc {
     }
 
     /// Verifies the HIP_MAC and HIP_SIGNATURE of an authenticated packet.
-    fn verify_authenticated(&self, pkt: &Packet) -> Result<(), ProtocolError> {
+    pub(super) fn verify_authenticated(&self, pkt: &Packet) -> Result<(), ProtocolError> {
         let (Some(k), Some(hi)) = (&self.keys, &self.peer_hi) else {
             return Err(ProtocolError::Unexpected {
                 packet_type: pkt.header.packet_type,
@@ -299,7 +302,7 @@ impl Assoc {
             }
             State::Closed | State::EFailed | State::Unassociated => true,
             State::Established => {
-                self.timer = None;
+                self.on_update_timer(now, config, out, events);
                 false
             }
         }
@@ -920,7 +923,7 @@ impl Endpoint {
             dh_group,
             hip_cipher: cipher,
         };
-        let a = Assoc {
+        let mut a = Assoc {
             state: State::R2Sent,
             local_hit,
             peer_hit: hit_i,
@@ -939,7 +942,9 @@ impl Endpoint {
             rto: self.config.rto_initial,
             timer: Some(now + self.config.r2_sent_timeout),
             close_nonce: Vec::new(),
+            upd: Default::default(),
         };
+        a.upd.esp_next = next;
         self.assocs.insert(hit_i, a);
         self.transmits.push_back(t);
         self.events.push_back(Event::Established(Box::new(ev)));
@@ -1000,6 +1005,7 @@ impl Endpoint {
         };
         let a = self.assocs.get_mut(&peer).expect("found above");
         a.spi_out = Some(new_spi);
+        a.upd.esp_next = next;
         a.state = State::Established;
         a.timer = None;
         a.last = None;

@@ -23,6 +23,7 @@
 
 mod assoc;
 mod r1pool;
+mod update;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -44,6 +45,7 @@ use crate::{
 use assoc::Assoc;
 pub use assoc::State;
 use r1pool::R1Pool;
+pub use update::Rekeyed;
 
 /// Protocol errors: why a packet was dropped or an exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,6 +160,12 @@ pub enum ProtocolError {
     /// NOTIFY).
     #[error("peer reported {0}")]
     PeerNotified(&'static str),
+    /// An UPDATE exchange with this peer is already in progress.
+    #[error("an UPDATE with {0} is in progress")]
+    UpdateInProgress(Hit),
+    /// An ECHO_RESPONSE_SIGNED that does not match our request, or from another address.
+    #[error("echo response does not match the address check")]
+    BadEcho,
     /// Configuration is not usable.
     #[error("configuration: {0}")]
     Config(String),
@@ -208,6 +216,8 @@ pub struct Config {
     pub i2_retries: u32,
     /// Retransmissions of CLOSE before giving up.
     pub close_retries: u32,
+    /// Retransmissions of an UPDATE before giving up.
+    pub update_retries: u32,
     /// Time in R2-SENT before moving to ESTABLISHED without further packets.
     pub r2_sent_timeout: Duration,
     /// Time an association stays in CLOSED or E-FAILED before it is forgotten.
@@ -239,6 +249,7 @@ impl Default for Config {
             i1_retries: 5,
             i2_retries: 5,
             close_retries: 5,
+            update_retries: 5,
             r2_sent_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(30),
             opportunistic: true,
@@ -342,6 +353,26 @@ pub enum Event {
         peer_hit: Hit,
         /// Whether the peer sent the CLOSE.
         by_peer: bool,
+    },
+    /// The ESP SAs were rekeyed (UPDATE with ESP_INFO, RFC 7402 §6.1): install the new
+    /// pair, then remove the old one.
+    Rekeyed(Box<Rekeyed>),
+    /// The locators in use changed (RFC 8046): ours after the peer acknowledged our
+    /// LOCATOR_SET, the peer's after its new address answered our echo request.
+    LocatorsChanged {
+        /// The peer.
+        peer_hit: Hit,
+        /// Our locator now.
+        local_locator: IpAddr,
+        /// The peer's locator now.
+        peer_locator: IpAddr,
+    },
+    /// An UPDATE was retransmitted without answer and given up; the association stays.
+    UpdateFailed {
+        /// The peer.
+        peer_hit: Hit,
+        /// The new inbound SPI of an abandoned rekey (to free in the kernel).
+        abandoned_spi: Option<u32>,
     },
     /// A NOTIFY arrived.
     Notified {
@@ -688,18 +719,7 @@ impl Endpoint {
             PacketType::Notify => self.on_notify(now, src, &pkt),
             PacketType::Close => self.on_close(now, src, dst, &pkt),
             PacketType::CloseAck => self.on_close_ack(now, &pkt),
-            PacketType::Update => {
-                let peer = pkt.header.sender;
-                let st = self
-                    .assocs
-                    .get(&peer)
-                    .map(|a| a.state)
-                    .ok_or(ProtocolError::NoAssociation(peer))?;
-                Err(ProtocolError::Unexpected {
-                    packet_type: PacketType::Update,
-                    state: st,
-                })
-            }
+            PacketType::Update => self.on_update(now, src, dst, &pkt),
         }
     }
 }

@@ -939,3 +939,183 @@ fn i2_hit_suite_and_critical_parameter_checks() {
         )))
     );
 }
+
+// ---- UPDATE: rekeying and locator changes.
+
+fn established_pair(link: Link, seed: u64) -> Sim {
+    let mut s = pair(
+        Algorithm::EcdsaP256,
+        Algorithm::Ed25519,
+        fast_config(),
+        fast_config(),
+        link,
+        seed,
+    );
+    let hb = s.b.hit();
+    let now = s.now;
+    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+    assert!(s.run_until(Duration::from_secs(60), Sim::both_established));
+    // Until B's R2-SENT timer has moved it to ESTABLISHED.
+    s.run_until(Duration::from_secs(30), |_| false);
+    assert_eq!(s.b.state(&s.a.hit()), Some(State::Established));
+    s
+}
+
+fn rekeyed(v: &[Event]) -> Vec<&Rekeyed> {
+    v.iter()
+        .filter_map(|e| match e {
+            Event::Rekeyed(r) => Some(&**r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn rekey_over_a_lossy_link_both_directions() {
+    let mut s = established_pair(
+        Link {
+            loss: 0.25,
+            dup: 0.2,
+            jitter_ms: 100,
+        },
+        21,
+    );
+    let (ha, hb) = (s.a.hit(), s.b.hit());
+    let (ea, eb) = s.established();
+    let (ea, eb) = (ea.unwrap().clone(), eb.unwrap().clone());
+    let now = s.now;
+    s.b.rekey(now, ha).unwrap();
+    assert_eq!(s.b.rekey(now, ha), Err(ProtocolError::UpdateInProgress(ha)));
+    assert!(s.run_until(
+        Duration::from_secs(120),
+        |s| !rekeyed(&s.events_a).is_empty() && !rekeyed(&s.events_b).is_empty()
+    ));
+    // Let retransmissions settle: nothing more may happen.
+    s.run_until(Duration::from_secs(120), |_| false);
+    let (ra, rb) = (rekeyed(&s.events_a), rekeyed(&s.events_b));
+    assert_eq!((ra.len(), rb.len()), (1, 1), "exactly one rekey each");
+    let (ra, rb) = (ra[0].clone(), rb[0].clone());
+    assert_eq!(ra.old_spi_inbound, ea.spi_inbound);
+    assert_eq!(ra.old_spi_outbound, ea.spi_outbound);
+    assert_eq!(rb.old_spi_inbound, eb.spi_inbound);
+    assert_eq!(ra.spi_outbound, rb.spi_inbound);
+    assert_eq!(ra.spi_inbound, rb.spi_outbound);
+    assert_ne!(ra.spi_inbound, ea.spi_inbound);
+    assert_eq!(ra.keys_outbound, rb.keys_inbound);
+    assert_eq!(ra.keys_inbound, rb.keys_outbound);
+    assert_ne!(ra.keys_inbound, ea.keys_inbound, "fresh keys");
+    assert_eq!(ra.keymat_index, rb.keymat_index);
+    assert!(ra.keymat_index > ea.keymat_index);
+    // And once more from the other side: keys move further along KEYMAT.
+    let now = s.now;
+    s.a.rekey(now, hb).unwrap();
+    assert!(
+        s.run_until(Duration::from_secs(120), |s| rekeyed(&s.events_a).len()
+            == 2
+            && rekeyed(&s.events_b).len() == 2)
+    );
+    let (ra2, rb2) = (
+        rekeyed(&s.events_a)[1].clone(),
+        rekeyed(&s.events_b)[1].clone(),
+    );
+    assert_eq!(ra2.old_spi_inbound, ra.spi_inbound);
+    assert_eq!(ra2.keys_outbound, rb2.keys_inbound);
+    assert_ne!(ra2.keys_outbound, ra.keys_outbound);
+    assert!(ra2.keymat_index > ra.keymat_index);
+    assert_eq!(s.a.state(&hb), Some(State::Established));
+}
+
+#[test]
+fn simultaneous_rekey_resolves_to_one() {
+    let mut s = established_pair(PERFECT, 22);
+    let (ha, hb) = (s.a.hit(), s.b.hit());
+    let now = s.now;
+    s.a.rekey(now, hb).unwrap();
+    s.b.rekey(now, ha).unwrap();
+    assert!(s.run_until(
+        Duration::from_secs(60),
+        |s| !rekeyed(&s.events_a).is_empty() && !rekeyed(&s.events_b).is_empty()
+    ));
+    s.run_until(Duration::from_secs(60), |_| false);
+    let (ra, rb) = (rekeyed(&s.events_a), rekeyed(&s.events_b));
+    assert_eq!((ra.len(), rb.len()), (1, 1));
+    assert_eq!(ra[0].spi_outbound, rb[0].spi_inbound);
+    assert_eq!(ra[0].keys_outbound, rb[0].keys_inbound);
+    assert!(
+        !s.events_a
+            .iter()
+            .chain(&s.events_b)
+            .any(|e| matches!(e, Event::UpdateFailed { .. }))
+    );
+}
+
+#[test]
+fn locator_change_is_verified_before_use() {
+    let mut s = established_pair(PERFECT, 23);
+    let (ha, hb) = (s.a.hit(), s.b.hit());
+    let a2: IpAddr = "2001:db8:1::a".parse().unwrap();
+    let now = s.now;
+    let mark = s.wire.len();
+    s.a.update_locators(now, hb, a2).unwrap();
+    let moved = |v: &[Event]| {
+        v.iter().find_map(|e| match e {
+            Event::LocatorsChanged {
+                local_locator,
+                peer_locator,
+                ..
+            } => Some((*local_locator, *peer_locator)),
+            _ => None,
+        })
+    };
+    assert!(
+        s.run_until(Duration::from_secs(30), |s| moved(&s.events_a).is_some()
+            && moved(&s.events_b).is_some())
+    );
+    assert_eq!(moved(&s.events_a), Some((a2, loc(LOC_B))));
+    assert_eq!(moved(&s.events_b), Some((loc(LOC_B), a2)));
+    // B's echo request went to the new address, and A answered from it.
+    let after: Vec<_> = s.wire[mark..]
+        .iter()
+        .map(|(to_b, t)| (*to_b, t.src, t.dst))
+        .collect();
+    assert!(after.contains(&(false, loc(LOC_B), a2)), "{after:?}");
+    assert!(after.contains(&(true, a2, loc(LOC_B))), "{after:?}");
+    // Later packets use the new locator: a CLOSE from B goes to A's new address.
+    let now = s.now;
+    s.b.close(now, ha).unwrap();
+    let t = s.b.poll_transmit().unwrap();
+    assert_eq!(t.dst, a2);
+}
+
+#[test]
+fn update_needs_valid_hmac_and_duplicates_are_answered_not_reprocessed() {
+    let mut s = established_pair(PERFECT, 24);
+    let (ha, hb) = (s.a.hit(), s.b.hit());
+    let now = s.now;
+    s.a.rekey(now, hb).unwrap();
+    let upd = s.a.poll_transmit().unwrap();
+    // Tampered HMAC: refused, no reply.
+    let mut bad = upd.clone();
+    let (o, _) = param_at(&bad.payload, ty::HMAC);
+    bad.payload[o + 9] ^= 1;
+    fix(&mut bad);
+    assert_eq!(
+        s.b.handle_packet(now, bad.src, bad.dst, &bad.payload),
+        Err(ProtocolError::BadHmac)
+    );
+    assert!(s.b.poll_transmit().is_none());
+    // The real one, twice: one Rekeyed, two identical replies.
+    s.b.handle_packet(now, upd.src, upd.dst, &upd.payload)
+        .unwrap();
+    let r1 = s.b.poll_transmit().unwrap();
+    s.b.handle_packet(now, upd.src, upd.dst, &upd.payload)
+        .unwrap();
+    let r2 = s.b.poll_transmit().unwrap();
+    assert_eq!(r1, r2);
+    let mut n = 0;
+    while let Some(e) = s.b.poll_event() {
+        n += matches!(e, Event::Rekeyed(_)) as usize;
+    }
+    assert_eq!(n, 1);
+    assert_eq!(s.b.state(&ha), Some(State::Established));
+}

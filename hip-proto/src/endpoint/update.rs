@@ -1,0 +1,468 @@
+//! UPDATE (RFC 7401 §5.3.5, §6.11): ESP rekeying without a new DH exchange (RFC 7402
+//! §6.1, keys drawn further along KEYMAT) and locator changes with address verification
+//! (RFC 8046 §5: LOCATOR_SET, answered by an ECHO_REQUEST_SIGNED sent to the new address).
+//!
+//! Every UPDATE carries HIP_MAC and HIP_SIGNATURE. An UPDATE with SEQ is retransmitted
+//! until the peer's ACK names its Update ID; a repeated SEQ is answered with the reply
+//! already sent, without processing it again.
+
+use std::{collections::VecDeque, net::IpAddr, time::Instant};
+
+use super::{
+    Config, Endpoint, Event, ProtocolError, Transmit,
+    assoc::{Assoc, State},
+};
+use crate::{
+    esp::{EspKeys, EspSuite, draw_esp_keys},
+    hit::Hit,
+    wire::{self, Locator, Packet, PacketBuilder, PacketType, Param, ty},
+};
+
+/// What our outstanding UPDATE (with SEQ) is waiting for.
+#[derive(Clone, Debug)]
+pub(super) enum Pending {
+    /// We started a rekey: our new inbound SPI and the KEYMAT index offered.
+    Rekey {
+        seq: u32,
+        new_spi_in: u32,
+        index: usize,
+    },
+    /// We announced a new local locator.
+    Locator { seq: u32 },
+    /// We asked the peer to prove it is reachable at `candidate`.
+    Verify {
+        seq: u32,
+        nonce: Vec<u8>,
+        candidate: IpAddr,
+    },
+    /// We answered a request with our own SEQ (a rekey reply): waiting for its ACK.
+    Ack { seq: u32 },
+}
+
+impl Pending {
+    fn seq(&self) -> u32 {
+        match self {
+            Pending::Rekey { seq, .. }
+            | Pending::Locator { seq }
+            | Pending::Verify { seq, .. }
+            | Pending::Ack { seq } => *seq,
+        }
+    }
+}
+
+/// Per-association UPDATE state.
+#[derive(Default, Debug)]
+pub(crate) struct UpdateState {
+    /// Our next Update ID.
+    next_seq: u32,
+    /// The last peer Update ID processed.
+    peer_seq: Option<u32>,
+    /// Our reply to that Update ID (resent on a duplicate).
+    last_reply: Option<Transmit>,
+    pending: Option<Pending>,
+    /// KEYMAT index from which the next ESP keys are drawn.
+    pub esp_next: usize,
+}
+
+/// A completed rekey: everything to replace the SA pair.
+#[derive(Clone, Debug)]
+pub struct Rekeyed {
+    /// Our HIT.
+    pub local_hit: Hit,
+    /// The peer's HIT.
+    pub peer_hit: Hit,
+    /// The ESP transform (unchanged).
+    pub esp_suite: EspSuite,
+    /// SPI of the inbound SA being replaced.
+    pub old_spi_inbound: u32,
+    /// SPI of the outbound SA being replaced.
+    pub old_spi_outbound: u32,
+    /// New inbound SPI.
+    pub spi_inbound: u32,
+    /// New outbound SPI.
+    pub spi_outbound: u32,
+    /// New inbound keys.
+    pub keys_inbound: EspKeys,
+    /// New outbound keys.
+    pub keys_outbound: EspKeys,
+    /// KEYMAT index after these keys.
+    pub keymat_index: usize,
+}
+
+impl Assoc {
+    fn next_seq(&mut self) -> u32 {
+        let s = self.upd.next_seq;
+        self.upd.next_seq = self.upd.next_seq.wrapping_add(1);
+        s
+    }
+
+    /// Builds an authenticated UPDATE with `params` (ascending types), sent to `dst`.
+    fn update_packet(
+        &self,
+        id: &crate::identity::HostIdentity,
+        params: &[Param],
+        dst: IpAddr,
+    ) -> Result<Transmit, ProtocolError> {
+        let mut b = PacketBuilder::new(PacketType::Update, 0, self.local_hit, self.peer_hit);
+        for p in params {
+            b.push(p)?;
+        }
+        let mut t = self.finish_authenticated(b, id)?;
+        if dst != t.dst {
+            t.dst = dst;
+            wire::set_checksum(&mut t.payload, t.src, t.dst);
+        }
+        Ok(t)
+    }
+
+    /// Retransmits the pending UPDATE, or gives it up.
+    pub(super) fn on_update_timer(
+        &mut self,
+        now: Instant,
+        config: &Config,
+        out: &mut VecDeque<Transmit>,
+        events: &mut VecDeque<Event>,
+    ) {
+        if self.upd.pending.is_none() {
+            self.timer = None;
+            return;
+        }
+        if self.retries < config.update_retries {
+            self.retries += 1;
+            self.rto = (self.rto * 2).min(config.rto_max);
+            self.timer = Some(now + self.rto);
+            if let Some(t) = &self.last {
+                out.push_back(t.clone());
+            }
+        } else {
+            self.timer = None;
+            self.last = None;
+            let p = self.upd.pending.take();
+            events.push_back(Event::UpdateFailed {
+                peer_hit: self.peer_hit,
+                abandoned_spi: match p {
+                    Some(Pending::Rekey { new_spi_in, .. }) => Some(new_spi_in),
+                    _ => None,
+                },
+            });
+        }
+    }
+}
+
+impl Endpoint {
+    fn established_mut(&mut self, peer: Hit) -> Result<&mut Assoc, ProtocolError> {
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(ProtocolError::NoAssociation(peer))?;
+        if a.state != State::Established {
+            return Err(ProtocolError::Unexpected {
+                packet_type: PacketType::Update,
+                state: a.state,
+            });
+        }
+        if a.upd.pending.is_some() {
+            return Err(ProtocolError::UpdateInProgress(peer));
+        }
+        Ok(a)
+    }
+
+    /// Starts rekeying the ESP SAs with `peer` (RFC 7402 §6.1): new SPIs, keys drawn
+    /// further along KEYMAT, no new DH. Completes with [`Event::Rekeyed`] on both sides.
+    pub fn rekey(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
+        let local = self.hit();
+        let peer_loc = self.established_mut(peer)?.peer_loc;
+        let new_spi_in = self
+            .spis
+            .allocate(local, peer, peer_loc)
+            .map_err(ProtocolError::SpiAllocation)?;
+        let a = self.assocs.get_mut(&peer).expect("checked above");
+        let seq = a.next_seq();
+        let index = a.upd.esp_next;
+        let params = [
+            Param::EspInfo {
+                keymat_index: index as u16,
+                old_spi: a.spi_in.unwrap_or(0),
+                new_spi: new_spi_in,
+            },
+            Param::Seq(seq),
+        ];
+        let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+        a.upd.pending = Some(Pending::Rekey {
+            seq,
+            new_spi_in,
+            index,
+        });
+        a.send_reliably(now, &self.config, t, &mut self.transmits);
+        Ok(())
+    }
+
+    /// Announces that we now use `new_local` (RFC 8046 §5.1, one SA pair kept: ESP_INFO
+    /// with OLD SPI = NEW SPI, and a LOCATOR_SET with our inbound SPI and the address).
+    /// The peer verifies the address before moving; both sides then report
+    /// [`Event::LocatorsChanged`].
+    pub fn update_locators(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        new_local: IpAddr,
+    ) -> Result<(), ProtocolError> {
+        self.established_mut(peer)?;
+        let a = self.assocs.get_mut(&peer).expect("checked above");
+        let spi = a.spi_in.unwrap_or(0);
+        let seq = a.next_seq();
+        let addr = match new_local {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        };
+        let mut loc = spi.to_be_bytes().to_vec();
+        loc.extend_from_slice(&addr.octets());
+        let params = [
+            Param::EspInfo {
+                keymat_index: a.upd.esp_next as u16,
+                old_spi: spi,
+                new_spi: spi,
+            },
+            Param::LocatorSet(vec![Locator {
+                traffic_type: 0,
+                locator_type: 1,
+                preferred: true,
+                lifetime: 600,
+                locator: loc,
+            }]),
+            Param::Seq(seq),
+        ];
+        a.local_loc = new_local;
+        let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+        a.upd.pending = Some(Pending::Locator { seq });
+        a.send_reliably(now, &self.config, t, &mut self.transmits);
+        Ok(())
+    }
+
+    pub(super) fn on_update(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        dst: IpAddr,
+        pkt: &Packet,
+    ) -> Result<(), ProtocolError> {
+        if pkt.header.receiver != self.hit() {
+            return Err(ProtocolError::NotForUs(pkt.header.receiver));
+        }
+        let peer = pkt.header.sender;
+        let local_hit = self.hit();
+        let a = self
+            .assocs
+            .get(&peer)
+            .ok_or(ProtocolError::NoAssociation(peer))?;
+        if !matches!(a.state, State::Established | State::R2Sent) {
+            return Err(ProtocolError::Unexpected {
+                packet_type: PacketType::Update,
+                state: a.state,
+            });
+        }
+        a.verify_authenticated(pkt)?;
+        let seq = match pkt.optional(ty::SEQ)? {
+            Some(Param::Seq(s)) => Some(s),
+            _ => None,
+        };
+        let acks = match pkt.optional(ty::ACK)? {
+            Some(Param::Ack(v)) => v,
+            _ => Vec::new(),
+        };
+        let esp_info = match pkt.optional(ty::ESP_INFO)? {
+            Some(Param::EspInfo {
+                keymat_index,
+                old_spi,
+                new_spi,
+            }) => Some((keymat_index as usize, old_spi, new_spi)),
+            _ => None,
+        };
+        let locators = match pkt.optional(ty::LOCATOR_SET)? {
+            Some(Param::LocatorSet(v)) => v,
+            _ => Vec::new(),
+        };
+        let echo_req = match pkt.optional(ty::ECHO_REQUEST_SIGNED)? {
+            Some(Param::EchoRequestSigned(d)) => Some(d),
+            _ => None,
+        };
+        let echo_resp = match pkt.optional(ty::ECHO_RESPONSE_SIGNED)? {
+            Some(Param::EchoResponseSigned(d)) => Some(d),
+            _ => None,
+        };
+
+        // A duplicate of the last request: answer again, change nothing.
+        if let Some(s) = seq
+            && a.upd.peer_seq == Some(s)
+        {
+            if let Some(t) = a.upd.last_reply.clone() {
+                self.transmits.push_back(t);
+            }
+            return Ok(());
+        }
+        let pending = a.upd.pending.clone();
+        let acked = pending.as_ref().is_some_and(|p| acks.contains(&p.seq()));
+        let peer_starts_rekey =
+            seq.is_some() && esp_info.is_some_and(|(_, old, new)| old != new) && !acked;
+        if let Some(Pending::Rekey { new_spi_in, .. }) = &pending
+            && peer_starts_rekey
+        {
+            // Both started a rekey: the host with the greater HIT keeps its own.
+            if local_hit > peer {
+                return Err(ProtocolError::UpdateInProgress(peer));
+            }
+            self.spis.release(*new_spi_in);
+            let a = self.assocs.get_mut(&peer).expect("found above");
+            a.upd.pending = None;
+            a.timer = None;
+            a.last = None;
+        }
+
+        let a = self.assocs.get_mut(&peer).expect("found above");
+        if a.state == State::R2Sent {
+            // An authenticated UPDATE confirms the Initiator has the keys (§4.4.4).
+            a.state = State::Established;
+            a.timer = None;
+        }
+        let mut events = Vec::new();
+
+        // 1. Our outstanding UPDATE acknowledged.
+        if acked {
+            match pending.clone().expect("acked implies pending") {
+                Pending::Rekey {
+                    new_spi_in, index, ..
+                } => {
+                    let Some((peer_index, _, peer_new)) = esp_info else {
+                        return Err(ProtocolError::Wire(wire::WireError::Missing("ESP_INFO")));
+                    };
+                    let ev =
+                        complete_rekey(a, local_hit, new_spi_in, peer_new, index.max(peer_index))?;
+                    events.push(Event::Rekeyed(Box::new(ev)));
+                }
+                Pending::Locator { .. } => {
+                    events.push(Event::LocatorsChanged {
+                        peer_hit: peer,
+                        local_locator: a.local_loc,
+                        peer_locator: a.peer_loc,
+                    });
+                }
+                Pending::Verify {
+                    nonce, candidate, ..
+                } => {
+                    if echo_resp.as_deref() == Some(&nonce[..]) && src == candidate {
+                        a.peer_loc = candidate;
+                        a.local_loc = dst;
+                        events.push(Event::LocatorsChanged {
+                            peer_hit: peer,
+                            local_locator: a.local_loc,
+                            peer_locator: a.peer_loc,
+                        });
+                    } else {
+                        return Err(ProtocolError::BadEcho);
+                    }
+                }
+                Pending::Ack { .. } => {}
+            }
+            a.upd.pending = None;
+            a.timer = None;
+            a.last = None;
+        }
+
+        // 2. A new request from the peer.
+        if let Some(s) = seq {
+            let ack = Param::Ack(vec![s]);
+            if peer_starts_rekey {
+                let (peer_index, _, peer_new) = esp_info.expect("checked");
+                let peer_loc = a.peer_loc;
+                let new_in = self
+                    .spis
+                    .allocate(local_hit, peer, peer_loc)
+                    .map_err(ProtocolError::SpiAllocation)?;
+                let a = self.assocs.get_mut(&peer).expect("found above");
+                let index = a.upd.esp_next.max(peer_index);
+                let my_seq = a.next_seq();
+                let params = [
+                    Param::EspInfo {
+                        keymat_index: index as u16,
+                        old_spi: a.spi_in.unwrap_or(0),
+                        new_spi: new_in,
+                    },
+                    Param::Seq(my_seq),
+                    ack,
+                ];
+                let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+                let ev = complete_rekey(a, local_hit, new_in, peer_new, index)?;
+                events.push(Event::Rekeyed(Box::new(ev)));
+                a.upd.pending = Some(Pending::Ack { seq: my_seq });
+                a.upd.peer_seq = Some(s);
+                a.upd.last_reply = Some(t.clone());
+                a.send_reliably(now, &self.config, t, &mut self.transmits);
+            } else if let Some(candidate) = locators
+                .iter()
+                .find(|l| l.preferred)
+                .or(locators.first())
+                .and_then(Locator::address)
+            {
+                // RFC 8046 §5.2: verify the new address before sending data there.
+                let mut nonce = vec![0u8; 16];
+                self.rng.fill_bytes(&mut nonce);
+                let a = self.assocs.get_mut(&peer).expect("found above");
+                let my_seq = a.next_seq();
+                let params = [
+                    Param::Seq(my_seq),
+                    ack,
+                    Param::EchoRequestSigned(nonce.clone()),
+                ];
+                let t = a.update_packet(&self.identity, &params, candidate)?;
+                a.upd.pending = Some(Pending::Verify {
+                    seq: my_seq,
+                    nonce,
+                    candidate,
+                });
+                a.upd.peer_seq = Some(s);
+                a.upd.last_reply = Some(t.clone());
+                a.send_reliably(now, &self.config, t, &mut self.transmits);
+            } else {
+                let a = self.assocs.get_mut(&peer).expect("found above");
+                let mut params = vec![ack];
+                if let Some(n) = echo_req {
+                    params.push(Param::EchoResponseSigned(n));
+                }
+                let t = a.update_packet(&self.identity, &params, src)?;
+                a.upd.peer_seq = Some(s);
+                a.upd.last_reply = Some(t.clone());
+                self.transmits.push_back(t);
+            }
+        }
+        self.events.extend(events);
+        Ok(())
+    }
+}
+
+fn complete_rekey(
+    a: &mut Assoc,
+    local_hit: Hit,
+    new_in: u32,
+    new_out: u32,
+    index: usize,
+) -> Result<Rekeyed, ProtocolError> {
+    let keys = a.keys.as_ref().expect("established");
+    let (keys_in, keys_out, next) =
+        draw_esp_keys(&keys.keymat, index, keys.esp, local_hit, a.peer_hit)?;
+    let ev = Rekeyed {
+        local_hit,
+        peer_hit: a.peer_hit,
+        esp_suite: keys.esp,
+        old_spi_inbound: a.spi_in.unwrap_or(0),
+        old_spi_outbound: a.spi_out.unwrap_or(0),
+        spi_inbound: new_in,
+        spi_outbound: new_out,
+        keys_inbound: keys_in,
+        keys_outbound: keys_out,
+        keymat_index: next,
+    };
+    a.spi_in = Some(new_in);
+    a.spi_out = Some(new_out);
+    a.upd.esp_next = next;
+    Ok(ev)
+}
