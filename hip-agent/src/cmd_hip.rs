@@ -9,7 +9,7 @@ use hip_agent::hip_driver::{HipDriver, Sockets, os_rng};
 use hip_proto::{
     Hit, HostId,
     crypto::DhGroup,
-    endpoint::{Config, Endpoint, Established, Event, SequentialSpis},
+    endpoint::{Config, Endpoint, Established, Event, Rekeyed, SequentialSpis},
     esp::EspSuite,
     keyfile,
 };
@@ -46,7 +46,10 @@ pub enum HipCmd {
         /// Our source address (default: the routed one).
         #[arg(long)]
         local: Option<IpAddr>,
-        /// Close the association (CLOSE / CLOSE_ACK) once established.
+        /// Rekey the ESP SAs once (UPDATE with ESP_INFO) after the exchange.
+        #[arg(long)]
+        rekey: bool,
+        /// Close the association (CLOSE / CLOSE_ACK) once established (and rekeyed).
         #[arg(long)]
         close: bool,
     },
@@ -103,6 +106,20 @@ fn established_json(e: &Established) -> serde_json::Value {
     })
 }
 
+fn rekeyed_json(r: &Rekeyed) -> serde_json::Value {
+    serde_json::json!({
+        "event": "rekeyed",
+        "peer_hit": r.peer_hit.to_string(),
+        "old_spi_inbound": r.old_spi_inbound,
+        "old_spi_outbound": r.old_spi_outbound,
+        "spi_inbound": r.spi_inbound,
+        "spi_outbound": r.spi_outbound,
+        "keymat_index": r.keymat_index,
+        "key_inbound_enc_sha256": fingerprint(&r.keys_inbound.enc),
+        "key_outbound_enc_sha256": fingerprint(&r.keys_outbound.enc),
+    })
+}
+
 fn endpoint(c: &Common) -> Result<Endpoint> {
     let id = keyfile::load(&c.key)?;
     let mut config = Config::default();
@@ -152,6 +169,7 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                                 done += 1;
                             }
                         }
+                        Event::Rekeyed(r) => println!("{}", rekeyed_json(r)),
                         Event::Closed { peer_hit, by_peer } => {
                             println!(
                                 "{}",
@@ -175,6 +193,7 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                 peer_hit,
                 locator,
                 local,
+                rekey,
                 close,
             } => {
                 let ep = endpoint(&common)?;
@@ -190,11 +209,22 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                         None => bail!("driver stopped"),
                         Some(Event::Established(e)) => {
                             println!("{}", established_json(&e));
-                            if !close {
+                            established = Some(e.peer_hit);
+                            if rekey {
+                                d.rekey(e.peer_hit).await?;
+                            } else if close {
+                                d.close(e.peer_hit).await?;
+                            } else {
                                 break;
                             }
-                            established = Some(e.peer_hit);
-                            d.close(e.peer_hit).await?;
+                        }
+                        Some(Event::Rekeyed(r)) => {
+                            println!("{}", rekeyed_json(&r));
+                            if close {
+                                d.close(r.peer_hit).await?;
+                            } else {
+                                break;
+                            }
                         }
                         Some(Event::Closed { peer_hit, by_peer }) if established == Some(peer_hit) => {
                             println!(

@@ -242,6 +242,15 @@ enum Command {
         peer: Hit,
         reply: oneshot::Sender<Result<(), DriverError>>,
     },
+    Rekey {
+        peer: Hit,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    UpdateLocators {
+        peer: Hit,
+        new_local: IpAddr,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
 }
 
 /// Handle to a running driver task.
@@ -298,6 +307,30 @@ impl HipDriver {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Close { peer, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Rekeys the ESP SAs with `peer` (UPDATE, RFC 7402 §6.1).
+    pub async fn rekey(&self, peer: Hit) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Rekey { peer, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Tells `peer` that we now use `new_local` (UPDATE with LOCATOR_SET, RFC 8046).
+    pub async fn update_locators(&self, peer: Hit, new_local: IpAddr) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::UpdateLocators {
+                peer,
+                new_local,
+                reply,
+            })
             .await
             .map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)?
@@ -401,6 +434,13 @@ async fn run(
                 }
                 Some(Command::Close { peer, reply }) => {
                     let _ = reply.send(ep.close(Instant::now(), peer).map_err(Into::into));
+                }
+                Some(Command::Rekey { peer, reply }) => {
+                    let _ = reply.send(ep.rekey(Instant::now(), peer).map_err(Into::into));
+                }
+                Some(Command::UpdateLocators { peer, new_local, reply }) => {
+                    let r = ep.update_locators(Instant::now(), peer, new_local);
+                    let _ = reply.send(r.map_err(Into::into));
                 }
             },
             _ = sleep_until(deadline) => ep.handle_timeout(Instant::now()),

@@ -180,7 +180,14 @@ fn static_neighbours(p: &VethPair) -> Result<()> {
 
 /// One base exchange (and CLOSE) over `family` between fresh namespaces, captured on the
 /// initiator's veth.
-fn exchange(tag: &str, init_alg: &str, resp_alg: &str, dh: &str, v6: bool) -> Result<()> {
+fn exchange(
+    tag: &str,
+    init_alg: &str,
+    resp_alg: &str,
+    dh: &str,
+    v6: bool,
+    rekey: bool,
+) -> Result<()> {
     let p = VethPair::new(
         tag,
         &["10.77.9.1/24", "2001:db8:77::1/64"],
@@ -241,7 +248,10 @@ fn exchange(tag: &str, init_alg: &str, resp_alg: &str, dh: &str, v6: bool) -> Re
             "--close",
             "--timeout",
             "20",
-        ],
+        ]
+        .into_iter()
+        .chain(rekey.then_some("--rekey"))
+        .collect::<Vec<_>>(),
     )
     .output()?;
     if !out.status.success() {
@@ -274,23 +284,45 @@ fn exchange(tag: &str, init_alg: &str, resp_alg: &str, dh: &str, v6: bool) -> Re
     assert_eq!(ia["key_inbound_enc_sha256"], ra["key_outbound_enc_sha256"]);
     assert_ne!(ia["key_inbound_enc_sha256"], ia["key_outbound_enc_sha256"]);
     assert_eq!(ia["esp_transform"], ra["esp_transform"]);
+    let (mut init, mut resp) = (init[1..].iter(), resp[1..].iter());
+    if rekey {
+        // UPDATE with ESP_INFO: both report the new SA pair, mirrored, replacing the old.
+        let (ik, rk) = (init.next().unwrap(), resp.next().unwrap());
+        assert_eq!(ik["event"], "rekeyed");
+        assert_eq!(rk["event"], "rekeyed");
+        assert_eq!(ik["old_spi_inbound"], ia["spi_inbound"]);
+        assert_eq!(ik["spi_outbound"], rk["spi_inbound"]);
+        assert_eq!(ik["spi_inbound"], rk["spi_outbound"]);
+        assert_ne!(ik["spi_inbound"], ia["spi_inbound"]);
+        assert_eq!(ik["key_outbound_enc_sha256"], rk["key_inbound_enc_sha256"]);
+        assert_ne!(ik["key_outbound_enc_sha256"], ia["key_outbound_enc_sha256"]);
+    }
     // Then CLOSE / CLOSE_ACK.
-    assert_eq!(init[1]["event"], "closed");
-    assert_eq!(resp[1]["event"], "closed");
-    assert_eq!(resp[1]["by_peer"], true);
+    let (ic, rc) = (init.next().unwrap(), resp.next().unwrap());
+    assert_eq!(ic["event"], "closed");
+    assert_eq!(rc["event"], "closed");
+    assert_eq!(rc["by_peer"], true);
 
-    // Wait until the six packets are in the capture file, then stop tcpdump.
-    let _ = wait_until(Duration::from_secs(10), "six packets captured", || {
-        tshark_fields(&pcap).ok().filter(|f| f.len() >= 6)
+    // Wait until all packets are in the capture file (three UPDATEs for a rekey), then
+    // stop tcpdump.
+    let expect_n = if rekey { 9 } else { 6 };
+    let _ = wait_until(Duration::from_secs(10), "all packets captured", || {
+        tshark_fields(&pcap).ok().filter(|f| f.len() >= expect_n)
     });
     tcpdump.signal(libc::SIGINT);
     tcpdump.finish(Duration::from_secs(10))?;
     let frames = tshark_fields(&pcap)?;
     let mut types: Vec<u8> = frames.iter().map(|f| f.0).collect();
-    // I1, R1, I2, R2, CLOSE, CLOSE_ACK in this order. A retransmission (the link was
-    // made reachable first, so there should be none) would repeat a type in place.
+    // I1, R1, I2, R2, [UPDATE ×3,] CLOSE, CLOSE_ACK in this order. A retransmission (the
+    // link was made reachable first, so there should be none) would repeat a type in place.
+    let updates = types.iter().filter(|t| **t == 16).count();
     types.dedup();
-    assert_eq!(types, vec![1, 2, 3, 4, 18, 19], "{frames:?}");
+    if rekey {
+        assert_eq!(updates, 3, "{frames:?}");
+        assert_eq!(types, vec![1, 2, 3, 4, 16, 18, 19], "{frames:?}");
+    } else {
+        assert_eq!(types, vec![1, 2, 3, 4, 18, 19], "{frames:?}");
+    }
     for (ty, status) in &frames {
         // Wireshark's checksum status 1 is "Good".
         assert_eq!(status, "1", "packet type {ty}: checksum status {status}");
@@ -301,13 +333,13 @@ fn exchange(tag: &str, init_alg: &str, resp_alg: &str, dh: &str, v6: bool) -> Re
 }
 
 #[test]
-fn base_exchange_over_raw_ipv6() {
-    exchange("hip6", "ed25519", "ecdsa-p256", "p256", true).unwrap();
+fn base_exchange_and_rekey_over_raw_ipv6() {
+    exchange("hip6", "ed25519", "ecdsa-p256", "p256", true, true).unwrap();
 }
 
 #[test]
 fn base_exchange_over_raw_ipv4() {
-    exchange("hip4", "ecdsa-p384", "rsa", "p384,p256", false).unwrap();
+    exchange("hip4", "ecdsa-p384", "rsa", "p384,p256", false, false).unwrap();
 }
 
 #[test]
