@@ -39,6 +39,10 @@ pub const MAP_FLOWS: &str = "HIP_FLOWS";
 pub const MAP_GUARD_DROPS: &str = "HIP_GUARD_DROPS";
 /// Ring buffer of [`Event`]s for the agent.
 pub const MAP_EVENTS: &str = "HIP_EVENTS";
+/// The media guard's per-CPU cache of recent verdicts ([`GuardCacheEntry`],
+/// `PERCPU_ARRAY` of [`GUARD_CACHE_SLOTS`]). Written by the egress program only;
+/// entries are valid while their generation equals [`Config::locators_gen`].
+pub const MAP_GUARD_CACHE: &str = "HIP_GUARD_CACHE";
 
 /// Names of the tc programs in the object file.
 pub const PROG_TC_INGRESS: &str = "hip_tc_ingress";
@@ -63,6 +67,9 @@ pub const MAX_FLOWS: u32 = 8192;
 pub const MAX_GUARD_DROPS: u32 = 1024;
 /// Ring buffer size in bytes (a power of two and a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 64 * 1024;
+/// Slots of the guard's per-CPU verdict cache (direct-mapped by destination; a
+/// power of two).
+pub const GUARD_CACHE_SLOTS: u32 = 16;
 
 /// Locators kept per association (the preferred one first).
 pub const MAX_LOCATORS: usize = 2;
@@ -72,7 +79,11 @@ pub const MAX_LOCATORS: usize = 2;
 pub const DEFAULT_CLOCK_HZ: u32 = 8000;
 
 /// A 16-byte address: an IPv6 address, or an IPv4 address mapped into IPv6.
-#[repr(C)]
+///
+/// 8-byte aligned (every struct that holds one already places it at a multiple of 8,
+/// so no layout changes): the programs copy and compare addresses as two 64-bit
+/// words, and the verifier requires aligned stack accesses.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Addr(pub [u8; 16]);
 
@@ -185,10 +196,37 @@ pub struct Config {
     pub port_max: u16,
     /// Clock rate for payload types whose [`Config::clock_hz`] entry is 0.
     pub default_clock_hz: u32,
-    pub _pad: u32,
+    /// Generation of [`MAP_LOCATORS`]: the agent moves it on every change of that
+    /// map (after the change), which invalidates the media guard's verdict cache
+    /// ([`MAP_GUARD_CACHE`]). Successive values are successive Gray codes, so they
+    /// differ in one bit: a program reading the field while the agent rewrites the
+    /// config (a plain `memcpy` in `array_map_update_elem()`) sees the old or the
+    /// new value, never a mix that could equal an older generation.
+    pub locators_gen: u32,
     /// RTP clock rate per payload type 0..=127 (RFC 3551 §6 for the static ones;
     /// dynamic ones come from SDP `a=rtpmap`); 0 = use `default_clock_hz`.
     pub clock_hz: [u32; 128],
+    /// Per payload type, the effective clock rate (the entry of `clock_hz`, or
+    /// `default_clock_hz`) as a 32.32 fixed-point rate per nanosecond:
+    /// `round(hz × 2³² / 10⁹)`. The programs turn nanoseconds into RTP timestamp units
+    /// with one multiplication (`ns × mult >> 32`, exact modulo 2³² units, which is
+    /// all the A.8 transit arithmetic needs) instead of two 64-bit divisions.
+    pub clock_mult: [u64; 128],
+}
+
+/// One slot of [`MAP_GUARD_CACHE`]: the guard's verdict for one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardCacheEntry {
+    /// Destination address.
+    pub dst: Addr,
+    /// [`Config::locators_gen`] read *before* the lookup this verdict came from.
+    pub gen_: u32,
+    /// 1: pass (an ACTIVE locator of an ESTABLISHED association); 0: drop.
+    pub pass: u8,
+    /// 1 once the slot was filled (a zeroed slot matches nothing).
+    pub valid: u8,
+    pub _pad: [u8; 2],
 }
 
 impl Default for Config {
@@ -198,10 +236,29 @@ impl Default for Config {
             port_min: 0,
             port_max: 0,
             default_clock_hz: DEFAULT_CLOCK_HZ,
-            _pad: 0,
+            locators_gen: 0,
             clock_hz: [0; 128],
+            clock_mult: [clock_mult(DEFAULT_CLOCK_HZ); 128],
         }
     }
+}
+
+/// `round(hz × 2³² / 10⁹)`: see [`Config::clock_mult`].
+pub const fn clock_mult(hz: u32) -> u64 {
+    (((hz as u64) << 32) + 500_000_000) / 1_000_000_000
+}
+
+/// The next value of [`Config::locators_gen`]: the Gray code following `gen`.
+pub const fn next_gray(gen_: u32) -> u32 {
+    // Decode (prefix XOR), add one, encode.
+    let mut n = gen_;
+    let mut shift = 1;
+    while shift < 32 {
+        n ^= n >> shift;
+        shift <<= 1;
+    }
+    let n = n.wrapping_add(1);
+    n ^ (n >> 1)
 }
 
 /// HIP association state as the datapath needs it (RFC 7401 §4.4.2 states; only
@@ -328,6 +385,11 @@ pub struct SpiEntry {
     pub locator_changes: u64,
     /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
+    /// Sequence lock over `last_src` (even: stable; odd: a program is rewriting it).
+    /// The program that moves it from even to odd with a compare-and-swap is the
+    /// only one to report a locator change, so two CPUs seeing the same new source
+    /// at once report it once. The agent creates entries with 0.
+    pub src_seq: u64,
 }
 
 /// Key of [`MAP_FLOWS`]: one RTP stream between two HITs.
@@ -430,12 +492,14 @@ pub struct Event {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<Addr>() == 16);
+    assert!(core::mem::align_of::<Addr>() == 8);
     assert!(size_of::<Counters>() == 16);
-    assert!(size_of::<Config>() == 4 + 2 + 2 + 4 + 4 + 4 * 128);
+    assert!(size_of::<Config>() == 4 + 2 + 2 + 4 + 4 + 4 * 128 + 8 * 128);
+    assert!(size_of::<GuardCacheEntry>() == 16 + 4 + 1 + 1 + 2);
     assert!(size_of::<Association>() == 16 * 3 + 4 + 4 + 1 + 2 + 5);
     assert!(size_of::<LocatorEntry>() == 16 + 4 + 1 + 1 + 2);
     assert!(size_of::<SpiKey>() == 8);
-    assert!(size_of::<SpiEntry>() == 32 + 8 * 4);
+    assert!(size_of::<SpiEntry>() == 32 + 8 * 5);
     assert!(size_of::<FlowKey>() == 32 + 2 + 2 + 4);
     assert!(size_of::<FlowStats>() == 8 * 5 + 4 * 6 + 16 + 1 + 1 + 6);
     assert!(size_of::<GuardDrop>() == 32);
@@ -457,6 +521,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::GuardDrop {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::GuardCacheEntry {}
 }
 
 #[cfg(test)]
@@ -481,6 +546,41 @@ mod tests {
         assert!(a.is_v4_mapped());
         assert_eq!(&a.0[12..], &[192, 0, 2, 7]);
         assert!(!Addr::UNSPECIFIED.is_v4_mapped());
+    }
+
+    #[test]
+    fn gray_generations_differ_in_one_bit() {
+        let mut g = 0u32;
+        let mut seen = [false; 4096];
+        for _ in 0..4095 {
+            let n = next_gray(g);
+            assert_eq!((n ^ g).count_ones(), 1, "{g:#x} -> {n:#x}");
+            assert!(!seen[n as usize], "{n:#x} repeats");
+            seen[n as usize] = true;
+            g = n;
+        }
+        // The last code wraps to the first.
+        assert_eq!(next_gray(0x8000_0000), 0);
+    }
+
+    #[test]
+    fn clock_multipliers() {
+        // 8000 Hz: 125 µs per unit.
+        let m = clock_mult(8000);
+        assert_eq!((125_000u64 * m) >> 32, 1);
+        assert_eq!((1_000_000_000u64 * m) >> 32, 8000);
+        // 90 kHz: a 20 ms step within one unit; an hour within 1 ppm (the rounding of
+        // the multiplier), which A.8 never sees: it only uses differences between
+        // consecutive packets.
+        let m = clock_mult(90_000);
+        let step = ((20_000_000u64 * m) >> 32) as u32;
+        assert!(step.abs_diff(1800) <= 1, "{step}");
+        let hour = (3_600_000_000_000u64.wrapping_mul(m) >> 32) as u32;
+        let exact = 3_600u32 * 90_000;
+        assert!(
+            f64::from(hour.abs_diff(exact)) < 1e-6 * f64::from(exact),
+            "{hour} vs {exact}"
+        );
     }
 
     #[test]

@@ -475,7 +475,7 @@ fn scenario(
             let _ = tx.send_to(&[0u8; 20], dst_sa);
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut rig = rig(name, v4, na, nb)?;
+        let mut rig = rig(name, v4, na, nb, crate::object()?)?;
         measure(name, &mut rig, &tx, dst_sa, opts)
     })();
     stop.store(true, Ordering::Relaxed);
@@ -483,16 +483,22 @@ fn scenario(
     res
 }
 
-fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str) -> anyhow::Result<Rig<'a>> {
+fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow::Result<Rig<'a>> {
     let pid = std::process::id();
     let media = |guard| MediaConfig {
         guard,
         ports: 20000..=20100,
         ..MediaConfig::default()
     };
-    let mut dpa = Datapath::load(&PathBuf::from(format!("/sys/fs/bpf/hipb-a-{pid}-{name}")))?;
+    let mut dpa = Datapath::load_object(
+        obj,
+        &PathBuf::from(format!("/sys/fs/bpf/hipb-a-{pid}-{name}")),
+    )?;
     dpa.set_media_config(&media(v4))?;
-    let mut dpb = Datapath::load(&PathBuf::from(format!("/sys/fs/bpf/hipb-b-{pid}-{name}")))?;
+    let mut dpb = Datapath::load_object(
+        obj,
+        &PathBuf::from(format!("/sys/fs/bpf/hipb-b-{pid}-{name}")),
+    )?;
     dpb.set_media_config(&media(true))?;
     dpa.upsert_association(&AssociationSpec {
         peer_hit: "2001:20::b".parse()?,
@@ -678,12 +684,18 @@ fn scenario_frame(v4: bool) -> Vec<u8> {
 /// The programs' cost on each scenario's frame under `BPF_PROG_TEST_RUN` (no
 /// attachment, no namespaces, no run-time statistics): a precise, repeatable number
 /// for comparing program versions, next to the empty program's on the same frame.
-/// `repeat` runs per trial, the median of `trials`.
-pub fn micro(repeat: u32, trials: u32) -> anyhow::Result<Vec<MicroReport>> {
+/// `repeat` runs per trial, the median of `trials`. `obj`: another build of the
+/// object to measure instead of the embedded one (the floor always comes from the
+/// embedded one).
+pub fn micro(repeat: u32, trials: u32, obj: Option<&[u8]>) -> anyhow::Result<Vec<MicroReport>> {
     anyhow::ensure!(repeat > 0 && trials > 0, "repeat and trials must be > 0");
+    let obj = match obj {
+        Some(o) => o,
+        None => crate::object()?,
+    };
     let mut out = Vec::new();
     for (name, v4) in [("guard-v4", true), ("flow-hit", false)] {
-        let rig = rig(&format!("micro-{name}"), v4, "", "")?;
+        let rig = rig(&format!("micro-{name}"), v4, "", "", obj)?;
         let frame = scenario_frame(v4);
         for (hook, dp, floor) in [
             (Hook::Egress, &rig.dpa, &rig.fa),

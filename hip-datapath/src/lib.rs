@@ -213,7 +213,12 @@ impl Datapath {
     /// configuration starts zeroed (guard off, no RTP port): call
     /// [`Datapath::set_media_config`].
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let obj = object()?;
+        Self::load_object(object()?, pin_dir)
+    }
+
+    /// Like [`Datapath::load`] with another build of the `hip-ebpf` object (same
+    /// map layouts): the benchmark compares program versions with it.
+    pub fn load_object(obj: &[u8], pin_dir: &Path) -> Result<Self, DatapathError> {
         raise_memlock();
         ensure_bpffs(pin_dir)?;
         remove_pins(pin_dir)?;

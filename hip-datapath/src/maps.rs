@@ -11,8 +11,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use hip_common::{
     Addr, AssocState, Association, Config, Counters, DEFAULT_CLOCK_HZ, Direction, FLOW_VIA_ASSOC,
     FLOW_VIA_XFRM, FlowKey, FlowStats, GuardDrop, LocatorEntry, LocatorState, MAP_ASSOCS,
-    MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_DROPS, MAP_IFACE_STATS, MAP_LOCATORS, MAP_SPIS,
-    MAP_STATS, MAX_LOCATORS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, Stat,
+    MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_CACHE, MAP_GUARD_DROPS, MAP_IFACE_STATS,
+    MAP_LOCATORS, MAP_SPIS, MAP_STATS, MAX_LOCATORS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey,
+    Stat, clock_mult, next_gray,
 };
 use serde::Serialize;
 
@@ -112,6 +113,9 @@ impl MediaConfig {
                 ));
             }
             c.clock_hz[pt as usize] = hz;
+        }
+        for (m, &hz) in c.clock_mult.iter_mut().zip(&c.clock_hz) {
+            *m = clock_mult(if hz != 0 { hz } else { self.default_clock_hz });
         }
         Ok(c)
     }
@@ -350,7 +354,7 @@ fn merr(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 
 impl Maps {
     /// The names of all maps, as pinned.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         MAP_IFACE_STATS,
         MAP_STATS,
         MAP_CONFIG,
@@ -359,6 +363,7 @@ impl Maps {
         MAP_SPIS,
         MAP_FLOWS,
         MAP_GUARD_DROPS,
+        MAP_GUARD_CACHE,
         MAP_EVENTS,
     ];
 
@@ -392,9 +397,18 @@ impl Maps {
         })
     }
 
-    /// Writes the media configuration.
+    /// Writes the media configuration (keeping the locator generation).
     pub fn set_media_config(&mut self, cfg: &MediaConfig) -> Result<(), DatapathError> {
-        let raw = cfg.to_raw()?;
+        let mut raw = cfg.to_raw()?;
+        raw.locators_gen = self.media_config()?.locators_gen;
+        self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
+    }
+
+    /// Moves [`Config::locators_gen`] on: called after every change of the locator
+    /// map, it invalidates the media guard's per-CPU verdict cache.
+    fn bump_locators_gen(&mut self) -> Result<(), DatapathError> {
+        let mut raw = self.media_config()?;
+        raw.locators_gen = next_gray(raw.locators_gen);
         self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
     }
 
@@ -430,6 +444,19 @@ impl Maps {
                 _ => {}
             }
         }
+        let res = self.write_association(peer, raw, old);
+        // Whatever was written, the guard's cached verdicts may be stale now.
+        let bumped = self.bump_locators_gen();
+        res.and(bumped)
+    }
+
+    /// The writing half of [`Maps::upsert_association`] (validated input).
+    fn write_association(
+        &mut self,
+        peer: Addr,
+        raw: Association,
+        old: Option<Association>,
+    ) -> Result<(), DatapathError> {
         self.assocs.insert(peer, raw, 0).map_err(merr(MAP_ASSOCS))?;
         for (l, s) in raw.locators.iter().zip(raw.locator_state) {
             if *l == Addr::UNSPECIFIED {
@@ -501,6 +528,7 @@ impl Maps {
                     remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS))?;
                 }
             }
+            self.bump_locators_gen()?;
         }
         let spis: Vec<SpiKey> = self
             .spis
@@ -700,6 +728,12 @@ mod tests {
         assert_eq!((c.port_min, c.port_max), (16384, 32767));
         assert_eq!(c.clock_hz[0], 0, "PCMU uses the default");
         assert_eq!(c.clock_hz[34], 90_000);
+        assert_eq!(
+            c.clock_mult[0],
+            clock_mult(8000),
+            "the default's multiplier"
+        );
+        assert_eq!(c.clock_mult[34], clock_mult(90_000));
         let bad = MediaConfig {
             ports: 0..=10,
             ..MediaConfig::default()

@@ -42,16 +42,39 @@
 //! atomic adds (`BPF_XADD`). The per-flow sequence/jitter state is read-modify-write
 //! without a lock: packets of one UDP flow arrive on one RX queue (RSS hashes the
 //! 5-tuple) and so one CPU at a time; a rare interleaving only perturbs the jitter
-//! estimate, never the packet counts.
+//! estimate, never the packet counts. A locator change is reported by the one CPU
+//! whose compare-and-swap (`BPF_CMPXCHG`, kernel 5.12) takes the SPI's sequence lock
+//! (`SpiEntry::src_seq`), so CPUs racing on the same new source report it once.
+//!
+//! # Cost per packet
+//!
+//! Measured by `hip-datapath-bench` (kernel run-time statistics, and
+//! `BPF_PROG_TEST_RUN` with `--micro`). On the development machine every kernel
+//! function return goes through the SRSO "safe RET" thunk, so a helper call or a
+//! hash-map lookup (several nested calls: `__htab_map_lookup_elem()`,
+//! `htab_map_hash()`, `lookup_nulls_elem_raw()`, `memcmp()`) costs far more than the
+//! straight-line code around it. Hence:
+//! * headers are read in place with direct packet access (no `bpf_skb_load_bytes`),
+//!   and only the fields a path needs, when it needs them;
+//! * counters live in per-CPU arrays, whose lookups the verifier inlines (no call);
+//! * packets that are neither ESP nor UDP leave after the IP header; UDP outside
+//!   the media port range leaves after the UDP header;
+//! * the media guard keeps a per-CPU cache of its verdicts, tagged with the
+//!   locator-map generation, and looks up `HIP_LOCATORS` only on a miss;
+//! * RTP timestamps come from nanoseconds with one multiplication
+//!   (`Config::clock_mult`), not two divisions;
+//! * a flow's SPI and locator come from the packet's XFRM state (one helper call);
+//!   the association map is consulted only for a new flow without one.
 #![no_std]
 #![no_main]
-// `atomic_xadd`: the bpfel target has no compare-and-swap (`atomic_cas: false`), so
-// `core` offers no `AtomicU64::fetch_add`; the intrinsic lowers to `BPF_XADD`.
+// `atomic_xadd`/`atomic_cxchg`: the bpfel target has no compare-and-swap in `core`'s
+// atomics (`atomic_cas: false`), so `core` offers no `AtomicU64`; the intrinsics lower
+// to `BPF_XADD` (result unused) and `BPF_CMPXCHG` (cpu v3, see .cargo/config.toml).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
     mem::size_of,
 };
 
@@ -66,9 +89,9 @@ use aya_log_ebpf::info;
 use hip_common::{
     Addr, AssocState, Association, Config, Counters, Direction, EVENT_GUARD_DROP,
     EVENT_LOCATOR_CHANGE, EVENTS_BYTES, Event, FLOW_VIA_ASSOC, FLOW_VIA_XFRM, FlowKey, FlowStats,
-    GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState, MAX_ASSOCS, MAX_FLOWS,
-    MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, STATS_ENTRIES,
-    SpiEntry, SpiKey, Stat,
+    GUARD_CACHE_SLOTS, GuardCacheEntry, GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState,
+    MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT,
+    STATS_ENTRIES, SpiEntry, SpiKey, Stat,
 };
 
 #[map(name = "HIP_IFACE_STATS")]
@@ -90,6 +113,9 @@ static HIP_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map(name = "HIP_GUARD_DROPS")]
 static HIP_GUARD_DROPS: LruHashMap<Addr, GuardDrop> =
     LruHashMap::with_max_entries(MAX_GUARD_DROPS, 0);
+#[map(name = "HIP_GUARD_CACHE")]
+static HIP_GUARD_CACHE: PerCpuArray<GuardCacheEntry> =
+    PerCpuArray::with_max_entries(GUARD_CACHE_SLOTS, 0);
 #[map(name = "HIP_EVENTS")]
 static HIP_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
@@ -98,6 +124,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ESP: u8 = 50;
+const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 /// Fixed RTP header (RFC 3550 §5.1).
@@ -163,7 +190,9 @@ fn add(field: *mut u64, v: u64) {
 
 /// A pointer to `len` bytes of packet at `off`, or `None` if the packet is shorter.
 /// Headers outside the linear area are pulled in first (`bpf_skb_pull_data`), which
-/// does not change the packet's content.
+/// does not change the packet's content. A pull invalidates every packet pointer
+/// taken before it, so callers read what they need through the returned pointer
+/// before they call this again.
 #[inline(always)]
 fn bytes_at(ctx: &TcContext, off: usize, len: usize) -> Option<*const u8> {
     // The bound is checked on the very pointer that is returned (`p + len`), so the
@@ -184,47 +213,35 @@ fn bytes_at(ctx: &TcContext, off: usize, len: usize) -> Option<*const u8> {
     }
 }
 
+/// Reads a `T` at `p + off`, at any alignment. Built with
+/// `+allows-misaligned-mem-access`, this is one load of `T`'s width: packet headers
+/// sit at any alignment, and x86-64 and arm64 (`HAVE_EFFICIENT_UNALIGNED_ACCESS`)
+/// let the verifier accept misaligned packet, stack and map accesses.
+#[inline(always)]
+fn ld<T: Copy>(p: *const u8, off: usize) -> T {
+    // SAFETY: callers checked `off + size_of::<T>()` bytes with `bytes_at`.
+    unsafe { core::ptr::read_unaligned(p.add(off).cast::<T>()) }
+}
+
 #[inline(always)]
 fn be16(p: *const u8, off: usize) -> u16 {
-    // SAFETY: callers checked `off + 2` bytes with `bytes_at`.
-    unsafe { u16::from_be_bytes([*p.add(off), *p.add(off + 1)]) }
+    u16::from_be(ld::<u16>(p, off))
 }
 
 #[inline(always)]
 fn be32(p: *const u8, off: usize) -> u32 {
-    // SAFETY: callers checked `off + 4` bytes with `bytes_at`.
-    unsafe {
-        u32::from_be_bytes([
-            *p.add(off),
-            *p.add(off + 1),
-            *p.add(off + 2),
-            *p.add(off + 3),
-        ])
-    }
+    u32::from_be(ld::<u32>(p, off))
 }
 
+/// 16-byte address equality in two 64-bit compares.
 #[inline(always)]
-fn addr16(p: *const u8, off: usize) -> Addr {
-    let mut a = [0u8; 16];
-    // SAFETY: callers checked `off + 16` bytes with `bytes_at`.
-    unsafe { core::ptr::copy_nonoverlapping(p.add(off), a.as_mut_ptr(), 16) };
-    Addr(a)
+fn addr_eq(a: &Addr, b: &Addr) -> bool {
+    let (a, b) = (a.0.as_ptr(), b.0.as_ptr());
+    ld::<u64>(a, 0) == ld::<u64>(b, 0) && ld::<u64>(a, 8) == ld::<u64>(b, 8)
 }
 
-#[inline(always)]
-fn addr4(p: *const u8, off: usize) -> Addr {
-    // SAFETY: callers checked `off + 4` bytes with `bytes_at`.
-    unsafe {
-        Addr::from_v4([
-            *p.add(off),
-            *p.add(off + 1),
-            *p.add(off + 2),
-            *p.add(off + 3),
-        ])
-    }
-}
-
-/// The IP header of a packet: what the programs need from it.
+/// The IP header of a packet: what every path needs from it. Addresses are read
+/// only by the paths that use them ([`src_dst`]).
 struct Ip {
     l4_proto: u8,
     /// Offset of the transport header from the start of the frame.
@@ -233,8 +250,6 @@ struct Ip {
     l4_len: usize,
     /// Bytes of the IP packet (header included).
     ip_len: u32,
-    src: Addr,
-    dst: Addr,
     v6: bool,
 }
 
@@ -258,31 +273,25 @@ fn parse_ip(ctx: &TcContext) -> Parsed {
         let Some(p) = bytes_at(ctx, ETH_HLEN, IPV6_HLEN) else {
             return Parsed::Malformed;
         };
-        // SAFETY: 40 bytes checked.
-        let ver = unsafe { *p } >> 4;
-        if ver != 6 {
+        // Version (4 bits), payload length at 4, next header at 6.
+        if ld::<u8>(p, 0) >> 4 != 6 {
             return Parsed::Malformed;
         }
         let payload = be16(p, 4) as usize;
-        // SAFETY: 40 bytes checked.
-        let next = unsafe { *p.add(6) };
         Parsed::Ip(Ip {
-            l4_proto: next,
+            l4_proto: ld::<u8>(p, 6),
             l4_off: ETH_HLEN + IPV6_HLEN,
             l4_len: payload,
             ip_len: (IPV6_HLEN + payload) as u32,
-            src: addr16(p, 8),
-            dst: addr16(p, 24),
             v6: true,
         })
     } else if proto == ETH_P_IP {
-        let Some(p) = bytes_at(ctx, ETH_HLEN, 20) else {
+        let Some(p) = bytes_at(ctx, ETH_HLEN, IPV4_HLEN) else {
             return Parsed::Malformed;
         };
-        // SAFETY: 20 bytes checked.
-        let vihl = unsafe { *p };
+        let vihl = ld::<u8>(p, 0);
         let ihl = ((vihl & 0x0f) as usize) * 4;
-        if vihl >> 4 != 4 || ihl < 20 {
+        if vihl >> 4 != 4 || ihl < IPV4_HLEN {
             return Parsed::Malformed;
         }
         let total = be16(p, 2) as usize;
@@ -293,19 +302,45 @@ fn parse_ip(ctx: &TcContext) -> Parsed {
             // A non-first fragment carries no transport header (RFC 791).
             return Parsed::Other;
         }
-        // SAFETY: 20 bytes checked.
-        let l4_proto = unsafe { *p.add(9) };
         Parsed::Ip(Ip {
-            l4_proto,
+            l4_proto: ld::<u8>(p, 9),
             l4_off: ETH_HLEN + ihl,
             l4_len: total - ihl,
             ip_len: total as u32,
-            src: addr4(p, 12),
-            dst: addr4(p, 16),
             v6: false,
         })
     } else {
         Parsed::Other
+    }
+}
+
+/// The 16 bytes at `p + off` as an address, in two 64-bit loads (a `[u8; 16]`
+/// temporary would be byte-aligned, and the verifier refuses the misaligned stack
+/// accesses LLVM then emits for it).
+#[inline(always)]
+fn ld_addr(p: *const u8, off: usize) -> Addr {
+    // SAFETY: `Addr` is 16 plain bytes, 8-byte aligned, like `[u64; 2]`.
+    unsafe { core::mem::transmute::<[u64; 2], Addr>([ld::<u64>(p, off), ld::<u64>(p, off + 8)]) }
+}
+
+/// The 4 bytes at `p + off` as an IPv4-mapped address (`::ffff:a.b.c.d`). Built in
+/// little-endian words: this object is only ever built for `bpfel`.
+#[inline(always)]
+fn ld_addr4(p: *const u8, off: usize) -> Addr {
+    let lo = 0xffff_0000u64 | (u64::from(ld::<u32>(p, off)) << 32);
+    // SAFETY: as in `ld_addr`.
+    unsafe { core::mem::transmute::<[u64; 2], Addr>([0, lo]) }
+}
+
+/// Source and destination address (IPv4 mapped into IPv6), read in place.
+#[inline(always)]
+fn src_dst(ctx: &TcContext, ip: &Ip) -> Option<(Addr, Addr)> {
+    if ip.v6 {
+        let p = bytes_at(ctx, ETH_HLEN + 8, 32)?;
+        Some((ld_addr(p, 0), ld_addr(p, 16)))
+    } else {
+        let p = bytes_at(ctx, ETH_HLEN + 12, 8)?;
+        Some((ld_addr4(p, 0), ld_addr4(p, 4)))
     }
 }
 
@@ -352,8 +387,7 @@ fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
         // The UDP length promised these bytes: the packet is truncated.
         return Udp::Malformed;
     };
-    // SAFETY: 12 bytes checked.
-    let (b0, b1) = unsafe { (*r, *r.add(1)) };
+    let (b0, b1) = (ld::<u8>(r, 0), ld::<u8>(r, 1));
     if b0 >> 6 != 2 || (192..=223).contains(&b1) {
         return Udp::NotRtp;
     }
@@ -388,10 +422,18 @@ fn ingress(ctx: &TcContext) {
     };
     match ip.l4_proto {
         IPPROTO_ESP => esp_in(ctx, &ip),
-        IPPROTO_UDP if ip.v6 && ip.src.is_hit() && ip.dst.is_hit() => {
+        IPPROTO_UDP if ip.v6 => {
+            // Only HIT-to-HIT datagrams are flows; the address check comes first
+            // because it is cheaper than the UDP/RTP header checks.
+            let Some((src, dst)) = src_dst(ctx, &ip) else {
+                return;
+            };
+            if !src.is_hit() || !dst.is_hit() {
+                return;
+            }
             let Some(cfg) = config() else { return };
             match parse_udp(ctx, &ip, cfg) {
-                Udp::Rtp(rtp) => flow_in(ctx, &ip, &rtp, cfg),
+                Udp::Rtp(rtp) => flow_in(ctx, &ip, src, dst, &rtp, cfg),
                 Udp::NotRtp => stat(Stat::HitUdpNotRtp),
                 Udp::Malformed => stat(Stat::Malformed),
             }
@@ -423,107 +465,135 @@ fn esp_in(ctx: &TcContext, ip: &Ip) {
         return stat(Stat::EspInUnknownSpi);
     };
     stat(Stat::EspIn);
+    let Some((src, _)) = src_dst(ctx, ip) else {
+        return;
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: map value pointer; the u64 fields are 8-byte aligned.
     unsafe {
         add(&raw mut (*e).packets, 1);
         add(&raw mut (*e).bytes, u64::from(ctx.len()));
         (*e).last_seen_ns = now;
-        let old = (*e).last_src;
-        if old != ip.src {
-            (*e).last_src = ip.src;
-            // The agent seeds `last_src` with the peer's locator; an unseeded entry
-            // learns its first source silently.
-            if old != Addr::UNSPECIFIED {
-                add(&raw mut (*e).locator_changes, 1);
-                stat(Stat::LocatorChanges);
-                let ev = Event {
-                    kind: EVENT_LOCATOR_CHANGE,
-                    spi,
-                    ts_ns: now,
-                    peer_hit: (*e).peer_hit,
-                    old_addr: old,
-                    new_addr: ip.src,
-                    src_port: 0,
-                    dst_port: 0,
-                    _pad: 0,
-                };
-                if HIP_EVENTS.output::<Event>(&ev, 0).is_err() {
-                    stat(Stat::EventsLost);
-                }
-                info!(ctx, "hip: locator change on SPI {:x}", spi);
-            }
+        // Sequence lock: read the sequence before `last_src`; an odd value means
+        // another CPU is rewriting `last_src` right now (and reporting the change).
+        let seq = core::ptr::read_volatile(&raw const (*e).src_seq);
+        if seq & 1 != 0 {
+            return;
         }
+        let old = (*e).last_src;
+        if addr_eq(&old, &src) {
+            return;
+        }
+        let (_, won) = atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*e).src_seq,
+            seq,
+            seq + 1,
+        );
+        if !won {
+            // Another CPU took the lock since we read `seq` (or `old` was torn by
+            // its write): the change is theirs to report.
+            return;
+        }
+        (*e).last_src = src;
+        add(&raw mut (*e).src_seq, 1);
+        // The agent seeds `last_src` with the peer's locator; an unseeded entry
+        // learns its first source silently.
+        if addr_eq(&old, &Addr::UNSPECIFIED) {
+            return;
+        }
+        add(&raw mut (*e).locator_changes, 1);
+        stat(Stat::LocatorChanges);
+        let ev = Event {
+            kind: EVENT_LOCATOR_CHANGE,
+            spi,
+            ts_ns: now,
+            peer_hit: (*e).peer_hit,
+            old_addr: old,
+            new_addr: src,
+            src_port: 0,
+            dst_port: 0,
+            _pad: 0,
+        };
+        if HIP_EVENTS.output::<Event>(&ev, 0).is_err() {
+            stat(Stat::EventsLost);
+        }
+        info!(ctx, "hip: locator change on SPI {:x}", spi);
     }
 }
 
-/// The SPI and outer source the inner packet was decrypted with, from its sec_path.
+/// The XFRM state the inner packet was decrypted with (its sec_path), or `None`
+/// when it was not decrypted here.
 #[inline(always)]
-fn xfrm_origin(ctx: &TcContext) -> Option<(u32, Addr)> {
-    // SAFETY: all-zero is a valid `bpf_xfrm_state` (integers and a union of integers).
-    let mut xs: bpf_xfrm_state = unsafe { core::mem::zeroed() };
-    // SAFETY: the helper writes at most `size` bytes into `xs`.
+fn xfrm_state(ctx: &TcContext) -> Option<bpf_xfrm_state> {
+    // Left uninitialised: the helper's buffer argument is ARG_PTR_TO_UNINIT_MEM, and
+    // zeroing it costs a byte-by-byte memset subprogram call per packet.
+    let mut xs = core::mem::MaybeUninit::<bpf_xfrm_state>::uninit();
+    // SAFETY: the helper writes at most `size` bytes into `xs` and fills it all on
+    // success (`bpf_skb_get_xfrm_state()`, net/core/filter.c).
     let r = unsafe {
         bpf_skb_get_xfrm_state(
             ctx.skb.skb,
             0,
-            &mut xs,
+            xs.as_mut_ptr(),
             size_of::<bpf_xfrm_state>() as u32,
             0,
         )
     };
-    if r != 0 {
-        return None;
-    }
-    // `spi` and the addresses are in network order (`x->id.spi`, `x->props.saddr`).
+    // SAFETY: filled on success, see above.
+    (r == 0).then(|| unsafe { xs.assume_init() })
+}
+
+/// The SPI (host order) and outer source address of an XFRM state. `spi` and the
+/// addresses are in network order (`x->id.spi`, `x->props.saddr`), so the words of
+/// the address are already in memory order.
+#[inline(always)]
+fn xfrm_origin(xs: &bpf_xfrm_state) -> (u32, Addr) {
     let spi = u32::from_be(xs.spi);
-    // SAFETY: the union member is chosen by `family`, both are plain integers.
+    // SAFETY: the union member is chosen by `family`; both are plain integers, and
+    // `Addr` is 16 plain bytes like `[u32; 4]`.
     let addr = unsafe {
         match xs.family {
-            AF_INET => Addr::from_v4(xs.__bindgen_anon_1.remote_ipv4.to_ne_bytes()),
+            AF_INET => {
+                let lo = 0xffff_0000u64 | (u64::from(xs.__bindgen_anon_1.remote_ipv4) << 32);
+                core::mem::transmute::<[u64; 2], Addr>([0, lo])
+            }
             AF_INET6 => {
-                let w = xs.__bindgen_anon_1.remote_ipv6;
-                let mut a = [0u8; 16];
-                a[0..4].copy_from_slice(&w[0].to_ne_bytes());
-                a[4..8].copy_from_slice(&w[1].to_ne_bytes());
-                a[8..12].copy_from_slice(&w[2].to_ne_bytes());
-                a[12..16].copy_from_slice(&w[3].to_ne_bytes());
-                Addr(a)
+                // The union sits at offset 12 of the 4-byte aligned struct: read it
+                // in 32-bit words (volatile, so LLVM cannot merge them into 64-bit
+                // loads, which the verifier would refuse as misaligned stack reads).
+                let w = &raw const xs.__bindgen_anon_1.remote_ipv6;
+                let word = |i: usize| u64::from(core::ptr::read_volatile((w as *const u32).add(i)));
+                core::mem::transmute::<[u64; 2], Addr>([
+                    word(0) | (word(1) << 32),
+                    word(2) | (word(3) << 32),
+                ])
             }
             _ => Addr::UNSPECIFIED,
         }
     };
-    Some((spi, addr))
+    (spi, addr)
 }
 
-/// RTP arrival time in timestamp units since the flow's first packet (A.8 `arrival`).
-/// Split into seconds and remainder so that nothing overflows for any clock rate
-/// below 2³² Hz and any flow age.
+/// RTP arrival time in timestamp units since the flow's first packet (A.8
+/// `arrival`), modulo 2³²: `elapsed × mult` modulo 2⁶⁴ has the same bits 32..63 as
+/// the full product, and those are the units (see `Config::clock_mult`).
 #[inline(always)]
-fn arrival_units(elapsed_ns: u64, clock_hz: u32) -> u32 {
-    let secs = elapsed_ns / 1_000_000_000;
-    let rem = elapsed_ns % 1_000_000_000;
-    let hz = u64::from(clock_hz);
-    (secs.wrapping_mul(hz) + rem * hz / 1_000_000_000) as u32
+fn arrival_units(elapsed_ns: u64, mult: u64) -> u32 {
+    (elapsed_ns.wrapping_mul(mult) >> 32) as u32
 }
 
 #[inline(always)]
-fn flow_in(ctx: &TcContext, ip: &Ip, rtp: &Rtp, cfg: &Config) {
+fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Config) {
     let now = unsafe { bpf_ktime_get_ns() };
-    let (spi, locator, via) = match xfrm_origin(ctx) {
-        Some((spi, a)) => (spi, a, FLOW_VIA_XFRM),
-        None => match unsafe { HIP_ASSOCS.get(&ip.src) } {
-            Some(a) => (a.spi_in, a.locators[0], FLOW_VIA_ASSOC),
-            None => (0, Addr::UNSPECIFIED, 0),
-        },
-    };
-    let clock = match cfg.clock_hz.get((rtp.pt & 0x7f) as usize) {
-        Some(&c) if c != 0 => c,
-        _ => cfg.default_clock_hz,
+    let xs = xfrm_state(ctx);
+    let pt = (rtp.pt & 0x7f) as usize;
+    let (clock, mult) = match (cfg.clock_hz.get(pt), cfg.clock_mult.get(pt)) {
+        (Some(&c), Some(&m)) => (if c != 0 { c } else { cfg.default_clock_hz }, m),
+        _ => (cfg.default_clock_hz, 0),
     };
     let key = FlowKey {
-        src_hit: ip.src,
-        dst_hit: ip.dst,
+        src_hit: src,
+        dst_hit: dst,
         src_port: rtp.sport,
         dst_port: rtp.dport,
         ssrc: rtp.ssrc,
@@ -531,6 +601,18 @@ fn flow_in(ctx: &TcContext, ip: &Ip, rtp: &Rtp, cfg: &Config) {
     let (f, new) = match HIP_FLOWS.get_ptr_mut(&key) {
         Some(f) => (f, false),
         None => {
+            // A new flow: where it came from is the packet's SA or, without one, the
+            // association's current SPI and preferred locator.
+            let (spi, locator, via) = match &xs {
+                Some(xs) => {
+                    let (spi, a) = xfrm_origin(xs);
+                    (spi, a, FLOW_VIA_XFRM)
+                }
+                None => match unsafe { HIP_ASSOCS.get(&src) } {
+                    Some(a) => (a.spi_in, a.locators[0], FLOW_VIA_ASSOC),
+                    None => (0, Addr::UNSPECIFIED, 0),
+                },
+            };
             let init = FlowStats {
                 packets: 0,
                 bytes: 0,
@@ -587,7 +669,7 @@ fn flow_in(ctx: &TcContext, ip: &Ip, rtp: &Rtp, cfg: &Config) {
         let expected = (*f).max_seq.wrapping_sub((*f).base_seq) as i64 + 1;
         (*f).lost = expected - received as i64;
         // Interarrival jitter, RFC 3550 A.8, in timestamp units × 16.
-        let arrival = arrival_units(now.wrapping_sub((*f).first_seen_ns), clock);
+        let arrival = arrival_units(now.wrapping_sub((*f).first_seen_ns), mult);
         let transit = arrival.wrapping_sub(rtp.ts);
         if !new {
             let d = (transit.wrapping_sub((*f).transit) as i32).unsigned_abs();
@@ -596,9 +678,13 @@ fn flow_in(ctx: &TcContext, ip: &Ip, rtp: &Rtp, cfg: &Config) {
         }
         (*f).transit = transit;
         (*f).last_seen_ns = now;
-        (*f).spi = spi;
-        (*f).locator = locator;
-        (*f).via = via;
+        if let Some(xs) = &xs {
+            // Follows rekeys and locator changes packet by packet.
+            let (spi, locator) = xfrm_origin(xs);
+            (*f).spi = spi;
+            (*f).locator = locator;
+            (*f).via = FLOW_VIA_XFRM;
+        }
         (*f).payload_type = rtp.pt;
         (*f).clock_hz = clock;
     }
@@ -645,6 +731,50 @@ fn esp_out(ctx: &TcContext, ip: &Ip) {
     }
 }
 
+/// The guard's verdict for `dst`: from this CPU's cache when the slot holds `dst`
+/// at the current locator generation, else from `HIP_LOCATORS` (then cached).
+///
+/// The generation is read *before* the lookup and stored with its result, and the
+/// agent moves it *after* changing the map: a verdict that may predate a change is
+/// tagged with the old generation and never used once the change is visible. The
+/// window in which a just-revoked locator still passes is the same as without the
+/// cache (a lookup that ran just before the agent's delete).
+#[inline(always)]
+fn guard_pass(dst: &Addr, cfg: &Config) -> bool {
+    let gen_ = unsafe { core::ptr::read_volatile(&cfg.locators_gen) };
+    // Direct-mapped by the address's last byte (host part of IPv4 and of most IPv6
+    // interface identifiers), so a handful of concurrent destinations rarely collide.
+    let slot = u32::from(dst.0[15]) & (GUARD_CACHE_SLOTS - 1);
+    let c = HIP_GUARD_CACHE.get_ptr_mut(slot);
+    if let Some(c) = c {
+        // SAFETY: per-CPU map value, exclusive to this CPU during the run.
+        unsafe {
+            if (*c).valid != 0 && (*c).gen_ == gen_ && addr_eq(&(*c).dst, dst) {
+                return (*c).pass != 0;
+            }
+        }
+    }
+    let pass = match unsafe { HIP_LOCATORS.get(dst) } {
+        Some(l) => {
+            l.state == LocatorState::Active as u8 && l.assoc_state == AssocState::Established as u8
+        }
+        None => false,
+    };
+    if let Some(c) = c {
+        // SAFETY: as above.
+        unsafe {
+            *c = GuardCacheEntry {
+                dst: *dst,
+                gen_,
+                pass: u8::from(pass),
+                valid: 1,
+                _pad: [0; 2],
+            };
+        }
+    }
+    pass
+}
+
 /// The media guard (draft §5: media only to addresses HIP has verified). Clear-text
 /// RTP leaving the host passes only towards an ACTIVE locator of an ESTABLISHED
 /// association; everything else that is RTP is dropped and counted.
@@ -664,15 +794,17 @@ fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
             return TC_ACT_PIPE as i32;
         }
     };
-    if let Some(l) = unsafe { HIP_LOCATORS.get(&ip.dst) } {
-        if l.state == LocatorState::Active as u8 && l.assoc_state == AssocState::Established as u8 {
-            stat(Stat::GuardPassed);
-            return TC_ACT_PIPE as i32;
-        }
+    let Some((src, dst)) = src_dst(ctx, ip) else {
+        // parse_ip checked these bytes already; unreachable in practice.
+        return TC_ACT_PIPE as i32;
+    };
+    if guard_pass(&dst, cfg) {
+        stat(Stat::GuardPassed);
+        return TC_ACT_PIPE as i32;
     }
     stat(Stat::GuardDropped);
     let now = unsafe { bpf_ktime_get_ns() };
-    match HIP_GUARD_DROPS.get_ptr_mut(&ip.dst) {
+    match HIP_GUARD_DROPS.get_ptr_mut(&dst) {
         Some(g) => unsafe {
             add(&raw mut (*g).packets, 1);
             add(&raw mut (*g).bytes, u64::from(ip.ip_len));
@@ -686,11 +818,11 @@ fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
                 last_ns: now,
             };
             if HIP_GUARD_DROPS
-                .insert(&ip.dst, &g, BPF_NOEXIST as u64)
+                .insert(&dst, &g, BPF_NOEXIST as u64)
                 .is_err()
             {
                 // Another CPU created it first: add to theirs, no second event.
-                if let Some(g) = HIP_GUARD_DROPS.get_ptr_mut(&ip.dst) {
+                if let Some(g) = HIP_GUARD_DROPS.get_ptr_mut(&dst) {
                     unsafe {
                         add(&raw mut (*g).packets, 1);
                         add(&raw mut (*g).bytes, u64::from(ip.ip_len));
@@ -703,8 +835,8 @@ fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
                 spi: 0,
                 ts_ns: now,
                 peer_hit: Addr::UNSPECIFIED,
-                old_addr: ip.src,
-                new_addr: ip.dst,
+                old_addr: src,
+                new_addr: dst,
                 src_port: rtp.sport,
                 dst_port: rtp.dport,
                 _pad: 0,

@@ -2,21 +2,31 @@
 //! and removes two network namespaces of its own). Prints one line per scenario and
 //! the same as JSON on the last line.
 //!
-//! `hip-datapath-bench --micro [REPEAT [TRIALS]]`: only the programs' cost on each
-//! scenario's frame under `BPF_PROG_TEST_RUN`, and their sizes (seconds, no
-//! namespaces; for comparing program versions).
+//! `hip-datapath-bench --micro [--object FILE] [REPEAT [TRIALS]]`: only the
+//! programs' cost on each scenario's frame under `BPF_PROG_TEST_RUN`, and their sizes
+//! (seconds, no namespaces; for comparing program versions: `--object` measures
+//! another build of `hip-ebpf` with the same map layouts instead of the embedded one).
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("--micro") {
         args.next();
+        let obj = if args.peek().map(String::as_str) == Some("--object") {
+            args.next();
+            let path = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--object needs a file"))?;
+            Some(std::fs::read(&path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?)
+        } else {
+            None
+        };
         let repeat = args
             .next()
             .map(|a| a.parse())
             .transpose()?
             .unwrap_or(200_000);
         let trials = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
-        let reports = hip_datapath::bench::micro(repeat, trials)?;
+        let reports = hip_datapath::bench::micro(repeat, trials, obj.as_deref())?;
         for r in &reports {
             println!(
                 "micro {} {}: {:.1} ns/run ({:.1} over the empty program's {:.1}), verdict {}, \
