@@ -17,9 +17,9 @@ use std::{
 };
 
 use hip_kernel::{
-    AssociationParams, EspKeyPair, EspTransform, Events, FailClosed, HitRoutes, KernelEvent,
-    KernelIpsec, Lifetimes, LocatorPair, Reqid, SaParams, Spi, XfrmNetlink, install_association,
-    rekey_association, remove_association,
+    AssociationParams, EspKeyPair, EspTransform, Events, FailClosed, Guard, HitRoutes, KernelEvent,
+    KernelIpsec, Lifetimes, LocatorPair, Prefix, Reqid, SaParams, Spi, XfrmNetlink,
+    install_association, install_guard, rekey_association, remove_association, remove_guard,
 };
 use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
 use tokio::runtime::Runtime;
@@ -745,4 +745,74 @@ fn sa_upserts_replace_hips_keys_and_refuse_foreign_sas() {
     );
     assert_eq!(ip_text(&ns, "state"), foreign);
     assert_eq!(ip_count(&ns, "policy"), 0, "{}", ip_text(&ns, "policy"));
+}
+
+#[test]
+fn prefix_guard_blocks_until_the_association_is_up_and_after_it_is_gone() {
+    let rt = rt();
+    let p = topology("xguard", &rt);
+    let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
+    for (k, hit) in [(&ka, HIT_A), (&kb, HIT_B)] {
+        let g = Guard {
+            prefix: Prefix::ORCHID_V2,
+            local_hits: vec![hit.parse().unwrap()],
+        };
+        rt.block_on(install_guard(k, &g)).unwrap();
+    }
+    let tx =
+        p.a.run_in(|| UdpSocket::bind(format!("[{HIT_A}]:0")).unwrap())
+            .unwrap();
+    // No association yet: traffic to the peer HIT is refused, not sent in clear text.
+    let e = tx
+        .send_to(b"too early", format!("[{HIT_B}]:5004"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // The host's own HIT stays usable.
+    let me =
+        p.a.run_in(|| UdpSocket::bind(format!("[{HIT_A}]:5008")).unwrap())
+            .unwrap();
+    me.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tx.send_to(b"to myself", format!("[{HIT_A}]:5008")).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = me.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"to myself");
+
+    let t = EspTransform::AesGcm128Icv16;
+    let (mut aa, mut ab) = pair(&rt, &ka, &kb, t, 5, Lifetimes::UNLIMITED);
+    aa.fail_closed = FailClosed::Guard;
+    ab.fail_closed = FailClosed::Guard;
+    rt.block_on(install_association(&ka, &aa)).unwrap();
+    rt.block_on(install_association(&kb, &ab)).unwrap();
+    for ns in [&p.a, &p.b] {
+        // 2 SAs; 2 IPsec policies + 2 guard blocks + 2 local-HIT allows.
+        assert_eq!(ip_count(ns, "state"), 2, "{}", ip_text(ns, "state"));
+        assert_eq!(ip_count(ns, "policy"), 6, "{}", ip_text(ns, "policy"));
+    }
+    let (cap_a, cap_b) = (Capture::open(&p.a, &p.if_a), Capture::open(&p.b, &p.if_b));
+    exchange(&p, 5, "guarded");
+    let mut frames = cap_a.sent_ipv6();
+    frames.extend(cap_b.sent_ipv6());
+    let w = wire(&frames);
+    assert_eq!(w.clear_udp, 0);
+    assert_eq!(
+        w.esp_spis.iter().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([aa.spi_in, ab.spi_in])
+    );
+
+    rt.block_on(remove_association(&ka, &aa)).unwrap();
+    rt.block_on(remove_association(&kb, &ab)).unwrap();
+    let e = tx
+        .send_to(b"too late", format!("[{HIT_B}]:5004"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    for (ns, k, hit) in [(&p.a, &ka, HIT_A), (&p.b, &kb, HIT_B)] {
+        assert_eq!(ip_count(ns, "state"), 0);
+        assert_eq!(ip_count(ns, "policy"), 4, "only the guard is left");
+        let g = Guard {
+            prefix: Prefix::ORCHID_V2,
+            local_hits: vec![hit.parse().unwrap()],
+        };
+        rt.block_on(remove_guard(k, &g)).unwrap();
+        assert_eq!(ip_count(ns, "policy"), 0);
+    }
 }
