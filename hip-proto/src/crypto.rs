@@ -6,7 +6,7 @@
 //! value encodings, the puzzle loop and key layout.
 
 use crypto_bigint::{
-    Odd, U256, U3072,
+    Odd, U256, U1536, U2048, U3072, Uint,
     modular::{FixedMontyForm, FixedMontyParams},
 };
 use hmac::{Hmac, KeyInit, Mac};
@@ -42,6 +42,11 @@ pub enum CryptoError {
 /// DH group IDs (RFC 7401 §5.2.7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DhGroup {
+    /// 1536-bit MODP group (RFC 3526 group 5), ID 3: mandatory to implement (RFC 7401
+    /// §5.2.7), last in the default preference.
+    Modp1536,
+    /// 2048-bit MODP group (RFC 3526 group 14), ID 11.
+    Modp2048,
     /// 3072-bit MODP group (RFC 3526 group 15), ID 4.
     Modp3072,
     /// NIST P-256, ID 7.
@@ -52,23 +57,33 @@ pub enum DhGroup {
 
 impl DhGroup {
     /// All supported groups, in this implementation's default preference order.
-    pub const ALL: [DhGroup; 3] = [DhGroup::NistP256, DhGroup::NistP384, DhGroup::Modp3072];
+    pub const ALL: [DhGroup; 5] = [
+        DhGroup::NistP256,
+        DhGroup::NistP384,
+        DhGroup::Modp3072,
+        DhGroup::Modp2048,
+        DhGroup::Modp1536,
+    ];
 
     /// The wire ID.
     pub fn id(self) -> u8 {
         match self {
+            DhGroup::Modp1536 => 3,
             DhGroup::Modp3072 => 4,
             DhGroup::NistP256 => 7,
             DhGroup::NistP384 => 8,
+            DhGroup::Modp2048 => 11,
         }
     }
 
     /// From the wire ID.
     pub fn from_id(id: u8) -> Option<Self> {
         Some(match id {
+            3 => DhGroup::Modp1536,
             4 => DhGroup::Modp3072,
             7 => DhGroup::NistP256,
             8 => DhGroup::NistP384,
+            11 => DhGroup::Modp2048,
             _ => return None,
         })
     }
@@ -76,6 +91,8 @@ impl DhGroup {
     /// A short name.
     pub fn name(self) -> &'static str {
         match self {
+            DhGroup::Modp1536 => "modp1536",
+            DhGroup::Modp2048 => "modp2048",
             DhGroup::Modp3072 => "modp3072",
             DhGroup::NistP256 => "p256",
             DhGroup::NistP384 => "p384",
@@ -88,29 +105,62 @@ impl DhGroup {
     }
 }
 
-/// RFC 3526 §4, the 3072-bit MODP prime (generator 2). Hex taken from the RFC's group 15
-/// (checked against OpenSSL's `modp_3072` parameters).
+/// The MODP primes of RFC 3526 (§2 group 5, §3 group 14, §4 group 15; generator 2), as
+/// printed there (checked against OpenSSL's `modp_1536`, `modp_2048`, `modp_3072`).
+const MODP1536_P: &str = "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7EDEE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA237327FFFFFFFFFFFFFFFF";
+const MODP2048_P: &str = "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7EDEE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3BE39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA051015728E5A8AACAA68FFFFFFFFFFFFFFFF";
 const MODP3072_P: &str = "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7EDEE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF0598DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3BE39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF6955817183995497CEA956AE515D2261898FA051015728E5A8AAAC42DAD33170D04507A33A85521ABDF1CBA64ECFB850458DBEF0A8AEA71575D060C7DB3970F85A6E1E4C7ABF5AE8CDB0933D71E8C94E04A25619DCEE3D2261AD2EE6BF12FFA06D98A0864D87602733EC86A64521F2B18177B200CBBE117577A615D6C770988C0BAD946E208E24FA074E5AB3143DB5BFCE0FD108E4B82D120A93AD2CAFFFFFFFFFFFFFFFF";
 
-fn modp_params() -> FixedMontyParams<{ U3072::LIMBS }> {
-    let p = U3072::from_be_hex(MODP3072_P);
-    FixedMontyParams::new_vartime(Odd::new(p).expect("the MODP prime is odd"))
+/// Secret exponents are 256 bits: RFC 3526 §8 asks for twice the security level in
+/// bits, and none of these groups reaches 128-bit security.
+const MODP_EXPONENT_BITS: usize = 256;
+
+fn modp_params<const L: usize>(hex: &str) -> FixedMontyParams<L> {
+    let p = Uint::<L>::from_be_hex(hex);
+    FixedMontyParams::new_vartime(Odd::new(p).expect("the MODP primes are odd"))
+}
+
+/// g^x mod p, big-endian, padded to the prime's length.
+fn modp_public<const L: usize>(hex: &str, x: &U256) -> Vec<u8> {
+    let g = FixedMontyForm::new(&Uint::<L>::from_u8(2), &modp_params(hex));
+    g.pow(x).retrieve().to_be_bytes().to_vec()
+}
+
+/// y^x mod p after checking 1 < y < p - 1 (RFC 2631 §2.1.5-style range check).
+fn modp_agree<const L: usize>(hex: &str, x: &U256, peer: &[u8]) -> Option<Vec<u8>> {
+    if peer.len() != L * 8 {
+        return None;
+    }
+    let params = modp_params::<L>(hex);
+    let y = Uint::<L>::from_be_slice(peer);
+    let pm1 = params.modulus().get().wrapping_sub(&Uint::<L>::ONE);
+    if y <= Uint::<L>::ONE || y >= pm1 {
+        return None;
+    }
+    Some(
+        FixedMontyForm::new(&y, &params)
+            .pow(x)
+            .retrieve()
+            .to_be_bytes()
+            .to_vec(),
+    )
 }
 
 /// A local DH key pair. One pair may be reused across exchanges (R1 precomputation,
-/// RFC 7401 §4.1.4 allows the Responder to reuse its DH value for a while).
+/// RFC 7401 §6.7.1 lets the Responder reuse an R1 for a while).
 #[derive(Clone)]
 pub enum DhSecret {
     /// P-256.
     P256(p256::SecretKey),
     /// P-384.
     P384(p384::SecretKey),
-    /// MODP 3072: a 256-bit secret exponent (RFC 3526 §8: twice the security level in
-    /// bits suffices) and the public value.
-    Modp3072 {
+    /// A MODP group: the secret exponent and the public value.
+    Modp {
+        /// Which group.
+        group: DhGroup,
         /// Secret exponent.
         x: Box<U256>,
-        /// g^x mod p, 384 octets.
+        /// g^x mod p, as long as the prime.
         public: Vec<u8>,
     },
 }
@@ -119,20 +169,29 @@ impl DhSecret {
     /// Generates a key pair.
     pub fn generate<R: CryptoRng + ?Sized>(group: DhGroup, rng: &mut R) -> Self {
         use p256::elliptic_curve::Generate as _;
+        let modp = |rng: &mut R| {
+            let mut b = [0u8; MODP_EXPONENT_BITS / 8];
+            rng.fill_bytes(&mut b);
+            b[0] |= 0x80;
+            Box::new(U256::from_be_slice(&b))
+        };
         match group {
             DhGroup::NistP256 => DhSecret::P256(p256::SecretKey::generate_from_rng(rng)),
             DhGroup::NistP384 => DhSecret::P384(p384::SecretKey::generate_from_rng(rng)),
+            DhGroup::Modp1536 => {
+                let x = modp(rng);
+                let public = modp_public::<{ U1536::LIMBS }>(MODP1536_P, &x);
+                DhSecret::Modp { group, x, public }
+            }
+            DhGroup::Modp2048 => {
+                let x = modp(rng);
+                let public = modp_public::<{ U2048::LIMBS }>(MODP2048_P, &x);
+                DhSecret::Modp { group, x, public }
+            }
             DhGroup::Modp3072 => {
-                let mut b = [0u8; 32];
-                rng.fill_bytes(&mut b);
-                b[0] |= 0x80;
-                let x = U256::from_be_slice(&b);
-                let g = FixedMontyForm::new(&U3072::from_u8(2), &modp_params());
-                let y = g.pow(&x).retrieve();
-                DhSecret::Modp3072 {
-                    x: Box::new(x),
-                    public: y.to_be_bytes().to_vec(),
-                }
+                let x = modp(rng);
+                let public = modp_public::<{ U3072::LIMBS }>(MODP3072_P, &x);
+                DhSecret::Modp { group, x, public }
             }
         }
     }
@@ -142,7 +201,7 @@ impl DhSecret {
         match self {
             DhSecret::P256(_) => DhGroup::NistP256,
             DhSecret::P384(_) => DhGroup::NistP384,
-            DhSecret::Modp3072 { .. } => DhGroup::Modp3072,
+            DhSecret::Modp { group, .. } => *group,
         }
     }
 
@@ -153,7 +212,7 @@ impl DhSecret {
         match self {
             DhSecret::P256(k) => k.public_key().to_sec1_bytes().to_vec(),
             DhSecret::P384(k) => k.public_key().to_sec1_bytes().to_vec(),
-            DhSecret::Modp3072 { public, .. } => public.clone(),
+            DhSecret::Modp { public, .. } => public.clone(),
         }
     }
 
@@ -161,35 +220,27 @@ impl DhSecret {
     /// ECDH, g^xy mod p (full length) for MODP.
     pub fn agree(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let g = self.group().id();
+        let bad = || CryptoError::BadDhPublic(g);
         match self {
             DhSecret::P256(k) => {
-                let pk = p256::PublicKey::from_sec1_bytes(peer)
-                    .map_err(|_| CryptoError::BadDhPublic(g))?;
+                let pk = p256::PublicKey::from_sec1_bytes(peer).map_err(|_| bad())?;
                 Ok(Zeroizing::new(
                     k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
                 ))
             }
             DhSecret::P384(k) => {
-                let pk = p384::PublicKey::from_sec1_bytes(peer)
-                    .map_err(|_| CryptoError::BadDhPublic(g))?;
+                let pk = p384::PublicKey::from_sec1_bytes(peer).map_err(|_| bad())?;
                 Ok(Zeroizing::new(
                     k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
                 ))
             }
-            DhSecret::Modp3072 { x, .. } => {
-                if peer.len() != 384 {
-                    return Err(CryptoError::BadDhPublic(g));
-                }
-                let params = modp_params();
-                let y = U3072::from_be_slice(peer);
-                let p = params.modulus().get();
-                // RFC 2631 §2.1.5-style range check: 1 < y < p - 1.
-                let pm1 = p.wrapping_sub(&U3072::ONE);
-                if y <= U3072::ONE || y >= pm1 {
-                    return Err(CryptoError::BadDhPublic(g));
-                }
-                let s = FixedMontyForm::new(&y, &params).pow(&**x).retrieve();
-                Ok(Zeroizing::new(s.to_be_bytes().to_vec()))
+            DhSecret::Modp { group, x, .. } => {
+                let s = match group {
+                    DhGroup::Modp1536 => modp_agree::<{ U1536::LIMBS }>(MODP1536_P, x, peer),
+                    DhGroup::Modp2048 => modp_agree::<{ U2048::LIMBS }>(MODP2048_P, x, peer),
+                    _ => modp_agree::<{ U3072::LIMBS }>(MODP3072_P, x, peer),
+                };
+                s.map(Zeroizing::new).ok_or_else(bad)
             }
         }
     }
@@ -361,8 +412,13 @@ pub enum HipCipher {
 }
 
 impl HipCipher {
-    /// All supported, in default preference order.
+    /// All supported. NULL-ENCRYPT is for testing only: RFC 7401 §5.2.8 forbids offering
+    /// or accepting it unless explicitly configured, so [`HipCipher::DEFAULT`] leaves it
+    /// out.
     pub const ALL: [HipCipher; 3] = [HipCipher::Aes128Cbc, HipCipher::Aes256Cbc, HipCipher::Null];
+
+    /// The default offer, preferred first (AES-128-CBC is mandatory to implement).
+    pub const DEFAULT: [HipCipher; 2] = [HipCipher::Aes128Cbc, HipCipher::Aes256Cbc];
 
     /// Wire ID.
     pub fn id(self) -> u16 {
@@ -534,12 +590,14 @@ mod tests {
             let expect_len = match g {
                 DhGroup::NistP256 => 65,
                 DhGroup::NistP384 => 97,
+                DhGroup::Modp1536 => 192,
+                DhGroup::Modp2048 => 256,
                 DhGroup::Modp3072 => 384,
             };
             assert_eq!(a.public_value().len(), expect_len);
             let mut bad = b.public_value();
             bad[5] ^= 1;
-            if g != DhGroup::Modp3072 {
+            if matches!(g, DhGroup::NistP256 | DhGroup::NistP384) {
                 assert!(a.agree(&bad).is_err());
             }
             assert!(a.agree(&bad[..10]).is_err());
@@ -548,14 +606,26 @@ mod tests {
         let mut one = vec![0u8; 384];
         one[383] = 1;
         assert_eq!(m.agree(&one).unwrap_err(), CryptoError::BadDhPublic(4));
+        assert_eq!(
+            m.agree(&[0xff; 384]).unwrap_err(),
+            CryptoError::BadDhPublic(4)
+        );
     }
 
     #[test]
-    fn modp_matches_a_known_small_case() {
-        // 2^1 mod p = 2: a secret exponent of 1 yields the generator as public value.
-        let x = U256::ONE;
-        let g = FixedMontyForm::new(&U3072::from_u8(2), &modp_params());
-        assert_eq!(g.pow(&x).retrieve(), U3072::from_u8(2));
+    fn modp_matches_known_small_cases() {
+        // 2^1 mod p = 2 and 2^10 mod p = 1024 in every group.
+        for x in [1u64, 10] {
+            let want = 1u64 << x;
+            let v = modp_public::<{ U1536::LIMBS }>(MODP1536_P, &U256::from_u64(x));
+            assert_eq!(U1536::from_be_slice(&v), U1536::from_u64(want));
+            let v = modp_public::<{ U3072::LIMBS }>(MODP3072_P, &U256::from_u64(x));
+            assert_eq!(U3072::from_be_slice(&v), U3072::from_u64(want));
+        }
+        // Every prime is the size its group says.
+        assert_eq!(MODP1536_P.len() * 4, 1536);
+        assert_eq!(MODP2048_P.len() * 4, 2048);
+        assert_eq!(MODP3072_P.len() * 4, 3072);
     }
 
     #[test]

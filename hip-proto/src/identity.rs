@@ -325,7 +325,7 @@ impl HostId {
             }
             HostId::Rsa { n, e } => {
                 let pk = aws_lc_rs::signature::RsaPublicKeyComponents { n, e };
-                pk.verify(&aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256, msg, sig)
+                pk.verify(&aws_lc_rs::signature::RSA_PSS_2048_8192_SHA256, msg, sig)
                     .map_err(|_| IdentityError::BadSignature)
             }
         }
@@ -415,7 +415,9 @@ impl HostIdentity {
 
     /// Signs `msg` with the algorithm of this identity's HIT suite (RFC 7401 §5.2.10):
     /// ECDSA with SHA-384 (the signature as fixed-size r ‖ s, RFC 6090 / RFC 4754),
-    /// RSASSA-PKCS1-v1_5 with SHA-256 (RFC 5702 form), pure Ed25519 (RFC 8032).
+    /// RSASSA-PSS with SHA-256 (RFC 7401 §5.2.9: "the Probabilistic Signature Scheme
+    /// (PSS) method of padding MUST be used"; aws-lc draws the salt itself), pure Ed25519
+    /// (RFC 8032).
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, IdentityError> {
         let err = |e: signature::Error| IdentityError::Crypto(e.to_string());
         Ok(match &self.key {
@@ -433,7 +435,7 @@ impl HostIdentity {
             PrivateKey::Rsa(k) => {
                 let mut sig = vec![0u8; k.public_modulus_len()];
                 k.sign(
-                    &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                    &aws_lc_rs::signature::RSA_PSS_SHA256,
                     &aws_lc_rs::rand::SystemRandom::new(),
                     msg,
                     &mut sig,

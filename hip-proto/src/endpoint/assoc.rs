@@ -74,7 +74,8 @@ pub(super) struct SessionKeys {
     pub cipher: HipCipher,
     pub esp: EspSuite,
     pub dh_group: DhGroup,
-    pub enc_gl: Secret,
+    pub enc_out: Secret,
+    pub enc_in: Secret,
     pub hmac_out: Secret,
     pub hmac_in: Secret,
     pub esp_index: usize,
@@ -83,7 +84,8 @@ pub(super) struct SessionKeys {
 impl SessionKeys {
     /// Lays out the HIP keys at the start of KEYMAT (RFC 7401 §6.5): HIP-gl encryption,
     /// HIP-gl integrity, HIP-lg encryption, HIP-lg integrity; gl keys protect what the host
-    /// with the greater HIT sends. ESP keys follow (RFC 7402 §7).
+    /// with the greater HIT (HOST_g) sends, its ENCRYPTED parameter included. ESP keys
+    /// follow (RFC 7402 §7).
     #[allow(clippy::too_many_arguments)]
     fn new(
         keymat: Keymat,
@@ -98,11 +100,12 @@ impl SessionKeys {
         let k = keymat.draw(0, 2 * (e + i))?;
         let enc_gl = Zeroizing::new(k[..e].to_vec());
         let int_gl = Zeroizing::new(k[e..e + i].to_vec());
+        let enc_lg = Zeroizing::new(k[e + i..2 * e + i].to_vec());
         let int_lg = Zeroizing::new(k[2 * e + i..].to_vec());
-        let (hmac_out, hmac_in) = if local > peer {
-            (int_gl, int_lg)
+        let (enc_out, enc_in, hmac_out, hmac_in) = if local > peer {
+            (enc_gl, enc_lg, int_gl, int_lg)
         } else {
-            (int_lg, int_gl)
+            (enc_lg, enc_gl, int_lg, int_gl)
         };
         Ok(Self {
             keymat,
@@ -110,7 +113,8 @@ impl SessionKeys {
             cipher,
             esp,
             dh_group,
-            enc_gl,
+            enc_out,
+            enc_in,
             hmac_out,
             hmac_in,
             esp_index: 2 * (e + i),
@@ -138,6 +142,8 @@ pub(super) struct Assoc {
     pub rto: Duration,
     pub timer: Option<Instant>,
     pub close_nonce: Vec<u8>,
+    /// Initiator: the Responder's HOST_ID parameter as received in R1 (for HIP_MAC_2).
+    pub peer_host_id_tlv: Vec<u8>,
     /// UPDATE state (RFC 7401 §6.11).
     pub upd: super::update::UpdateState,
 }
@@ -169,6 +175,7 @@ impl Assoc {
             rto: config.rto_initial,
             timer: None,
             close_nonce: Vec::new(),
+            peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
         }
     }
@@ -356,21 +363,12 @@ fn verify_signature(pkt: &Packet, t: u16, hi: &HostId) -> Result<(), ProtocolErr
         .map_err(|_| ProtocolError::BadSignature)
 }
 
-/// The image HIP_MAC_2 covers (RFC 7401 §5.2.13, §6.4.1): the R2 up to HIP_MAC_2 with the
-/// responder's HOST_ID parameter inserted in type order, the header length adjusted.
-fn hmac2_image(pkt: &Packet, mac2_off: usize, host_id: &Param) -> Vec<u8> {
-    let mut v = pkt.bytes[..wire::HEADER_LEN].to_vec();
-    let mut inserted = false;
-    for p in pkt.params.iter().filter(|p| p.offset < mac2_off) {
-        if !inserted && p.ty > ty::HOST_ID {
-            host_id.emit(&mut v);
-            inserted = true;
-        }
-        v.extend_from_slice(&pkt.bytes[p.offset..p.offset + p.total_len]);
-    }
-    if !inserted {
-        host_id.emit(&mut v);
-    }
+/// The image HIP_MAC_2 covers (RFC 7401 §6.4.1): the R2 up to HIP_MAC_2, then the
+/// Responder's HOST_ID parameter exactly as it was sent in R1 appended at the end, the
+/// header length covering it and the checksum zeroed.
+fn hmac2_image(pkt: &Packet, mac2_off: usize, host_id_tlv: &[u8]) -> Vec<u8> {
+    let mut v = pkt.bytes[..mac2_off].to_vec();
+    v.extend_from_slice(host_id_tlv);
     v[1] = (v.len() / 8 - 1) as u8;
     v[4] = 0;
     v[5] = 0;
@@ -486,16 +484,16 @@ impl Endpoint {
         let Param::DhGroupList(list) = pkt.required(ty::DH_GROUP_LIST)? else {
             unreachable!("type checked")
         };
-        // The Initiator's preference order decides (RFC 7401 §5.2.6).
-        let group = list
+        // RFC 7401 §5.2.6: the Responder picks the first group of its own list that the
+        // Initiator offered; with none in common, its most preferred group anyway
+        // (§6.7 step 4), and the Initiator decides what to do with that.
+        let group = self
+            .config
+            .dh_groups
             .iter()
-            .filter_map(|g| DhGroup::from_id(*g))
-            .find(|g| self.config.dh_groups.contains(g));
-        let Some(group) = group else {
-            let ours: Vec<u8> = self.config.dh_groups.iter().map(|g| g.id()).collect();
-            self.send_notify(dst, src, hit_i, notify::NO_DH_PROPOSAL_CHOSEN, ours)?;
-            return Err(ProtocolError::NoCommonDhGroup);
-        };
+            .copied()
+            .find(|g| list.contains(&g.id()))
+            .unwrap_or(self.config.dh_groups[0]);
         let t = self
             .pool
             .respond(group, hit_i, dst, src)
@@ -550,6 +548,10 @@ impl Endpoint {
 
         // Identity and signature first: nothing below is trusted before this.
         let hid = host_id_of(pkt.required(ty::HOST_ID)?)?;
+        let host_id_tlv = {
+            let r = raw(pkt, ty::HOST_ID)?;
+            pkt.bytes[r.offset..r.offset + r.total_len].to_vec()
+        };
         verify_signature(pkt, ty::HIP_SIGNATURE_2, &hid)?;
         let actual = hid.hit();
         if let Some(exp) = expected
@@ -612,9 +614,10 @@ impl Endpoint {
             unreachable!()
         };
 
-        // Downgrade protection (RFC 7401 §4.1.3): the signed R1 lists the Responder's
-        // groups; the group it chose must be the first of our I1 list that it supports.
-        let expected_group = i1_groups.iter().find(|g| r1_groups.contains(g)).copied();
+        // Downgrade protection (RFC 7401 §4.1.3, §6.8 step 7): the signed R1 lists the
+        // Responder's groups in its order of preference; the group it chose must be the
+        // first of that list that our I1 offered.
+        let expected_group = r1_groups.iter().find(|g| i1_groups.contains(g)).copied();
         let Some(expected_group) = expected_group else {
             return Err(self.fail(now, &key, ProtocolError::NoCommonDhGroup));
         };
@@ -702,7 +705,7 @@ impl Endpoint {
         b.push(&Param::HipCipher(vec![cipher.id()]))?;
         if self.config.encrypt_host_id {
             let plain = self.hi_param.to_bytes();
-            let ct = cipher.encrypt(&keys.enc_gl, &plain, &mut *self.rng);
+            let ct = cipher.encrypt(&keys.enc_out, &plain, &mut *self.rng);
             b.push(&Param::Encrypted(ct))?;
         } else {
             b.push(&self.hi_param)?;
@@ -718,6 +721,7 @@ impl Endpoint {
         .expect("found above");
         a.keys = Some(keys);
         a.peer_hit = sender;
+        a.peer_host_id_tlv = host_id_tlv;
         let t = a.finish_authenticated(b, id)?;
         a.peer_hi = Some(hid);
         a.spi_in = Some(spi_in);
@@ -754,7 +758,9 @@ impl Endpoint {
         let ij = [&random_i[..], &solution_j[..]].concat();
         if let Some(a) = self.assocs.get(&hit_i) {
             match a.state {
-                State::I2Sent if local_hit > hit_i => {
+                // RFC 7401 §6.9 step 5: with crossing I2s, the host with the smaller HIT
+                // drops the peer's I2 and stays the Initiator.
+                State::I2Sent if local_hit < hit_i => {
                     return Err(ProtocolError::Unexpected {
                         packet_type: PacketType::I2,
                         state: State::I2Sent,
@@ -832,7 +838,7 @@ impl Endpoint {
         let host_id_param = match pkt.optional(ty::ENCRYPTED)? {
             Some(Param::Encrypted(ct)) => {
                 let plain = cipher
-                    .decrypt(&keys.enc_gl, &ct)
+                    .decrypt(&keys.enc_in, &ct)
                     .map_err(|_| ProtocolError::BadEncrypted)?;
                 if plain.len() < 4 || u16::from_be_bytes([plain[0], plain[1]]) != ty::HOST_ID {
                     return Err(ProtocolError::BadEncrypted);
@@ -854,7 +860,7 @@ impl Endpoint {
             });
         }
         if !self.config.hit_suites.contains(&hid.hit_suite()) {
-            self.send_notify(dst, src, hit_i, notify::UNSUPPORTED_HIT_SUITE, vec![])?;
+            // RFC 7401 §6.9 step 3: silently dropped.
             return Err(ProtocolError::UnsupportedHitSuite(hid.hit_suite().id()));
         }
         verify_hmac(pkt, ty::HMAC, &keys)?;
@@ -881,7 +887,7 @@ impl Endpoint {
         let img = {
             let tmp = b.clone().finish();
             let p = Packet::parse(&tmp)?;
-            hmac2_image(&p, tmp.len(), &self.hi_param)
+            hmac2_image(&p, tmp.len(), &self.hi_param.to_bytes())
         };
         b.push(&Param::Hmac2(keys.rhash.hmac(&keys.hmac_out, &img)))?;
         let sig = self.identity.sign(b.covered())?;
@@ -942,6 +948,7 @@ impl Endpoint {
             rto: self.config.rto_initial,
             timer: Some(now + self.config.r2_sent_timeout),
             close_nonce: Vec::new(),
+            peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
         };
         a.upd.esp_next = next;
@@ -970,13 +977,7 @@ impl Endpoint {
             unreachable!("I2-SENT has keys and the peer HI")
         };
         let mac2 = raw(pkt, ty::HMAC_2)?;
-        let hi_param = Param::HostId {
-            algorithm: hi.algorithm() as u16,
-            hi: hi.to_hi_bytes(),
-            di_type: 0,
-            di: Vec::new(),
-        };
-        let img = hmac2_image(pkt, mac2.offset, &hi_param);
+        let img = hmac2_image(pkt, mac2.offset, &a.peer_host_id_tlv);
         if !keys.rhash.verify_hmac(&keys.hmac_in, &img, mac2.contents) {
             return Err(ProtocolError::BadHmac);
         }

@@ -230,7 +230,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             dh_groups: DhGroup::ALL.to_vec(),
-            hip_ciphers: HipCipher::ALL.to_vec(),
+            hip_ciphers: HipCipher::DEFAULT.to_vec(),
             esp_suites: EspSuite::ALL.to_vec(),
             hit_suites: vec![
                 HitSuite::EcdsaSha384,

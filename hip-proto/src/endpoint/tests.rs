@@ -692,18 +692,25 @@ fn unsupported_dh_group_only() {
     let now = s.now;
     s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
     s.run_until(Duration::from_secs(600), |_| false);
-    assert!(s.errors_b.contains(&ProtocolError::NoCommonDhGroup));
-    // B said so with a NOTIFY (unverifiable by A, so informational)...
+    // RFC 7401 §6.7 step 4: B answers with its own group anyway; A checks the signed R1,
+    // finds no group of its I1 in B's list, and aborts (§4.1.3).
+    assert!(
+        s.errors_a.contains(&ProtocolError::NoCommonDhGroup),
+        "{:?}",
+        s.errors_a
+    );
     assert!(s.events_a.iter().any(|e| matches!(
         e,
-        Event::Notified { msg_type, verified: false, .. } if *msg_type == notify::NO_DH_PROPOSAL_CHOSEN
+        Event::Failed {
+            error: ProtocolError::NoCommonDhGroup,
+            ..
+        }
     )));
-    // ...and A gives up after its retransmissions.
-    assert!(s.events_a.iter().any(|e| matches!(e, Event::Failed { .. })));
+    assert!(s.errors_b.is_empty(), "{:?}", s.errors_b);
     assert!(
         !s.wire
             .iter()
-            .any(|(_, t)| t.packet_type() == Some(wire::PacketType::R1))
+            .any(|(_, t)| t.packet_type() == Some(wire::PacketType::I2))
     );
     no_association(&s);
 }
