@@ -782,7 +782,10 @@ impl Endpoint {
             }
         }
         let rhash = self.pool.rhash;
-        let Some(issued) = self.pool.lookup(hit_i, local_hit, opaque, &random_i) else {
+        let Some(issued) = self
+            .pool
+            .lookup((hit_i, local_hit), (src, dst), opaque, &random_i)
+        else {
             return Err(ProtocolError::BadPuzzle);
         };
         let generation = issued.generation;

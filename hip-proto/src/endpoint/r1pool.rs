@@ -5,7 +5,9 @@
 //! is answered by copying a template, filling those fields and the checksum. #I is not
 //! random but `HMAC-RHASH(generation secret, HIT-I | HIT-R | Opaque)`, so an I2 can be
 //! checked against the puzzle it answers without remembering it; Opaque names the
-//! template (DH group, slot). The previous generation stays valid for I2s, and the solutions
+//! template (DH group, slot). As in RFC 7401 Appendix A, the two IP addresses are hashed
+//! in too, so a puzzle solved for one address pair is worthless from another.
+//! The previous generation stays valid for I2s, and the solutions
 //! (HIT-I, #I, #J) already used are remembered per generation to refuse replayed I2s.
 
 use std::{
@@ -113,10 +115,24 @@ impl Generation {
         })
     }
 
-    fn puzzle_i(&self, rhash: Rhash, hit_i: Hit, hit_r: Hit, opaque: [u8; 2]) -> Vec<u8> {
-        let mut m = Vec::with_capacity(34);
+    fn puzzle_i(
+        &self,
+        rhash: Rhash,
+        hit_i: Hit,
+        hit_r: Hit,
+        ip_i: IpAddr,
+        ip_r: IpAddr,
+        opaque: [u8; 2],
+    ) -> Vec<u8> {
+        let mut m = Vec::with_capacity(66);
         m.extend_from_slice(&hit_i.0);
         m.extend_from_slice(&hit_r.0);
+        for ip in [ip_i, ip_r] {
+            match ip {
+                IpAddr::V4(a) => m.extend_from_slice(&a.to_ipv6_mapped().octets()),
+                IpAddr::V6(a) => m.extend_from_slice(&a.octets()),
+            }
+        }
         m.extend_from_slice(&opaque);
         rhash.hmac(&self.secret, &m)
     }
@@ -198,12 +214,8 @@ impl R1Pool {
         let idx = self.rr % slots.len();
         let slot = &slots[idx];
         let opaque = [group.id(), idx as u8];
-        let i = self.cur.puzzle_i(
-            rhash,
-            hit_i,
-            Hit(slot.template[8..24].try_into().ok()?),
-            opaque,
-        );
+        let hit_r = Hit(slot.template[8..24].try_into().ok()?);
+        let i = self.cur.puzzle_i(rhash, hit_i, hit_r, peer, local, opaque);
         let mut p = slot.template.clone();
         p[24..40].copy_from_slice(&hit_i.0);
         let o = slot.puzzle_off;
@@ -218,10 +230,16 @@ impl R1Pool {
     }
 
     /// Finds the template an I2's puzzle answers: #I must be the one we would have issued
-    /// for these HITs and Opaque, in the current or the previous generation.
-    pub fn lookup(&self, hit_i: Hit, hit_r: Hit, opaque: [u8; 2], i: &[u8]) -> Option<Issued<'_>> {
+    /// for these HITs, addresses and Opaque, in the current or the previous generation.
+    pub fn lookup(
+        &self,
+        (hit_i, hit_r): (Hit, Hit),
+        (ip_i, ip_r): (IpAddr, IpAddr),
+        opaque: [u8; 2],
+        i: &[u8],
+    ) -> Option<Issued<'_>> {
         for g in std::iter::once(&self.cur).chain(self.prev.iter()) {
-            let expect = g.puzzle_i(self.rhash, hit_i, hit_r, opaque);
+            let expect = g.puzzle_i(self.rhash, hit_i, hit_r, ip_i, ip_r, opaque);
             if constant_time_eq(&expect, i) {
                 return g.slot(opaque).map(|slot| Issued {
                     generation: g.counter,
