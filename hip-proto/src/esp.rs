@@ -29,6 +29,14 @@ impl EspSuite {
         EspSuite::NullHmacSha256,
     ];
 
+    /// The default offer: the encrypting suites only. RFC 7402 §3.3.5 forbids accepting
+    /// an authentication-only suite (NULL) unless local policy explicitly allows it.
+    pub const DEFAULT: [EspSuite; 3] = [
+        EspSuite::AesGcm128Icv16,
+        EspSuite::Aes128CbcHmacSha256,
+        EspSuite::Aes256CbcHmacSha256,
+    ];
+
     /// Wire ID.
     pub fn id(self) -> u16 {
         match self {

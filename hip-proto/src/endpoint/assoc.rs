@@ -645,6 +645,14 @@ impl Endpoint {
             return Err(self.fail(now, &key, ProtocolError::NoCommonCipher));
         };
         let Some(esp) = pick(&esps, &self.config.esp_suites, EspSuite::id) else {
+            // RFC 7402 §3.3.5: abandon, and tell the peer.
+            self.send_notify(
+                local_loc,
+                src,
+                sender,
+                notify::NO_ESP_PROPOSAL_CHOSEN,
+                vec![],
+            )?;
             return Err(self.fail(now, &key, ProtocolError::NoCommonEspTransform));
         };
         let our_suite = self.identity.host_id().hit_suite();
@@ -827,6 +835,14 @@ impl Endpoint {
             _ => None,
         };
         let Some(esp) = esp else {
+            // The puzzle was checked, so a NOTIFY is in order (RFC 7401 §6.9.1).
+            self.send_notify(
+                dst,
+                src,
+                hit_i,
+                notify::INVALID_ESP_TRANSFORM_CHOSEN,
+                vec![],
+            )?;
             return Err(ProtocolError::InvalidEspTransformChosen(
                 e.first().copied().unwrap_or(0),
             ));

@@ -231,7 +231,7 @@ impl Default for Config {
         Self {
             dh_groups: DhGroup::ALL.to_vec(),
             hip_ciphers: HipCipher::DEFAULT.to_vec(),
-            esp_suites: EspSuite::ALL.to_vec(),
+            esp_suites: EspSuite::DEFAULT.to_vec(),
             hit_suites: vec![
                 HitSuite::EcdsaSha384,
                 HitSuite::RsaDsaSha256,
@@ -354,9 +354,21 @@ pub enum Event {
         /// Whether the peer sent the CLOSE.
         by_peer: bool,
     },
-    /// The ESP SAs were rekeyed (UPDATE with ESP_INFO, RFC 7402 §6.1): install the new
-    /// pair, then remove the old one.
+    /// The ESP SAs are being rekeyed (UPDATE with ESP_INFO, RFC 7402 §3.3.2): install the
+    /// new pair now. Its outbound SA is to be used at once when
+    /// [`Rekeyed::outbound_active`]; otherwise (we answered the peer's rekey) only from
+    /// [`Event::RekeyCompleted`] on.
     Rekeyed(Box<Rekeyed>),
+    /// A rekey completed on both sides (RFC 7402 §6.8: parameters sent, peer's received,
+    /// our UPDATE acknowledged): use the new outbound SA; the old pair may be removed.
+    RekeyCompleted {
+        /// The peer.
+        peer_hit: Hit,
+        /// The replaced inbound SPI.
+        old_spi_inbound: u32,
+        /// The replaced outbound SPI.
+        old_spi_outbound: u32,
+    },
     /// The locators in use changed (RFC 8046): ours after the peer acknowledged our
     /// LOCATOR_SET, the peer's after its new address answered our echo request.
     LocatorsChanged {

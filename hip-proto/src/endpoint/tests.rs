@@ -1013,6 +1013,15 @@ fn rekey_over_a_lossy_link_both_directions() {
     assert_ne!(ra.keys_inbound, ea.keys_inbound, "fresh keys");
     assert_eq!(ra.keymat_index, rb.keymat_index);
     assert!(ra.keymat_index > ea.keymat_index);
+    // B started it: B uses its new outbound SA at once, A (the answering side) only once
+    // B's ACK arrived, which both report with RekeyCompleted.
+    assert!(rb.outbound_active && !ra.outbound_active);
+    let completed = |v: &[Event]| {
+        v.iter()
+            .filter(|e| matches!(e, Event::RekeyCompleted { old_spi_inbound, .. } if *old_spi_inbound == ea.spi_inbound || *old_spi_inbound == eb.spi_inbound))
+            .count()
+    };
+    assert_eq!((completed(&s.events_a), completed(&s.events_b)), (1, 1));
     // And once more from the other side: keys move further along KEYMAT.
     let now = s.now;
     s.a.rekey(now, hb).unwrap();
@@ -1125,4 +1134,58 @@ fn update_needs_valid_hmac_and_duplicates_are_answered_not_reprocessed() {
     }
     assert_eq!(n, 1);
     assert_eq!(s.b.state(&ha), Some(State::Established));
+}
+
+#[test]
+fn authentication_only_esp_is_not_accepted_by_default() {
+    // A insists on NULL encryption; B's default offer has no authentication-only suite
+    // (RFC 7402 §3.3.5): A abandons and tells B with a NOTIFY.
+    let ca = Config {
+        esp_suites: vec![crate::esp::EspSuite::NullHmacSha256],
+        ..fast_config()
+    };
+    let mut s = pair(
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP256,
+        ca,
+        fast_config(),
+        PERFECT,
+        25,
+    );
+    let hb = s.b.hit();
+    let now = s.now;
+    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+    s.run_until(Duration::from_secs(5), |_| false);
+    assert!(
+        s.errors_a.contains(&ProtocolError::NoCommonEspTransform),
+        "{:?}",
+        s.errors_a
+    );
+    assert!(s.events_b.iter().any(|e| matches!(
+        e,
+        Event::Notified { msg_type, .. } if *msg_type == notify::NO_ESP_PROPOSAL_CHOSEN
+    )));
+    no_association(&s);
+    // Explicitly configured on both sides, it works.
+    let c = Config {
+        esp_suites: vec![crate::esp::EspSuite::NullHmacSha256],
+        hip_ciphers: vec![HipCipher::Null],
+        ..fast_config()
+    };
+    let mut s = pair(
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP256,
+        c.clone(),
+        c,
+        PERFECT,
+        26,
+    );
+    let hb = s.b.hit();
+    let now = s.now;
+    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+    assert!(s.run_until(Duration::from_secs(5), Sim::both_established));
+    let (ea, eb) = s.established();
+    assert_eq!(ea.unwrap().esp_suite, crate::esp::EspSuite::NullHmacSha256);
+    assert_eq!(ea.unwrap().hip_cipher, HipCipher::Null);
+    assert_consistent(ea.unwrap(), eb.unwrap());
 }

@@ -35,8 +35,12 @@ pub(super) enum Pending {
         nonce: Vec<u8>,
         candidate: IpAddr,
     },
-    /// We answered a request with our own SEQ (a rekey reply): waiting for its ACK.
-    Ack { seq: u32 },
+    /// We answered the peer's rekey with our own SEQ: waiting for its ACK, then the old
+    /// SA pair (these SPIs) is done.
+    Ack {
+        seq: u32,
+        old_spis: Option<(u32, u32)>,
+    },
 }
 
 impl Pending {
@@ -45,7 +49,7 @@ impl Pending {
             Pending::Rekey { seq, .. }
             | Pending::Locator { seq }
             | Pending::Verify { seq, .. }
-            | Pending::Ack { seq } => *seq,
+            | Pending::Ack { seq, .. } => *seq,
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct Rekeyed {
     pub keys_outbound: EspKeys,
     /// KEYMAT index after these keys.
     pub keymat_index: usize,
+    /// Whether the new outbound SA is to be used at once (we started the rekey and the
+    /// peer has answered), or only after [`Event::RekeyCompleted`] (RFC 7402 §3.3.2).
+    pub outbound_active: bool,
 }
 
 impl Assoc {
@@ -335,9 +342,21 @@ impl Endpoint {
                     let Some((peer_index, _, peer_new)) = esp_info else {
                         return Err(ProtocolError::Wire(wire::WireError::Missing("ESP_INFO")));
                     };
-                    let ev =
-                        complete_rekey(a, local_hit, new_spi_in, peer_new, index.max(peer_index))?;
+                    let ev = complete_rekey(
+                        a,
+                        local_hit,
+                        new_spi_in,
+                        peer_new,
+                        index.max(peer_index),
+                        true,
+                    )?;
+                    let done = Event::RekeyCompleted {
+                        peer_hit: peer,
+                        old_spi_inbound: ev.old_spi_inbound,
+                        old_spi_outbound: ev.old_spi_outbound,
+                    };
                     events.push(Event::Rekeyed(Box::new(ev)));
+                    events.push(done);
                 }
                 Pending::Locator { .. } => {
                     events.push(Event::LocatorsChanged {
@@ -361,7 +380,15 @@ impl Endpoint {
                         return Err(ProtocolError::BadEcho);
                     }
                 }
-                Pending::Ack { .. } => {}
+                Pending::Ack { old_spis, .. } => {
+                    if let Some((i, o)) = old_spis {
+                        events.push(Event::RekeyCompleted {
+                            peer_hit: peer,
+                            old_spi_inbound: i,
+                            old_spi_outbound: o,
+                        });
+                    }
+                }
             }
             a.upd.pending = None;
             a.timer = None;
@@ -391,9 +418,12 @@ impl Endpoint {
                     ack,
                 ];
                 let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
-                let ev = complete_rekey(a, local_hit, new_in, peer_new, index)?;
+                let ev = complete_rekey(a, local_hit, new_in, peer_new, index, false)?;
+                a.upd.pending = Some(Pending::Ack {
+                    seq: my_seq,
+                    old_spis: Some((ev.old_spi_inbound, ev.old_spi_outbound)),
+                });
                 events.push(Event::Rekeyed(Box::new(ev)));
-                a.upd.pending = Some(Pending::Ack { seq: my_seq });
                 a.upd.peer_seq = Some(s);
                 a.upd.last_reply = Some(t.clone());
                 a.send_reliably(now, &self.config, t, &mut self.transmits);
@@ -445,6 +475,7 @@ fn complete_rekey(
     new_in: u32,
     new_out: u32,
     index: usize,
+    outbound_active: bool,
 ) -> Result<Rekeyed, ProtocolError> {
     let keys = a.keys.as_ref().expect("established");
     let (keys_in, keys_out, next) =
@@ -460,6 +491,7 @@ fn complete_rekey(
         keys_inbound: keys_in,
         keys_outbound: keys_out,
         keymat_index: next,
+        outbound_active,
     };
     a.spi_in = Some(new_in);
     a.spi_out = Some(new_out);
