@@ -115,6 +115,7 @@ fn rekeyed_json(r: &Rekeyed) -> serde_json::Value {
         "spi_inbound": r.spi_inbound,
         "spi_outbound": r.spi_outbound,
         "keymat_index": r.keymat_index,
+        "outbound_active": r.outbound_active,
         "key_inbound_enc_sha256": fingerprint(&r.keys_inbound.enc),
         "key_outbound_enc_sha256": fingerprint(&r.keys_outbound.enc),
     })

@@ -1189,3 +1189,38 @@ fn authentication_only_esp_is_not_accepted_by_default() {
     assert_eq!(ea.unwrap().hip_cipher, HipCipher::Null);
     assert_consistent(ea.unwrap(), eb.unwrap());
 }
+
+#[test]
+fn r1_generations_rotate_and_stale_puzzles_are_refused() {
+    let cfg = Config {
+        r1_generation_lifetime: Duration::from_secs(60),
+        ..fast_config()
+    };
+    for (rotations, accepted) in [(1u32, true), (2, false)] {
+        let now = Instant::now();
+        let mut a = endpoint(Algorithm::EcdsaP256, 1, cfg.clone(), 31, now);
+        let mut b = endpoint(Algorithm::EcdsaP256, 2, cfg.clone(), 32, now);
+        a.initiate(now, loc(LOC_A), loc(LOC_B), Some(b.hit()))
+            .unwrap();
+        let i1 = a.poll_transmit().unwrap();
+        b.handle_packet(now, i1.src, i1.dst, &i1.payload).unwrap();
+        let r1 = b.poll_transmit().unwrap();
+        a.handle_packet(now, r1.src, r1.dst, &r1.payload).unwrap();
+        let i2 = a.poll_transmit().unwrap();
+        let gen0 = b.r1_generation();
+        let mut t = now;
+        for _ in 0..rotations {
+            t += Duration::from_secs(61);
+            b.handle_timeout(t);
+        }
+        assert_eq!(b.r1_generation(), gen0 + rotations as u64);
+        let r = b.handle_packet(t, i2.src, i2.dst, &i2.payload);
+        if accepted {
+            r.unwrap();
+            assert_eq!(b.state(&a.hit()), Some(State::R2Sent));
+        } else {
+            assert_eq!(r, Err(ProtocolError::BadPuzzle));
+            assert_eq!(b.state(&a.hit()), None);
+        }
+    }
+}
