@@ -9,6 +9,26 @@
 //!
 //! Nothing here reads a clock, opens a socket or draws from a global RNG (key files in
 //! [`keyfile`] are the one exception to "no I/O", and the protocol never calls it).
+//!
+//! # Encodings where the RFC text leaves room
+//!
+//! Written down so that interoperability questions have one place to look:
+//!
+//! * ECDSA Host Identities (RFC 7401 §5.2.9, "octet-string format [RFC6090]") and ECDH
+//!   public values (§5.2.7) are SEC1 uncompressed points, 0x04 ‖ x ‖ y, as the HIPL and
+//!   hip-python implementations send them.
+//! * HI Length in HOST_ID counts the Host Identity field only, not the Algorithm field.
+//! * EdDSA (RFC 9374): the HI is curve ID ‖ RFC 8032 public key; the ORCHID hash is
+//!   cSHAKE128 with the HIP context ID as customization over Prefix ‖ OGA ‖ HI, read for 96
+//!   bits (RFC 9374 §3.5 gives this construction for DETs with 64 bits); its RHASH for the
+//!   puzzle, HMACs and HIP-KDF is SHA-256, since no RFC defines one for suite 5.
+//! * RSA signatures are RSASSA-PSS with SHA-256 (§5.2.9: PSS "MUST be used").
+//! * ENCRYPTED carries IV ‖ AES-CBC(HOST_ID TLV, zero-padded to the block size); the
+//!   receiver parses the TLV and ignores the padding after it.
+//! * AES-GCM-16 ESP keys are 20 octets from KEYMAT (128-bit key ‖ 32-bit salt, RFC 4106
+//!   §8.1), the form Linux's `rfc4106(gcm(aes))` takes.
+//! * Puzzle #I is `HMAC-RHASH(secret, HIT-I | HIT-R | IP-I | IP-R | Opaque)` (RFC 7401
+//!   Appendix A's idea, keyed); Opaque names the precomputed R1 (DH group, slot).
 
 pub mod bench;
 pub mod crypto;

@@ -574,10 +574,12 @@ impl Endpoint {
         }
         let rhash = Rhash::for_suite(hid.hit_suite())?;
 
-        let r1_counter = match pkt.optional(ty::R1_COUNTER)? {
-            Some(Param::R1Counter(c)) => Some(c),
-            _ => None,
-        };
+        // Echoed verbatim, Reserved field included (RFC 7401 §5.2.3); parsed to check it.
+        pkt.optional(ty::R1_COUNTER)?;
+        let r1_counter = pkt.find(ty::R1_COUNTER).map(|r| Param::Unknown {
+            ty: ty::R1_COUNTER,
+            contents: r.contents.to_vec(),
+        });
         let Param::Puzzle {
             k,
             opaque,
@@ -697,8 +699,8 @@ impl Endpoint {
             old_spi: 0,
             new_spi: spi_in,
         })?;
-        if let Some(c) = r1_counter {
-            b.push(&Param::R1Counter(c))?;
+        if let Some(c) = &r1_counter {
+            b.push(c)?;
         }
         b.push(&Param::Solution {
             k,
