@@ -14,7 +14,7 @@
 //!
 //! Written down so that interoperability questions have one place to look:
 //!
-//! * ECDSA Host Identities (RFC 7401 §5.2.9, "octet-string format [RFC6090]") and ECDH
+//! * ECDSA Host Identities (RFC 7401 §5.2.9, "octet-string format" of RFC 6090) and ECDH
 //!   public values (§5.2.7) are SEC1 uncompressed points, 0x04 ‖ x ‖ y, as the HIPL and
 //!   hip-python implementations send them.
 //! * HI Length in HOST_ID counts the Host Identity field only, not the Algorithm field.
