@@ -49,10 +49,43 @@ pub enum HipCmd {
         /// Rekey the ESP SAs once (UPDATE with ESP_INFO) after the exchange.
         #[arg(long)]
         rekey: bool,
-        /// Close the association (CLOSE / CLOSE_ACK) once established (and rekeyed).
+        /// Then announce this new local address (UPDATE with LOCATOR_SET, RFC 8046) and
+        /// wait until the peer has verified it.
+        #[arg(long)]
+        move_to: Option<IpAddr>,
+        /// Finally close the association (CLOSE / CLOSE_ACK).
         #[arg(long)]
         close: bool,
     },
+}
+
+/// What `connect` does after the base exchange, in order.
+enum Step {
+    Rekey,
+    Move(IpAddr),
+    Close,
+}
+
+/// Starts the next step; `false` when there is none left.
+async fn next_step(d: &HipDriver, peer: Hit, steps: &mut Vec<Step>) -> Result<bool> {
+    if steps.is_empty() {
+        return Ok(false);
+    }
+    match steps.remove(0) {
+        Step::Rekey => d.rekey(peer).await?,
+        Step::Move(a) => d.update_locators(peer, a).await?,
+        Step::Close => d.close(peer).await?,
+    }
+    Ok(true)
+}
+
+fn locators_json(peer: Hit, local: IpAddr, remote: IpAddr) -> serde_json::Value {
+    serde_json::json!({
+        "event": "locators_changed",
+        "peer_hit": peer.to_string(),
+        "local_locator": local.to_string(),
+        "peer_locator": remote.to_string(),
+    })
 }
 
 /// Options shared by `listen` and `connect`.
@@ -171,6 +204,14 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                             }
                         }
                         Event::Rekeyed(r) => println!("{}", rekeyed_json(r)),
+                        Event::LocatorsChanged {
+                            peer_hit,
+                            local_locator,
+                            peer_locator,
+                        } => println!(
+                            "{}",
+                            locators_json(*peer_hit, *local_locator, *peer_locator)
+                        ),
                         Event::Closed { peer_hit, by_peer } => {
                             println!(
                                 "{}",
@@ -195,8 +236,17 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                 locator,
                 local,
                 rekey,
+                move_to,
                 close,
             } => {
+                let mut steps: Vec<Step> = [
+                    rekey.then_some(Step::Rekey),
+                    move_to.map(Step::Move),
+                    close.then_some(Step::Close),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 let ep = endpoint(&common)?;
                 let mut d = HipDriver::spawn(ep, Sockets::open()?);
                 d.initiate(local, locator, peer_hit).await?;
@@ -211,19 +261,23 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                         Some(Event::Established(e)) => {
                             println!("{}", established_json(&e));
                             established = Some(e.peer_hit);
-                            if rekey {
-                                d.rekey(e.peer_hit).await?;
-                            } else if close {
-                                d.close(e.peer_hit).await?;
-                            } else {
+                            if !next_step(&d, e.peer_hit, &mut steps).await? {
                                 break;
                             }
                         }
                         Some(Event::Rekeyed(r)) => {
                             println!("{}", rekeyed_json(&r));
-                            if close {
-                                d.close(r.peer_hit).await?;
-                            } else {
+                            if !next_step(&d, r.peer_hit, &mut steps).await? {
+                                break;
+                            }
+                        }
+                        Some(Event::LocatorsChanged {
+                            peer_hit,
+                            local_locator,
+                            peer_locator,
+                        }) => {
+                            println!("{}", locators_json(peer_hit, local_locator, peer_locator));
+                            if !next_step(&d, peer_hit, &mut steps).await? {
                                 break;
                             }
                         }

@@ -187,6 +187,7 @@ fn exchange(
     dh: &str,
     v6: bool,
     rekey: bool,
+    move_to: Option<&str>,
 ) -> Result<()> {
     let p = VethPair::new(
         tag,
@@ -215,6 +216,22 @@ fn exchange(
     // the kernel (a just-created veth can take a second to answer), and the I1
     // retransmission timer would then put two I1s on the wire.
     static_neighbours(&p)?;
+    if let Some(new) = move_to {
+        // A second address for A, reachable from B without neighbour discovery.
+        p.a.ip(["addr", "add", &format!("{new}/64"), "dev", &p.if_a, "nodad"])?;
+        let ma = mac(&p.a, &p.if_a)?;
+        p.b.ip([
+            "neigh",
+            "replace",
+            new,
+            "lladdr",
+            &ma,
+            "dev",
+            &p.if_b,
+            "nud",
+            "permanent",
+        ])?;
+    }
 
     let listener = Proc::spawn(in_ns(
         &p.b,
@@ -243,6 +260,8 @@ fn exchange(
             &hit_b,
             "--locator",
             loc_b,
+            "--local",
+            loc_a,
             "--dh",
             dh,
             "--close",
@@ -251,6 +270,7 @@ fn exchange(
         ]
         .into_iter()
         .chain(rekey.then_some("--rekey"))
+        .chain(move_to.into_iter().flat_map(|a| ["--move-to", a]))
         .collect::<Vec<_>>(),
     )
     .output()?;
@@ -297,6 +317,14 @@ fn exchange(
         assert_eq!(ik["key_outbound_enc_sha256"], rk["key_inbound_enc_sha256"]);
         assert_ne!(ik["key_outbound_enc_sha256"], ia["key_outbound_enc_sha256"]);
     }
+    if let Some(new) = move_to {
+        // UPDATE with LOCATOR_SET, checked by B with an echo to the new address.
+        let (il, rl) = (init.next().unwrap(), resp.next().unwrap());
+        assert_eq!(il["event"], "locators_changed");
+        assert_eq!(il["local_locator"], new);
+        assert_eq!(rl["event"], "locators_changed");
+        assert_eq!(rl["peer_locator"], new);
+    }
     // Then CLOSE / CLOSE_ACK.
     let (ic, rc) = (init.next().unwrap(), resp.next().unwrap());
     assert_eq!(ic["event"], "closed");
@@ -305,7 +333,8 @@ fn exchange(
 
     // Wait until all packets are in the capture file (three UPDATEs for a rekey), then
     // stop tcpdump.
-    let expect_n = if rekey { 9 } else { 6 };
+    let n_updates = 3 * (rekey as usize + move_to.is_some() as usize);
+    let expect_n = 6 + n_updates;
     let _ = wait_until(Duration::from_secs(10), "all packets captured", || {
         tshark_fields(&pcap).ok().filter(|f| f.len() >= expect_n)
     });
@@ -317,11 +346,44 @@ fn exchange(
     // link was made reachable first, so there should be none) would repeat a type in place.
     let updates = types.iter().filter(|t| **t == 16).count();
     types.dedup();
-    if rekey {
-        assert_eq!(updates, 3, "{frames:?}");
+    assert_eq!(updates, n_updates, "{frames:?}");
+    if n_updates > 0 {
         assert_eq!(types, vec![1, 2, 3, 4, 16, 18, 19], "{frames:?}");
     } else {
         assert_eq!(types, vec![1, 2, 3, 4, 18, 19], "{frames:?}");
+    }
+    if let Some(new) = move_to {
+        // tshark decodes our LOCATOR_SET (type 1: SPI + address, 5 × 4 octets), and the
+        // CLOSE left from the new address.
+        let out = Command::new("tshark")
+            .arg("-r")
+            .arg(&pcap)
+            .args([
+                "-Y",
+                "hip.tlv.locator_type",
+                "-T",
+                "fields",
+                "-e",
+                "hip.tlv.locator_type",
+                "-e",
+                "hip.tlv.locator_len",
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "1\t5", "{text}");
+        let out = Command::new("tshark")
+            .arg("-r")
+            .arg(&pcap)
+            .args([
+                "-Y",
+                "hip.packet_type == 18",
+                "-T",
+                "fields",
+                "-e",
+                "ipv6.src",
+            ])
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), new);
     }
     for (ty, status) in &frames {
         // Wireshark's checksum status 1 is "Good".
@@ -333,13 +395,22 @@ fn exchange(
 }
 
 #[test]
-fn base_exchange_and_rekey_over_raw_ipv6() {
-    exchange("hip6", "ed25519", "ecdsa-p256", "p256", true, true).unwrap();
+fn base_exchange_rekey_and_move_over_raw_ipv6() {
+    exchange(
+        "hip6",
+        "ed25519",
+        "ecdsa-p256",
+        "p256",
+        true,
+        true,
+        Some("2001:db8:77::11"),
+    )
+    .unwrap();
 }
 
 #[test]
 fn base_exchange_over_raw_ipv4() {
-    exchange("hip4", "ecdsa-p384", "rsa", "p384,p256", false, false).unwrap();
+    exchange("hip4", "ecdsa-p384", "rsa", "p384,p256", false, false, None).unwrap();
 }
 
 #[test]
