@@ -210,8 +210,14 @@ pub struct R1Report {
 /// Measures R1 answers per second from the precomputed pool for `n` I1s.
 pub fn r1_rate(alg: Algorithm, n: u32) -> R1Report {
     let now = Instant::now();
+    // The pool's throughput, not the per-address limiter's (one source address here).
+    let cfg = Config {
+        r1_rate_per_address: u32::MAX,
+        r1_burst_per_address: u32::MAX,
+        ..Config::default()
+    };
     let mut b = Endpoint::new(
-        Config::default(),
+        cfg,
         identity(alg, 2),
         Box::new(ChaCha20Rng::seed_from_u64(21)),
         now,

@@ -452,7 +452,7 @@ impl Endpoint {
 
     pub(super) fn on_i1(
         &mut self,
-        _now: Instant,
+        now: Instant,
         src: IpAddr,
         dst: IpAddr,
         pkt: &Packet,
@@ -494,6 +494,14 @@ impl Endpoint {
             .copied()
             .find(|g| list.contains(&g.id()))
             .unwrap_or(self.config.dh_groups[0]);
+        if !self.r1_limiter.allow(
+            now,
+            src,
+            self.config.r1_rate_per_address,
+            self.config.r1_burst_per_address,
+        ) {
+            return Err(ProtocolError::RateLimited(src));
+        }
         let t = self
             .pool
             .respond(group, hit_i, dst, src)

@@ -23,6 +23,7 @@
 
 mod assoc;
 mod r1pool;
+mod ratelimit;
 mod update;
 
 use std::{
@@ -144,6 +145,9 @@ pub enum ProtocolError {
     /// The SPI allocator failed.
     #[error("SPI allocation failed: {0}")]
     SpiAllocation(String),
+    /// Too many I1s from this address: no R1 sent (RFC 7401 §6.7).
+    #[error("R1 rate limit reached for {0}")]
+    RateLimited(IpAddr),
     /// Retransmissions exhausted.
     #[error("no answer to {0:?} after all retransmissions")]
     Timeout(PacketType),
@@ -224,6 +228,11 @@ pub struct Config {
     pub linger: Duration,
     /// Answer I1s sent to the null HIT (opportunistic mode, RFC 7401 §4.1.8).
     pub opportunistic: bool,
+    /// R1s per second answered to one IP address (RFC 7401 §6.7: an R1 sender MUST
+    /// rate-limit R1s sent to an address), sustained rate.
+    pub r1_rate_per_address: u32,
+    /// Burst of R1s one address may receive before the rate applies.
+    pub r1_burst_per_address: u32,
 }
 
 impl Default for Config {
@@ -253,6 +262,8 @@ impl Default for Config {
             r2_sent_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(30),
             opportunistic: true,
+            r1_rate_per_address: 10,
+            r1_burst_per_address: 20,
         }
     }
 }
@@ -468,6 +479,7 @@ pub struct Endpoint {
     /// Opportunistic initiations (peer HIT unknown until R1), keyed by peer locator.
     opportunistic: HashMap<IpAddr, Assoc>,
     pool: R1Pool,
+    r1_limiter: ratelimit::Limiter,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -510,6 +522,7 @@ impl Endpoint {
             assocs: HashMap::new(),
             opportunistic: HashMap::new(),
             pool,
+            r1_limiter: ratelimit::Limiter::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })

@@ -1224,3 +1224,30 @@ fn r1_generations_rotate_and_stale_puzzles_are_refused() {
         }
     }
 }
+
+#[test]
+fn r1s_are_rate_limited_per_address() {
+    let now = Instant::now();
+    let mut b = endpoint(Algorithm::Ed25519, 2, fast_config(), 41, now);
+    let mut i1 = |hit_last: u8, src: &str| {
+        let mut h = [0x20u8; 16];
+        h[15] = hit_last;
+        let mut pb = wire::PacketBuilder::new(wire::PacketType::I1, 0, Hit(h), b.hit());
+        pb.push(&Param::DhGroupList(vec![7])).unwrap();
+        let mut p = pb.finish();
+        wire::set_checksum(&mut p, loc(src), loc(LOC_B));
+        let r = b.handle_packet(now, loc(src), loc(LOC_B), &p);
+        (r, b.poll_transmit().is_some())
+    };
+    let mut sent = 0;
+    for k in 0..50u8 {
+        match i1(k, LOC_A) {
+            (Ok(()), true) => sent += 1,
+            (Err(ProtocolError::RateLimited(a)), false) => assert_eq!(a, loc(LOC_A)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sent, fast_config().r1_burst_per_address);
+    // Another address is answered.
+    assert_eq!(i1(99, "2001:db8::c"), (Ok(()), true));
+}
