@@ -50,6 +50,10 @@ pub const PROG_TC_EGRESS: &str = "hip_tc_egress";
 /// An empty tc program (returns `TC_ACT_OK`): the benchmark's baseline, never
 /// attached by the agent.
 pub const PROG_TC_FLOOR: &str = "hip_tc_floor";
+/// The minimum of per-packet flow accounting (timestamp, XFRM state, one flow lookup,
+/// two atomic adds) on a table of its own: the benchmark's flow baseline, never
+/// attached by the agent.
+pub const PROG_TC_FLOOR_FLOW: &str = "hip_tc_floor_flow";
 
 /// Directory under bpffs where the agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/hip";
@@ -383,7 +387,8 @@ pub struct SpiEntry {
     pub bytes: u64,
     /// Number of locator changes seen on this SPI.
     pub locator_changes: u64,
-    /// `bpf_ktime_get_ns()` of the last packet (CLOCK_MONOTONIC).
+    /// CLOCK_MONOTONIC of the last packet at tick resolution
+    /// (`bpf_ktime_get_coarse_ns()`, 1/CONFIG_HZ).
     pub last_seen_ns: u64,
     /// Sequence lock over `last_src` (even: stable; odd: a program is rewriting it).
     /// The program that moves it from even to odd with a compare-and-swap is the
@@ -474,7 +479,8 @@ pub struct Event {
     pub kind: u32,
     /// SPI (host order) for a locator change; 0 otherwise.
     pub spi: u32,
-    /// `bpf_ktime_get_ns()` when it happened.
+    /// CLOCK_MONOTONIC when it happened: `bpf_ktime_get_ns()` for a guard drop,
+    /// tick resolution (`bpf_ktime_get_coarse_ns()`) for a locator change.
     pub ts_ns: u64,
     /// Peer HIT of the association (locator change), zero otherwise.
     pub peer_hit: Addr,

@@ -46,7 +46,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
 };
-use hip_common::PROG_TC_FLOOR;
+use hip_common::{PROG_TC_FLOOR, PROG_TC_FLOOR_FLOW};
 
 use crate::{
     AssocState, AssociationSpec, Datapath, Hook, LocatorState, MediaConfig, PeerLocator,
@@ -96,6 +96,9 @@ pub struct ScenarioReport {
     /// The empty program on the same two hooks.
     pub floor_egress: ProgCost,
     pub floor_ingress: ProgCost,
+    /// `hip_tc_floor_flow` on the ingress hook: the irreducible part of per-packet
+    /// flow accounting (timestamp, XFRM state, one flow lookup, two atomic adds).
+    pub floor_flow_ingress: Option<ProgCost>,
 }
 
 impl ScenarioReport {
@@ -120,8 +123,8 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     fn default() -> Self {
         Self {
-            packets: 50_000,
-            rounds: 6,
+            packets: 20_000,
+            rounds: 20,
         }
     }
 }
@@ -195,16 +198,34 @@ struct Rate {
 /// both programs and the whole path up to the receiving socket. The CPU-time rate is
 /// what a dedicated core would sustain: other processes on a shared machine take
 /// wall time from the sender, not CPU time.
-fn blast(tx: &UdpSocket, dst: SocketAddr, n: u64, seq: &mut u16) -> Rate {
+fn blast(tx: &Tx, n: u64, seq: &mut u16) -> Rate {
     let (t, c) = (Instant::now(), thread_cpu());
     for _ in 0..n {
-        let _ = tx.send_to(&rtp(*seq), dst);
+        tx.send(*seq);
         *seq = seq.wrapping_add(1);
     }
     let cpu = (thread_cpu() - c).as_secs_f64();
     Rate {
         wall: n as f64 / t.elapsed().as_secs_f64(),
         cpu: if cpu > 0.0 { n as f64 / cpu } else { 0.0 },
+    }
+}
+
+/// Pins the calling thread to one CPU (best effort; with fewer CPUs it stays free).
+/// The sender on CPU 0 and the reader on CPU 1 keep the veth path (which runs in
+/// the sender's context) on one CPU with warm caches and the reader out of its way.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity get valid
+    // pointers.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::debug!(
+                "sched_setaffinity({cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
@@ -224,21 +245,24 @@ fn median(v: &[f64]) -> f64 {
 /// The empty program, loaded from the same object and attached on one hook.
 struct Floor {
     ebpf: Ebpf,
+    /// `PROG_TC_FLOOR` or `PROG_TC_FLOOR_FLOW`.
+    name: &'static str,
     iface: &'static str,
     kind: TcAttachType,
     link: Option<SchedClassifierLinkId>,
 }
 
 impl Floor {
-    fn load(iface: &'static str, kind: TcAttachType) -> anyhow::Result<Self> {
+    fn load(name: &'static str, iface: &'static str, kind: TcAttachType) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new().load(crate::object()?)?;
         let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_FLOOR)
-            .ok_or_else(|| anyhow::anyhow!("{PROG_TC_FLOOR} missing from the object"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("{name} missing from the object"))?
             .try_into()?;
         prog.load()?;
         Ok(Self {
             ebpf,
+            name,
             iface,
             kind,
             link: None,
@@ -247,7 +271,7 @@ impl Floor {
 
     fn prog(&mut self) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(PROG_TC_FLOOR)
+            .program_mut(self.name)
             .and_then(|p| p.try_into().ok())
             .expect("loaded in Floor::load")
     }
@@ -276,8 +300,8 @@ impl Floor {
         use aya::programs::{TestRun, TestRunOptions};
         let prog: &SchedClassifier = self
             .ebpf
-            .program(PROG_TC_FLOOR)
-            .ok_or_else(|| anyhow::anyhow!("{PROG_TC_FLOOR} missing"))?
+            .program(self.name)
+            .ok_or_else(|| anyhow::anyhow!("{} missing", self.name))?
             .try_into()?;
         let mut out = vec![0u8; frame.len() + 256];
         let res = prog.test_run(TestRunOptions {
@@ -292,8 +316,8 @@ impl Floor {
     fn run_stats(&self) -> anyhow::Result<(Duration, u64)> {
         let prog: &SchedClassifier = self
             .ebpf
-            .program(PROG_TC_FLOOR)
-            .ok_or_else(|| anyhow::anyhow!("{PROG_TC_FLOOR} missing"))?
+            .program(self.name)
+            .ok_or_else(|| anyhow::anyhow!("{} missing", self.name))?
             .try_into()?;
         let info = prog.info()?;
         Ok((info.run_time(), info.run_count()))
@@ -345,8 +369,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Vec<ScenarioReport>> {
         ])?;
     }
     let mut reports = Vec::new();
-    for (name, v4) in [("guard-v4", true), ("flow-hit", false)] {
-        reports.push(scenario(name, v4, &na, &nb, opts)?);
+    for kind in Kind::ALL {
+        reports.push(scenario(kind, &na, &nb, opts)?);
     }
     Ok(reports)
 }
@@ -354,7 +378,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Vec<ScenarioReport>> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Detached,
+    /// The empty program on both hooks.
     Floor,
+    /// The empty program on egress, the minimal flow program on ingress.
+    FloorFlow,
     Hip,
 }
 
@@ -366,6 +393,7 @@ struct Rig<'a> {
     dpb: Datapath,
     fa: Floor,
     fb: Floor,
+    fb_flow: Floor,
 }
 
 impl Rig<'_> {
@@ -374,16 +402,17 @@ impl Rig<'_> {
         in_ns(self.na, || -> anyhow::Result<()> {
             match mode {
                 Mode::Detached => {}
-                Mode::Floor => fa.attach()?,
+                Mode::Floor | Mode::FloorFlow => fa.attach()?,
                 Mode::Hip => dpa.attach("va")?,
             }
             Ok(())
         })??;
-        let (dpb, fb) = (&mut self.dpb, &mut self.fb);
+        let (dpb, fb, fb_flow) = (&mut self.dpb, &mut self.fb, &mut self.fb_flow);
         in_ns(self.nb, || -> anyhow::Result<()> {
             match mode {
                 Mode::Detached => {}
                 Mode::Floor => fb.attach()?,
+                Mode::FloorFlow => fb_flow.attach()?,
                 Mode::Hip => dpb.attach("vb")?,
             }
             Ok(())
@@ -395,16 +424,17 @@ impl Rig<'_> {
         in_ns(self.na, || -> anyhow::Result<()> {
             match mode {
                 Mode::Detached => {}
-                Mode::Floor => fa.detach()?,
+                Mode::Floor | Mode::FloorFlow => fa.detach()?,
                 Mode::Hip => dpa.detach("va")?,
             }
             Ok(())
         })??;
-        let (dpb, fb) = (&mut self.dpb, &mut self.fb);
+        let (dpb, fb, fb_flow) = (&mut self.dpb, &mut self.fb, &mut self.fb_flow);
         in_ns(self.nb, || -> anyhow::Result<()> {
             match mode {
                 Mode::Detached => {}
                 Mode::Floor => fb.detach()?,
+                Mode::FloorFlow => fb_flow.detach()?,
                 Mode::Hip => dpb.detach("vb")?,
             }
             Ok(())
@@ -412,32 +442,135 @@ impl Rig<'_> {
     }
 
     /// (egress on the sender, ingress on the receiver) run time and count, for hip's
-    /// programs and the floor.
-    fn run_stats(&self) -> anyhow::Result<[(Duration, u64); 4]> {
+    /// programs, the empty program, and the minimal flow program (ingress).
+    fn run_stats(&self) -> anyhow::Result<[(Duration, u64); 5]> {
         Ok([
             self.dpa.program_run_stats(Hook::Egress)?,
             self.dpb.program_run_stats(Hook::Ingress)?,
             self.fa.run_stats()?,
             self.fb.run_stats()?,
+            self.fb_flow.run_stats()?,
         ])
     }
 }
 
-fn scenario(
-    name: &'static str,
-    v4: bool,
-    na: &str,
-    nb: &str,
-    opts: &BenchOptions,
-) -> anyhow::Result<ScenarioReport> {
-    let (src, dst): (IpAddr, IpAddr) = if v4 {
-        ("10.80.0.1".parse()?, "10.80.0.2".parse()?)
-    } else {
-        ("2001:20::a".parse()?, "2001:20::b".parse()?)
-    };
+/// The traffic of one scenario.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// IPv4 RTP to a verified locator: the media guard's pass path on egress, an
+    /// early exit (not ESP, not HIT-addressed) on ingress.
+    GuardV4,
+    /// IPv6 RTP between HITs: flow accounting on ingress (no XFRM state on the
+    /// host: the association supplies SPI and locator); egress with the guard off.
+    FlowHit,
+    /// ESP between locators (raw IPv6 sockets; the host kernel has no ESP and drops
+    /// it after tc ingress): per-SPI counting on egress and ingress, the path every
+    /// protected media packet takes.
+    EspV6,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::GuardV4, Kind::FlowHit, Kind::EspV6];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::GuardV4 => "guard-v4",
+            Kind::FlowHit => "flow-hit",
+            Kind::EspV6 => "esp-v6",
+        }
+    }
+
+    /// Source and destination address of the scenario's packets.
+    fn addrs(self) -> (IpAddr, IpAddr) {
+        let p = |s: &str| s.parse::<IpAddr>().expect("literal address");
+        match self {
+            Kind::GuardV4 => (p("10.80.0.1"), p("10.80.0.2")),
+            Kind::FlowHit => (p("2001:20::a"), p("2001:20::b")),
+            Kind::EspV6 => (p("2001:db8:9::1"), p("2001:db8:9::2")),
+        }
+    }
+}
+
+/// SPI of the ESP scenario: the sender's outbound SPI and the receiver's inbound one
+/// in the bench's associations.
+const BENCH_SPI: u32 = 0x1001;
+
+/// ESP header (SPI, sequence number, RFC 4303 §2) and 160 bytes of "ciphertext".
+fn esp(seq: u16) -> [u8; 168] {
+    let mut e = [0x5au8; 168];
+    e[0..4].copy_from_slice(&BENCH_SPI.to_be_bytes());
+    e[4..8].copy_from_slice(&u32::from(seq).to_be_bytes());
+    e
+}
+
+/// The scenario's sending socket.
+enum Tx {
+    Udp(UdpSocket, SocketAddr),
+    /// A raw IPv6 socket for next header 50 and its destination.
+    Esp(std::os::fd::OwnedFd, libc::sockaddr_in6),
+}
+
+impl Tx {
+    fn open(kind: Kind, ns: &str) -> anyhow::Result<Self> {
+        let (src, dst) = kind.addrs();
+        if kind != Kind::EspV6 {
+            let tx = in_ns(ns, || UdpSocket::bind(SocketAddr::new(src, 20000)))??;
+            return Ok(Tx::Udp(tx, SocketAddr::new(dst, 20010)));
+        }
+        let IpAddr::V6(dst6) = dst else {
+            unreachable!("the ESP scenario is IPv6")
+        };
+        let fd = in_ns(ns, || {
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ESP) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh, valid fd that nothing else owns.
+            Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        })??;
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = dst6.octets();
+        Ok(Tx::Esp(fd, sa))
+    }
+
+    fn send(&self, seq: u16) {
+        match self {
+            Tx::Udp(s, dst) => {
+                let _ = s.send_to(&rtp(seq), dst);
+            }
+            Tx::Esp(fd, sa) => {
+                let p = esp(seq);
+                // SAFETY: valid fd, buffer and address.
+                unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        p.as_ptr().cast(),
+                        p.len(),
+                        0,
+                        (sa as *const libc::sockaddr_in6).cast(),
+                        size_of::<libc::sockaddr_in6>() as u32,
+                    )
+                };
+            }
+        }
+    }
+}
+
+fn scenario(kind: Kind, na: &str, nb: &str, opts: &BenchOptions) -> anyhow::Result<ScenarioReport> {
+    let name = kind.name();
+    let tx = Tx::open(kind, na)?;
+    // The receiving UDP socket; for ESP (which no socket receives) a UDP socket on
+    // the same addresses only serves the neighbour-resolution warm-up.
+    let (src, dst) = kind.addrs();
     let dst_sa = SocketAddr::new(dst, 20010);
     let rx = in_ns(nb, || UdpSocket::bind(dst_sa))??;
-    let tx = in_ns(na, || UdpSocket::bind(SocketAddr::new(src, 20000)))??;
+    let warm_tx = match &tx {
+        Tx::Udp(s, _) => s.try_clone()?,
+        Tx::Esp(..) => in_ns(na, || UdpSocket::bind(SocketAddr::new(src, 20000)))??,
+    };
     // A large receive buffer (SO_RCVBUFFORCE: root may exceed rmem_max).
     let sz: libc::c_int = 32 << 20;
     // SAFETY: valid socket and option pointer.
@@ -450,21 +583,30 @@ fn scenario(
             size_of::<libc::c_int>() as u32,
         );
     }
-    rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // The reader polls without ever sleeping: a sleeping reader makes every packet
+    // wake it (an IPI to the other CPU, a VM exit under virtualisation) from the
+    // sender's context, and whether it sleeps depends on the scheduler, not on the
+    // programs under test.
+    rx.set_nonblocking(true)?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (received, stop) = (received.clone(), stop.clone());
         std::thread::spawn(move || {
+            pin_to_cpu(1);
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
-                if rx.recv(&mut buf).is_ok() {
-                    received.fetch_add(1, Ordering::Relaxed);
+                match rx.recv(&mut buf) {
+                    Ok(_) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::hint::spin_loop(),
                 }
             }
         })
     };
     let res = (|| {
+        pin_to_cpu(0);
         // Neighbour resolution before timing anything.
         let deadline = Instant::now() + Duration::from_secs(10);
         while received.load(Ordering::Relaxed) == 0 {
@@ -472,19 +614,20 @@ fn scenario(
                 Instant::now() < deadline,
                 "{name}: warm-up packet never arrived"
             );
-            let _ = tx.send_to(&[0u8; 20], dst_sa);
+            let _ = warm_tx.send_to(&[0u8; 20], dst_sa);
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut rig = rig(name, v4, na, nb, crate::object()?)?;
-        measure(name, &mut rig, &tx, dst_sa, opts)
+        let mut rig = rig(kind, na, nb, crate::object()?)?;
+        measure(kind, &mut rig, &tx, opts)
     })();
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     res
 }
 
-fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow::Result<Rig<'a>> {
+fn rig<'a>(kind: Kind, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow::Result<Rig<'a>> {
     let pid = std::process::id();
+    let name = kind.name();
     let media = |guard| MediaConfig {
         guard,
         ports: 20000..=20100,
@@ -494,7 +637,9 @@ fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow
         obj,
         &PathBuf::from(format!("/sys/fs/bpf/hipb-a-{pid}-{name}")),
     )?;
-    dpa.set_media_config(&media(v4))?;
+    // Clear-text HIT-addressed RTP would be dropped by design: the flow scenario
+    // measures the sender's egress with the guard off.
+    dpa.set_media_config(&media(kind != Kind::FlowHit))?;
     let mut dpb = Datapath::load_object(
         obj,
         &PathBuf::from(format!("/sys/fs/bpf/hipb-b-{pid}-{name}")),
@@ -508,7 +653,7 @@ fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow
             state: LocatorState::Active,
         }],
         spi_in: 0x2002,
-        spi_out: 0x1001,
+        spi_out: BENCH_SPI,
         state: AssocState::Established,
     })?;
     dpb.upsert_association(&AssociationSpec {
@@ -518,7 +663,7 @@ fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow
             addr: "2001:db8:9::1".parse()?,
             state: LocatorState::Active,
         }],
-        spi_in: 0x1001,
+        spi_in: BENCH_SPI,
         spi_out: 0x2002,
         state: AssocState::Established,
     })?;
@@ -527,22 +672,23 @@ fn rig<'a>(name: &str, v4: bool, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow
         nb,
         dpa,
         dpb,
-        fa: Floor::load("va", TcAttachType::Egress)?,
-        fb: Floor::load("vb", TcAttachType::Ingress)?,
+        fa: Floor::load(PROG_TC_FLOOR, "va", TcAttachType::Egress)?,
+        fb: Floor::load(PROG_TC_FLOOR, "vb", TcAttachType::Ingress)?,
+        fb_flow: Floor::load(PROG_TC_FLOOR_FLOW, "vb", TcAttachType::Ingress)?,
     })
 }
 
 fn measure(
-    name: &'static str,
+    kind: Kind,
     rig: &mut Rig<'_>,
-    tx: &UdpSocket,
-    dst: SocketAddr,
+    tx: &Tx,
     opts: &BenchOptions,
 ) -> anyhow::Result<ScenarioReport> {
+    let name = kind.name();
     let mut seq = 0u16;
     // Warm the flow entry and caches once with hip attached (not measured).
     rig.attach(Mode::Hip)?;
-    blast(tx, dst, opts.packets.min(1000), &mut seq);
+    blast(tx, opts.packets.min(1000), &mut seq);
     rig.detach(Mode::Hip)?;
 
     // Packet rates, run-time statistics off.
@@ -552,7 +698,7 @@ fn measure(
         for k in 0..3 {
             let i = (r + k) % 3;
             rig.attach(modes[i])?;
-            let res = blast(tx, dst, opts.packets, &mut seq);
+            let res = blast(tx, opts.packets, &mut seq);
             rig.detach(modes[i])?;
             rates[i].push(res);
         }
@@ -562,15 +708,18 @@ fn measure(
     let before = rig.run_stats()?;
     {
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+        // The minimal flow program is a baseline for the flow scenario only (its key
+        // comes from the frame's first bytes, constant only for that traffic).
+        let modes: &[Mode] = if kind == Kind::FlowHit {
+            &[Mode::Floor, Mode::FloorFlow, Mode::Hip]
+        } else {
+            &[Mode::Floor, Mode::Hip]
+        };
         for r in 0..opts.rounds as usize {
-            let order = if r % 2 == 0 {
-                [Mode::Floor, Mode::Hip]
-            } else {
-                [Mode::Hip, Mode::Floor]
-            };
-            for m in order {
+            for k in 0..modes.len() {
+                let m = modes[(r + k) % modes.len()];
                 rig.attach(m)?;
-                blast(tx, dst, opts.packets, &mut seq);
+                blast(tx, opts.packets, &mut seq);
                 rig.detach(m)?;
             }
         }
@@ -614,6 +763,7 @@ fn measure(
         ingress: cost(1),
         floor_egress: cost(2),
         floor_ingress: cost(3),
+        floor_flow_ingress: (kind == Kind::FlowHit).then(|| cost(4)),
     })
 }
 
@@ -628,6 +778,8 @@ pub struct MicroReport {
     pub ns: f64,
     /// The same for the empty program on the same frame.
     pub floor_ns: f64,
+    /// The same for `hip_tc_floor_flow` (ingress only).
+    pub floor_flow_ns: Option<f64>,
     /// Verdict (3 = `TC_ACT_PIPE`, 2 = `TC_ACT_SHOT`).
     pub verdict: i32,
     /// Sizes the kernel reports: translated (xlated) and JIT-compiled bytes, and the
@@ -644,40 +796,43 @@ fn eth_frame(ethertype: u16, ip: &[u8]) -> Vec<u8> {
     f
 }
 
-/// The frame each scenario sends: UDP 20000 → 20010 carrying [`rtp`].
-fn scenario_frame(v4: bool) -> Vec<u8> {
-    let mut udp = Vec::new();
-    let payload = rtp(7);
-    udp.extend_from_slice(&20000u16.to_be_bytes());
-    udp.extend_from_slice(&20010u16.to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&payload);
-    let mut ip = Vec::new();
-    if v4 {
-        ip.extend_from_slice(&[0x45, 0]);
-        ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0, 10, 80, 0, 1, 10, 80, 0, 2]);
-        ip.extend_from_slice(&udp);
-        eth_frame(0x0800, &ip)
+/// The frame each scenario sends: UDP 20000 → 20010 carrying [`rtp`], or [`esp`].
+fn scenario_frame(kind: Kind) -> Vec<u8> {
+    let (src, dst) = kind.addrs();
+    let l4 = if kind == Kind::EspV6 {
+        esp(7).to_vec()
     } else {
-        ip.extend_from_slice(&[0x60, 0, 0, 0]);
-        ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-        ip.extend_from_slice(&[17, 64]);
-        ip.extend_from_slice(
-            &"2001:20::a"
-                .parse::<std::net::Ipv6Addr>()
-                .expect("HIT")
-                .octets(),
-        );
-        ip.extend_from_slice(
-            &"2001:20::b"
-                .parse::<std::net::Ipv6Addr>()
-                .expect("HIT")
-                .octets(),
-        );
-        ip.extend_from_slice(&udp);
-        eth_frame(0x86dd, &ip)
+        let payload = rtp(7);
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&20000u16.to_be_bytes());
+        udp.extend_from_slice(&20010u16.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&payload);
+        udp
+    };
+    let proto = if kind == Kind::EspV6 { 50 } else { 17 };
+    let mut ip = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            ip.extend_from_slice(&[0x45, 0]);
+            ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            ip.extend_from_slice(&l4);
+            eth_frame(0x0800, &ip)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            ip.extend_from_slice(&[0x60, 0, 0, 0]);
+            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&[proto, 64]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            ip.extend_from_slice(&l4);
+            eth_frame(0x86dd, &ip)
+        }
+        _ => unreachable!("scenario addresses are of one family"),
     }
 }
 
@@ -694,20 +849,25 @@ pub fn micro(repeat: u32, trials: u32, obj: Option<&[u8]>) -> anyhow::Result<Vec
         None => crate::object()?,
     };
     let mut out = Vec::new();
-    for (name, v4) in [("guard-v4", true), ("flow-hit", false)] {
-        let rig = rig(&format!("micro-{name}"), v4, "", "", obj)?;
-        let frame = scenario_frame(v4);
-        for (hook, dp, floor) in [
-            (Hook::Egress, &rig.dpa, &rig.fa),
-            (Hook::Ingress, &rig.dpb, &rig.fb),
+    for kind in Kind::ALL {
+        let name = kind.name();
+        let rig = rig(kind, "", "", obj)?;
+        let frame = scenario_frame(kind);
+        let flow_floor = (kind == Kind::FlowHit).then_some(&rig.fb_flow);
+        for (hook, dp, floor, flow_floor) in [
+            (Hook::Egress, &rig.dpa, &rig.fa, None),
+            (Hook::Ingress, &rig.dpb, &rig.fb, flow_floor),
         ] {
-            let (mut t, mut tf) = (Vec::new(), Vec::new());
+            let (mut t, mut tf, mut tff) = (Vec::new(), Vec::new(), Vec::new());
             let mut verdict = 0;
             for _ in 0..trials {
                 let (v, d) = dp.test_run_repeat(hook, &frame, repeat)?;
                 verdict = v;
                 t.push(d.as_nanos() as f64);
                 tf.push(floor.test_run(&frame, repeat)?.as_nanos() as f64);
+                if let Some(ff) = flow_floor {
+                    tff.push(ff.test_run(&frame, repeat)?.as_nanos() as f64);
+                }
             }
             let info = dp.program_info(hook)?;
             out.push(MicroReport {
@@ -718,6 +878,7 @@ pub fn micro(repeat: u32, trials: u32, obj: Option<&[u8]>) -> anyhow::Result<Vec
                 },
                 ns: median(&t),
                 floor_ns: median(&tf),
+                floor_flow_ns: flow_floor.map(|_| median(&tff)),
                 verdict,
                 xlated_bytes: info.size_translated().unwrap_or(0),
                 jited_bytes: info.size_jitted(),

@@ -28,14 +28,19 @@ fn main() -> anyhow::Result<()> {
         let trials = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
         let reports = hip_datapath::bench::micro(repeat, trials, obj.as_deref())?;
         for r in &reports {
+            let flow_floor = r
+                .floor_flow_ns
+                .map(|f| format!(", minimal flow program {f:.1}"))
+                .unwrap_or_default();
             println!(
-                "micro {} {}: {:.1} ns/run ({:.1} over the empty program's {:.1}), verdict {}, \
+                "micro {} {}: {:.1} ns/run ({:.1} over the empty program's {:.1}{}), verdict {}, \
                  xlated {} B, jited {} B, {} insns verified",
                 r.scenario,
                 r.hook,
                 r.ns,
                 r.ns - r.floor_ns,
                 r.floor_ns,
+                flow_floor,
                 r.verdict,
                 r.xlated_bytes,
                 r.jited_bytes,
@@ -69,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         );
         println!(
             "datapath {}: egress {:.1} ns/packet ({:.1} over the empty program's {:.1}), \
-             ingress {:.1} ns/packet ({:.1} over the empty program's {:.1}) (goal < 100); \
+             ingress {:.1} ns/packet ({:.1} over the empty program's {:.1}{}) (goal < 100); \
              runs {}/{}/{}/{}",
             r.name,
             r.egress.ns,
@@ -78,6 +83,9 @@ fn main() -> anyhow::Result<()> {
             r.ingress.ns,
             r.ingress_net_ns(),
             r.floor_ingress.ns,
+            r.floor_flow_ingress
+                .map(|f| format!("; minimal flow program {:.1}", f.ns))
+                .unwrap_or_default(),
             r.egress.runs,
             r.ingress.runs,
             r.floor_egress.runs,
