@@ -79,6 +79,11 @@ pub(super) struct SessionKeys {
     pub hmac_out: Secret,
     pub hmac_in: Secret,
     pub esp_index: usize,
+    /// Puzzle #I and #J of the base exchange: the HIP-KDF salt, kept for KEYMATs made
+    /// from a new DH exchange in UPDATE (RFC 7401 §6.5: "Both hosts have to store #I and
+    /// #J values for the HIP association for future use").
+    pub salt_i: Vec<u8>,
+    pub salt_j: Vec<u8>,
 }
 
 impl SessionKeys {
@@ -89,9 +94,8 @@ impl SessionKeys {
     #[allow(clippy::too_many_arguments)]
     fn new(
         keymat: Keymat,
-        cipher: HipCipher,
-        esp: EspSuite,
-        dh_group: DhGroup,
+        (cipher, esp, dh_group): (HipCipher, EspSuite, DhGroup),
+        (salt_i, salt_j): (&[u8], &[u8]),
         local: Hit,
         peer: Hit,
     ) -> Result<Self, CryptoError> {
@@ -118,6 +122,8 @@ impl SessionKeys {
             hmac_out,
             hmac_in,
             esp_index: 2 * (e + i),
+            salt_i: salt_i.to_vec(),
+            salt_j: salt_j.to_vec(),
         })
     }
 }
@@ -694,7 +700,13 @@ impl Endpoint {
             Err(e) => return Err(self.fail(now, &key, e.into())),
         };
         let keymat = Keymat::derive(rhash, &random_i, &j, &kij, local_hit, sender);
-        let keys = SessionKeys::new(keymat, cipher, esp, dh_group, local_hit, sender)?;
+        let keys = SessionKeys::new(
+            keymat,
+            (cipher, esp, dh_group),
+            (&random_i, &j),
+            local_hit,
+            sender,
+        )?;
         let spi_in = match self.spis.allocate(local_hit, sender, src) {
             Ok(s) => s,
             Err(e) => return Err(self.fail(now, &key, ProtocolError::SpiAllocation(e))),
@@ -861,7 +873,13 @@ impl Endpoint {
             unreachable!()
         };
         let keymat = Keymat::derive(rhash, &random_i, &solution_j, &kij, hit_i, local_hit);
-        let keys = SessionKeys::new(keymat, cipher, esp, dh_group, local_hit, hit_i)?;
+        let keys = SessionKeys::new(
+            keymat,
+            (cipher, esp, dh_group),
+            (&random_i, &solution_j),
+            local_hit,
+            hit_i,
+        )?;
 
         // The Initiator's HI, encrypted or in the clear.
         let host_id_param = match pkt.optional(ty::ENCRYPTED)? {

@@ -1251,3 +1251,101 @@ fn r1s_are_rate_limited_per_address() {
     // Another address is answered.
     assert_eq!(i1(99, "2001:db8::c"), (Ok(()), true));
 }
+
+fn rekey_round(s: &mut Sim, from_a: bool, dh: bool) -> (Rekeyed, Rekeyed) {
+    let (na, nb) = (rekeyed(&s.events_a).len(), rekeyed(&s.events_b).len());
+    let now = s.now;
+    let (ha, hb) = (s.a.hit(), s.b.hit());
+    match (from_a, dh) {
+        (true, false) => s.a.rekey(now, hb).unwrap(),
+        (true, true) => s.a.rekey_with_new_dh(now, hb).unwrap(),
+        (false, false) => s.b.rekey(now, ha).unwrap(),
+        (false, true) => s.b.rekey_with_new_dh(now, ha).unwrap(),
+    }
+    assert!(
+        s.run_until(Duration::from_secs(60), |s| rekeyed(&s.events_a).len() > na
+            && rekeyed(&s.events_b).len() > nb)
+    );
+    // Let the final ACK arrive.
+    s.run_until(Duration::from_millis(100), |_| false);
+    (
+        rekeyed(&s.events_a)[na].clone(),
+        rekeyed(&s.events_b)[nb].clone(),
+    )
+}
+
+#[test]
+fn rekey_with_a_new_diffie_hellman_exchange() {
+    let mut s = established_pair(
+        Link {
+            loss: 0.2,
+            dup: 0.1,
+            jitter_ms: 50,
+        },
+        27,
+    );
+    let mark = s.wire.len();
+    let (ra, rb) = rekey_round(&mut s, true, true);
+    // Both UPDATEs of the rekey carried a DIFFIE_HELLMAN.
+    let with_dh = s.wire[mark..]
+        .iter()
+        .filter(|(_, t)| {
+            wire::Packet::parse(&t.payload)
+                .map(|p| p.find(ty::DIFFIE_HELLMAN).is_some())
+                .unwrap_or(false)
+        })
+        .map(|(to_b, _)| *to_b)
+        .collect::<std::collections::HashSet<_>>();
+    assert_eq!(with_dh.len(), 2, "sent in both directions");
+    assert_eq!(ra.keys_outbound, rb.keys_inbound);
+    assert_eq!(ra.keys_inbound, rb.keys_outbound);
+    assert_eq!(ra.spi_outbound, rb.spi_inbound);
+    // Keys from the start of a new KEYMAT.
+    let esp = ra.esp_suite;
+    assert_eq!(
+        ra.keymat_index,
+        2 * (esp.enc_key_len() + esp.auth_key_len())
+    );
+    let (ea, _) = s.established();
+    assert_ne!(ra.keys_inbound, ea.unwrap().keys_inbound);
+    // HIP_MAC keys did not change: a later UPDATE and a CLOSE still authenticate.
+    let (ra2, rb2) = rekey_round(&mut s, false, false);
+    assert_eq!(ra2.keys_inbound, rb2.keys_outbound);
+    assert!(ra2.keymat_index > ra.keymat_index);
+}
+
+#[test]
+fn keymat_exhaustion_switches_to_a_dh_rekey() {
+    let cfg = Config {
+        esp_suites: vec![crate::esp::EspSuite::Aes256CbcHmacSha256],
+        ..fast_config()
+    };
+    let mut s = pair(
+        Algorithm::Ed25519,
+        Algorithm::Ed25519,
+        cfg.clone(),
+        cfg,
+        PERFECT,
+        28,
+    );
+    let hb = s.b.hit();
+    let now = s.now;
+    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+    assert!(s.run_until(Duration::from_secs(5), Sim::both_established));
+    s.run_until(Duration::from_secs(30), |_| false);
+    let mut last = s.established().0.unwrap().keymat_index;
+    let mut restarted = false;
+    for i in 0..200 {
+        let (ra, rb) = rekey_round(&mut s, i % 2 == 0, false);
+        assert_eq!(ra.keys_outbound, rb.keys_inbound, "round {i}");
+        assert_eq!(ra.keymat_index, rb.keymat_index);
+        if ra.keymat_index < last {
+            // SHA-256 HKDF gives 255 × 32 octets: the rekey made a new KEYMAT.
+            assert_eq!(ra.keymat_index, 2 * (32 + 32));
+            restarted = true;
+            break;
+        }
+        last = ra.keymat_index;
+    }
+    assert!(restarted, "KEYMAT never ran out");
+}

@@ -13,19 +13,22 @@ use super::{
     assoc::{Assoc, State},
 };
 use crate::{
+    crypto::{DhSecret, Keymat},
     esp::{EspKeys, EspSuite, draw_esp_keys},
     hit::Hit,
     wire::{self, Locator, Packet, PacketBuilder, PacketType, Param, ty},
 };
 
 /// What our outstanding UPDATE (with SEQ) is waiting for.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(super) enum Pending {
-    /// We started a rekey: our new inbound SPI and the KEYMAT index offered.
+    /// We started a rekey: our new inbound SPI, the KEYMAT index offered, and our new DH
+    /// key when the rekey makes a new KEYMAT.
     Rekey {
         seq: u32,
         new_spi_in: u32,
         index: usize,
+        dh: Option<Box<DhSecret>>,
     },
     /// We announced a new local locator.
     Locator { seq: u32 },
@@ -55,7 +58,7 @@ impl Pending {
 }
 
 /// Per-association UPDATE state.
-#[derive(Default, Debug)]
+#[derive(Default)]
 pub(crate) struct UpdateState {
     /// Our next Update ID.
     next_seq: u32,
@@ -175,8 +178,28 @@ impl Endpoint {
     }
 
     /// Starts rekeying the ESP SAs with `peer` (RFC 7402 §6.1): new SPIs, keys drawn
-    /// further along KEYMAT, no new DH. Completes with [`Event::Rekeyed`] on both sides.
+    /// further along KEYMAT. When KEYMAT has no room left for another key set (its 16-bit
+    /// index, or HKDF's 255 blocks), a new DH exchange rides along and makes a new KEYMAT,
+    /// as [`Endpoint::rekey_with_new_dh`] does. Completes with [`Event::Rekeyed`] on both
+    /// sides.
     pub fn rekey(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
+        let a = self.established_mut(peer)?;
+        let keys = a.keys.as_ref().expect("established");
+        let need = 2 * (keys.esp.enc_key_len() + keys.esp.auth_key_len());
+        let room = (u16::MAX as usize).min(255 * keys.rhash.len());
+        let new_dh = a.upd.esp_next + need > room;
+        self.start_rekey(now, peer, new_dh)
+    }
+
+    /// Rekeys with a new Diffie-Hellman exchange in the UPDATEs (RFC 7402 §6.8): both
+    /// sides derive a new KEYMAT from the new Kij (salt #I | #J of the base exchange,
+    /// RFC 7401 §6.5) and draw the ESP keys from its start (KEYMAT Index 0).
+    pub fn rekey_with_new_dh(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
+        self.established_mut(peer)?;
+        self.start_rekey(now, peer, true)
+    }
+
+    fn start_rekey(&mut self, now: Instant, peer: Hit, new_dh: bool) -> Result<(), ProtocolError> {
         let local = self.hit();
         let peer_loc = self.established_mut(peer)?.peer_loc;
         let new_spi_in = self
@@ -184,9 +207,11 @@ impl Endpoint {
             .allocate(local, peer, peer_loc)
             .map_err(ProtocolError::SpiAllocation)?;
         let a = self.assocs.get_mut(&peer).expect("checked above");
+        let group = a.keys.as_ref().expect("established").dh_group;
+        let dh = new_dh.then(|| Box::new(DhSecret::generate(group, &mut *self.rng)));
         let seq = a.next_seq();
-        let index = a.upd.esp_next;
-        let params = [
+        let index = if dh.is_some() { 0 } else { a.upd.esp_next };
+        let mut params = vec![
             Param::EspInfo {
                 keymat_index: index as u16,
                 old_spi: a.spi_in.unwrap_or(0),
@@ -194,11 +219,18 @@ impl Endpoint {
             },
             Param::Seq(seq),
         ];
+        if let Some(d) = &dh {
+            params.push(Param::DiffieHellman {
+                group: group.id(),
+                public: d.public_value(),
+            });
+        }
         let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
         a.upd.pending = Some(Pending::Rekey {
             seq,
             new_spi_in,
             index,
+            dh,
         });
         a.send_reliably(now, &self.config, t, &mut self.transmits);
         Ok(())
@@ -289,6 +321,10 @@ impl Endpoint {
             Some(Param::LocatorSet(v)) => v,
             _ => Vec::new(),
         };
+        let peer_dh = match pkt.optional(ty::DIFFIE_HELLMAN)? {
+            Some(Param::DiffieHellman { group, public }) => Some((group, public)),
+            _ => None,
+        };
         let echo_req = match pkt.optional(ty::ECHO_REQUEST_SIGNED)? {
             Some(Param::EchoRequestSigned(d)) => Some(d),
             _ => None,
@@ -337,17 +373,32 @@ impl Endpoint {
         if acked {
             match pending.clone().expect("acked implies pending") {
                 Pending::Rekey {
-                    new_spi_in, index, ..
+                    new_spi_in,
+                    index,
+                    dh,
+                    ..
                 } => {
                     let Some((peer_index, _, peer_new)) = esp_info else {
                         return Err(ProtocolError::Wire(wire::WireError::Missing("ESP_INFO")));
                     };
+                    let (index, new_keymat) = match (&dh, &peer_dh) {
+                        (Some(d), Some((g, public))) if *g == d.group().id() => {
+                            let kij = d.agree(public)?;
+                            (0, Some(new_keymat(a, local_hit, &kij)))
+                        }
+                        (Some(_), _) => {
+                            return Err(ProtocolError::Wire(wire::WireError::Missing(
+                                "DIFFIE_HELLMAN",
+                            )));
+                        }
+                        (None, _) => (index.max(peer_index), None),
+                    };
                     let ev = complete_rekey(
                         a,
                         local_hit,
-                        new_spi_in,
-                        peer_new,
-                        index.max(peer_index),
+                        (new_spi_in, peer_new),
+                        index,
+                        new_keymat,
                         true,
                     )?;
                     let done = Event::RekeyCompleted {
@@ -406,9 +457,27 @@ impl Endpoint {
                     .allocate(local_hit, peer, peer_loc)
                     .map_err(ProtocolError::SpiAllocation)?;
                 let a = self.assocs.get_mut(&peer).expect("found above");
-                let index = a.upd.esp_next.max(peer_index);
+                // With a DIFFIE_HELLMAN, answer with ours and make a new KEYMAT
+                // (RFC 7402 §4.1.3: "the reply packet MUST also contain" one).
+                let mut my_dh = None;
+                let mut keymat = None;
+                if let Some((g, public)) = &peer_dh {
+                    let group = a.keys.as_ref().expect("established").dh_group;
+                    if *g != group.id() {
+                        return Err(crate::crypto::CryptoError::UnsupportedDhGroup(*g).into());
+                    }
+                    let d = DhSecret::generate(group, &mut *self.rng);
+                    let kij = d.agree(public)?;
+                    keymat = Some(new_keymat(a, local_hit, &kij));
+                    my_dh = Some(d);
+                }
+                let index = if keymat.is_some() {
+                    0
+                } else {
+                    a.upd.esp_next.max(peer_index)
+                };
                 let my_seq = a.next_seq();
-                let params = [
+                let mut params = vec![
                     Param::EspInfo {
                         keymat_index: index as u16,
                         old_spi: a.spi_in.unwrap_or(0),
@@ -417,8 +486,14 @@ impl Endpoint {
                     Param::Seq(my_seq),
                     ack,
                 ];
+                if let Some(d) = &my_dh {
+                    params.push(Param::DiffieHellman {
+                        group: d.group().id(),
+                        public: d.public_value(),
+                    });
+                }
                 let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
-                let ev = complete_rekey(a, local_hit, new_in, peer_new, index, false)?;
+                let ev = complete_rekey(a, local_hit, (new_in, peer_new), index, keymat, false)?;
                 a.upd.pending = Some(Pending::Ack {
                     seq: my_seq,
                     old_spis: Some((ev.old_spi_inbound, ev.old_spi_outbound)),
@@ -469,14 +544,31 @@ impl Endpoint {
     }
 }
 
+/// A KEYMAT from a new Kij, with the base exchange's salt (#I | #J) and HITs.
+fn new_keymat(a: &Assoc, local_hit: Hit, kij: &[u8]) -> Keymat {
+    let keys = a.keys.as_ref().expect("established");
+    Keymat::derive(
+        keys.rhash,
+        &keys.salt_i,
+        &keys.salt_j,
+        kij,
+        local_hit,
+        a.peer_hit,
+    )
+}
+
 fn complete_rekey(
     a: &mut Assoc,
     local_hit: Hit,
-    new_in: u32,
-    new_out: u32,
+    (new_in, new_out): (u32, u32),
     index: usize,
+    new_keymat: Option<Keymat>,
     outbound_active: bool,
 ) -> Result<Rekeyed, ProtocolError> {
+    if let Some(k) = new_keymat {
+        // Only the ESP keys come from the new KEYMAT; HIP_MAC keys stay (RFC 7402 §7).
+        a.keys.as_mut().expect("established").keymat = k;
+    }
     let keys = a.keys.as_ref().expect("established");
     let (keys_in, keys_out, next) =
         draw_esp_keys(&keys.keymat, index, keys.esp, local_hit, a.peer_hit)?;
