@@ -950,14 +950,19 @@ impl Endpoint {
             payload: r2,
         };
         self.pool.mark_used(generation, hit_i, &ij);
+        let mut replaced_spis = None;
         if let Some(old) = self.assocs.get_mut(&hit_i)
             && let Some(s) = old.spi_in.take()
-            && !matches!(
+        {
+            if matches!(
                 old.state,
                 State::Established | State::R2Sent | State::Closing
-            )
-        {
-            self.spis.release(s);
+            ) {
+                // Its SAs exist in the kernel: the new Established says which to remove.
+                replaced_spis = Some((s, old.spi_out.unwrap_or(0)));
+            } else {
+                self.spis.release(s);
+            }
         }
         let ev = Established {
             local_hit,
@@ -975,6 +980,7 @@ impl Endpoint {
             keymat_index: next,
             dh_group,
             hip_cipher: cipher,
+            replaced_spis,
         };
         let mut a = Assoc {
             state: State::R2Sent,
@@ -1050,6 +1056,7 @@ impl Endpoint {
             keymat_index: next,
             dh_group: keys.dh_group,
             hip_cipher: keys.cipher,
+            replaced_spis: None,
         };
         let a = self.assocs.get_mut(&peer).expect("found above");
         a.spi_out = Some(new_spi);

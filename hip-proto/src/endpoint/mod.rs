@@ -341,6 +341,10 @@ pub struct Established {
     pub dh_group: DhGroup,
     /// The negotiated HIP cipher.
     pub hip_cipher: HipCipher,
+    /// When this exchange replaced an established association with the same peer (it
+    /// rebooted, RFC 7401 §6.9 step 20): the (inbound, outbound) SPIs of the old SA pair,
+    /// to remove.
+    pub replaced_spis: Option<(u32, u32)>,
 }
 
 /// Outputs other than datagrams.
@@ -678,18 +682,16 @@ impl Endpoint {
     /// Advances timers: retransmissions, R2-SENT → ESTABLISHED, forgetting closed and
     /// failed associations, R1 pool rotation.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now >= self.pool.next_rotation(&self.config)
-            && let Err(e) = self.pool.rotate(
+        if now >= self.pool.next_rotation(&self.config) {
+            // Should signing fail inside the crypto library, the current generation stays
+            // in use: answering with older R1s beats not answering.
+            let _ = self.pool.rotate(
                 &self.config,
                 &self.identity,
                 &self.hi_param,
                 &mut *self.rng,
                 now,
-            )
-        {
-            // Signing failed inside the crypto library: keep the current generation
-            // rather than answer with nothing.
-            debug_assert!(false, "R1 pool rotation failed: {e}");
+            );
         }
         let mut gone = Vec::new();
         for (k, a) in self.assocs.iter_mut() {

@@ -1349,3 +1349,25 @@ fn keymat_exhaustion_switches_to_a_dh_rekey() {
     }
     assert!(restarted, "KEYMAT never ran out");
 }
+
+#[test]
+fn a_rebooted_initiator_replaces_the_association() {
+    let mut s = established_pair(PERFECT, 29);
+    let (ea, eb) = s.established();
+    let (ea, eb) = (ea.unwrap().clone(), eb.unwrap().clone());
+    let hb = s.b.hit();
+    // A loses all state (reboot) and starts over with the same identity.
+    let now = s.now;
+    s.a = endpoint(Algorithm::EcdsaP256, 1, fast_config(), 77, now);
+    s.a.set_spi_allocator(Box::new(SequentialSpis(0x3000_0000)));
+    s.events_a.clear();
+    s.events_b.clear();
+    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+    assert!(s.run_until(Duration::from_secs(10), Sim::both_established));
+    let (na, nb) = s.established();
+    let (na, nb) = (na.unwrap(), nb.unwrap());
+    assert_consistent(na, nb);
+    assert_eq!(nb.replaced_spis, Some((eb.spi_inbound, eb.spi_outbound)));
+    assert_eq!(na.replaced_spis, None);
+    assert_ne!(na.keys_outbound, ea.keys_outbound);
+}
