@@ -58,6 +58,13 @@ pub enum SipCmd {
         #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
         socket: PathBuf,
     },
+    /// HIP associations: peer HIT, state, SPIs, locators, transform, errors.
+    Assoc {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = SOCKET)]
+        socket: PathBuf,
+    },
     /// Offline SDP tools.
     #[command(subcommand)]
     Sdp(SdpCmd),
@@ -91,7 +98,10 @@ pub fn run(cmd: SipCmd) -> Result<()> {
     match cmd {
         SipCmd::Run { config } => {
             let cfg = Config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // Multi-threaded: the HIP endpoint's SPI allocator blocks on a netlink request
+            // (`block_in_place`), which needs another worker to keep the loop going.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
@@ -148,6 +158,11 @@ pub fn run(cmd: SipCmd) -> Result<()> {
                         c["remote_uri"].as_str().unwrap_or(""),
                         c["call_id"].as_str().unwrap_or("")
                     );
+                    print_security(&c["security"]);
+                }
+                let ended = v["ended_calls"].as_array().map_or(0, Vec::len);
+                if ended > 0 {
+                    println!("{ended} ended call(s) kept in `status --json`");
                 }
                 println!("stats: {}", v["stats"]);
             }
@@ -170,6 +185,16 @@ pub fn run(cmd: SipCmd) -> Result<()> {
                         hits.join(", "),
                         e["call_id"].as_str().unwrap_or("")
                     );
+                }
+            }
+        }
+        SipCmd::Assoc { json, socket } => {
+            let v = ask(&socket, Request::Assoc)?;
+            if json {
+                println!("{}", v["associations"]);
+            } else {
+                for a in v["associations"].as_array().into_iter().flatten() {
+                    print_assoc(a);
                 }
             }
         }
@@ -217,4 +242,71 @@ pub fn run(cmd: SipCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_security(s: &Value) {
+    if s.is_null() {
+        return;
+    }
+    println!(
+        "  verification {}  SAS {}  peer HIT(s) {}",
+        s["verification"].as_str().unwrap_or("?"),
+        s["sas"].as_str().unwrap_or("-"),
+        s["peer_hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(f) = s["failure"].as_str() {
+        println!("  FAILED: {f}");
+    }
+    for a in s["associations"].as_array().into_iter().flatten() {
+        print_assoc(a);
+    }
+    for f in s["flows"].as_array().into_iter().flatten() {
+        println!(
+            "  flow [{}]:{} -> [{}]:{} ssrc {:#x}: {} packets, {} lost, jitter {:.2} ms, spi {:#x}",
+            f["src_hit"].as_str().unwrap_or(""),
+            f["src_port"],
+            f["dst_hit"].as_str().unwrap_or(""),
+            f["dst_port"],
+            f["ssrc"].as_u64().unwrap_or(0),
+            f["packets"],
+            f["lost"],
+            f["jitter_ms"].as_f64().unwrap_or(0.0),
+            f["spi"].as_u64().unwrap_or(0)
+        );
+    }
+}
+
+fn print_assoc(a: &Value) {
+    let k = &a["kernel"];
+    println!(
+        "  HIP {} {} peer {} at {}{}",
+        a["state"].as_str().unwrap_or("?"),
+        if a["initiator"] == Value::Bool(true) {
+            "(initiator)"
+        } else {
+            "(responder)"
+        },
+        a["peer_hit"].as_str().unwrap_or(""),
+        a["peer_locator"].as_str().unwrap_or("?"),
+        if k.is_null() {
+            String::new()
+        } else {
+            format!(
+                ", {} SPI in {:#x} out {:#x} reqid {:#x}",
+                k["transform"].as_str().unwrap_or(""),
+                k["spi_in"].as_u64().unwrap_or(0),
+                k["spi_out"].as_u64().unwrap_or(0),
+                k["reqid"].as_u64().unwrap_or(0)
+            )
+        }
+    );
+    if let Some(e) = a["error"].as_str() {
+        println!("    error: {e}");
+    }
 }

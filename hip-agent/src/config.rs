@@ -169,20 +169,236 @@ pub fn default_socket() -> PathBuf {
     PathBuf::from("/run/hip/agent.sock")
 }
 
-/// `[hip]`: reserved for the HIP base exchange settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[hip]`: the HIP base exchange (RFC 7401).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HipSection {}
+pub struct HipSection {
+    /// Run HIP for calls. Needs an `identity` key file (a bare `hit` cannot sign).
+    /// Default: on when `identity` is set.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Which initiators a responder accepts: `known` (HITs learned through SIP for a call
+    /// we answered — the draft's known-HITs pool) or `opportunistic` (any).
+    #[serde(default)]
+    pub accept: AcceptPolicy,
+    /// Our locator for HIP and ESP. Default: the address the kernel routes from towards
+    /// the peer.
+    #[serde(default)]
+    pub locator: Option<IpAddr>,
+    /// ESP transforms offered, preferred first (RFC 7402 suite names, see
+    /// [`EspChoice`]).
+    #[serde(default = "default_esp")]
+    pub esp_transforms: Vec<EspChoice>,
+    /// Address the initiator's I1 to the null HIT and check the responder's HI against
+    /// the SIP-learned HIT on R1 (RFC 7401 §4.1.8). A mismatch is then reported at once
+    /// as `HitMismatch`; with `false` the I1 goes to the learned HIT, and a responder
+    /// that is not that HIT stays silent until the I1 retries run out.
+    #[serde(default = "yes")]
+    pub i1_to_null_hit: bool,
+    /// What to do with a call whose peer fails HIP verification (HIT mismatch, failed
+    /// exchange): `hangup` (BYE) or `keep` (the call stays up, flagged `failed`, and the
+    /// fail-closed policies keep its media from leaving in clear text).
+    #[serde(default)]
+    pub on_failure: FailureAction,
+    /// Puzzle difficulty K put in our R1s.
+    #[serde(default)]
+    pub puzzle_difficulty: Option<u8>,
+}
 
-/// `[kernel]`: reserved for the kernel IPsec settings.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KernelSection {}
+impl Default for HipSection {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            accept: AcceptPolicy::default(),
+            locator: None,
+            esp_transforms: default_esp(),
+            i1_to_null_hit: true,
+            on_failure: FailureAction::default(),
+            puzzle_difficulty: None,
+        }
+    }
+}
 
-/// `[datapath]`: reserved for the eBPF datapath settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+fn default_esp() -> Vec<EspChoice> {
+    vec![EspChoice::AesGcm128, EspChoice::Aes128CbcHmacSha256]
+}
+
+/// Responder policy for I2s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcceptPolicy {
+    /// Only HITs offered in the SDP of a call we answered.
+    #[default]
+    Known,
+    /// Any initiator (opportunistic HIP).
+    Opportunistic,
+}
+
+/// See [`HipSection::on_failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureAction {
+    /// End the call with BYE.
+    #[default]
+    Hangup,
+    /// Keep the call, flagged.
+    Keep,
+}
+
+/// ESP transforms hip can offer (RFC 7402 §5.1.2 suite IDs; the kernel names follow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EspChoice {
+    /// Suite 8: `cbc(aes)` 128 + `hmac(sha256)` truncated to 128 bits.
+    Aes128CbcHmacSha256,
+    /// Suite 13: `rfc4106(gcm(aes))` 128 with a 16-octet ICV.
+    AesGcm128,
+    /// Suite 7: no encryption, `hmac(sha256)` — for debugging only.
+    NullHmacSha256,
+}
+
+impl EspChoice {
+    /// The RFC 7402 suite ID.
+    pub const fn suite_id(self) -> u16 {
+        match self {
+            EspChoice::NullHmacSha256 => 7,
+            EspChoice::Aes128CbcHmacSha256 => 8,
+            EspChoice::AesGcm128 => 13,
+        }
+    }
+}
+
+/// `[kernel]`: XFRM BEET-mode ESP offload (RFC 7402).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatapathSection {}
+pub struct KernelSection {
+    /// Install SAs and policies for established associations. With `false`, HIP still
+    /// authenticates the peer but media is not protected by the kernel (for hosts without
+    /// ESP; the start-up check tells when that is the case).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How HIT traffic is kept from leaving in clear text while SAs are missing:
+    /// `per-peer` block policies (default) or one prefix-wide `guard`.
+    #[serde(default)]
+    pub fail_closed: hip_kernel::FailClosed,
+    /// Anti-replay window (packets, at most 32).
+    #[serde(default = "default_replay")]
+    pub replay_window: u8,
+    /// Seconds after which the kernel asks for a rekey (soft expiry); 0: none.
+    #[serde(default = "default_soft_secs")]
+    pub soft_lifetime_secs: u64,
+    /// Seconds after which the kernel deletes an SA (hard expiry); 0: none.
+    #[serde(default = "default_hard_secs")]
+    pub hard_lifetime_secs: u64,
+    /// Octets after which a rekey is asked for; 0: none.
+    #[serde(default)]
+    pub soft_lifetime_bytes: u64,
+    /// Octets after which an SA is deleted; 0: none.
+    #[serde(default)]
+    pub hard_lifetime_bytes: u64,
+}
+
+impl Default for KernelSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            fail_closed: hip_kernel::FailClosed::default(),
+            replay_window: default_replay(),
+            soft_lifetime_secs: default_soft_secs(),
+            hard_lifetime_secs: default_hard_secs(),
+            soft_lifetime_bytes: 0,
+            hard_lifetime_bytes: 0,
+        }
+    }
+}
+
+fn default_replay() -> u8 {
+    32
+}
+fn default_soft_secs() -> u64 {
+    3300
+}
+fn default_hard_secs() -> u64 {
+    3600
+}
+
+impl KernelSection {
+    /// The SA lifetimes.
+    pub fn lifetimes(&self) -> hip_kernel::Lifetimes {
+        hip_kernel::Lifetimes {
+            soft_secs: self.soft_lifetime_secs,
+            hard_secs: self.hard_lifetime_secs,
+            soft_bytes: self.soft_lifetime_bytes,
+            hard_bytes: self.hard_lifetime_bytes,
+        }
+    }
+}
+
+/// `[datapath]`: the eBPF tc programs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathSection {
+    /// Load the programs (needs `interfaces`).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Interfaces the programs attach to (the ones that carry ESP to peers).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// Where the maps are pinned (`bpftool map dump pinned DIR/NAME`).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Drop clear-text RTP towards addresses HIP has not verified (the draft's §1 DoS rule).
+    #[serde(default = "yes")]
+    pub media_guard: bool,
+    /// UDP ports that carry RTP, `LOW-HIGH`.
+    #[serde(default = "default_media_ports")]
+    pub media_ports: String,
+}
+
+impl Default for DatapathSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            pin_dir: default_pin_dir(),
+            media_guard: true,
+            media_ports: default_media_ports(),
+        }
+    }
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(hip_datapath::PIN_DIR)
+}
+
+fn default_media_ports() -> String {
+    "16384-32767".into()
+}
+
+impl DatapathSection {
+    /// The media port range.
+    pub fn port_range(&self) -> Result<std::ops::RangeInclusive<u16>, String> {
+        let (a, b) = self
+            .media_ports
+            .split_once('-')
+            .ok_or_else(|| format!("media_ports {:?}: expected LOW-HIGH", self.media_ports))?;
+        let (a, b): (u16, u16) = (
+            a.trim()
+                .parse()
+                .map_err(|_| format!("media_ports: {a:?} is not a port"))?,
+            b.trim()
+                .parse()
+                .map_err(|_| format!("media_ports: {b:?} is not a port"))?,
+        );
+        if a == 0 || a > b {
+            return Err(format!(
+                "media_ports {}: need 0 < LOW <= HIGH",
+                self.media_ports
+            ));
+        }
+        Ok(a..=b)
+    }
+}
 
 /// `[sip]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -452,10 +668,55 @@ impl Config {
         if self.sip.timers.t1.is_zero() || self.sip.timers.t2 < self.sip.timers.t1 {
             return invalid("[sip.timers] need t1 > 0 and t2 >= t1".into());
         }
+        if self.hip.enabled == Some(true) && self.identity.is_none() {
+            return invalid("[hip] enabled = true needs an `identity` key file (a bare `hit` cannot sign HIP packets)".into());
+        }
+        if self.hip.esp_transforms.is_empty() {
+            return invalid("[hip] esp_transforms is empty".into());
+        }
+        if self.kernel.replay_window > hip_kernel::MAX_REPLAY_WINDOW {
+            return invalid(format!(
+                "[kernel] replay_window {} is above {}",
+                self.kernel.replay_window,
+                hip_kernel::MAX_REPLAY_WINDOW
+            ));
+        }
+        let l = self.kernel.lifetimes();
+        for (what, soft, hard) in [
+            ("secs", l.soft_secs, l.hard_secs),
+            ("bytes", l.soft_bytes, l.hard_bytes),
+        ] {
+            if hard != 0 && (soft == 0 || soft >= hard) {
+                return invalid(format!(
+                    "[kernel] soft_lifetime_{what} ({soft}) must be set and below hard_lifetime_{what} ({hard})"
+                ));
+            }
+        }
+        if let Err(e) = self.datapath.port_range() {
+            return invalid(format!("[datapath] {e}"));
+        }
+        if self.datapath_enabled() && self.datapath.interfaces.is_empty() {
+            return invalid("[datapath] interfaces is empty: name the interfaces that carry ESP, or set [datapath] enabled = false".into());
+        }
         Ok(())
     }
 
     /// The address we advertise.
+    /// Whether HIP runs for calls (see [`HipSection::enabled`]).
+    pub fn hip_enabled(&self) -> bool {
+        self.hip.enabled.unwrap_or(self.identity.is_some())
+    }
+
+    /// Whether established associations are offloaded to the kernel.
+    pub fn kernel_enabled(&self) -> bool {
+        self.hip_enabled() && self.kernel.enabled
+    }
+
+    /// Whether the eBPF datapath is loaded.
+    pub fn datapath_enabled(&self) -> bool {
+        self.kernel_enabled() && self.datapath.enabled
+    }
+
     pub fn contact_host(&self) -> Option<IpAddr> {
         self.sip.contact_host.or_else(|| {
             self.sip

@@ -72,6 +72,8 @@ pub enum Request {
     Status,
     /// The known-HITs pool.
     Hits,
+    /// HIP associations (state, SPIs, locators, errors).
+    Assoc,
 }
 
 /// One request with the channel its reply goes back on.

@@ -16,8 +16,8 @@
 //! [`Daemon::subscribe`] to a broadcast of the same events.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -31,9 +31,10 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{
-    config::{AnswerMode, Config},
+    config::{AnswerMode, Config, FailureAction},
     control::{self, Request},
     pool::{self, Pool},
+    secure::{self, Outcome, Security, SipAssurance, Verification},
     sip_service::{Inbound, SipService},
 };
 
@@ -52,6 +53,9 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// HIP or its kernel offload could not start (the message says what is missing).
+    #[error(transparent)]
+    Security(#[from] secure::SecurityError),
 }
 
 /// What the daemon's loop reports to the rest of the agent (see the module docs).
@@ -177,12 +181,91 @@ pub struct Daemon {
     sdp_version: u64,
     stats: Stats,
     registration: Registration,
+    /// HIP and its kernel offload (`None` when HIP is off).
+    security: Option<Security>,
+    /// What HIP needs to know of each call.
+    call_sec: HashMap<CallHandle, CallSecurity>,
+    /// The last calls that ended, newest last (for `status`).
+    history: VecDeque<Value>,
+    /// Agent events HIP still has to act on (dispatch is synchronous, HIP is not).
+    hip_todo: VecDeque<AgentEvent>,
+}
+
+/// How many ended calls `status` keeps.
+const HISTORY: usize = 32;
+
+/// HIP's view of one call.
+#[derive(Debug, Clone, Default)]
+struct CallSecurity {
+    /// The peer's HITs from its SDP.
+    peer_hits: Vec<hip_proto::Hit>,
+    /// Whether we accepted its HITs as initiators (we answered).
+    authorized: bool,
+    /// What SIP established about the SDP's integrity (draft §4).
+    sip: SipAssurance,
+    /// The peer's media address and port from its SDP.
+    remote_media: Option<(String, u16)>,
+    /// Set when HIP refused the peer.
+    failure: Option<String>,
+}
+
+fn proto_hit(h: Hit) -> hip_proto::Hit {
+    hip_proto::Hit(h.0)
+}
+
+/// The host of a SIP URI (`sip:bob@192.0.2.4:5060;transport=udp` → `192.0.2.4`).
+pub fn uri_host(uri: &str) -> Option<IpAddr> {
+    let rest = uri.trim().trim_start_matches('<');
+    let rest = rest.split_once(':').map(|(_, r)| r)?;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let rest = rest.split([';', '>', '?']).next()?;
+    if let Some(v6) = rest.strip_prefix('[') {
+        return v6.split(']').next()?.parse().ok();
+    }
+    rest.split(':').next()?.parse().ok()
+}
+
+/// The connection address and port of the first accepted audio stream of an SDP body.
+fn media_of(body: &[u8]) -> Option<(String, u16)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut addr = None;
+    let mut port = None;
+    let mut in_media = false;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(c) = line.strip_prefix("c=") {
+            if addr.is_none() || in_media {
+                addr = c.split_whitespace().nth(2).map(str::to_owned);
+            }
+        } else if let Some(m) = line.strip_prefix("m=") {
+            if port.is_some() {
+                break;
+            }
+            in_media = true;
+            let mut f = m.split_whitespace();
+            if f.next() == Some("audio") {
+                port = f.next().and_then(|p| p.parse().ok()).filter(|p| *p != 0);
+            }
+        }
+    }
+    Some((addr?, port?))
 }
 
 impl Daemon {
     /// Loads the identity and the pool and binds the SIP transports.
     pub async fn new(cfg: Config) -> Result<Self, DaemonError> {
         let own = load_own_identity(&cfg)?;
+        let security = if cfg.hip_enabled() {
+            let s = Security::start(&cfg).await?;
+            if s.local_hit().0 != own.hit.0 {
+                return Err(DaemonError::Identity(
+                    "the HIP identity's HIT differs from the SDP identity's".into(),
+                ));
+            }
+            Some(s)
+        } else {
+            None
+        };
         let pool = Pool::open(&cfg.pool)?;
         let (svc, inbound) = SipService::bind(&cfg).await?;
         let host = cfg
@@ -212,6 +295,10 @@ impl Daemon {
             sdp_version: 1,
             stats: Stats::default(),
             registration: Registration::default(),
+            security,
+            call_sec: HashMap::new(),
+            history: VecDeque::new(),
+            hip_todo: VecDeque::new(),
             cfg,
         })
     }
@@ -282,10 +369,19 @@ impl Daemon {
                 }
                 () = sleep => self.on_timers(),
                 _ = flush.tick() => self.flush_pool(),
+                out = async {
+                    match &mut self.security {
+                        Some(s) => s.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_security(out),
                 () = &mut shutdown => break,
             }
         }
         ctl_task.abort();
+        if let Some(s) = self.security.take() {
+            s.shutdown().await;
+        }
         self.flush_pool();
         let _ = std::fs::remove_file(&self.cfg.control_socket);
         tracing::info!("hip-agent stopped");
@@ -309,6 +405,10 @@ impl Daemon {
             while let Some(e) = self.ua.poll_event() {
                 did = true;
                 self.on_sip_event(e);
+            }
+            while let Some(ev) = self.hip_todo.pop_front() {
+                did = true;
+                self.on_agent_event(ev).await;
             }
             if !did {
                 break;
@@ -360,6 +460,13 @@ impl Daemon {
             .contact_host()
             .map(|h| h.to_string())
             .unwrap_or_default();
+        // With HIP, media goes HIT to HIT: the SDP's addresses are our HIT, and the kernel
+        // carries it through the BEET SAs (the draft's §3.2 discussion: HITs in `c=` lines
+        // survive address changes without a re-INVITE).
+        let host = match &self.security {
+            Some(s) => s.local_hit().to_string(),
+            None => host,
+        };
         let ip = if host.contains(':') { "IP6" } else { "IP4" };
         self.sdp_version += 1;
         let mut text = format!(
@@ -434,6 +541,15 @@ impl Daemon {
             _ => (None, None),
         };
         let sdp = self.local_sdp(offer.as_ref(), form);
+        // The caller may send I1 as soon as our 200 is out, before its ACK reaches us:
+        // its HITs from the offer are accepted from now on (draft §3.3: the known-HITs pool).
+        if let (Some(sec), Some((ids, _))) = (&mut self.security, self.offered.get(&h)) {
+            let hits = secure::distinct(ids.iter().map(|i| proto_hit(i.hit)));
+            sec.authorize(&hits);
+            let cs = self.call_sec.entry(h).or_default();
+            cs.peer_hits = hits;
+            cs.authorized = true;
+        }
         if let Err(e) = self.ua.answer(now, h, Some(sdp)) {
             tracing::info!("answer {h}: {e}");
         }
@@ -464,9 +580,152 @@ impl Daemon {
 
     /// The one place where call outcomes leave the SIP side (see the module docs).
     fn dispatch(&mut self, ev: AgentEvent) {
-        // HIP (issue 6) hooks in here: PeerHitsLearned → base exchange with the expected
-        // HIT; CallEnded → CLOSE, remove SAs/policies/map entries.
-        let _ = self.events.send(ev);
+        let _ = self.events.send(ev.clone());
+        self.hip_todo.push_back(ev);
+    }
+
+    /// HIP's part of a call event: PeerHitsLearned → base exchange towards the learned
+    /// HIT (we called) or wait for the caller's (we answered); CallEnded → CLOSE and
+    /// removal of SAs, policies and map entries.
+    async fn on_agent_event(&mut self, ev: AgentEvent) {
+        match ev {
+            AgentEvent::PeerHitsLearned {
+                call,
+                direction,
+                peer_contact,
+                identities,
+                ..
+            } => {
+                let hits = secure::distinct(identities.iter().map(|i| proto_hit(i.hit)));
+                let media = self
+                    .ua
+                    .call_sdp(call)
+                    .and_then(|(_, r)| r)
+                    .and_then(|b| media_of(&b));
+                let cs = self.call_sec.entry(call).or_default();
+                cs.peer_hits = hits.clone();
+                cs.remote_media = media;
+                let Some(sec) = &mut self.security else {
+                    return;
+                };
+                if direction != Direction::Outgoing {
+                    return;
+                }
+                let Some(locator) = peer_contact.as_deref().and_then(uri_host) else {
+                    tracing::warn!(%call, ?peer_contact, "no IP address in the peer's Contact: no HIP locator");
+                    return;
+                };
+                for h in hits {
+                    if let Err(e) = sec.initiate(locator, h).await {
+                        tracing::error!(%call, peer = %h, "HIP initiate: {e}");
+                    }
+                }
+            }
+            AgentEvent::CallEnded { call, .. } => {
+                let cs = self.call_sec.remove(&call).unwrap_or_default();
+                let still_used: Vec<hip_proto::Hit> = self
+                    .call_sec
+                    .values()
+                    .flat_map(|c| c.peer_hits.iter().copied())
+                    .collect();
+                let mut flows = Vec::new();
+                if let Some(sec) = &mut self.security {
+                    for h in &cs.peer_hits {
+                        flows.extend(sec.flows_of(h));
+                    }
+                    if cs.authorized {
+                        sec.deauthorize(&cs.peer_hits);
+                    }
+                    for h in &cs.peer_hits {
+                        if !still_used.contains(h) {
+                            sec.close(*h).await;
+                        }
+                    }
+                }
+                let mut summary = self.call_json(call, &cs);
+                summary["flows"] = json!(flows);
+                self.history.push_back(summary);
+                while self.history.len() > HISTORY {
+                    self.history.pop_front();
+                }
+            }
+        }
+    }
+
+    /// What HIP reported.
+    fn on_security(&mut self, out: Outcome) {
+        let Outcome::Failed {
+            peer,
+            error,
+            mismatch,
+        } = out
+        else {
+            return;
+        };
+        let calls: Vec<CallHandle> = self
+            .call_sec
+            .iter()
+            .filter(|(_, c)| c.peer_hits.contains(&peer))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in calls {
+            if let Some(c) = self.call_sec.get_mut(&h) {
+                c.failure = Some(error.clone());
+            }
+            tracing::error!(call = %h, %peer, mismatch, "call flagged: HIP verification failed: {error}");
+            if self.cfg.hip.on_failure == FailureAction::Hangup {
+                let _ = self.ua.hangup(Instant::now(), h);
+            }
+        }
+    }
+
+    /// A call's security as `status` shows it.
+    fn security_json(&self, cs: &CallSecurity) -> Value {
+        let sec = self.security.as_ref();
+        let assocs: Vec<Value> = cs
+            .peer_hits
+            .iter()
+            .filter_map(|h| sec.and_then(|s| s.get(h)))
+            .map(|r| json!(r))
+            .collect();
+        let state = cs
+            .peer_hits
+            .iter()
+            .filter_map(|h| sec.and_then(|s| s.get(h)).map(|r| r.state))
+            .next();
+        let level = if cs.failure.is_some() {
+            Verification::Failed
+        } else {
+            secure::verification(state, cs.sip)
+        };
+        let sas = match (sec, cs.peer_hits.first()) {
+            (Some(s), Some(p)) => Some(secure::short_auth_string(s.local_hit(), *p)),
+            _ => None,
+        };
+        let flows: Vec<hip_datapath::Flow> = cs
+            .peer_hits
+            .iter()
+            .flat_map(|h| sec.map(|s| s.flows_of(h)).unwrap_or_default())
+            .collect();
+        json!({
+            "peer_hits": cs.peer_hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            "verification": level,
+            "sas": sas,
+            "sip_assurance": cs.sip,
+            "failure": cs.failure,
+            "associations": assocs,
+            "remote_media": cs.remote_media.as_ref().map(|(a, p)| json!({"address": a, "port": p})),
+            "flows": flows,
+        })
+    }
+
+    fn call_json(&self, call: CallHandle, cs: &CallSecurity) -> Value {
+        let mut v = match self.ua.call_info(call) {
+            Some(info) => json!(info),
+            None => json!({"handle": call.0}),
+        };
+        v["security"] = self.security_json(cs);
+        v
     }
 
     fn on_sip_event(&mut self, e: Event) {
@@ -625,13 +884,27 @@ impl Daemon {
                 "hit_hex": self.own.hit.to_hex(),
                 "listen": self.svc.local.iter().map(|(t, a)| format!("{}:{a}", t.via_token().to_ascii_lowercase())).collect::<Vec<_>>(),
                 "registration": self.registration,
-                "calls": self.ua.calls(),
+                "calls": self.ua.calls().into_iter().map(|c| {
+                    let cs = self.call_sec.get(&c.handle).cloned().unwrap_or_default();
+                    let mut v = json!(c);
+                    v["security"] = self.security_json(&cs);
+                    v
+                }).collect::<Vec<_>>(),
+                "ended_calls": self.history,
+                "hip": self.security.as_ref().map(|s| json!({
+                    "hit": s.local_hit().to_string(),
+                    "kernel_offload": s.offloading(),
+                })),
                 "stats": self.stats,
                 "pool_entries": self.pool.entries().count(),
             }),
             Request::Hits => json!({
                 "ok": true,
                 "hits": self.pool.entries().collect::<Vec<_>>(),
+            }),
+            Request::Assoc => json!({
+                "ok": true,
+                "associations": self.security.as_ref().map(|s| s.records().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             }),
         }
     }

@@ -1,10 +1,12 @@
 //! The hip agent: the daemon's building blocks, used by the `hip-agent` binary and
 //! by the privileged integration tests.
 
-pub mod netns;
-pub mod hip_driver;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod hip_driver;
+pub mod netns;
+pub mod offload;
 pub mod pool;
+pub mod secure;
 pub mod sip_service;

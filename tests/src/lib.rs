@@ -21,6 +21,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod call;
+pub mod sip;
+
 /// Path of the `hip-agent` binary built by `cargo xtask test` (`$HIP_AGENT_BIN`), or the
 /// debug build in this workspace's target directory.
 pub fn agent_bin() -> PathBuf {
@@ -31,6 +34,20 @@ pub fn agent_bin() -> PathBuf {
     assert!(
         p.exists(),
         "hip-agent binary not found at {}: run the tests through `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// Path of the `hip-rtp` media tool (`$HIP_RTP_BIN`, or the debug build next to the agent).
+pub fn rtp_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HIP_RTP_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = agent_bin().with_file_name("hip-rtp");
+    assert!(
+        p.exists(),
+        "hip-rtp not found at {}: run the tests through `cargo xtask test`",
         p.display()
     );
     p

@@ -5,168 +5,16 @@
 
 use std::{
     net::UdpSocket,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
-use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
+use hip_tests::{
+    VethPair, agent_bin,
+    sip::{Agent, Trapezoid, kamailio, scratch, sipp, sipp_dir},
+    wait_until,
+};
 use serde_json::Value;
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "hipt-sip-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sipp_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sipp")
-}
-
-/// A running `hip-agent run` inside a namespace; killed on drop.
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Agent {
-    /// Starts the agent in `ns` with `sip` as the `[sip]` table body (plus `extra` tables).
-    /// `hit` is the agent's HIT, or the path of its identity key file.
-    fn start(ns: &NetNs, hit: &str, sip: &str, extra: &str) -> Result<Self> {
-        let dir = scratch("agent");
-        let sock = dir.join("agent.sock");
-        let cfg = dir.join("agent.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "{}pool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
-                if hit.starts_with('/') {
-                    format!("identity = \"{hit}\"\n")
-                } else {
-                    format!("hit = \"{hit}\"\n")
-                },
-                dir.join("pool.json").display(),
-                sock.display()
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let child = Command::new(agent_bin())
-            .args(["--netns", ns.name(), "run", "--config"])
-            .arg(&cfg)
-            .env("HIP_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning hip-agent")?;
-        let mut a = Self { child, dir, sock };
-        wait_until(
-            Duration::from_secs(15),
-            "the agent's control socket",
-            || {
-                if let Ok(Some(st)) = a.child.try_wait() {
-                    panic!("agent exited early ({st}): {}", a.log());
-                }
-                a.ctl(&["status", "--json"]).ok()
-            },
-        )?;
-        Ok(a)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// Runs a CLI subcommand against this agent's socket.
-    fn ctl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(agent_bin())
-            .args(args)
-            .arg("--socket")
-            .arg(&self.sock)
-            .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "hip-agent {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ctl(args).unwrap()).unwrap()
-    }
-
-    fn status(&self) -> Value {
-        self.json(&["status", "--json"])
-    }
-
-    fn hits(&self) -> Value {
-        self.json(&["hits", "--json"])
-    }
-
-    /// The pool entry for `peer_uri`, once it is there.
-    fn wait_for_pool_entry(&self, peer_uri: &str) -> Value {
-        wait_until(
-            Duration::from_secs(15),
-            &format!("pool entry for {peer_uri}"),
-            || {
-                self.hits()
-                    .as_array()?
-                    .iter()
-                    .find(|e| e["peer_uri"] == peer_uri)
-                    .cloned()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs SIPp to completion inside namespace `ns`; returns its message log.
-fn sipp(ns: &str, dir: &Path, args: &[&str]) -> Result<String> {
-    let log = dir.join("sipp-messages.log");
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sipp"])
-        .args(args)
-        .args(["-nostdin", "-trace_msg", "-message_file"])
-        .arg(&log)
-        .args(["-trace_err", "-error_file"])
-        .arg(dir.join("sipp-errors.log"))
-        // A global timeout that fails the run, so a stuck call cannot hang the test.
-        .args(["-timeout", "30", "-timeout_error"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("running sipp")?;
-    let messages = std::fs::read_to_string(&log).unwrap_or_default();
-    if !out.status.success() {
-        bail!(
-            "sipp failed ({}):\n{}\nerrors:\n{}\nmessages:\n{messages}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            std::fs::read_to_string(dir.join("sipp-errors.log")).unwrap_or_default()
-        );
-    }
-    Ok(messages)
-}
 
 const SIPP_HIT: &str = "7214148E0433AFE2FA2D48003D31172E"; // Alice's HIT in the draft
 const SIPP_UAS_HIT: &str = "44A5C522D7EDEDF962E55A0677DB1346"; // Bob's HIT in the draft
@@ -415,85 +263,6 @@ fn malformed_sip_gets_400_or_is_dropped_and_a_call_still_completes() {
     )
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     agent.wait_for_pool_entry("sip:sipp@10.63.0.1:5070");
-}
-
-// ----------------------------------------------------------------------------- trapezoid
-
-/// The draft's network: Alice (pc33, 192.0.2.1), atlanta.com proxy (192.0.2.2), biloxi.com
-/// proxy (192.0.2.3), Bob (192.0.2.4), each in its own namespace, joined by a bridge in a
-/// fifth one where the capture runs.
-struct Trapezoid {
-    lan: NetNs,
-    hosts: Vec<NetNs>,
-}
-
-impl Trapezoid {
-    fn new() -> Result<Self> {
-        let lan = NetNs::new("trlan")?;
-        // Ageing time 0: the bridge never learns addresses and floods every frame, so its own
-        // interface sees every message exactly once (a learning bridge forwards unicast
-        // port to port, past a capture on br0).
-        lan.ip(["link", "add", "br0", "type", "bridge", "ageing_time", "0"])?;
-        lan.ip(["link", "set", "br0", "up"])?;
-        let mut hosts = Vec::new();
-        for (i, name) in ["alice", "atlanta", "biloxi", "bob"].iter().enumerate() {
-            let ns = NetNs::new(&format!("tr{name}"))?;
-            let (inner, outer) = (format!("v{name}"), format!("p{i}"));
-            hip_tests::ip([
-                "link",
-                "add",
-                &inner,
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &outer,
-                "netns",
-                lan.name(),
-            ])?;
-            lan.ip(["link", "set", &outer, "master", "br0", "up"])?;
-            ns.ip([
-                "addr",
-                "add",
-                &format!("192.0.2.{}/24", i + 1),
-                "dev",
-                &inner,
-            ])?;
-            ns.ip(["link", "set", &inner, "up"])?;
-            hosts.push(ns);
-        }
-        Ok(Self { lan, hosts })
-    }
-}
-
-/// Starts Kamailio with `tests/kamailio/proxy.cfg` filled in; it daemonizes (the namespace's
-/// drop kills it).
-fn kamailio(ns: &NetNs, dir: &Path, vars: &[(&str, &str)]) -> Result<()> {
-    let mut cfg = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kamailio/proxy.cfg"),
-    )?;
-    for (k, v) in vars {
-        cfg = cfg.replace(&format!("@{k}@"), v);
-    }
-    let path = dir.join(format!("{}.cfg", ns.name()));
-    std::fs::write(&path, cfg)?;
-    let log = std::fs::File::create(dir.join(format!("{}.log", ns.name())))?;
-    let st = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "kamailio", "-f"])
-        .arg(&path)
-        .arg("-P")
-        .arg(dir.join(format!("{}.pid", ns.name())))
-        .args(["-m", "64", "-M", "8", "-E"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()?;
-    if !st.success() {
-        bail!("kamailio in {} failed: {st}", ns.name());
-    }
-    Ok(())
 }
 
 /// One SIP message seen on the bridge.
@@ -948,7 +717,8 @@ fn an_agent_with_a_key_file_sends_its_hi_and_the_peer_checks_it() {
         &p.a,
         key.to_str().unwrap(),
         "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.66.0.1:5060\"]",
-        "[sip.sdp]\nsend_hi = true\nhit_format = \"ipv6\"\n",
+        // The host kernel has no ESP: HIP runs, the kernel offload is off.
+        "[sip.sdp]\nsend_hi = true\nhit_format = \"ipv6\"\n[kernel]\nenabled = false\n",
     )
     .unwrap();
     let bob = Agent::start(

@@ -1,0 +1,676 @@
+//! HIP for the agent's calls: the base exchange towards the HIT learned through SIP, the
+//! responder's acceptance policy (the draft's known-HITs pool), the kernel offload of
+//! established associations, and how well each peer was verified (the draft's §4).
+//!
+//! The daemon's loop owns one [`Security`] and calls it from [`crate::daemon`]'s
+//! `dispatch`: [`Security::initiate`] when a call we placed is answered,
+//! [`Security::authorize`] when we answer one, [`Security::close`] when a call ends; it
+//! polls [`Security::next`] for what happened (an association established, refused,
+//! closed) and updates the calls it shows.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use hip_kernel::KernelEvent;
+use hip_proto::{
+    Hit, HostId,
+    endpoint::{self, Endpoint, Event, ProtocolError},
+    esp::EspSuite,
+    keyfile,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    config::{AcceptPolicy, Config},
+    hip_driver::{self, DriverError, HipDriver, Sockets},
+    offload::{Installed, Offload, OffloadError},
+};
+
+/// Errors starting HIP.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// The identity key file could not be loaded.
+    #[error("identity {path}: {message}")]
+    Identity {
+        /// The key file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The HIP endpoint refused its configuration.
+    #[error("HIP: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The raw sockets could not be opened (needs CAP_NET_RAW).
+    #[error("HIP driver: {0}")]
+    Driver(#[from] DriverError),
+    /// The kernel offload could not start; the message says what is missing.
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
+}
+
+/// Where an association is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssocState {
+    /// I1/R1/I2/R2 under way (we initiated), or waiting for the caller's I2.
+    Exchanging,
+    /// Base exchange done; SAs installed (when the kernel offload is on).
+    Established,
+    /// CLOSE sent.
+    Closing,
+    /// Closed; nothing of it is left in the kernel.
+    Closed,
+    /// Refused or failed (see `error`).
+    Failed,
+}
+
+/// One association as operators see it (`hip-agent assoc`, `status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct AssocRecord {
+    /// The peer's HIT (the one learned through SIP).
+    pub peer_hit: String,
+    /// Our HIT.
+    pub local_hit: String,
+    /// State.
+    pub state: AssocState,
+    /// Whether we sent I1.
+    pub initiator: bool,
+    /// The peer's locator.
+    pub peer_locator: Option<IpAddr>,
+    /// Our locator.
+    pub local_locator: Option<IpAddr>,
+    /// Negotiated ESP transform (RFC 7402 suite name).
+    pub esp_transform: Option<String>,
+    /// What the kernel holds for it (SPIs, reqid), when offloaded.
+    pub kernel: Option<Installed>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The HIT the responder really had, when it was not the expected one.
+    pub actual_peer_hit: Option<String>,
+    /// When the base exchange completed (seconds since the epoch).
+    pub established_at: Option<u64>,
+    /// Rekeys done.
+    pub rekeys: u32,
+}
+
+/// What [`Security::next`] reports to the daemon.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The association with `peer` is established (and offloaded if configured).
+    Established {
+        /// The peer.
+        peer: Hit,
+    },
+    /// The exchange towards `expected` (or with `peer`) failed; `mismatch` when the
+    /// responder's HI did not hash to the HIT learned through SIP.
+    Failed {
+        /// The peer HIT the record is filed under.
+        peer: Hit,
+        /// Why.
+        error: String,
+        /// Whether it was a HIT mismatch (the draft's MITM case).
+        mismatch: bool,
+    },
+    /// The association closed.
+    Closed {
+        /// The peer.
+        peer: Hit,
+    },
+    /// Nothing the daemon needs to act on.
+    Nothing,
+}
+
+/// The HITs a responder accepts I2s from: the HITs offered in calls we answered, counted
+/// per call (two calls with the same peer host share its HIT).
+#[derive(Clone, Default)]
+struct Authorized(Arc<Mutex<HashMap<Hit, u32>>>);
+
+impl Authorized {
+    fn add(&self, h: Hit) {
+        *self.0.lock().expect("authorized").entry(h).or_insert(0) += 1;
+    }
+    fn remove(&self, h: Hit) {
+        let mut m = self.0.lock().expect("authorized");
+        if let Some(n) = m.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&h);
+            }
+        }
+    }
+    fn contains(&self, h: &Hit) -> bool {
+        self.0.lock().expect("authorized").contains_key(h)
+    }
+}
+
+/// HIP and its kernel offload for the daemon.
+pub struct Security {
+    driver: HipDriver,
+    offload: Option<Offload>,
+    authorized: Authorized,
+    records: HashMap<Hit, AssocRecord>,
+    local_hit: Hit,
+    local_locator: Option<IpAddr>,
+    i1_to_null: bool,
+    /// Opportunistic I1s (null HIT) sent, keyed by peer locator → the HIT SIP told us.
+    expected_at: HashMap<IpAddr, Hit>,
+}
+
+impl Security {
+    /// Loads the identity, checks the kernel and starts the offload (if configured), opens
+    /// the raw HIP sockets and spawns the driver.
+    pub async fn start(cfg: &Config) -> Result<Self, SecurityError> {
+        let path = cfg
+            .identity
+            .as_ref()
+            .expect("validated: HIP needs an identity file");
+        let identity = keyfile::load(path).map_err(|e| SecurityError::Identity {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let local_hit = identity.hit();
+        let offload = if cfg.kernel_enabled() {
+            Some(Offload::start(cfg, local_hit).await?)
+        } else {
+            tracing::warn!(
+                "[kernel] enabled = false: HIP authenticates peers, but no SA protects media"
+            );
+            None
+        };
+        let mut ecfg = endpoint::Config {
+            esp_suites: cfg
+                .hip
+                .esp_transforms
+                .iter()
+                .filter_map(|c| EspSuite::from_id(c.suite_id()))
+                .collect(),
+            ..endpoint::Config::default()
+        };
+        if let Some(k) = cfg.hip.puzzle_difficulty {
+            ecfg.puzzle_difficulty = k;
+        }
+        ecfg.opportunistic = true;
+        let mut ep = Endpoint::new(
+            ecfg,
+            identity,
+            hip_driver::os_rng()?,
+            std::time::Instant::now(),
+        )?;
+        if let Some(o) = &offload {
+            ep.set_spi_allocator(Box::new(o.spi_allocator()));
+        }
+        let authorized = Authorized::default();
+        if cfg.hip.accept == AcceptPolicy::Known {
+            let a = authorized.clone();
+            ep.set_policy(Box::new(move |h: &Hit, _: &HostId| {
+                let ok = a.contains(h);
+                if !ok {
+                    tracing::warn!(peer = %h, "refusing I2: HIT not offered in a call we answered (known-HITs pool)");
+                }
+                ok
+            }));
+        }
+        let driver = HipDriver::spawn(ep, Sockets::open()?);
+        tracing::info!(hit = %local_hit, offload = offload.is_some(), "HIP ready");
+        Ok(Self {
+            driver,
+            offload,
+            authorized,
+            records: HashMap::new(),
+            local_hit,
+            local_locator: cfg.hip.locator,
+            i1_to_null: cfg.hip.i1_to_null_hit,
+            expected_at: HashMap::new(),
+        })
+    }
+
+    /// Our HIT.
+    pub fn local_hit(&self) -> Hit {
+        self.local_hit
+    }
+
+    /// Whether established associations are offloaded to the kernel.
+    pub fn offloading(&self) -> bool {
+        self.offload.is_some()
+    }
+
+    fn record(&mut self, peer: Hit, initiator: bool, locator: Option<IpAddr>) -> &mut AssocRecord {
+        let local = self.local_hit;
+        self.records.entry(peer).or_insert_with(|| AssocRecord {
+            peer_hit: peer.to_string(),
+            local_hit: local.to_string(),
+            state: AssocState::Exchanging,
+            initiator,
+            peer_locator: locator,
+            local_locator: None,
+            esp_transform: None,
+            kernel: None,
+            error: None,
+            actual_peer_hit: None,
+            established_at: None,
+            rekeys: 0,
+        })
+    }
+
+    /// Starts a base exchange with the host at `locator`, which must prove it holds the
+    /// key behind `expected` (the HIT its SDP carried).
+    pub async fn initiate(&mut self, locator: IpAddr, expected: Hit) -> Result<(), String> {
+        if matches!(
+            self.records.get(&expected).map(|r| r.state),
+            Some(AssocState::Established | AssocState::Exchanging)
+        ) {
+            return Ok(());
+        }
+        self.records.remove(&expected);
+        self.record(expected, true, Some(locator));
+        // With `i1_to_null_hit`, the I1 goes to the null HIT and the endpoint reports the
+        // responder's real HIT on R1; the check against `expected` happens in `on_event`.
+        let (target, via_null) = if self.i1_to_null {
+            self.expected_at.insert(locator, expected);
+            (None, true)
+        } else {
+            (Some(expected), false)
+        };
+        tracing::info!(peer = %expected, %locator, via_null, "starting HIP base exchange");
+        let r = self
+            .driver
+            .initiate(self.local_locator, locator, target)
+            .await;
+        if let Err(e) = r {
+            self.expected_at.remove(&locator);
+            let rec = self.record(expected, true, Some(locator));
+            rec.state = AssocState::Failed;
+            rec.error = Some(e.to_string());
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Lets `hits` (offered in a call we answer) associate with us as initiators.
+    pub fn authorize(&mut self, hits: &[Hit]) {
+        for h in hits {
+            self.authorized.add(*h);
+            self.record(*h, false, None);
+        }
+    }
+
+    /// Undoes [`Security::authorize`] for a call that ended.
+    pub fn deauthorize(&mut self, hits: &[Hit]) {
+        for h in hits {
+            self.authorized.remove(*h);
+        }
+    }
+
+    /// Ends the association with `peer` (CLOSE; the kernel objects go when it is closed,
+    /// or at once if there was nothing to close).
+    pub async fn close(&mut self, peer: Hit) {
+        let state = self.records.get(&peer).map(|r| r.state);
+        match state {
+            Some(AssocState::Established) => {
+                if let Err(e) = self.driver.close(peer).await {
+                    tracing::warn!(%peer, "CLOSE: {e}; removing the kernel state directly");
+                    self.closed(peer).await;
+                } else if let Some(r) = self.records.get_mut(&peer) {
+                    r.state = AssocState::Closing;
+                }
+            }
+            Some(AssocState::Exchanging) => {
+                let _ = self.driver.close(peer).await;
+                self.closed(peer).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn closed(&mut self, peer: Hit) {
+        if let Some(o) = &mut self.offload
+            && let Err(e) = o.remove(peer).await
+        {
+            tracing::error!(%peer, "removing the association from the kernel: {e}");
+        }
+        if let Some(r) = self.records.get_mut(&peer)
+            && r.state != AssocState::Failed
+        {
+            r.state = AssocState::Closed;
+        }
+    }
+
+    /// The record of the association with `peer`.
+    pub fn get(&self, peer: &Hit) -> Option<&AssocRecord> {
+        self.records.get(peer)
+    }
+
+    /// Every association record.
+    pub fn records(&self) -> impl Iterator<Item = &AssocRecord> {
+        self.records.values()
+    }
+
+    /// The datapath's RTP flows with `peer`.
+    pub fn flows_of(&self, peer: &Hit) -> Vec<hip_datapath::Flow> {
+        self.offload
+            .as_ref()
+            .map(|o| o.flows_of(peer))
+            .unwrap_or_default()
+    }
+
+    /// Waits for the next thing that happened and handles it.
+    pub async fn next(&mut self) -> Outcome {
+        let kernel = async {
+            match &mut self.offload {
+                Some(o) => Some(o.next_kernel_event().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = self.driver.next_event() => match ev {
+                Some(ev) => self.on_event(ev).await,
+                None => {
+                    tracing::error!("the HIP driver stopped");
+                    std::future::pending().await
+                }
+            },
+            Some(kev) = kernel => {
+                self.on_kernel_event(kev).await;
+                Outcome::Nothing
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Outcome {
+        match ev {
+            Event::Established(e) => {
+                let mut peer = e.peer_hit;
+                if e.initiator
+                    && let Some(expected) = self.expected_at.remove(&e.peer_locator)
+                    && expected != e.peer_hit
+                {
+                    // Opportunistic I1: the responder proved a different HIT than SIP told
+                    // us. Refuse the association (draft §4: a MITM on the signalling path).
+                    tracing::error!(%expected, actual = %e.peer_hit, "HIT mismatch: the responder's Host Identity is not the one its SDP named");
+                    let _ = self.driver.close(e.peer_hit).await;
+                    let r = self.record(expected, true, Some(e.peer_locator));
+                    r.state = AssocState::Failed;
+                    r.actual_peer_hit = Some(e.peer_hit.to_string());
+                    r.error = Some(format!(
+                        "HIT mismatch: expected {expected}, the responder's HI hashes to {}",
+                        e.peer_hit
+                    ));
+                    return Outcome::Failed {
+                        peer: expected,
+                        error: r.error.clone().unwrap_or_default(),
+                        mismatch: true,
+                    };
+                }
+                if !e.initiator && !self.records.contains_key(&peer) {
+                    // Opportunistic responder: no call named this HIT.
+                    peer = e.peer_hit;
+                }
+                let kernel = match &mut self.offload {
+                    Some(o) => match o.install(&e).await {
+                        Ok(i) => Some(i),
+                        Err(err) => {
+                            tracing::error!(%peer, "installing the association in the kernel: {err}");
+                            let _ = self.driver.close(peer).await;
+                            let r = self.record(peer, e.initiator, Some(e.peer_locator));
+                            r.state = AssocState::Failed;
+                            r.error = Some(format!("kernel offload: {err}"));
+                            return Outcome::Failed {
+                                peer,
+                                error: format!("kernel offload: {err}"),
+                                mismatch: false,
+                            };
+                        }
+                    },
+                    None => None,
+                };
+                let r = self.record(peer, e.initiator, Some(e.peer_locator));
+                r.state = AssocState::Established;
+                r.initiator = e.initiator;
+                r.peer_locator = Some(e.peer_locator);
+                r.local_locator = Some(e.local_locator);
+                r.esp_transform = Some(format!("{:?}", e.esp_suite));
+                r.kernel = kernel;
+                r.error = None;
+                r.established_at = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs());
+                tracing::info!(%peer, locator = %e.peer_locator, spi_in = format_args!("{:#x}", e.spi_inbound), spi_out = format_args!("{:#x}", e.spi_outbound), "HIP association established");
+                Outcome::Established { peer }
+            }
+            Event::Failed {
+                peer_hit,
+                peer_locator,
+                error,
+            } => {
+                let expected = self.expected_at.remove(&peer_locator);
+                let peer = match (expected, peer_hit) {
+                    (Some(x), _) => x,
+                    (None, Some(p)) => p,
+                    (None, None) => return Outcome::Nothing,
+                };
+                let mismatch = matches!(error, ProtocolError::HitMismatch { .. });
+                let r = self.record(peer, true, Some(peer_locator));
+                r.state = AssocState::Failed;
+                r.error = Some(error.to_string());
+                if let ProtocolError::HitMismatch { actual, .. } = &error {
+                    r.actual_peer_hit = Some(actual.to_string());
+                }
+                tracing::error!(%peer, %peer_locator, "HIP exchange failed: {error}");
+                Outcome::Failed {
+                    peer,
+                    error: error.to_string(),
+                    mismatch,
+                }
+            }
+            Event::Closed { peer_hit, by_peer } => {
+                tracing::info!(peer = %peer_hit, by_peer, "HIP association closed");
+                self.closed(peer_hit).await;
+                Outcome::Closed { peer: peer_hit }
+            }
+            Event::Rekeyed(r) => {
+                if let Some(o) = &mut self.offload {
+                    match o.rekeyed(&r).await {
+                        Ok(i) => {
+                            if let Some(rec) = self.records.get_mut(&r.peer_hit) {
+                                rec.kernel = Some(i);
+                            }
+                        }
+                        Err(e) => tracing::error!(peer = %r.peer_hit, "rekey in the kernel: {e}"),
+                    }
+                }
+                Outcome::Nothing
+            }
+            Event::RekeyCompleted {
+                peer_hit,
+                old_spi_inbound,
+                ..
+            } => {
+                if let Some(o) = &mut self.offload {
+                    if let Err(e) = o.rekey_completed(peer_hit, old_spi_inbound).await {
+                        tracing::error!(peer = %peer_hit, "completing the rekey in the kernel: {e}");
+                    }
+                    if let Some(rec) = self.records.get_mut(&peer_hit) {
+                        rec.kernel = o.get(&peer_hit);
+                        rec.rekeys += 1;
+                    }
+                }
+                tracing::info!(peer = %peer_hit, "ESP SAs rekeyed");
+                Outcome::Nothing
+            }
+            Event::LocatorsChanged {
+                peer_hit,
+                local_locator,
+                peer_locator,
+            } => {
+                tracing::info!(peer = %peer_hit, %local_locator, %peer_locator, "locators changed (UPDATE)");
+                if let Some(o) = &mut self.offload {
+                    match o
+                        .locators_changed(peer_hit, local_locator, peer_locator)
+                        .await
+                    {
+                        Ok(i) => {
+                            if let Some(rec) = self.records.get_mut(&peer_hit) {
+                                rec.kernel = Some(i);
+                            }
+                        }
+                        Err(e) => tracing::error!(peer = %peer_hit, "moving the SAs: {e}"),
+                    }
+                }
+                if let Some(rec) = self.records.get_mut(&peer_hit) {
+                    rec.local_locator = Some(local_locator);
+                    rec.peer_locator = Some(peer_locator);
+                }
+                Outcome::Nothing
+            }
+            other => {
+                tracing::debug!("HIP event: {other:?}");
+                Outcome::Nothing
+            }
+        }
+    }
+
+    async fn on_kernel_event(&mut self, ev: KernelEvent) {
+        match ev {
+            KernelEvent::Expire {
+                sa, hard: false, ..
+            } => {
+                let peer = self.offload.as_ref().and_then(|o| o.peer_of_sa(&sa));
+                if let Some(peer) = peer {
+                    tracing::info!(%peer, %sa, "soft lifetime reached: rekeying (UPDATE with ESP_INFO)");
+                    if let Err(e) = self.driver.rekey(peer).await {
+                        tracing::error!(%peer, "rekey: {e}");
+                    }
+                }
+            }
+            KernelEvent::Expire { sa, hard: true, .. } => {
+                tracing::error!(%sa, "hard lifetime reached: the kernel deleted the SA; the peer HIT stays blocked until a new exchange");
+            }
+            other => tracing::debug!("kernel event: {other:?}"),
+        }
+    }
+
+    /// Removes everything from the kernel and stops the driver.
+    pub async fn shutdown(self) {
+        let Self {
+            driver, offload, ..
+        } = self;
+        if let Some(o) = offload {
+            o.shutdown().await;
+        }
+        let _ = driver.shutdown().await;
+    }
+}
+
+/// A short authentication string two people can compare by voice (the draft's §4.4):
+/// six decimal digits from SHA-256 over both HITs in a fixed order. A MITM who replaced
+/// a HIT on the signalling path makes the two sides see different strings.
+pub fn short_auth_string(a: Hit, b: Hit) -> String {
+    let (lo, hi) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let mut h = Sha256::new();
+    h.update(b"hip-sas-v1");
+    h.update(lo.0);
+    h.update(hi.0);
+    let d = h.finalize();
+    let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % 1_000_000;
+    format!("{:03} {:03}", n / 1000, n % 1000)
+}
+
+/// How well the peer of a call was verified (the draft's §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verification {
+    /// HIP has not completed yet.
+    Pending,
+    /// Both HITs are bound to authenticated SIP identities and HIP proved the peer's.
+    Mutual,
+    /// Only one direction of the SIP exchange was authenticated (§4.4).
+    SingleSided,
+    /// HIP proved the peer holds the HIT from SDP, but nothing authenticated the SDP.
+    Unverified,
+    /// The peer's HI did not match its SDP's HIT, or HIP failed.
+    Failed,
+}
+
+/// What the SIP side could establish about a call's SDP (the draft's §4.1–4.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SipAssurance {
+    /// The peer's HIT reached us integrity-protected and bound to its authenticated SIP
+    /// identity (a verified SIP Identity header, RFC 8224, or SIPS through trusted proxies).
+    pub peer_authenticated: bool,
+    /// Our HIT reached the peer likewise.
+    pub own_protected: bool,
+}
+
+/// The verification level of a call from its HIP state and its SIP assurance.
+pub fn verification(hip: Option<AssocState>, sip: SipAssurance) -> Verification {
+    match hip {
+        Some(AssocState::Failed) => Verification::Failed,
+        Some(AssocState::Established | AssocState::Closing | AssocState::Closed) => {
+            match (sip.peer_authenticated, sip.own_protected) {
+                (true, true) => Verification::Mutual,
+                (true, false) | (false, true) => Verification::SingleSided,
+                (false, false) => Verification::Unverified,
+            }
+        }
+        _ => Verification::Pending,
+    }
+}
+
+/// The distinct HITs of a call's SDP identities, in order.
+pub fn distinct(hits: impl IntoIterator<Item = Hit>) -> Vec<Hit> {
+    let mut seen = HashSet::new();
+    hits.into_iter().filter(|h| seen.insert(*h)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(s: &str) -> Hit {
+        Hit(s.parse::<std::net::Ipv6Addr>().unwrap().octets())
+    }
+
+    #[test]
+    fn sas_is_symmetric_and_depends_on_both_hits() {
+        let (a, b, c) = (hit("2001:20::a"), hit("2001:20::b"), hit("2001:20::c"));
+        assert_eq!(short_auth_string(a, b), short_auth_string(b, a));
+        assert_ne!(short_auth_string(a, b), short_auth_string(a, c));
+        let s = short_auth_string(a, b);
+        assert_eq!(s.len(), 7);
+        assert!(s.chars().all(|ch| ch.is_ascii_digit() || ch == ' '));
+    }
+
+    #[test]
+    fn verification_levels_follow_the_drafts_section_4() {
+        let both = SipAssurance {
+            peer_authenticated: true,
+            own_protected: true,
+        };
+        let peer_only = SipAssurance {
+            peer_authenticated: true,
+            own_protected: false,
+        };
+        let est = Some(AssocState::Established);
+        assert_eq!(verification(est, both), Verification::Mutual);
+        assert_eq!(verification(est, peer_only), Verification::SingleSided);
+        assert_eq!(
+            verification(est, SipAssurance::default()),
+            Verification::Unverified
+        );
+        assert_eq!(
+            verification(Some(AssocState::Failed), both),
+            Verification::Failed
+        );
+        assert_eq!(
+            verification(Some(AssocState::Exchanging), both),
+            Verification::Pending
+        );
+        assert_eq!(verification(None, both), Verification::Pending);
+    }
+}

@@ -1,0 +1,163 @@
+//! A small RTP sender/receiver for the demo and the end-to-end tests: the media
+//! endpoints are ordinary processes, never the agent.
+//!
+//! ```text
+//! hip-rtp send --netns NS --from [HIT]:PORT --to [HIT]:PORT --count N [--interval-ms 20] [--ssrc X]
+//! hip-rtp recv --netns NS --bind [HIT]:PORT --count N [--timeout-s 20]
+//! ```
+//!
+//! Packets are RTP version 2, payload type 0 (PCMU), 160 payload octets whose content is
+//! derived from the sequence number, so the receiver can tell that every packet arrived
+//! intact; `recv` prints one JSON line with what it got.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    /// Network namespace to run in.
+    #[arg(long, global = true)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send an RTP stream.
+    Send {
+        #[arg(long)]
+        from: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 0x4849_5050)]
+        ssrc: u32,
+    },
+    /// Receive an RTP stream and report it as JSON.
+    Recv {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 20)]
+        timeout_s: u64,
+        /// Print `ready` once bound (for scripts waiting on it).
+        #[arg(long)]
+        announce: bool,
+    },
+}
+
+const PAYLOAD: usize = 160;
+
+fn payload(seq: u16) -> [u8; PAYLOAD] {
+    let mut p = [0u8; PAYLOAD];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    p
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(ns) = &cli.netns {
+        hip_tests::enter_netns(ns)?;
+    }
+    match cli.cmd {
+        Cmd::Send {
+            from,
+            to,
+            count,
+            interval_ms,
+            ssrc,
+        } => {
+            let s = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
+            let start = Instant::now();
+            for i in 0..count {
+                let seq = i as u16;
+                let ts = i.wrapping_mul(160);
+                let mut pkt = Vec::with_capacity(12 + PAYLOAD);
+                pkt.extend_from_slice(&[0x80, 0x00]);
+                pkt.extend_from_slice(&seq.to_be_bytes());
+                pkt.extend_from_slice(&ts.to_be_bytes());
+                pkt.extend_from_slice(&ssrc.to_be_bytes());
+                pkt.extend_from_slice(&payload(seq));
+                s.send_to(&pkt, to)
+                    .with_context(|| format!("send to {to}"))?;
+                let due = start + Duration::from_millis(interval_ms * u64::from(i + 1));
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            println!("{{\"sent\":{count},\"ssrc\":{ssrc}}}");
+        }
+        Cmd::Recv {
+            bind,
+            count,
+            timeout_s,
+            announce,
+        } => {
+            let s = UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))?;
+            if announce {
+                println!("ready");
+            }
+            let deadline = Instant::now() + Duration::from_secs(timeout_s);
+            let (mut got, mut intact, mut in_order, mut last) = (0u32, 0u32, true, None::<u16>);
+            let mut from = None;
+            let mut ssrcs = Vec::new();
+            let mut buf = [0u8; 2048];
+            while got < count {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s.set_read_timeout(Some(left))?;
+                let (n, src) = match s.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break;
+                    }
+                    Err(e) => bail!("recv: {e}"),
+                };
+                if n < 12 || buf[0] >> 6 != 2 {
+                    continue;
+                }
+                got += 1;
+                from = Some(src);
+                let seq = u16::from_be_bytes([buf[2], buf[3]]);
+                let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                if !ssrcs.contains(&ssrc) {
+                    ssrcs.push(ssrc);
+                }
+                if n == 12 + PAYLOAD && buf[12..n] == payload(seq) {
+                    intact += 1;
+                }
+                if last.is_some_and(|l| seq != l.wrapping_add(1)) {
+                    in_order = false;
+                }
+                last = Some(seq);
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "received": got, "intact": intact, "in_order": in_order,
+                    "from": from.map(|f| f.to_string()), "ssrcs": ssrcs,
+                })
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! The end-to-end scenario of `cargo xtask demo` and the `vm_call` tests: the draft's
+//! Figure 1 in network namespaces — alice, the atlanta.com and biloxi.com proxies
+//! (Kamailio), bob — two agents with HIP, XFRM offload and the eBPF datapath, a call
+//! from alice to bob, RTP between the HITs, and the hang-up.
+//!
+//! Needs a kernel with ESP (the VM). Every step waits on a condition read back from the
+//! agents or the kernel, never on a fixed delay.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    NetNs, agent_bin,
+    sip::{Agent, Trapezoid, kamailio, scratch},
+    wait_until,
+};
+
+/// Addresses of the draft's example (192.0.2.1–.4).
+pub const ALICE_IP: &str = "192.0.2.1";
+/// bob's address.
+pub const BOB_IP: &str = "192.0.2.4";
+/// The RTP port each agent announces.
+pub const RTP_PORT: u16 = 16384;
+
+/// Options of a scenario run.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Let the biloxi.com proxy replace bob's HIT in his answer by this one (32 hex
+    /// digits): the draft's §4 man in the middle on the signalling path.
+    pub rewrite_bob_hit: Option<String>,
+    /// Extra TOML appended to both agents' configurations.
+    pub extra_config: String,
+}
+
+/// A running scenario; dropping it stops everything and deletes the namespaces.
+pub struct Scenario {
+    /// The namespaces (dropped last).
+    pub net: Trapezoid,
+    /// Scratch directory (configs, keys, logs, capture).
+    pub dir: PathBuf,
+    /// alice's agent.
+    pub alice: Agent,
+    /// bob's agent.
+    pub bob: Agent,
+    /// alice's HIT (IPv6 text).
+    pub alice_hit: String,
+    /// bob's HIT (IPv6 text).
+    pub bob_hit: String,
+    capture: Option<Child>,
+    /// The packet capture on the bridge.
+    pub pcap: PathBuf,
+}
+
+/// What the RTP receiver reported.
+#[derive(Clone, Debug)]
+pub struct RtpReport {
+    /// Datagrams sent.
+    pub sent: u32,
+    /// The receiver's JSON report (`received`, `intact`, `in_order`, `from`, `ssrcs`).
+    pub received: Value,
+}
+
+fn hex_of(ipv6: &str) -> String {
+    let a: std::net::Ipv6Addr = ipv6.parse().expect("IPv6 HIT");
+    a.octets().iter().map(|b| format!("{b:02X}")).collect()
+}
+
+fn new_key(dir: &std::path::Path, name: &str) -> Result<(PathBuf, String)> {
+    let path = dir.join(format!("{name}.pem"));
+    let out = crate::run(
+        agent_bin().to_str().context("agent path")?,
+        [
+            "hi",
+            "new",
+            "--algorithm",
+            "ecdsa-p256",
+            "--out",
+            path.to_str().unwrap(),
+        ],
+    )?;
+    let _ = out;
+    let show = crate::run(
+        agent_bin().to_str().context("agent path")?,
+        ["hi", "show", path.to_str().unwrap(), "--json"],
+    )?;
+    let v: Value = serde_json::from_slice(&show.stdout)?;
+    let hit = v["hit"].as_str().context("hi show: no hit")?.to_owned();
+    Ok((path, hit))
+}
+
+impl Scenario {
+    /// Builds the network, starts both proxies and both agents, and waits until both are
+    /// registered.
+    pub fn start(opts: &Options) -> Result<Self> {
+        let net = Trapezoid::new()?;
+        let dir = scratch("call");
+        let pcap = dir.join("bridge.pcap");
+        // An independent view of everything on the wire, read back after the call.
+        let cap_log = dir.join("tcpdump.log");
+        let capture = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                net.lan.name(),
+                "tcpdump",
+                "-i",
+                "br0",
+                "-n",
+                "-U",
+                "-w",
+            ])
+            .arg(&pcap)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&cap_log)?)
+            .spawn()
+            .context("starting tcpdump")?;
+        wait_until(Duration::from_secs(30), "tcpdump to listen", || {
+            std::fs::read_to_string(&cap_log)
+                .ok()
+                .filter(|s| s.contains("listening on"))
+        })?;
+
+        let (atlanta, biloxi) = (&net.hosts[1], &net.hosts[2]);
+        let (alice_key, alice_hit) = new_key(&dir, "alice")?;
+        let (bob_key, bob_hit) = new_key(&dir, "bob")?;
+        kamailio(
+            atlanta,
+            &dir,
+            &[
+                ("IP", "192.0.2.2"),
+                ("DOMAIN", "atlanta.com"),
+                ("USER", "alice"),
+                ("PASSWORD", "alice-pw"),
+                ("ALGORITHM", "MD5"),
+                ("PEER_DOMAIN", "biloxi.com"),
+                ("PEER_IP", "192.0.2.3"),
+            ],
+        )?;
+        let rewrite = match &opts.rewrite_bob_hit {
+            Some(fake) => format!(
+                "onreply_route {{\n    if (has_body(\"application/sdp\")) {{\n        subst_body(\"/{}/{}/ig\");\n    }}\n}}\n",
+                hex_of(&bob_hit),
+                fake
+            ),
+            None => String::new(),
+        };
+        kamailio(
+            biloxi,
+            &dir,
+            &[
+                ("IP", "192.0.2.3"),
+                ("DOMAIN", "biloxi.com"),
+                ("USER", "bob"),
+                ("PASSWORD", "bob-pw"),
+                ("ALGORITHM", "SHA-256"),
+                ("PEER_DOMAIN", "atlanta.com"),
+                ("PEER_IP", "192.0.2.2"),
+                ("REPLY_ROUTE", &rewrite),
+            ],
+        )?;
+
+        let agent = |ns: &NetNs, who: &str, key: &PathBuf, ip: &str, proxy: &str, domain: &str| {
+            let pin = format!("/sys/fs/bpf/hip-test-{}", ns.name());
+            Agent::start(
+                ns,
+                key.to_str().unwrap(),
+                &format!(
+                    "user = \"{who}\"\ndomain = \"{domain}\"\npassword = \"{who}-pw\"\n\
+                     outbound_proxy = \"udp:{proxy}:5060\"\nregister = true\nregister_expires = 300\n\
+                     listen = [\"udp:{ip}:5060\"]"
+                ),
+                &format!(
+                    "[sip.sdp]\nhit_format = \"hex\"\nrtp_port = {RTP_PORT}\n\
+                     [datapath]\ninterfaces = [\"v{who}\"]\npin_dir = \"{pin}\"\n{}",
+                    opts.extra_config
+                ),
+            )
+        };
+        let alice = agent(
+            &net.hosts[0],
+            "alice",
+            &alice_key,
+            ALICE_IP,
+            "192.0.2.2",
+            "atlanta.com",
+        )?;
+        let bob = agent(
+            &net.hosts[3],
+            "bob",
+            &bob_key,
+            BOB_IP,
+            "192.0.2.3",
+            "biloxi.com",
+        )?;
+        for (who, a) in [("alice", &alice), ("bob", &bob)] {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{who} registered"),
+                || (a.status()["registration"]["registered"] == true).then_some(()),
+            )
+            .with_context(|| format!("{who}'s log:\n{}", a.log()))?;
+        }
+        Ok(Self {
+            net,
+            dir,
+            alice,
+            bob,
+            alice_hit,
+            bob_hit,
+            capture: Some(capture),
+            pcap,
+        })
+    }
+
+    /// alice's namespace.
+    pub fn alice_ns(&self) -> &NetNs {
+        &self.net.hosts[0]
+    }
+
+    /// bob's namespace.
+    pub fn bob_ns(&self) -> &NetNs {
+        &self.net.hosts[3]
+    }
+
+    /// alice calls bob; returns alice's call handle.
+    pub fn call(&self) -> Result<String> {
+        Ok(self
+            .alice
+            .ctl(&["call", "sip:bob@biloxi.com"])?
+            .trim()
+            .to_owned())
+    }
+
+    /// The security block of `agent`'s only call (active or ended), once `pred` holds.
+    pub fn wait_call_security(
+        agent: &Agent,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        wait_until(timeout, what, || {
+            let st = agent.status();
+            st["calls"]
+                .as_array()
+                .into_iter()
+                .chain(st["ended_calls"].as_array())
+                .flatten()
+                .map(|c| &c["security"])
+                .find(|s| pred(s))
+                .cloned()
+        })
+        .with_context(|| format!("status: {}\nlog:\n{}", agent.status(), agent.log()))
+    }
+
+    /// Waits until both sides report the association established; returns (alice's,
+    /// bob's) call security blocks.
+    pub fn wait_established(&self) -> Result<(Value, Value)> {
+        let est = |s: &Value| {
+            s["associations"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x["state"] == "established" && !x["kernel"].is_null())
+            })
+        };
+        let a = Self::wait_call_security(
+            &self.alice,
+            "alice's association",
+            Duration::from_secs(120),
+            est,
+        )?;
+        let b = Self::wait_call_security(
+            &self.bob,
+            "bob's association",
+            Duration::from_secs(120),
+            est,
+        )?;
+        Ok((a, b))
+    }
+
+    /// Streams `count` RTP packets (20 ms apart) from alice's HIT to bob's HIT and the
+    /// port bob's SDP announced; bob's side receives them with an ordinary UDP socket.
+    pub fn stream_rtp(&self, count: u32) -> Result<RtpReport> {
+        let sec = Self::wait_call_security(
+            &self.alice,
+            "bob's media in alice's view",
+            Duration::from_secs(30),
+            |s| !s["remote_media"].is_null(),
+        )?;
+        let (addr, port) = (
+            sec["remote_media"]["address"]
+                .as_str()
+                .context("media address")?
+                .to_owned(),
+            sec["remote_media"]["port"].as_u64().context("media port")?,
+        );
+        if addr != self.bob_hit {
+            bail!(
+                "bob's SDP media address {addr} is not his HIT {}",
+                self.bob_hit
+            );
+        }
+        let rtp = crate::rtp_bin();
+        let mut rx = Command::new(&rtp)
+            .args([
+                "--netns",
+                self.bob_ns().name(),
+                "recv",
+                "--announce",
+                "--bind",
+            ])
+            .arg(format!("[{addr}]:{port}"))
+            .args(["--count", &count.to_string(), "--timeout-s", "60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the RTP receiver")?;
+        let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        if line.trim() != "ready" {
+            bail!("RTP receiver did not start: {line}");
+        }
+        crate::run(
+            rtp.to_str().unwrap(),
+            [
+                "--netns",
+                self.alice_ns().name(),
+                "send",
+                "--from",
+                &format!("[{}]:{RTP_PORT}", self.alice_hit),
+                "--to",
+                &format!("[{addr}]:{port}"),
+                "--count",
+                &count.to_string(),
+            ],
+        )?;
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        rx.wait()?;
+        Ok(RtpReport {
+            sent: count,
+            received: serde_json::from_str(line.trim())
+                .with_context(|| format!("receiver said {line:?}"))?,
+        })
+    }
+
+    /// alice hangs up `call`; waits until both sides have ended it.
+    pub fn hangup(&self, call: &str) -> Result<()> {
+        self.alice.ctl(&["hangup", call])?;
+        for (who, a) in [("alice", &self.alice), ("bob", &self.bob)] {
+            wait_until(
+                Duration::from_secs(60),
+                &format!("{who}'s call to end"),
+                || a.status()["calls"].as_array()?.is_empty().then_some(()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Stops the capture (flushing it) and returns the pcap's path.
+    pub fn stop_capture(&mut self) -> Result<PathBuf> {
+        if let Some(mut c) = self.capture.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            c.wait()?;
+        }
+        Ok(self.pcap.clone())
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.capture.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Counts hip's XFRM states and policies in a namespace (`ip xfrm state/policy`).
+pub fn xfrm_counts(ns: &NetNs) -> Result<(usize, usize)> {
+    let st = ns.ip(["xfrm", "state", "list"])?;
+    let po = ns.ip(["xfrm", "policy", "list"])?;
+    let count = |b: &[u8], head: &str| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .filter(|l| l.starts_with(head))
+            .count()
+    };
+    Ok((count(&st.stdout, "src "), count(&po.stdout, "src ")))
+}
+
+/// One packet of the capture, as tshark decodes it.
+#[derive(Clone, Debug, Default)]
+pub struct Packet {
+    /// Outer source.
+    pub src: String,
+    /// Outer destination.
+    pub dst: String,
+    /// IP protocol number.
+    pub proto: u8,
+    /// UDP ports (0 if not UDP).
+    pub sport: u16,
+    /// UDP destination port.
+    pub dport: u16,
+    /// ESP SPI (hex text, e.g. `0x48490001`), if ESP.
+    pub spi: Option<u32>,
+    /// HIP packet type (1 I1, 2 R1, 3 I2, 4 R2, …), if HIP.
+    pub hip_type: Option<u8>,
+    /// HIP sender HIT.
+    pub hip_sender: Option<String>,
+    /// SIP method or status.
+    pub sip: Option<String>,
+}
+
+/// Decodes a capture with tshark (an independent dissector).
+pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
+    let out = crate::run(
+        "tshark",
+        [
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "ip.proto",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "esp.spi",
+            "-e",
+            "hip.type",
+            "-e",
+            "hip.hit_sndr",
+            "-e",
+            "sip.Method",
+            "-e",
+            "sip.Status-Code",
+        ],
+    )?;
+    let mut v = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() < 10 || f[0].is_empty() {
+            continue;
+        }
+        let first = |s: &str| s.split(',').next().unwrap_or("").to_owned();
+        let num = |s: &str| -> Option<u64> {
+            let s = first(s);
+            if s.is_empty() {
+                return None;
+            }
+            match s.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).ok(),
+                None => s.parse().ok(),
+            }
+        };
+        v.push(Packet {
+            src: first(f[0]),
+            dst: first(f[1]),
+            proto: num(f[2]).unwrap_or(0) as u8,
+            sport: num(f[3]).unwrap_or(0) as u16,
+            dport: num(f[4]).unwrap_or(0) as u16,
+            spi: num(f[5]).map(|x| x as u32),
+            hip_type: num(f[6]).map(|x| x as u8),
+            hip_sender: Some(first(f[7])).filter(|s| !s.is_empty()),
+            sip: Some(first(f[8]))
+                .filter(|s| !s.is_empty())
+                .or_else(|| Some(first(f[9])).filter(|s| !s.is_empty())),
+        });
+    }
+    Ok(v)
+}

@@ -1,0 +1,296 @@
+//! SIP test fixtures: the agent as a child process, SIPp runs, Kamailio proxies, and the
+//! draft's trapezoid (Figure 1) in network namespaces.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{NetNs, agent_bin, wait_until};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "hipt-sip-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn sipp_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sipp")
+}
+
+/// A running `hip-agent run` inside a namespace; killed on drop.
+pub struct Agent {
+    /// The agent process.
+    pub child: Child,
+    /// Its scratch directory (config, pool, log).
+    pub dir: PathBuf,
+    /// Its control socket.
+    pub sock: PathBuf,
+    /// Its configuration file.
+    pub cfg: PathBuf,
+    /// The namespace it runs in.
+    pub ns: String,
+}
+
+impl Agent {
+    /// Starts the agent in `ns` with `sip` as the `[sip]` table body (plus `extra` tables).
+    /// `hit` is the agent's HIT, or the path of its identity key file.
+    pub fn start(ns: &NetNs, hit: &str, sip: &str, extra: &str) -> Result<Self> {
+        let dir = scratch("agent");
+        let sock = dir.join("agent.sock");
+        let cfg = dir.join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}pool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
+                if hit.starts_with('/') {
+                    format!("identity = \"{hit}\"\n")
+                } else {
+                    format!("hit = \"{hit}\"\n")
+                },
+                dir.join("pool.json").display(),
+                sock.display()
+            ),
+        )?;
+        let child = Self::spawn(ns.name(), &cfg, &dir)?;
+        let mut a = Self {
+            child,
+            dir,
+            sock,
+            cfg,
+            ns: ns.name().to_owned(),
+        };
+        a.wait_ready()?;
+        Ok(a)
+    }
+
+    fn spawn(ns: &str, cfg: &Path, dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))?;
+        Command::new(agent_bin())
+            .args(["--netns", ns, "run", "--config"])
+            .arg(cfg)
+            .env("HIP_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning hip-agent")
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        // Under TCG (the VM tests) start-up with the eBPF load takes seconds.
+        wait_until(
+            Duration::from_secs(60),
+            "the agent's control socket",
+            || {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    panic!("agent exited early ({st}): {}", self.log());
+                }
+                self.ctl(&["status", "--json"]).ok()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL (no clean-up of its own) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the agent with SIGTERM and waits for its clean shutdown.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        wait_until(Duration::from_secs(60), "the agent to stop", || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Starts the agent again with the same configuration (after [`Agent::kill`]).
+    pub fn restart(&mut self) -> Result<()> {
+        self.child = Self::spawn(&self.ns, &self.cfg, &self.dir)?;
+        self.wait_ready()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a CLI subcommand against this agent's socket.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(agent_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.sock)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hip-agent {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ctl(args).unwrap()).unwrap()
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status", "--json"])
+    }
+
+    pub fn hits(&self) -> Value {
+        self.json(&["hits", "--json"])
+    }
+
+    /// The pool entry for `peer_uri`, once it is there.
+    pub fn wait_for_pool_entry(&self, peer_uri: &str) -> Value {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("pool entry for {peer_uri}"),
+            || {
+                self.hits()
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["peer_uri"] == peer_uri)
+                    .cloned()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs SIPp to completion inside namespace `ns`; returns its message log.
+pub fn sipp(ns: &str, dir: &Path, args: &[&str]) -> Result<String> {
+    let log = dir.join("sipp-messages.log");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sipp"])
+        .args(args)
+        .args(["-nostdin", "-trace_msg", "-message_file"])
+        .arg(&log)
+        .args(["-trace_err", "-error_file"])
+        .arg(dir.join("sipp-errors.log"))
+        // A global timeout that fails the run, so a stuck call cannot hang the test.
+        .args(["-timeout", "30", "-timeout_error"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running sipp")?;
+    let messages = std::fs::read_to_string(&log).unwrap_or_default();
+    if !out.status.success() {
+        bail!(
+            "sipp failed ({}):\n{}\nerrors:\n{}\nmessages:\n{messages}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(dir.join("sipp-errors.log")).unwrap_or_default()
+        );
+    }
+    Ok(messages)
+}
+
+// ----------------------------------------------------------------------------- trapezoid
+
+/// The draft's network: Alice (pc33, 192.0.2.1), atlanta.com proxy (192.0.2.2), biloxi.com
+/// proxy (192.0.2.3), Bob (192.0.2.4), each in its own namespace, joined by a bridge in a
+/// fifth one where the capture runs.
+pub struct Trapezoid {
+    /// The namespace of the bridge (where captures run).
+    pub lan: NetNs,
+    /// alice, atlanta, biloxi, bob.
+    pub hosts: Vec<NetNs>,
+}
+
+impl Trapezoid {
+    pub fn new() -> Result<Self> {
+        let lan = NetNs::new("trlan")?;
+        // Ageing time 0: the bridge never learns addresses and floods every frame, so its own
+        // interface sees every message exactly once (a learning bridge forwards unicast
+        // port to port, past a capture on br0).
+        lan.ip(["link", "add", "br0", "type", "bridge", "ageing_time", "0"])?;
+        lan.ip(["link", "set", "br0", "up"])?;
+        let mut hosts = Vec::new();
+        for (i, name) in ["alice", "atlanta", "biloxi", "bob"].iter().enumerate() {
+            let ns = NetNs::new(&format!("tr{name}"))?;
+            let (inner, outer) = (format!("v{name}"), format!("p{i}"));
+            crate::ip([
+                "link",
+                "add",
+                &inner,
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outer,
+                "netns",
+                lan.name(),
+            ])?;
+            lan.ip(["link", "set", &outer, "master", "br0", "up"])?;
+            ns.ip([
+                "addr",
+                "add",
+                &format!("192.0.2.{}/24", i + 1),
+                "dev",
+                &inner,
+            ])?;
+            ns.ip(["link", "set", &inner, "up"])?;
+            hosts.push(ns);
+        }
+        Ok(Self { lan, hosts })
+    }
+}
+
+/// Starts Kamailio with `tests/kamailio/proxy.cfg` filled in; it daemonizes (the namespace's
+/// drop kills it).
+pub fn kamailio(ns: &NetNs, dir: &Path, vars: &[(&str, &str)]) -> Result<()> {
+    let mut cfg = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kamailio/proxy.cfg"),
+    )?;
+    for (k, v) in vars {
+        cfg = cfg.replace(&format!("@{k}@"), v);
+    }
+    cfg = cfg.replace("@REPLY_ROUTE@", "");
+    let path = dir.join(format!("{}.cfg", ns.name()));
+    std::fs::write(&path, cfg)?;
+    let log = std::fs::File::create(dir.join(format!("{}.log", ns.name())))?;
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "kamailio", "-f"])
+        .arg(&path)
+        .arg("-P")
+        .arg(dir.join(format!("{}.pid", ns.name())))
+        .args(["-m", "64", "-M", "8", "-E"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()?;
+    if !st.success() {
+        bail!("kamailio in {} failed: {st}", ns.name());
+    }
+    Ok(())
+}
