@@ -31,8 +31,19 @@ pub const MAP_ASSOCS: &str = "HIP_ASSOCS";
 /// Reverse index for the media guard: peer locator ([`Addr`]) → [`LocatorEntry`].
 /// Written by the agent only, kept in step with [`MAP_ASSOCS`].
 pub const MAP_LOCATORS: &str = "HIP_LOCATORS";
-/// ESP SPIs: [`SpiKey`] → [`SpiEntry`]. Created by the agent, counted by the programs.
+/// ESP SPIs: [`SpiKey`] → [`SpiSlot`], the index of the SPI's entries in
+/// [`MAP_SPI_STATE`] and [`MAP_SPI_COUNTERS`]. Written by the agent only.
 pub const MAP_SPIS: &str = "HIP_SPIS";
+/// Per-SPI shared state ([`SpiEntry`], `ARRAY` of [`MAX_SPIS`] indexed by slot).
+/// Seeded by the agent when it assigns the slot, then written by the programs.
+pub const MAP_SPI_STATE: &str = "HIP_SPI_STATE";
+/// Per-SPI packet/byte counters ([`Counters`], `PERCPU_ARRAY` of [`MAX_SPIS`] indexed
+/// by slot): per CPU so the programs count without atomics; the agent sums the CPUs.
+pub const MAP_SPI_COUNTERS: &str = "HIP_SPI_COUNTERS";
+/// The programs' per-CPU cache of [`MAP_SPIS`] ([`SpiCacheEntry`], `PERCPU_ARRAY` of
+/// [`SPI_CACHE_SLOTS`]); entries are valid while their generation equals
+/// [`Config::maps_gen`].
+pub const MAP_SPI_CACHE: &str = "HIP_SPI_CACHE";
 /// HIT-addressed RTP flows: [`FlowKey`] → [`FlowStats`] (`LRU_HASH`).
 pub const MAP_FLOWS: &str = "HIP_FLOWS";
 /// Media-guard drops per destination: [`Addr`] → [`GuardDrop`] (`LRU_HASH`).
@@ -41,7 +52,7 @@ pub const MAP_GUARD_DROPS: &str = "HIP_GUARD_DROPS";
 pub const MAP_EVENTS: &str = "HIP_EVENTS";
 /// The media guard's per-CPU cache of recent verdicts ([`GuardCacheEntry`],
 /// `PERCPU_ARRAY` of [`GUARD_CACHE_SLOTS`]). Written by the egress program only;
-/// entries are valid while their generation equals [`Config::locators_gen`].
+/// entries are valid while their generation equals [`Config::maps_gen`].
 pub const MAP_GUARD_CACHE: &str = "HIP_GUARD_CACHE";
 
 /// Names of the tc programs in the object file.
@@ -74,6 +85,12 @@ pub const EVENTS_BYTES: u32 = 64 * 1024;
 /// Slots of the guard's per-CPU verdict cache (direct-mapped by destination; a
 /// power of two).
 pub const GUARD_CACHE_SLOTS: u32 = 16;
+/// Slots of the per-CPU SPI cache (direct-mapped by SPI and direction; a power of
+/// two).
+pub const SPI_CACHE_SLOTS: u32 = 16;
+/// [`SpiCacheEntry::slot`] of an SPI that [`MAP_SPIS`] does not have (cached too, so
+/// unknown SPIs cost no hash lookup either).
+pub const SPI_SLOT_NONE: u32 = u32::MAX;
 
 /// Locators kept per association (the preferred one first).
 pub const MAX_LOCATORS: usize = 2;
@@ -200,13 +217,14 @@ pub struct Config {
     pub port_max: u16,
     /// Clock rate for payload types whose [`Config::clock_hz`] entry is 0.
     pub default_clock_hz: u32,
-    /// Generation of [`MAP_LOCATORS`]: the agent moves it on every change of that
-    /// map (after the change), which invalidates the media guard's verdict cache
-    /// ([`MAP_GUARD_CACHE`]). Successive values are successive Gray codes, so they
+    /// Generation of the agent-written index maps ([`MAP_LOCATORS`], [`MAP_SPIS`]):
+    /// the agent moves it on every change of either (after the change), which
+    /// invalidates the programs' per-CPU caches of them ([`MAP_GUARD_CACHE`],
+    /// [`MAP_SPI_CACHE`]). Successive values are successive Gray codes, so they
     /// differ in one bit: a program reading the field while the agent rewrites the
     /// config (a plain `memcpy` in `array_map_update_elem()`) sees the old or the
     /// new value, never a mix that could equal an older generation.
-    pub locators_gen: u32,
+    pub maps_gen: u32,
     /// RTP clock rate per payload type 0..=127 (RFC 3551 §6 for the static ones;
     /// dynamic ones come from SDP `a=rtpmap`); 0 = use `default_clock_hz`.
     pub clock_hz: [u32; 128],
@@ -224,7 +242,7 @@ pub struct Config {
 pub struct GuardCacheEntry {
     /// Destination address.
     pub dst: Addr,
-    /// [`Config::locators_gen`] read *before* the lookup this verdict came from.
+    /// [`Config::maps_gen`] read *before* the lookup this verdict came from.
     pub gen_: u32,
     /// 1: pass (an ACTIVE locator of an ESTABLISHED association); 0: drop.
     pub pass: u8,
@@ -240,7 +258,7 @@ impl Default for Config {
             port_min: 0,
             port_max: 0,
             default_clock_hz: DEFAULT_CLOCK_HZ,
-            locators_gen: 0,
+            maps_gen: 0,
             clock_hz: [0; 128],
             clock_mult: [clock_mult(DEFAULT_CLOCK_HZ); 128],
         }
@@ -252,7 +270,7 @@ pub const fn clock_mult(hz: u32) -> u64 {
     (((hz as u64) << 32) + 500_000_000) / 1_000_000_000
 }
 
-/// The next value of [`Config::locators_gen`]: the Gray code following `gen`.
+/// The next value of [`Config::maps_gen`]: the Gray code following `gen`.
 pub const fn next_gray(gen_: u32) -> u32 {
     // Decode (prefix XOR), add one, encode.
     let mut n = gen_;
@@ -370,11 +388,22 @@ pub struct SpiKey {
     pub dir: u32,
 }
 
-/// Value of [`MAP_SPIS`].
+/// Value of [`MAP_SPIS`]: where the SPI's state and counters live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpiSlot {
+    /// Index into [`MAP_SPI_STATE`] and [`MAP_SPI_COUNTERS`] (< [`MAX_SPIS`]).
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`MAP_SPI_STATE`]: what CPUs share about one SPI.
 ///
-/// The agent creates it (counters zero, `last_src` = the peer's preferred locator);
-/// from then on only the programs write it, so agent updates never race with the
-/// counters: on rekey the agent inserts the new SPI and deletes the old one.
+/// The agent writes it (`last_src` = the peer's preferred locator) and zeroes the
+/// slot's counters before it publishes the slot in [`MAP_SPIS`]; from then on only
+/// the programs write it. On rekey the agent gives the new SPI a fresh slot and
+/// deletes the old SPI; it reuses a freed slot only after every other slot (a CPU
+/// may still count a packet on a slot it found just before the delete).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpiEntry {
@@ -382,9 +411,6 @@ pub struct SpiEntry {
     pub peer_hit: Addr,
     /// Outer source address of the last inbound ESP packet (inbound SPIs only).
     pub last_src: Addr,
-    pub packets: u64,
-    /// Bytes of the outer packets, as the tc program sees them (with L2 header).
-    pub bytes: u64,
     /// Number of locator changes seen on this SPI.
     pub locator_changes: u64,
     /// CLOCK_MONOTONIC of the last packet at tick resolution
@@ -395,6 +421,21 @@ pub struct SpiEntry {
     /// only one to report a locator change, so two CPUs seeing the same new source
     /// at once report it once. The agent creates entries with 0.
     pub src_seq: u64,
+}
+
+/// One slot of [`MAP_SPI_CACHE`]: what [`MAP_SPIS`] said about one SPI.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpiCacheEntry {
+    pub spi: u32,
+    pub dir: u32,
+    /// The SPI's slot, or [`SPI_SLOT_NONE`].
+    pub slot: u32,
+    /// [`Config::maps_gen`] read *before* the lookup this entry came from.
+    pub gen_: u32,
+    /// 1 once the slot was filled (a zeroed slot matches nothing).
+    pub valid: u32,
+    pub _pad: u32,
 }
 
 /// Key of [`MAP_FLOWS`]: one RTP stream between two HITs.
@@ -505,7 +546,9 @@ const _: () = {
     assert!(size_of::<Association>() == 16 * 3 + 4 + 4 + 1 + 2 + 5);
     assert!(size_of::<LocatorEntry>() == 16 + 4 + 1 + 1 + 2);
     assert!(size_of::<SpiKey>() == 8);
-    assert!(size_of::<SpiEntry>() == 32 + 8 * 5);
+    assert!(size_of::<SpiEntry>() == 32 + 8 * 3);
+    assert!(size_of::<SpiSlot>() == 8);
+    assert!(size_of::<SpiCacheEntry>() == 4 * 6);
     assert!(size_of::<FlowKey>() == 32 + 2 + 2 + 4);
     assert!(size_of::<FlowStats>() == 8 * 5 + 4 * 6 + 16 + 1 + 1 + 6);
     assert!(size_of::<GuardDrop>() == 32);
@@ -523,6 +566,8 @@ mod user {
     unsafe impl aya::Pod for super::LocatorEntry {}
     unsafe impl aya::Pod for super::SpiKey {}
     unsafe impl aya::Pod for super::SpiEntry {}
+    unsafe impl aya::Pod for super::SpiSlot {}
+    unsafe impl aya::Pod for super::SpiCacheEntry {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::GuardDrop {}

@@ -12,8 +12,9 @@ use hip_common::{
     Addr, AssocState, Association, Config, Counters, DEFAULT_CLOCK_HZ, Direction, FLOW_VIA_ASSOC,
     FLOW_VIA_XFRM, FlowKey, FlowStats, GuardDrop, LocatorEntry, LocatorState, MAP_ASSOCS,
     MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_CACHE, MAP_GUARD_DROPS, MAP_IFACE_STATS,
-    MAP_LOCATORS, MAP_SPIS, MAP_STATS, MAX_LOCATORS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey,
-    Stat, clock_mult, next_gray,
+    MAP_LOCATORS, MAP_SPI_CACHE, MAP_SPI_COUNTERS, MAP_SPI_STATE, MAP_SPIS, MAP_STATS,
+    MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot, Stat, clock_mult,
+    next_gray,
 };
 use serde::Serialize;
 
@@ -342,7 +343,13 @@ pub struct Maps {
     config: Array<MapData, Config>,
     assocs: HashMap<MapData, Addr, Association>,
     locators: HashMap<MapData, Addr, LocatorEntry>,
-    spis: HashMap<MapData, SpiKey, SpiEntry>,
+    spis: HashMap<MapData, SpiKey, SpiSlot>,
+    spi_state: Array<MapData, SpiEntry>,
+    spi_counters: PerCpuArray<MapData, Counters>,
+    /// Where the round-robin slot allocator continues (see [`SpiEntry`]); `None`
+    /// until the first allocation of this handle, which starts after the highest
+    /// slot in use.
+    next_slot: Option<u32>,
     flows: HashMap<MapData, FlowKey, FlowStats>,
     guard_drops: HashMap<MapData, Addr, GuardDrop>,
     pub(crate) events: Option<RingBuf<MapData>>,
@@ -354,13 +361,16 @@ fn merr(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 
 impl Maps {
     /// The names of all maps, as pinned.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 13] = [
         MAP_IFACE_STATS,
         MAP_STATS,
         MAP_CONFIG,
         MAP_ASSOCS,
         MAP_LOCATORS,
         MAP_SPIS,
+        MAP_SPI_STATE,
+        MAP_SPI_COUNTERS,
+        MAP_SPI_CACHE,
         MAP_FLOWS,
         MAP_GUARD_DROPS,
         MAP_GUARD_CACHE,
@@ -383,6 +393,9 @@ impl Maps {
             assocs: typed!(MAP_ASSOCS),
             locators: typed!(MAP_LOCATORS),
             spis: typed!(MAP_SPIS),
+            spi_state: typed!(MAP_SPI_STATE),
+            spi_counters: typed!(MAP_SPI_COUNTERS),
+            next_slot: None,
             flows: typed!(MAP_FLOWS),
             guard_drops: typed!(MAP_GUARD_DROPS),
             events: Some(typed!(MAP_EVENTS)),
@@ -400,16 +413,88 @@ impl Maps {
     /// Writes the media configuration (keeping the locator generation).
     pub fn set_media_config(&mut self, cfg: &MediaConfig) -> Result<(), DatapathError> {
         let mut raw = cfg.to_raw()?;
-        raw.locators_gen = self.media_config()?.locators_gen;
+        raw.maps_gen = self.media_config()?.maps_gen;
         self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
     }
 
-    /// Moves [`Config::locators_gen`] on: called after every change of the locator
-    /// map, it invalidates the media guard's per-CPU verdict cache.
-    fn bump_locators_gen(&mut self) -> Result<(), DatapathError> {
+    /// Moves [`Config::maps_gen`] on: called after every change of the locator or
+    /// SPI map, it invalidates the programs' per-CPU caches of them.
+    fn bump_maps_gen(&mut self) -> Result<(), DatapathError> {
         let mut raw = self.media_config()?;
-        raw.locators_gen = next_gray(raw.locators_gen);
+        raw.maps_gen = next_gray(raw.maps_gen);
         self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
+    }
+
+    /// A free slot for a new SPI, round-robin from where the last one was taken:
+    /// a freed slot comes back only after all others, so a packet that a CPU
+    /// counted on it just after its SPI was deleted never lands on a new SPI in
+    /// practice (that window is one program run).
+    fn alloc_spi_slot(&mut self) -> Result<u32, DatapathError> {
+        let used: BTreeSet<u32> = self
+            .spis
+            .iter()
+            .map(|r| r.map(|(_, v)| v.slot))
+            .collect::<Result<_, _>>()
+            .map_err(merr(MAP_SPIS))?;
+        let start = match self.next_slot {
+            Some(n) => n,
+            None => used.last().map_or(0, |m| (m + 1) % MAX_SPIS),
+        };
+        let slot = (0..MAX_SPIS)
+            .map(|i| (start + i) % MAX_SPIS)
+            .find(|s| !used.contains(s))
+            .ok_or(DatapathError::InvalidAssociation("no free SPI slot"))?;
+        self.next_slot = Some((slot + 1) % MAX_SPIS);
+        Ok(slot)
+    }
+
+    /// Publishes a new SPI: state and zeroed counters first, then the index entry
+    /// (`BPF_NOEXIST`: an SPI that exists keeps its slot, counters and `last_src`).
+    fn add_spi(&mut self, key: SpiKey, entry: SpiEntry) -> Result<(), DatapathError> {
+        match self.spis.get(&key, 0) {
+            Ok(_) => return Ok(()),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(merr(MAP_SPIS)(e)),
+        }
+        let slot = self.alloc_spi_slot()?;
+        self.spi_state
+            .set(slot, entry, 0)
+            .map_err(merr(MAP_SPI_STATE))?;
+        // One zeroed value per possible CPU (what `nr_cpus()` reads).
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .and_then(|n| PerCpuValues::try_from(vec![Counters::default(); n]))
+            .map_err(|source| DatapathError::Io {
+                path: "/sys/devices/system/cpu/possible".into(),
+                source,
+            })?;
+        self.spi_counters
+            .set(slot, zero, 0)
+            .map_err(merr(MAP_SPI_COUNTERS))?;
+        match self
+            .spis
+            .insert(key, SpiSlot { slot, _pad: 0 }, BPF_NOEXIST)
+        {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(merr(MAP_SPIS)(e)),
+        }
+    }
+
+    /// The SPI's state and its counters summed over CPUs.
+    fn spi_entry(&self, slot: u32) -> Result<(SpiEntry, Counters), DatapathError> {
+        let e = self.spi_state.get(&slot, 0).map_err(merr(MAP_SPI_STATE))?;
+        let per_cpu = self
+            .spi_counters
+            .get(&slot, 0)
+            .map_err(merr(MAP_SPI_COUNTERS))?;
+        let c = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        });
+        Ok((e, c))
     }
 
     /// Reads the media configuration back.
@@ -445,8 +530,8 @@ impl Maps {
             }
         }
         let res = self.write_association(peer, raw, old);
-        // Whatever was written, the guard's cached verdicts may be stale now.
-        let bumped = self.bump_locators_gen();
+        // Whatever was written, the programs' cached verdicts and slots may be stale.
+        let bumped = self.bump_maps_gen();
         res.and(bumped)
     }
 
@@ -481,12 +566,7 @@ impl Maps {
                 },
                 ..SpiEntry::default()
             };
-            match self.spis.insert(SpiKey { spi, dir }, e, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(MapError::SyscallError(s))
-                    if s.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(merr(MAP_SPIS)(e)),
-            }
+            self.add_spi(SpiKey { spi, dir }, e)?;
         }
         if let Some(old) = old {
             for l in old.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
@@ -528,17 +608,24 @@ impl Maps {
                     remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS))?;
                 }
             }
-            self.bump_locators_gen()?;
+            self.bump_maps_gen()?;
         }
         let spis: Vec<SpiKey> = self
             .spis
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| v.peer_hit == peer)
+            .filter(|(_, v)| {
+                self.spi_state
+                    .get(&v.slot, 0)
+                    .is_ok_and(|e| e.peer_hit == peer)
+            })
             .map(|(k, _)| k)
             .collect();
-        for k in spis {
-            remove_ok(self.spis.remove(&k)).map_err(merr(MAP_SPIS))?;
+        for k in &spis {
+            remove_ok(self.spis.remove(k)).map_err(merr(MAP_SPIS))?;
+        }
+        if !spis.is_empty() {
+            self.bump_maps_gen()?;
         }
         let flows: Vec<(FlowKey, FlowStats)> = self
             .flows
@@ -577,23 +664,25 @@ impl Maps {
 
     /// Per-SPI counters, sorted by SPI.
     pub fn spi_counters(&self) -> Result<Vec<SpiCounters>, DatapathError> {
-        let mut v: Vec<SpiCounters> = self
+        let index: Vec<(SpiKey, SpiSlot)> = self
             .spis
             .iter()
-            .map(|r| {
-                r.map(|(k, e)| SpiCounters {
-                    spi: k.spi,
-                    direction: if k.dir == SPI_DIR_IN { "in" } else { "out" },
-                    peer_hit: Ipv6Addr::from(e.peer_hit.0),
-                    last_src: opt_ip(e.last_src),
-                    packets: e.packets,
-                    bytes: e.bytes,
-                    locator_changes: e.locator_changes,
-                    last_seen_ns: e.last_seen_ns,
-                })
-                .map_err(merr(MAP_SPIS))
-            })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(merr(MAP_SPIS))?;
+        let mut v = Vec::with_capacity(index.len());
+        for (k, s) in index {
+            let (e, c) = self.spi_entry(s.slot)?;
+            v.push(SpiCounters {
+                spi: k.spi,
+                direction: if k.dir == SPI_DIR_IN { "in" } else { "out" },
+                peer_hit: Ipv6Addr::from(e.peer_hit.0),
+                last_src: opt_ip(e.last_src),
+                packets: c.packets,
+                bytes: c.bytes,
+                locator_changes: e.locator_changes,
+                last_seen_ns: e.last_seen_ns,
+            });
+        }
         v.sort_by_key(|c| (c.spi, c.direction));
         Ok(v)
     }

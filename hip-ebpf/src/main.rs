@@ -38,9 +38,10 @@
 //!
 //! # Concurrency
 //!
-//! Counters that several CPUs can hit at once (per-SPI, per-flow packets/bytes) use
-//! atomic adds (`BPF_XADD`). The per-flow sequence/jitter state is read-modify-write
-//! without a lock: packets of one UDP flow arrive on one RX queue (RSS hashes the
+//! Counters that several CPUs can hit at once are per-CPU array slots (per-SPI and
+//! per-interface packets/bytes, statistics) or atomic adds (`BPF_XADD`: per-flow
+//! packets/bytes). The per-flow sequence/jitter state is read-modify-write without a
+//! lock: packets of one UDP flow arrive on one RX queue (RSS hashes the
 //! 5-tuple) and so one CPU at a time; a rare interleaving only perturbs the jitter
 //! estimate, never the packet counts. A locator change is reported by the one CPU
 //! whose compare-and-swap (`BPF_CMPXCHG`, kernel 5.12) takes the SPI's sequence lock
@@ -59,8 +60,10 @@
 //! * counters live in per-CPU arrays, whose lookups the verifier inlines (no call);
 //! * packets that are neither ESP nor UDP leave after the IP header; UDP outside
 //!   the media port range leaves after the UDP header;
-//! * the media guard keeps a per-CPU cache of its verdicts, tagged with the
-//!   locator-map generation, and looks up `HIP_LOCATORS` only on a miss;
+//! * the media guard keeps a per-CPU cache of its verdicts, and ESP a per-CPU cache
+//!   of SPI slots, both tagged with the generation of the agent's index maps: they
+//!   look up `HIP_LOCATORS` / `HIP_SPIS` only on a miss;
+//! * per-SPI packet and byte counters are per-CPU array slots (no atomics);
 //! * RTP timestamps come from nanoseconds with one multiplication
 //!   (`Config::clock_mult`), not two divisions;
 //! * a flow's SPI and locator come from the packet's XFRM state (one helper call);
@@ -93,8 +96,9 @@ use hip_common::{
     Addr, AssocState, Association, Config, Counters, Direction, EVENT_GUARD_DROP,
     EVENT_LOCATOR_CHANGE, EVENTS_BYTES, Event, FLOW_VIA_ASSOC, FLOW_VIA_XFRM, FlowKey, FlowStats,
     GUARD_CACHE_SLOTS, GuardCacheEntry, GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState,
-    MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT,
-    STATS_ENTRIES, SpiEntry, SpiKey, Stat,
+    MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_CACHE_SLOTS,
+    SPI_DIR_IN, SPI_DIR_OUT, SPI_SLOT_NONE, STATS_ENTRIES, SpiCacheEntry, SpiEntry, SpiKey,
+    SpiSlot, Stat,
 };
 
 #[map(name = "HIP_IFACE_STATS")]
@@ -110,7 +114,14 @@ static HIP_ASSOCS: HashMap<Addr, Association> = HashMap::with_max_entries(MAX_AS
 static HIP_LOCATORS: HashMap<Addr, LocatorEntry> =
     HashMap::with_max_entries(MAX_LOCATOR_ENTRIES, 0);
 #[map(name = "HIP_SPIS")]
-static HIP_SPIS: HashMap<SpiKey, SpiEntry> = HashMap::with_max_entries(MAX_SPIS, 0);
+static HIP_SPIS: HashMap<SpiKey, SpiSlot> = HashMap::with_max_entries(MAX_SPIS, 0);
+#[map(name = "HIP_SPI_STATE")]
+static HIP_SPI_STATE: Array<SpiEntry> = Array::with_max_entries(MAX_SPIS, 0);
+#[map(name = "HIP_SPI_COUNTERS")]
+static HIP_SPI_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SPIS, 0);
+#[map(name = "HIP_SPI_CACHE")]
+static HIP_SPI_CACHE: PerCpuArray<SpiCacheEntry> =
+    PerCpuArray::with_max_entries(SPI_CACHE_SLOTS, 0);
 #[map(name = "HIP_FLOWS")]
 static HIP_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map(name = "HIP_GUARD_DROPS")]
@@ -510,27 +521,75 @@ fn esp_spi(ctx: &TcContext, ip: &Ip) -> Option<u32> {
     Some(be32(p, 0))
 }
 
+/// The slot of an SPI: from this CPU's cache when it holds the SPI at the current
+/// generation, else from `HIP_SPIS` (then cached, unknown SPIs included). The same
+/// generation protocol as the guard's cache ([`guard_pass`]).
+#[inline(always)]
+fn spi_slot(spi: u32, dir: u32, cfg: &Config) -> Option<u32> {
+    let gen_ = unsafe { core::ptr::read_volatile(&cfg.maps_gen) };
+    let idx = (spi ^ (dir << 3)) & (SPI_CACHE_SLOTS - 1);
+    let c = HIP_SPI_CACHE.get_ptr_mut(idx);
+    if let Some(c) = c {
+        // SAFETY: per-CPU map value, exclusive to this CPU during the run.
+        unsafe {
+            if (*c).valid != 0 && (*c).gen_ == gen_ && (*c).spi == spi && (*c).dir == dir {
+                let slot = (*c).slot;
+                return (slot != SPI_SLOT_NONE).then_some(slot);
+            }
+        }
+    }
+    let slot = match unsafe { HIP_SPIS.get(&SpiKey { spi, dir }) } {
+        Some(s) => s.slot,
+        None => SPI_SLOT_NONE,
+    };
+    if let Some(c) = c {
+        // SAFETY: as above.
+        unsafe {
+            *c = SpiCacheEntry {
+                spi,
+                dir,
+                slot,
+                gen_,
+                valid: 1,
+                _pad: 0,
+            };
+        }
+    }
+    (slot != SPI_SLOT_NONE).then_some(slot)
+}
+
+/// Counts one ESP packet on its SPI's per-CPU counters (no atomics).
+#[inline(always)]
+fn count_spi(ctx: &TcContext, slot: u32) {
+    if let Some(c) = HIP_SPI_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU map value, exclusive to this CPU during the run.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(ctx.len());
+        }
+    }
+}
+
 #[inline(always)]
 fn esp_in(ctx: &TcContext, ip: &Ip) {
     let Some(spi) = esp_spi(ctx, ip) else {
         return stat(Stat::Malformed);
     };
-    let key = SpiKey {
-        spi,
-        dir: SPI_DIR_IN,
-    };
-    let Some(e) = HIP_SPIS.get_ptr_mut(&key) else {
+    let Some(cfg) = config() else { return };
+    let Some(slot) = spi_slot(spi, SPI_DIR_IN, cfg) else {
         return stat(Stat::EspInUnknownSpi);
     };
     stat(Stat::EspIn);
+    count_spi(ctx, slot);
+    let Some(e) = HIP_SPI_STATE.get_ptr_mut(slot) else {
+        return;
+    };
     let Some((src, _)) = src_dst(ctx, ip) else {
         return;
     };
     let now = coarse_now();
     // SAFETY: map value pointer; the u64 fields are 8-byte aligned.
     unsafe {
-        add(&raw mut (*e).packets, 1);
-        add(&raw mut (*e).bytes, u64::from(ctx.len()));
         (*e).last_seen_ns = now;
         // Sequence lock: read the sequence before `last_src`; an odd value means
         // another CPU is rewriting `last_src` right now (and reporting the change).
@@ -773,19 +832,15 @@ fn esp_out(ctx: &TcContext, ip: &Ip) {
     let Some(spi) = esp_spi(ctx, ip) else {
         return stat(Stat::Malformed);
     };
-    let key = SpiKey {
-        spi,
-        dir: SPI_DIR_OUT,
-    };
-    let Some(e) = HIP_SPIS.get_ptr_mut(&key) else {
+    let Some(cfg) = config() else { return };
+    let Some(slot) = spi_slot(spi, SPI_DIR_OUT, cfg) else {
         return stat(Stat::EspOutUnknownSpi);
     };
     stat(Stat::EspOut);
-    // SAFETY: map value pointer.
-    unsafe {
-        add(&raw mut (*e).packets, 1);
-        add(&raw mut (*e).bytes, u64::from(ctx.len()));
-        (*e).last_seen_ns = coarse_now();
+    count_spi(ctx, slot);
+    if let Some(e) = HIP_SPI_STATE.get_ptr_mut(slot) {
+        // SAFETY: map value pointer.
+        unsafe { (*e).last_seen_ns = coarse_now() };
     }
 }
 
@@ -799,7 +854,7 @@ fn esp_out(ctx: &TcContext, ip: &Ip) {
 /// cache (a lookup that ran just before the agent's delete).
 #[inline(always)]
 fn guard_pass(dst: &Addr, cfg: &Config) -> bool {
-    let gen_ = unsafe { core::ptr::read_volatile(&cfg.locators_gen) };
+    let gen_ = unsafe { core::ptr::read_volatile(&cfg.maps_gen) };
     // Direct-mapped by the address's last byte (host part of IPv4 and of most IPv6
     // interface identifiers), so a handful of concurrent destinations rarely collide.
     let slot = u32::from(dst.0[15]) & (GUARD_CACHE_SLOTS - 1);

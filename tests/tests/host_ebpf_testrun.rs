@@ -530,5 +530,17 @@ fn esp_counted_per_spi_and_locator_change_reported_once() {
         .map(|c| (c.spi, c.direction, c.packets))
         .collect();
     assert_eq!(spis, vec![(0x2002, "out", 2), (0x5005, "in", 0)]);
+    // The programs' per-CPU SPI cache follows the rekey at once: the old SPI is
+    // unknown now, the new one counts.
+    dp.test_run(Hook::Ingress, &ipv6(50, old, me, &esp(0x1001, 7)))
+        .unwrap();
+    dp.test_run(Hook::Ingress, &ipv6(50, old, me, &esp(0x5005, 1)))
+        .unwrap();
+    let st = dp.stats().unwrap();
+    assert_eq!((st.esp_in, st.esp_in_unknown_spi), (7, 2));
+    let inb = dp.spi_counters().unwrap();
+    let inb = inb.iter().find(|c| c.spi == 0x5005).unwrap();
+    assert_eq!((inb.packets, inb.locator_changes), (1, 0));
+    assert!(events.drain().is_empty());
     dp.shutdown().unwrap();
 }
