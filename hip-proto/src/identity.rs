@@ -280,7 +280,14 @@ impl HostId {
                         if rest.len() < 2 {
                             return Err(bad());
                         }
-                        (u16::from_be_bytes([rest[0], rest[1]]) as usize, &rest[2..])
+                        let l = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                        // RFC 3110 §2: the three-octet form is for exponents over 255
+                        // octets; anything else is not canonical (and would not survive
+                        // a re-encoding).
+                        if l <= 255 {
+                            return Err(bad());
+                        }
+                        (l, &rest[2..])
                     }
                     (l, rest) => (*l as usize, rest),
                 };
@@ -541,6 +548,14 @@ mod tests {
         assert!(HostId::from_hi_bytes(5, &[]).is_err());
         assert!(HostId::from_hi_bytes(5, &[0]).is_err());
         assert!(HostId::from_hi_bytes(5, &[3, 1, 0, 1]).is_err());
+        // Found by the hip_identity_decode fuzz target: a three-octet exponent length of
+        // zero was accepted and did not survive re-encoding.
+        let mut long = vec![0, 0, 0, 0x10];
+        long.extend_from_slice(&[0x61; 200]);
+        assert!(HostId::from_hi_bytes(5, &long).is_err());
+        let mut short_form_in_long = vec![0, 0, 3, 1, 0, 1];
+        short_form_in_long.extend_from_slice(&[0x61; 200]);
+        assert!(HostId::from_hi_bytes(5, &short_form_in_long).is_err());
         assert!(matches!(
             HostId::from_hi_bytes(42, &[1, 2, 3]),
             Err(IdentityError::UnsupportedAlgorithm(42))
