@@ -393,7 +393,12 @@ fn receive(ep: &mut Endpoint, s: &RawSocket, buf: &mut [u8]) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Other => {
                 tracing::debug!("unusable datagram: {e}");
             }
-            Err(e) => return Err(e),
+            // Errors queued on the socket (ICMP reports and the like) concern one
+            // datagram, not the socket: log, and wait for readiness again.
+            Err(e) => {
+                tracing::debug!("raw socket receive: {e}");
+                return Ok(());
+            }
         }
     }
 }
