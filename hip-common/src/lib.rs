@@ -37,8 +37,9 @@ pub const MAP_SPIS: &str = "HIP_SPIS";
 /// Per-SPI shared state ([`SpiEntry`], `ARRAY` of [`MAX_SPIS`] indexed by slot).
 /// Seeded by the agent when it assigns the slot, then written by the programs.
 pub const MAP_SPI_STATE: &str = "HIP_SPI_STATE";
-/// Per-SPI packet/byte counters ([`Counters`], `PERCPU_ARRAY` of [`MAX_SPIS`] indexed
-/// by slot): per CPU so the programs count without atomics; the agent sums the CPUs.
+/// Per-SPI counters ([`SpiStats`], `PERCPU_ARRAY` of [`MAX_SPIS`] indexed by slot):
+/// per CPU so the programs count without atomics and without writing a line other
+/// CPUs read; the agent sums the counts and takes the latest time.
 pub const MAP_SPI_COUNTERS: &str = "HIP_SPI_COUNTERS";
 /// The programs' per-CPU cache of [`MAP_SPIS`] ([`SpiCacheEntry`], `PERCPU_ARRAY` of
 /// [`SPI_CACHE_SLOTS`]); entries are valid while their generation equals
@@ -413,14 +414,23 @@ pub struct SpiEntry {
     pub last_src: Addr,
     /// Number of locator changes seen on this SPI.
     pub locator_changes: u64,
-    /// CLOCK_MONOTONIC of the last packet at tick resolution
-    /// (`bpf_ktime_get_coarse_ns()`, 1/CONFIG_HZ).
-    pub last_seen_ns: u64,
     /// Sequence lock over `last_src` (even: stable; odd: a program is rewriting it).
     /// The program that moves it from even to odd with a compare-and-swap is the
     /// only one to report a locator change, so two CPUs seeing the same new source
     /// at once report it once. The agent creates entries with 0.
     pub src_seq: u64,
+}
+
+/// Value of [`MAP_SPI_COUNTERS`] (one per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpiStats {
+    pub packets: u64,
+    /// Bytes of the outer packets, as the tc program sees them (with L2 header).
+    pub bytes: u64,
+    /// CLOCK_MONOTONIC of this CPU's last packet at tick resolution
+    /// (`bpf_ktime_get_coarse_ns()`, 1/CONFIG_HZ).
+    pub last_seen_ns: u64,
 }
 
 /// One slot of [`MAP_SPI_CACHE`]: what [`MAP_SPIS`] said about one SPI.
@@ -546,7 +556,8 @@ const _: () = {
     assert!(size_of::<Association>() == 16 * 3 + 4 + 4 + 1 + 2 + 5);
     assert!(size_of::<LocatorEntry>() == 16 + 4 + 1 + 1 + 2);
     assert!(size_of::<SpiKey>() == 8);
-    assert!(size_of::<SpiEntry>() == 32 + 8 * 3);
+    assert!(size_of::<SpiEntry>() == 32 + 8 * 2);
+    assert!(size_of::<SpiStats>() == 8 * 3);
     assert!(size_of::<SpiSlot>() == 8);
     assert!(size_of::<SpiCacheEntry>() == 4 * 6);
     assert!(size_of::<FlowKey>() == 32 + 2 + 2 + 4);
@@ -567,6 +578,7 @@ mod user {
     unsafe impl aya::Pod for super::SpiKey {}
     unsafe impl aya::Pod for super::SpiEntry {}
     unsafe impl aya::Pod for super::SpiSlot {}
+    unsafe impl aya::Pod for super::SpiStats {}
     unsafe impl aya::Pod for super::SpiCacheEntry {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowStats {}

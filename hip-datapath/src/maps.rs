@@ -13,8 +13,8 @@ use hip_common::{
     FLOW_VIA_XFRM, FlowKey, FlowStats, GuardDrop, LocatorEntry, LocatorState, MAP_ASSOCS,
     MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_CACHE, MAP_GUARD_DROPS, MAP_IFACE_STATS,
     MAP_LOCATORS, MAP_SPI_CACHE, MAP_SPI_COUNTERS, MAP_SPI_STATE, MAP_SPIS, MAP_STATS,
-    MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot, Stat, clock_mult,
-    next_gray,
+    MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot, SpiStats, Stat,
+    clock_mult, next_gray,
 };
 use serde::Serialize;
 
@@ -345,7 +345,7 @@ pub struct Maps {
     locators: HashMap<MapData, Addr, LocatorEntry>,
     spis: HashMap<MapData, SpiKey, SpiSlot>,
     spi_state: Array<MapData, SpiEntry>,
-    spi_counters: PerCpuArray<MapData, Counters>,
+    spi_counters: PerCpuArray<MapData, SpiStats>,
     /// Where the round-robin slot allocator continues (see [`SpiEntry`]); `None`
     /// until the first allocation of this handle, which starts after the highest
     /// slot in use.
@@ -463,7 +463,7 @@ impl Maps {
         // One zeroed value per possible CPU (what `nr_cpus()` reads).
         let zero = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
-            .and_then(|n| PerCpuValues::try_from(vec![Counters::default(); n]))
+            .and_then(|n| PerCpuValues::try_from(vec![SpiStats::default(); n]))
             .map_err(|source| DatapathError::Io {
                 path: "/sys/devices/system/cpu/possible".into(),
                 source,
@@ -483,16 +483,18 @@ impl Maps {
         }
     }
 
-    /// The SPI's state and its counters summed over CPUs.
-    fn spi_entry(&self, slot: u32) -> Result<(SpiEntry, Counters), DatapathError> {
+    /// The SPI's state and its counters over all CPUs (counts summed, the latest
+    /// time).
+    fn spi_entry(&self, slot: u32) -> Result<(SpiEntry, SpiStats), DatapathError> {
         let e = self.spi_state.get(&slot, 0).map_err(merr(MAP_SPI_STATE))?;
         let per_cpu = self
             .spi_counters
             .get(&slot, 0)
             .map_err(merr(MAP_SPI_COUNTERS))?;
-        let c = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+        let c = per_cpu.iter().fold(SpiStats::default(), |acc, c| SpiStats {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
+            last_seen_ns: acc.last_seen_ns.max(c.last_seen_ns),
         });
         Ok((e, c))
     }
@@ -680,7 +682,7 @@ impl Maps {
                 packets: c.packets,
                 bytes: c.bytes,
                 locator_changes: e.locator_changes,
-                last_seen_ns: e.last_seen_ns,
+                last_seen_ns: c.last_seen_ns,
             });
         }
         v.sort_by_key(|c| (c.spi, c.direction));

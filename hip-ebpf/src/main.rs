@@ -98,7 +98,7 @@ use hip_common::{
     GUARD_CACHE_SLOTS, GuardCacheEntry, GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState,
     MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_CACHE_SLOTS,
     SPI_DIR_IN, SPI_DIR_OUT, SPI_SLOT_NONE, STATS_ENTRIES, SpiCacheEntry, SpiEntry, SpiKey,
-    SpiSlot, Stat,
+    SpiSlot, SpiStats, Stat,
 };
 
 #[map(name = "HIP_IFACE_STATS")]
@@ -118,7 +118,7 @@ static HIP_SPIS: HashMap<SpiKey, SpiSlot> = HashMap::with_max_entries(MAX_SPIS, 
 #[map(name = "HIP_SPI_STATE")]
 static HIP_SPI_STATE: Array<SpiEntry> = Array::with_max_entries(MAX_SPIS, 0);
 #[map(name = "HIP_SPI_COUNTERS")]
-static HIP_SPI_COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SPIS, 0);
+static HIP_SPI_COUNTERS: PerCpuArray<SpiStats> = PerCpuArray::with_max_entries(MAX_SPIS, 0);
 #[map(name = "HIP_SPI_CACHE")]
 static HIP_SPI_CACHE: PerCpuArray<SpiCacheEntry> =
     PerCpuArray::with_max_entries(SPI_CACHE_SLOTS, 0);
@@ -558,14 +558,16 @@ fn spi_slot(spi: u32, dir: u32, cfg: &Config) -> Option<u32> {
     (slot != SPI_SLOT_NONE).then_some(slot)
 }
 
-/// Counts one ESP packet on its SPI's per-CPU counters (no atomics).
+/// Counts one ESP packet on its SPI's per-CPU counters (no atomics, no shared
+/// cache line written).
 #[inline(always)]
-fn count_spi(ctx: &TcContext, slot: u32) {
+fn count_spi(ctx: &TcContext, slot: u32, now: u64) {
     if let Some(c) = HIP_SPI_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU map value, exclusive to this CPU during the run.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += u64::from(ctx.len());
+            (*c).last_seen_ns = now;
         }
     }
 }
@@ -580,17 +582,16 @@ fn esp_in(ctx: &TcContext, ip: &Ip) {
         return stat(Stat::EspInUnknownSpi);
     };
     stat(Stat::EspIn);
-    count_spi(ctx, slot);
+    let now = coarse_now();
+    count_spi(ctx, slot, now);
     let Some(e) = HIP_SPI_STATE.get_ptr_mut(slot) else {
         return;
     };
     let Some((src, _)) = src_dst(ctx, ip) else {
         return;
     };
-    let now = coarse_now();
     // SAFETY: map value pointer; the u64 fields are 8-byte aligned.
     unsafe {
-        (*e).last_seen_ns = now;
         // Sequence lock: read the sequence before `last_src`; an odd value means
         // another CPU is rewriting `last_src` right now (and reporting the change).
         let seq = core::ptr::read_volatile(&raw const (*e).src_seq);
@@ -837,11 +838,7 @@ fn esp_out(ctx: &TcContext, ip: &Ip) {
         return stat(Stat::EspOutUnknownSpi);
     };
     stat(Stat::EspOut);
-    count_spi(ctx, slot);
-    if let Some(e) = HIP_SPI_STATE.get_ptr_mut(slot) {
-        // SAFETY: map value pointer.
-        unsafe { (*e).last_seen_ns = coarse_now() };
-    }
+    count_spi(ctx, slot, coarse_now());
 }
 
 /// The guard's verdict for `dst`: from this CPU's cache when the slot holds `dst`
