@@ -1089,21 +1089,9 @@ impl Endpoint {
             data,
             verified,
         });
-        // Only an authenticated error notification ends an exchange in progress; an
-        // unauthenticated one is informational (RFC 7401 §6.16).
-        if verified
-            && msg_type < notify::I2_ACKNOWLEDGEMENT
-            && self
-                .assocs
-                .get(&peer)
-                .is_some_and(|a| matches!(a.state, State::I2Sent))
-        {
-            self.fail(
-                now,
-                &R1Key::Known(peer),
-                ProtocolError::PeerNotified(notify::name(msg_type)),
-            );
-        }
+        // RFC 7401 §6.13: NOTIFY is informational; no state changes on it alone (the
+        // owner may act on the event, e.g. abort).
+        let _ = now;
         Ok(())
     }
 
@@ -1163,7 +1151,7 @@ impl Endpoint {
             .assocs
             .get(&peer)
             .ok_or(ProtocolError::NoAssociation(peer))?;
-        if a.state != State::Closing {
+        if !matches!(a.state, State::Closing | State::Closed) {
             return Err(ProtocolError::Unexpected {
                 packet_type: PacketType::CloseAck,
                 state: a.state,
@@ -1178,6 +1166,10 @@ impl Endpoint {
                 packet_type: PacketType::CloseAck,
                 state: a.state,
             });
+        }
+        if a.state == State::Closed {
+            // Crossing CLOSEs (RFC 7401 §6.15): already closed by the peer's CLOSE.
+            return Ok(());
         }
         let linger = self.config.linger;
         let a = self.assocs.get_mut(&peer).expect("found above");

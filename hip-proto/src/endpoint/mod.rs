@@ -160,10 +160,6 @@ pub enum ProtocolError {
     /// The ENCRYPTED parameter does not hold a HOST_ID.
     #[error("ENCRYPTED does not decrypt to a HOST_ID")]
     BadEncrypted,
-    /// The peer closed while the exchange was in progress or refused it (a verified
-    /// NOTIFY).
-    #[error("peer reported {0}")]
-    PeerNotified(&'static str),
     /// An UPDATE exchange with this peer is already in progress.
     #[error("an UPDATE with {0} is in progress")]
     UpdateInProgress(Hit),
@@ -246,7 +242,8 @@ impl Default for Config {
                 HitSuite::RsaDsaSha256,
                 HitSuite::EddsaCshake128,
             ],
-            puzzle_difficulty: 8,
+            // RFC 7401 §7: "If a Responder is not under high load, #K SHOULD be 0."
+            puzzle_difficulty: 0,
             puzzle_lifetime: 37,
             max_puzzle_difficulty: 28,
             puzzle_max_attempts: 1 << 26,

@@ -881,17 +881,18 @@ fn policy_refuses_unknown_initiators_with_a_notify() {
     let ha = s.a.hit();
     let now = s.now;
     s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
-    s.run_until(Duration::from_secs(5), |_| false);
+    s.run_until(Duration::from_secs(600), |_| false);
     assert!(s.errors_b.contains(&ProtocolError::BlockedByPolicy(ha)));
-    // A knows B's HI from R1, so the NOTIFY is verified and ends the exchange.
+    // A knows B's HI from R1, so the NOTIFY is verified.
     assert!(s.events_a.iter().any(|e| matches!(
         e,
         Event::Notified { msg_type, verified: true, .. } if *msg_type == notify::BLOCKED_BY_POLICY
     )));
+    // NOTIFY is informational (RFC 7401 §6.13): A keeps retrying its I2 until it gives up.
     assert!(s.events_a.iter().any(|e| matches!(
         e,
         Event::Failed {
-            error: ProtocolError::PeerNotified("BLOCKED_BY_POLICY"),
+            error: ProtocolError::Timeout(wire::PacketType::I2),
             ..
         }
     )));
@@ -1370,4 +1371,30 @@ fn a_rebooted_initiator_replaces_the_association() {
     assert_eq!(nb.replaced_spis, Some((eb.spi_inbound, eb.spi_outbound)));
     assert_eq!(na.replaced_spis, None);
     assert_ne!(na.keys_outbound, ea.keys_outbound);
+}
+
+#[test]
+fn a_late_old_update_is_acknowledged_not_reprocessed() {
+    let mut s = established_pair(PERFECT, 30);
+    let hb = s.b.hit();
+    let mark = s.wire.len();
+    rekey_round(&mut s, true, false);
+    let first = s.wire[mark..]
+        .iter()
+        .find(|(to_b, t)| *to_b && t.packet_type() == Some(wire::PacketType::Update))
+        .unwrap()
+        .1
+        .clone();
+    rekey_round(&mut s, true, false);
+    let n = rekeyed(&s.events_b).len();
+    // The first rekey's UPDATE (Update ID 0) arrives again after ID 1 was processed.
+    s.b.handle_packet(s.now, first.src, first.dst, &first.payload)
+        .unwrap();
+    let reply = s.b.poll_transmit().unwrap();
+    let p = wire::Packet::parse(&reply.payload).unwrap();
+    assert_eq!(p.required(ty::ACK).unwrap(), Param::Ack(vec![0]));
+    assert!(p.find(ty::ESP_INFO).is_none() && p.find(ty::SEQ).is_none());
+    s.collect();
+    assert_eq!(rekeyed(&s.events_b).len(), n, "not processed again");
+    assert_eq!(s.a.state(&hb), Some(State::Established));
 }

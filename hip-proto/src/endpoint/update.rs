@@ -334,14 +334,21 @@ impl Endpoint {
             _ => None,
         };
 
-        // A duplicate of the last request: answer again, change nothing.
-        if let Some(s) = seq
-            && a.upd.peer_seq == Some(s)
-        {
-            if let Some(t) = a.upd.last_reply.clone() {
-                self.transmits.push_back(t);
+        // A duplicate of the last request: answer again, change nothing. An older one
+        // (a late retransmission, Update IDs compared in circular space, RFC 7401 §6.12):
+        // acknowledge it again without processing it.
+        if let (Some(s), Some(last)) = (seq, a.upd.peer_seq) {
+            if s == last {
+                if let Some(t) = a.upd.last_reply.clone() {
+                    self.transmits.push_back(t);
+                }
+                return Ok(());
             }
-            return Ok(());
+            if (last.wrapping_sub(s) as i32) > 0 {
+                let t = a.update_packet(&self.identity, &[Param::Ack(vec![s])], src)?;
+                self.transmits.push_back(t);
+                return Ok(());
+            }
         }
         let pending = a.upd.pending.clone();
         let acked = pending.as_ref().is_some_and(|p| acks.contains(&p.seq()));
