@@ -62,10 +62,22 @@ pub const PROG_TC_EGRESS: &str = "hip_tc_egress";
 /// An empty tc program (returns `TC_ACT_OK`): the benchmark's baseline, never
 /// attached by the agent.
 pub const PROG_TC_FLOOR: &str = "hip_tc_floor";
-/// The minimum of per-packet flow accounting (timestamp, XFRM state, one flow lookup,
-/// two atomic adds) on a table of its own: the benchmark's flow baseline, never
-/// attached by the agent.
-pub const PROG_TC_FLOOR_FLOW: &str = "hip_tc_floor_flow";
+/// The benchmark's probe, never attached by the agent: the operations of per-packet
+/// flow accounting selected by the global [`PROBE_OPS_GLOBAL`] (`PROBE_*` bits), on a
+/// table of its own. With [`PROBE_ALL`] it is the minimum a flow program costs.
+pub const PROG_TC_PROBE: &str = "hip_tc_probe";
+/// Name of the probe's `u32` global (set with `EbpfLoader::set_global`).
+pub const PROBE_OPS_GLOBAL: &str = "PROBE_OPS";
+/// Probe operation: `bpf_ktime_get_ns()`.
+pub const PROBE_KTIME: u32 = 1;
+/// Probe operation: `bpf_skb_get_xfrm_state()`.
+pub const PROBE_XFRM: u32 = 2;
+/// Probe operation: one `LRU_HASH` lookup with a 40-byte key taken from the frame.
+pub const PROBE_LOOKUP: u32 = 4;
+/// Probe operation (with [`PROBE_LOOKUP`]): two atomic adds on the value found.
+pub const PROBE_ATOMICS: u32 = 8;
+/// All probe operations: what flow accounting cannot do without.
+pub const PROBE_ALL: u32 = PROBE_KTIME | PROBE_XFRM | PROBE_LOOKUP | PROBE_ATOMICS;
 
 /// Directory under bpffs where the agent pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/hip";

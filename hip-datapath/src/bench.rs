@@ -46,7 +46,10 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
 };
-use hip_common::{PROG_TC_FLOOR, PROG_TC_FLOOR_FLOW};
+use hip_common::{
+    PROBE_ALL, PROBE_ATOMICS, PROBE_KTIME, PROBE_LOOKUP, PROBE_OPS_GLOBAL, PROBE_XFRM,
+    PROG_TC_FLOOR, PROG_TC_PROBE,
+};
 
 use crate::{
     AssocState, AssociationSpec, Datapath, Hook, LocatorState, MediaConfig, PeerLocator,
@@ -96,8 +99,9 @@ pub struct ScenarioReport {
     /// The empty program on the same two hooks.
     pub floor_egress: ProgCost,
     pub floor_ingress: ProgCost,
-    /// `hip_tc_floor_flow` on the ingress hook: the irreducible part of per-packet
-    /// flow accounting (timestamp, XFRM state, one flow lookup, two atomic adds).
+    /// `hip_tc_probe` with all operations on the ingress hook: the irreducible part
+    /// of per-packet flow accounting (timestamp, XFRM state, one flow lookup, two
+    /// atomic adds). Flow scenario only.
     pub floor_flow_ingress: Option<ProgCost>,
 }
 
@@ -245,7 +249,7 @@ fn median(v: &[f64]) -> f64 {
 /// The empty program, loaded from the same object and attached on one hook.
 struct Floor {
     ebpf: Ebpf,
-    /// `PROG_TC_FLOOR` or `PROG_TC_FLOOR_FLOW`.
+    /// `PROG_TC_FLOOR` or `PROG_TC_PROBE`.
     name: &'static str,
     iface: &'static str,
     kind: TcAttachType,
@@ -254,7 +258,23 @@ struct Floor {
 
 impl Floor {
     fn load(name: &'static str, iface: &'static str, kind: TcAttachType) -> anyhow::Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(crate::object()?)?;
+        Self::load_with(name, 0, iface, kind)
+    }
+
+    /// `hip_tc_probe` with the `PROBE_*` operations in `ops`.
+    fn probe(ops: u32, iface: &'static str, kind: TcAttachType) -> anyhow::Result<Self> {
+        Self::load_with(PROG_TC_PROBE, ops, iface, kind)
+    }
+
+    fn load_with(
+        name: &'static str,
+        ops: u32,
+        iface: &'static str,
+        kind: TcAttachType,
+    ) -> anyhow::Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(PROBE_OPS_GLOBAL, &ops, true)
+            .load(crate::object()?)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow::anyhow!("{name} missing from the object"))?
@@ -674,7 +694,7 @@ fn rig<'a>(kind: Kind, na: &'a str, nb: &'a str, obj: &[u8]) -> anyhow::Result<R
         dpb,
         fa: Floor::load(PROG_TC_FLOOR, "va", TcAttachType::Egress)?,
         fb: Floor::load(PROG_TC_FLOOR, "vb", TcAttachType::Ingress)?,
-        fb_flow: Floor::load(PROG_TC_FLOOR_FLOW, "vb", TcAttachType::Ingress)?,
+        fb_flow: Floor::probe(PROBE_ALL, "vb", TcAttachType::Ingress)?,
     })
 }
 
@@ -778,7 +798,7 @@ pub struct MicroReport {
     pub ns: f64,
     /// The same for the empty program on the same frame.
     pub floor_ns: f64,
-    /// The same for `hip_tc_floor_flow` (ingress only).
+    /// The same for `hip_tc_probe` with all operations (flow scenario, ingress only).
     pub floor_flow_ns: Option<f64>,
     /// Verdict (3 = `TC_ACT_PIPE`, 2 = `TC_ACT_SHOT`).
     pub verdict: i32,
@@ -885,6 +905,57 @@ pub fn micro(repeat: u32, trials: u32, obj: Option<&[u8]>) -> anyhow::Result<Vec
                 verified_insns: info.verified_instruction_count().unwrap_or(0),
             });
         }
+    }
+    Ok(out)
+}
+
+/// The price of one operation of flow accounting on this machine.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeReport {
+    /// The `PROBE_*` operations, e.g. `ktime` or `lookup+atomics`.
+    pub ops: String,
+    /// Median over the trials of the kernel's mean time per repetition (ns).
+    pub ns: f64,
+    /// The empty program in the same trials.
+    pub floor_ns: f64,
+}
+
+/// `hip_tc_probe` under `BPF_PROG_TEST_RUN` on the flow scenario's frame, one
+/// operation at a time and all together, next to the empty program: what each
+/// operation a flow program needs costs here.
+pub fn probes(repeat: u32, trials: u32) -> anyhow::Result<Vec<ProbeReport>> {
+    anyhow::ensure!(repeat > 0 && trials > 0, "repeat and trials must be > 0");
+    let frame = scenario_frame(Kind::FlowHit);
+    let floor = Floor::load(PROG_TC_FLOOR, "", TcAttachType::Ingress)?;
+    let mut out = Vec::new();
+    for ops in [
+        PROBE_KTIME,
+        PROBE_XFRM,
+        PROBE_LOOKUP,
+        PROBE_LOOKUP | PROBE_ATOMICS,
+        PROBE_ALL,
+    ] {
+        let probe = Floor::probe(ops, "", TcAttachType::Ingress)?;
+        let (mut t, mut tf) = (Vec::new(), Vec::new());
+        for _ in 0..trials {
+            t.push(probe.test_run(&frame, repeat)?.as_nanos() as f64);
+            tf.push(floor.test_run(&frame, repeat)?.as_nanos() as f64);
+        }
+        let names: Vec<&str> = [
+            (PROBE_KTIME, "ktime"),
+            (PROBE_XFRM, "xfrm-state"),
+            (PROBE_LOOKUP, "lookup"),
+            (PROBE_ATOMICS, "atomics"),
+        ]
+        .iter()
+        .filter(|(b, _)| ops & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+        out.push(ProbeReport {
+            ops: names.join("+"),
+            ns: median(&t),
+            floor_ns: median(&tf),
+        });
     }
     Ok(out)
 }

@@ -96,9 +96,9 @@ use hip_common::{
     Addr, AssocState, Association, Config, Counters, Direction, EVENT_GUARD_DROP,
     EVENT_LOCATOR_CHANGE, EVENTS_BYTES, Event, FLOW_VIA_ASSOC, FLOW_VIA_XFRM, FlowKey, FlowStats,
     GUARD_CACHE_SLOTS, GuardCacheEntry, GuardDrop, IFACE_STATS_ENTRIES, LocatorEntry, LocatorState,
-    MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, SPI_CACHE_SLOTS,
-    SPI_DIR_IN, SPI_DIR_OUT, SPI_SLOT_NONE, STATS_ENTRIES, SpiCacheEntry, SpiEntry, SpiKey,
-    SpiSlot, SpiStats, Stat,
+    MAX_ASSOCS, MAX_FLOWS, MAX_GUARD_DROPS, MAX_LOCATOR_ENTRIES, MAX_SPIS, PROBE_ATOMICS,
+    PROBE_KTIME, PROBE_LOOKUP, PROBE_XFRM, SPI_CACHE_SLOTS, SPI_DIR_IN, SPI_DIR_OUT, SPI_SLOT_NONE,
+    STATS_ENTRIES, SpiCacheEntry, SpiEntry, SpiKey, SpiSlot, SpiStats, Stat,
 };
 
 #[map(name = "HIP_IFACE_STATS")]
@@ -132,7 +132,7 @@ static HIP_GUARD_CACHE: PerCpuArray<GuardCacheEntry> =
     PerCpuArray::with_max_entries(GUARD_CACHE_SLOTS, 0);
 #[map(name = "HIP_EVENTS")]
 static HIP_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
-/// The flow table of `hip_tc_floor_flow` (benchmark only; not pinned; one key is
+/// The flow table of `hip_tc_probe` (benchmark only; not pinned; one key is
 /// ever used, the size leaves the LRU free lists room on every CPU).
 #[map(name = "BENCH_FLOW")]
 static BENCH_FLOW: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(256, 0);
@@ -178,15 +178,32 @@ pub fn hip_tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
-/// The benchmark's second baseline, never attached by the agent: only the operations
-/// that per-packet flow accounting cannot do without, on a table of its own (a
-/// timestamp, the packet's XFRM state, one flow-table lookup with a 40-byte key,
-/// the two atomic counter adds). `hip_tc_ingress` on HIT-addressed RTP costs this
-/// plus its parsing, the A.1/A.8 arithmetic and its statistics.
+/// Which operations `hip_tc_probe` performs (`hip_common::PROBE_*`), set by the
+/// benchmark's loader; frozen read-only data, so the verifier prunes the others.
+#[unsafe(no_mangle)]
+static PROBE_OPS: u32 = 0;
+
+/// The benchmark's probe, never attached by the agent: the operations per-packet
+/// flow accounting cannot do without (a timestamp, the packet's XFRM state, one
+/// flow-table lookup with a 40-byte key, two atomic counter adds), each selected by
+/// `PROBE_OPS`, on a table of its own. All of them together are the floor of a flow
+/// program; one at a time they price each operation on the machine at hand.
 #[classifier]
-pub fn hip_tc_floor_flow(ctx: TcContext) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let xs = xfrm_state(&ctx);
+pub fn hip_tc_probe(ctx: TcContext) -> i32 {
+    let ops = unsafe { core::ptr::read_volatile(&PROBE_OPS) };
+    let now = if ops & PROBE_KTIME != 0 {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    let spi = if ops & PROBE_XFRM != 0 {
+        xfrm_state(&ctx).map_or(0, |xs| xs.spi)
+    } else {
+        0
+    };
+    if ops & PROBE_LOOKUP == 0 {
+        return TC_ACT_OK as i32;
+    }
     // The key comes from the frame's first 40 bytes, as hip's comes from its headers
     // (a constant key would be built by a byte-wise memset subprogram instead).
     let Some(p) = bytes_at(&ctx, 0, size_of::<FlowKey>()) else {
@@ -202,12 +219,12 @@ pub fn hip_tc_floor_flow(ctx: TcContext) -> i32 {
     match BENCH_FLOW.get_ptr_mut(&key) {
         // SAFETY: map value pointer, fields naturally aligned.
         Some(f) => unsafe {
-            add(&raw mut (*f).packets, 1);
-            add(&raw mut (*f).bytes, u64::from(ctx.len()));
-            (*f).last_seen_ns = now;
-            if let Some(xs) = &xs {
-                (*f).spi = xs.spi;
+            if ops & PROBE_ATOMICS != 0 {
+                add(&raw mut (*f).packets, 1);
+                add(&raw mut (*f).bytes, u64::from(ctx.len()));
             }
+            (*f).last_seen_ns = now;
+            (*f).spi = spi;
         },
         None => {
             let init = FlowStats {

@@ -5,7 +5,8 @@
 //! `hip-datapath-bench --micro [--object FILE] [REPEAT [TRIALS]]`: only the
 //! programs' cost on each scenario's frame under `BPF_PROG_TEST_RUN`, and their sizes
 //! (seconds, no namespaces; for comparing program versions: `--object` measures
-//! another build of `hip-ebpf` with the same map layouts instead of the embedded one).
+//! another build of `hip-ebpf` with the same map layouts instead of the embedded one),
+//! then the price of each operation a flow program needs (`hip_tc_probe`).
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).peekable();
@@ -47,7 +48,20 @@ fn main() -> anyhow::Result<()> {
                 r.verified_insns
             );
         }
-        println!("{}", serde_json::to_string(&reports)?);
+        let probes = hip_datapath::bench::probes(repeat, trials)?;
+        for p in &probes {
+            println!(
+                "probe {}: {:.1} ns/run ({:.1} over the empty program's {:.1})",
+                p.ops,
+                p.ns,
+                p.ns - p.floor_ns,
+                p.floor_ns
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({ "micro": reports, "probes": probes })
+        );
         return Ok(());
     }
     let mut opts = hip_datapath::bench::BenchOptions::default();
