@@ -15,19 +15,36 @@
 //! attached shows what attaching anything at all costs (tcx enables its static key
 //! and the per-packet `tcx_run()` walk).
 //!
-//! The packet rates are measured with run-time statistics **off** (as in production:
-//! the statistics themselves cost two clock reads per run); the per-packet costs in
+//! For the flow scenario a second baseline, `hip_tc_probe` with all operations, does
+//! only what per-packet flow accounting cannot do without (a precise timestamp, the
+//! XFRM-state helper, one flow lookup, two atomic adds): the floor of any flow
+//! program. `--micro` prices each of those operations alone ([`probes`]).
+//!
+//! # The packet rate
+//!
+//! The rates are measured with run-time statistics **off** (as in production: the
+//! statistics themselves cost two clock reads per run); the per-packet costs in
 //! separate rounds with them on. Each round runs the three modes (detached, floor,
 //! hip) back to back in an order that rotates from round to round, and the ratios
 //! are the **median** of the per-round ratios: other processes on a shared machine
 //! shift whole rounds, and a ratio of adjacent measurements cancels most of that.
+//! Rates are packets per second of the sending thread's CPU time (the veth path up
+//! to the receiving socket runs in its context), so time other processes take from
+//! it does not count; wall-clock rates are reported too. The sender is pinned to
+//! CPU 0 and the reader to CPU 1, and the reader polls without sleeping, so that no
+//! packet pays for waking it (an IPI, a VM exit under virtualisation).
 //!
-//! Two scenarios, each the path a real packet takes:
-//! * `guard-v4`: IPv4 RTP to a verified locator (egress media guard: parse, one hash
-//!   lookup, pass; ingress: parse, not HIT-addressed);
+//! # Scenarios
+//!
+//! Each is the path a real packet takes:
+//! * `guard-v4`: IPv4 RTP to a verified locator (egress: the media guard's pass
+//!   verdict, from its per-CPU cache; ingress: parse, not ESP, not HIT-addressed);
 //! * `flow-hit`: IPv6 RTP between HITs (ingress flow accounting: XFRM-state helper,
-//!   association lookup, LRU flow update with A.1/A.8 arithmetic; egress with the
-//!   guard off, since clear-text HIT traffic would be dropped by design).
+//!   LRU flow update with A.1/A.8 arithmetic; egress with the guard off, since
+//!   clear-text HIT traffic would be dropped by design);
+//! * `esp-v6`: ESP between locators from a raw socket (per-SPI counting on egress
+//!   and ingress, locator check on ingress; the host kernel has no ESP and drops the
+//!   packets after tc ingress): what every protected media packet costs.
 
 use std::{
     fs,
@@ -106,6 +123,14 @@ pub struct ScenarioReport {
 }
 
 impl ScenarioReport {
+    /// The programs' kernel-accounted time per packet (egress + ingress, run-time
+    /// statistics included) as a share of a detached packet's CPU time: a low-noise
+    /// bound on what attaching them can cost the packet rate (`1 − share`, before
+    /// cache effects), next to the measured, noisier [`ScenarioReport::ratio`].
+    pub fn cost_share(&self) -> f64 {
+        (self.egress.ns + self.ingress.ns) * 1e-9 * self.detached.cpu_pps
+    }
+
     /// hip's egress cost minus the empty program's (ns/packet).
     pub fn egress_net_ns(&self) -> f64 {
         self.egress.ns - self.floor_egress.ns

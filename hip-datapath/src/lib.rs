@@ -5,7 +5,7 @@
 //! Attachment goes through aya's `SchedClassifier::attach`, which uses tcx links on
 //! kernels ≥ 6.6 and a netlink `clsact` filter on older ones (the 6.1 guest kernel of
 //! the VM tests). A tcx link lives as long as its file descriptor (or its pin); a netlink
-//! filter outlives the process, so [`Datapath::detach_stale`] removes those by name.
+//! filter outlives the process, so [`detach_stale`] removes those by name.
 
 use std::{
     fs, io,

@@ -68,6 +68,34 @@
 //!   (`Config::clock_mult`), not two divisions;
 //! * a flow's SPI and locator come from the packet's XFRM state (one helper call);
 //!   the association map is consulted only for a new flow without one.
+//!
+//! What remains per HIT-addressed RTP packet on ingress is what flow accounting
+//! cannot do without: `bpf_ktime_get_ns()` (the jitter needs a precise clock), the
+//! XFRM-state helper, one `LRU_HASH` lookup with the 40-byte flow key and two atomic
+//! adds. `hip_tc_probe` prices exactly these; the bench reports them next to
+//! `hip_tc_ingress`.
+//!
+//! # Limits
+//!
+//! * Verdict and slot caches: a cached entry is used until the program reads the
+//!   new generation, the same window an in-flight hash lookup has. Each cache is 16
+//!   direct-mapped slots per CPU: more concurrent destinations (or SPIs) sharing low
+//!   bits evict each other and fall back to hash lookups (correct, slower).
+//! * SPI slots (agent side): a freed slot is reused only after every other slot, so
+//!   a packet a CPU counted on it at the moment its SPI was deleted cannot land on a
+//!   new SPI in practice; another process opening the pinned maps starts its
+//!   round-robin after the highest slot in use, without that history.
+//! * Locator change: one event per change when CPUs race with the same new source.
+//!   If two *different* new sources race, the loser's source is reported on its
+//!   next packet; a packet that finds the sequence lock held skips the check.
+//! * A flow without XFRM state keeps the association's SPI and locator as of its
+//!   first packet (a rekey without ESP on the link is not followed); decrypted flows
+//!   follow their SA packet by packet.
+//! * Per-SPI last-seen times and locator-change event times have tick resolution.
+//! * The RTP clock multiplier is rounded to 2⁻³² units/ns (< 1 ppm of any rate
+//!   ≥ 8 kHz); A.8 only uses differences between consecutive packets.
+//! * Wider loads at any alignment need `CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`
+//!   (x86-64, arm64); elsewhere the verifier refuses the object at load time.
 #![no_std]
 #![no_main]
 // `atomic_xadd`/`atomic_cxchg`: the bpfel target has no compare-and-swap in `core`'s

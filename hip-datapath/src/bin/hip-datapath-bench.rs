@@ -76,7 +76,8 @@ fn main() -> anyhow::Result<()> {
         println!(
             "datapath {}: rate attached/detached {:.3} (goal >= 0.95; per CPU-second of the \
              sender, median of {} rounds, {:.0} vs {:.0} pps; wall-clock {:.3}), \
-             empty program attached/detached {:.3}, attached/empty {:.3}",
+             empty program attached/detached {:.3}, attached/empty {:.3}; the programs' \
+             kernel-accounted time is {:.1}% of a detached packet's CPU time",
             r.name,
             r.ratio,
             r.round_ratios.len(),
@@ -85,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             r.ratio_wall,
             r.floor_ratio,
             r.ratio_vs_floor,
+            100.0 * r.cost_share(),
         );
         println!(
             "datapath {}: egress {:.1} ns/packet ({:.1} over the empty program's {:.1}), \
