@@ -108,6 +108,10 @@ pub struct ScenarioReport {
     pub floor_ratio: f64,
     /// Median over the rounds of hip attached / empty program attached (CPU time).
     pub ratio_vs_floor: f64,
+    /// Median over the rounds of minimal flow program attached (ingress; empty
+    /// program on egress) / detached: the best any flow program can do here. Flow
+    /// scenario only.
+    pub floor_flow_ratio: Option<f64>,
     /// Per-round hip attached / detached (CPU time), in round order (spread = noise).
     pub round_ratios: Vec<f64>,
     /// hip's egress program on the sender's veth, ingress program on the receiver's.
@@ -737,11 +741,17 @@ fn measure(
     rig.detach(Mode::Hip)?;
 
     // Packet rates, run-time statistics off.
-    let modes = [Mode::Detached, Mode::Floor, Mode::Hip];
-    let mut rates: [Vec<Rate>; 3] = Default::default();
+    // The flow scenario also measures the minimal flow program: the best rate any
+    // flow program can reach here.
+    let modes: &[Mode] = if kind == Kind::FlowHit {
+        &[Mode::Detached, Mode::Floor, Mode::Hip, Mode::FloorFlow]
+    } else {
+        &[Mode::Detached, Mode::Floor, Mode::Hip]
+    };
+    let mut rates: [Vec<Rate>; 4] = Default::default();
     for r in 0..opts.rounds as usize {
-        for k in 0..3 {
-            let i = (r + k) % 3;
+        for k in 0..modes.len() {
+            let i = (r + k) % modes.len();
             rig.attach(modes[i])?;
             let res = blast(tx, opts.packets, &mut seq);
             rig.detach(modes[i])?;
@@ -792,7 +802,7 @@ fn measure(
             .map(|(x, y)| f(x) / f(y))
             .collect::<Vec<_>>()
     };
-    let [det, flo, hip] = &rates;
+    let [det, flo, hip, flow_floor] = &rates;
     let round_ratios = per_round(hip, det, |r| r.cpu);
     Ok(ScenarioReport {
         name,
@@ -809,6 +819,8 @@ fn measure(
         floor_egress: cost(2),
         floor_ingress: cost(3),
         floor_flow_ingress: (kind == Kind::FlowHit).then(|| cost(4)),
+        floor_flow_ratio: (kind == Kind::FlowHit)
+            .then(|| median(&per_round(flow_floor, det, |r| r.cpu))),
     })
 }
 

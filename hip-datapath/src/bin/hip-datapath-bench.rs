@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         println!(
             "datapath {}: rate attached/detached {:.3} (goal >= 0.95; per CPU-second of the \
              sender, median of {} rounds, {:.0} vs {:.0} pps; wall-clock {:.3}), \
-             empty program attached/detached {:.3}, attached/empty {:.3}; the programs' \
+             empty program attached/detached {:.3}{}, attached/empty {:.3}; the programs' \
              kernel-accounted time is {:.1}% of a detached packet's CPU time",
             r.name,
             r.ratio,
@@ -85,6 +85,9 @@ fn main() -> anyhow::Result<()> {
             r.detached.cpu_pps,
             r.ratio_wall,
             r.floor_ratio,
+            r.floor_flow_ratio
+                .map(|f| format!(", minimal flow program attached/detached {f:.3}"))
+                .unwrap_or_default(),
             r.ratio_vs_floor,
             100.0 * r.cost_share(),
         );
