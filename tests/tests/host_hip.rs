@@ -459,3 +459,82 @@ fn expected_hit_mismatch_fails_cleanly() {
         "no association on the listener"
     );
 }
+
+/// `hip-agent hi new|show|import-xml` as an operator uses them.
+#[test]
+fn hi_cli_new_show_and_import_xml() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir("hicli");
+    for alg in ["ecdsa-p256", "ecdsa-p384", "rsa", "ed25519"] {
+        let (f, hit) = new_key(&dir.0, alg, alg).unwrap();
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let out = Command::new(agent_bin())
+            .args(["hi", "show", "--json"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["algorithm"], alg);
+        assert_eq!(v["hit"], hit.as_str());
+        assert!(hit.starts_with("2001:2"), "ORCHIDv2 prefix: {hit}");
+        let hi = v["hi"].as_str().unwrap();
+        assert!(hi.len() > 40, "base64 HI: {hi}");
+        // Never overwritten.
+        let again = Command::new(agent_bin())
+            .args(["hi", "new", "--algorithm", alg, "--out"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        // Readable by others: refused, with a clear message.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = Command::new(agent_bin())
+            .args(["hi", "show"])
+            .arg(&f)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    }
+    // The draft's two identities.
+    let xml = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../hip-proto/tests/data/draft-host-identities.xml");
+    let out = Command::new(agent_bin())
+        .args(["hi", "import-xml", "--json"])
+        .arg(&xml)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    // Alice's key is damaged in the draft: the command reports it and fails.
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (alice, bob) = (&v[0], &v[1]);
+    assert_eq!(alice["name"], "sip:alice@atlanta.com");
+    assert_eq!(alice["hit_declared"], "7214148E0433AFE2FA2D48003D31172E");
+    assert_eq!(alice["matches"], false);
+    assert!(alice["error"].as_str().unwrap().contains("<P>"));
+    assert_eq!(bob["name"], "sip:bob@biloxi.com");
+    assert_eq!(bob["algorithm"], "DSA");
+    assert_eq!(bob["hit_computed"], "44A5C522D7EDEDF962E55A0677DB1346");
+    assert_eq!(bob["matches"], true);
+    // Malformed input names the field.
+    let bad = dir.0.join("bad.xml");
+    std::fs::write(
+        &bad,
+        "<host_identity alg=\"DSA\"><name>x</name><P>00</P><Q>00</Q><G>00</G></host_identity>",
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["hi", "import-xml", "--json"])
+        .arg(&bad)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<PUB>"));
+}
