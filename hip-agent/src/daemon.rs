@@ -369,12 +369,18 @@ impl Daemon {
                 }
                 () = sleep => self.on_timers(),
                 _ = flush.tick() => self.flush_pool(),
-                out = async {
+                input = async {
                     match &mut self.security {
-                        Some(s) => s.next().await,
+                        Some(s) => s.wait().await,
                         None => std::future::pending().await,
                     }
-                } => self.on_security(out),
+                } => {
+                    // Handled outside the select: kernel programming must not be cancelled.
+                    if let Some(s) = &mut self.security {
+                        let out = s.handle(input).await;
+                        self.on_security(out);
+                    }
+                }
                 () = &mut shutdown => break,
             }
         }

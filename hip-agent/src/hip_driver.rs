@@ -236,6 +236,8 @@ enum Command {
         local: Option<IpAddr>,
         peer: IpAddr,
         expected: Option<Hit>,
+        /// I1 to the null HIT, `expected` checked on R1 ([`Endpoint::initiate_expecting`]).
+        via_null: bool,
         reply: oneshot::Sender<Result<(), DriverError>>,
     },
     Close {
@@ -289,12 +291,35 @@ impl HipDriver {
         peer: IpAddr,
         expected: Option<Hit>,
     ) -> Result<(), DriverError> {
+        self.send_initiate(local, peer, expected, false).await
+    }
+
+    /// Starts a base exchange whose I1 goes to the null HIT, failing on R1 with
+    /// `HitMismatch` unless the responder is `expected` (see
+    /// [`Endpoint::initiate_expecting`]).
+    pub async fn initiate_expecting(
+        &self,
+        local: Option<IpAddr>,
+        peer: IpAddr,
+        expected: Hit,
+    ) -> Result<(), DriverError> {
+        self.send_initiate(local, peer, Some(expected), true).await
+    }
+
+    async fn send_initiate(
+        &self,
+        local: Option<IpAddr>,
+        peer: IpAddr,
+        expected: Option<Hit>,
+        via_null: bool,
+    ) -> Result<(), DriverError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Initiate {
                 local,
                 peer,
                 expected,
+                via_null,
                 reply,
             })
             .await
@@ -428,11 +453,13 @@ async fn run(
             }
             c = commands.recv() => match c {
                 None => return Ok(()),
-                Some(Command::Initiate { local, peer, expected, reply }) => {
+                Some(Command::Initiate { local, peer, expected, via_null, reply }) => {
                     let r = match local.map(Ok).unwrap_or_else(|| source_for(peer)) {
-                        Ok(local) => ep
-                            .initiate(Instant::now(), local, peer, expected)
-                            .map_err(DriverError::from),
+                        Ok(local) => match (via_null, expected) {
+                            (true, Some(x)) => ep.initiate_expecting(Instant::now(), local, peer, x),
+                            _ => ep.initiate(Instant::now(), local, peer, expected),
+                        }
+                        .map_err(DriverError::from),
                         Err(e) => Err(e.into()),
                     };
                     let _ = reply.send(r);

@@ -125,6 +125,15 @@ pub enum Outcome {
     Nothing,
 }
 
+/// An input for [`Security::handle`].
+#[derive(Debug)]
+pub enum Input {
+    /// From the HIP endpoint.
+    Hip(Event),
+    /// From the kernel's XFRM monitor.
+    Kernel(KernelEvent),
+}
+
 /// The HITs a responder accepts I2s from: the HITs offered in calls we answered, counted
 /// per call (two calls with the same peer host share its HIT).
 #[derive(Clone, Default)]
@@ -268,19 +277,19 @@ impl Security {
         }
         self.records.remove(&expected);
         self.record(expected, true, Some(locator));
-        // With `i1_to_null_hit`, the I1 goes to the null HIT and the endpoint reports the
-        // responder's real HIT on R1; the check against `expected` happens in `on_event`.
-        let (target, via_null) = if self.i1_to_null {
+        // With `i1_to_null_hit`, the I1 goes to the null HIT and the endpoint checks the
+        // responder's HI against `expected` on R1 (a mismatch fails before any I2).
+        tracing::info!(peer = %expected, %locator, via_null = self.i1_to_null, "starting HIP base exchange");
+        let r = if self.i1_to_null {
             self.expected_at.insert(locator, expected);
-            (None, true)
+            self.driver
+                .initiate_expecting(self.local_locator, locator, expected)
+                .await
         } else {
-            (Some(expected), false)
+            self.driver
+                .initiate(self.local_locator, locator, Some(expected))
+                .await
         };
-        tracing::info!(peer = %expected, %locator, via_null, "starting HIP base exchange");
-        let r = self
-            .driver
-            .initiate(self.local_locator, locator, target)
-            .await;
         if let Err(e) = r {
             self.expected_at.remove(&locator);
             let rec = self.record(expected, true, Some(locator));
@@ -358,23 +367,33 @@ impl Security {
             .unwrap_or_default()
     }
 
-    /// Waits for the next thing that happened and handles it.
-    pub async fn next(&mut self) -> Outcome {
+    /// Waits for the next input (a HIP event or a kernel event). Cancel-safe: the daemon
+    /// selects on it with its other inputs; the work happens in [`Security::handle`],
+    /// which must not be cancelled half-way (netlink requests in flight).
+    pub async fn wait(&mut self) -> Input {
         let kernel = async {
             match &mut self.offload {
-                Some(o) => Some(o.next_kernel_event().await),
+                Some(o) => o.next_kernel_event().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             ev = self.driver.next_event() => match ev {
-                Some(ev) => self.on_event(ev).await,
+                Some(ev) => Input::Hip(ev),
                 None => {
                     tracing::error!("the HIP driver stopped");
                     std::future::pending().await
                 }
             },
-            Some(kev) = kernel => {
+            kev = kernel => Input::Kernel(kev),
+        }
+    }
+
+    /// Handles what [`Security::wait`] returned.
+    pub async fn handle(&mut self, input: Input) -> Outcome {
+        match input {
+            Input::Hip(ev) => self.on_event(ev).await,
+            Input::Kernel(kev) => {
                 self.on_kernel_event(kev).await;
                 Outcome::Nothing
             }
@@ -384,31 +403,9 @@ impl Security {
     async fn on_event(&mut self, ev: Event) -> Outcome {
         match ev {
             Event::Established(e) => {
-                let mut peer = e.peer_hit;
-                if e.initiator
-                    && let Some(expected) = self.expected_at.remove(&e.peer_locator)
-                    && expected != e.peer_hit
-                {
-                    // Opportunistic I1: the responder proved a different HIT than SIP told
-                    // us. Refuse the association (draft §4: a MITM on the signalling path).
-                    tracing::error!(%expected, actual = %e.peer_hit, "HIT mismatch: the responder's Host Identity is not the one its SDP named");
-                    let _ = self.driver.close(e.peer_hit).await;
-                    let r = self.record(expected, true, Some(e.peer_locator));
-                    r.state = AssocState::Failed;
-                    r.actual_peer_hit = Some(e.peer_hit.to_string());
-                    r.error = Some(format!(
-                        "HIT mismatch: expected {expected}, the responder's HI hashes to {}",
-                        e.peer_hit
-                    ));
-                    return Outcome::Failed {
-                        peer: expected,
-                        error: r.error.clone().unwrap_or_default(),
-                        mismatch: true,
-                    };
-                }
-                if !e.initiator && !self.records.contains_key(&peer) {
-                    // Opportunistic responder: no call named this HIT.
-                    peer = e.peer_hit;
+                let peer = e.peer_hit;
+                if e.initiator {
+                    self.expected_at.remove(&e.peer_locator);
                 }
                 let kernel = match &mut self.offload {
                     Some(o) => match o.install(&e).await {
@@ -455,16 +452,21 @@ impl Security {
                     (None, None) => return Outcome::Nothing,
                 };
                 let mismatch = matches!(error, ProtocolError::HitMismatch { .. });
+                let text = if mismatch {
+                    format!("HIT mismatch (the peer is not who its SDP said): {error}")
+                } else {
+                    error.to_string()
+                };
                 let r = self.record(peer, true, Some(peer_locator));
                 r.state = AssocState::Failed;
-                r.error = Some(error.to_string());
+                r.error = Some(text.clone());
                 if let ProtocolError::HitMismatch { actual, .. } = &error {
                     r.actual_peer_hit = Some(actual.to_string());
                 }
-                tracing::error!(%peer, %peer_locator, "HIP exchange failed: {error}");
+                tracing::error!(%peer, %peer_locator, "HIP exchange failed: {text}");
                 Outcome::Failed {
                     peer,
-                    error: error.to_string(),
+                    error: text,
                     mismatch,
                 }
             }

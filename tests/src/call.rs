@@ -420,6 +420,19 @@ pub struct Packet {
     pub sip: Option<String>,
 }
 
+/// tshark prints HITs as bytes (`20:01:00:22:…` or plain hex): as IPv6 text.
+fn hit_text(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(char::is_ascii_hexdigit).collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut o = [0u8; 16];
+    for (i, b) in o.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(std::net::Ipv6Addr::from(o).to_string())
+}
+
 /// Decodes a capture with tshark (an independent dissector).
 pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
     let out = crate::run(
@@ -444,7 +457,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             "-e",
             "esp.spi",
             "-e",
-            "hip.type",
+            "hip.packet_type",
             "-e",
             "hip.hit_sndr",
             "-e",
@@ -478,7 +491,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             dport: num(f[4]).unwrap_or(0) as u16,
             spi: num(f[5]).map(|x| x as u32),
             hip_type: num(f[6]).map(|x| x as u8),
-            hip_sender: Some(first(f[7])).filter(|s| !s.is_empty()),
+            hip_sender: hit_text(&first(f[7])),
             sip: Some(first(f[8]))
                 .filter(|s| !s.is_empty())
                 .or_else(|| Some(first(f[9])).filter(|s| !s.is_empty())),

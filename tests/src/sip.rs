@@ -84,7 +84,7 @@ impl Agent {
         Command::new(agent_bin())
             .args(["--netns", ns, "run", "--config"])
             .arg(cfg)
-            .env("HIP_LOG", "debug")
+            .env("HIP_LOG", "debug,aya=info,aya_obj=info,netlink_proto=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -141,16 +141,21 @@ impl Agent {
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
             bail!(
-                "hip-agent {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "hip-agent {args:?} ({}): {}\n--- last lines of the agent's log ---\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         Ok(String::from_utf8(out.stdout)?)
     }
 
     pub fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ctl(args).unwrap()).unwrap()
+        let text = self.ctl(args).unwrap_or_else(|e| panic!("{e:#}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
     }
 
     pub fn status(&self) -> Value {

@@ -614,6 +614,42 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Like [`Endpoint::initiate`] with an expected HIT, but the I1 goes to the null HIT
+    /// (RFC 7401 §4.1.8) and the expectation is checked on R1: a host at `peer_locator`
+    /// that is not `expected` still answers, and the exchange fails at once with
+    /// [`ProtocolError::HitMismatch`] — before any I2, SPI or key exists — instead of the
+    /// I1 going unanswered until its retries run out. This is how the agent enforces a
+    /// HIT learned through SIP when a proxy may have rewritten it (the draft's §4).
+    pub fn initiate_expecting(
+        &mut self,
+        now: Instant,
+        local_locator: IpAddr,
+        peer_locator: IpAddr,
+        expected_peer_hit: Hit,
+    ) -> Result<(), ProtocolError> {
+        if let Some(a) = self.assocs.get(&expected_peer_hit)
+            && !matches!(a.state, State::Closed | State::EFailed)
+        {
+            return Err(ProtocolError::AlreadyAssociated(expected_peer_hit));
+        }
+        if self.opportunistic.contains_key(&peer_locator) {
+            return Err(ProtocolError::AlreadyAssociated(Hit::ZERO));
+        }
+        let mut a = Assoc::new_initiator(
+            &self.config,
+            self.hit(),
+            Some(expected_peer_hit),
+            local_locator,
+            peer_locator,
+        );
+        // Addressed to the null HIT; `expected` stays set for the R1 check.
+        a.peer_hit = Hit::ZERO;
+        let i1 = a.build_i1(&self.config);
+        a.send_reliably(now, &self.config, i1, &mut self.transmits);
+        self.opportunistic.insert(peer_locator, a);
+        Ok(())
+    }
+
     /// Closes the association with `peer` (CLOSE, RFC 7401 §5.3.7).
     pub fn close(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
         let Some(a) = self.assocs.get_mut(&peer) else {

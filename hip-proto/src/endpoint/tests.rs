@@ -671,6 +671,65 @@ fn hi_not_matching_the_expected_hit() {
 }
 
 #[test]
+fn null_hit_i1_checks_the_expected_hit_on_r1() {
+    // A learned C's HIT (through SIP) but B sits at the locator: with the I1 to the null
+    // HIT, B answers and A refuses on R1 — no I2, no association.
+    let mut s = pair(
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP256,
+        fast_config(),
+        fast_config(),
+        PERFECT,
+        13,
+    );
+    let c = identity(Algorithm::EcdsaP256, 3).hit();
+    let now = s.now;
+    s.a.initiate_expecting(now, loc(LOC_A), loc(LOC_B), c)
+        .unwrap();
+    s.run_until(Duration::from_secs(5), |_| false);
+    let want = ProtocolError::HitMismatch {
+        expected: c,
+        actual: s.b.hit(),
+    };
+    assert!(
+        s.events_a
+            .iter()
+            .any(|e| matches!(e, Event::Failed { error, .. } if *error == want)),
+        "{:?}",
+        s.events_a
+    );
+    assert!(
+        !s.wire
+            .iter()
+            .any(|(_, t)| t.packet_type() == Some(wire::PacketType::I2))
+    );
+    no_association(&s);
+}
+
+#[test]
+fn null_hit_i1_with_the_right_expected_hit_completes() {
+    let mut s = pair(
+        Algorithm::EcdsaP256,
+        Algorithm::EcdsaP256,
+        fast_config(),
+        fast_config(),
+        PERFECT,
+        14,
+    );
+    let b = s.b.hit();
+    let now = s.now;
+    s.a.initiate_expecting(now, loc(LOC_A), loc(LOC_B), b)
+        .unwrap();
+    s.run_until(Duration::from_secs(5), |_| false);
+    assert_eq!(s.a.state(&b), Some(State::Established));
+    assert!(
+        s.events_a
+            .iter()
+            .any(|e| matches!(e, Event::Established(x) if x.peer_hit == b))
+    );
+}
+
+#[test]
 fn unsupported_dh_group_only() {
     let ca = Config {
         dh_groups: vec![DhGroup::Modp3072],
