@@ -250,8 +250,10 @@ pub enum FailureAction {
 #[serde(rename_all = "kebab-case")]
 pub enum EspChoice {
     /// Suite 8: `cbc(aes)` 128 + `hmac(sha256)` truncated to 128 bits.
+    #[serde(rename = "aes-128-cbc-hmac-sha256")]
     Aes128CbcHmacSha256,
     /// Suite 13: `rfc4106(gcm(aes))` 128 with a 16-octet ICV.
+    #[serde(rename = "aes-gcm-128")]
     AesGcm128,
     /// Suite 7: no encryption, `hmac(sha256)` — for debugging only.
     NullHmacSha256,
@@ -759,9 +761,17 @@ mod tests {
              timers = { t1 = 100, t2 = 1000, t4 = 2000 }\n\
              [sip.answer]\nmode = \"manual\"\nring_ms = 200\n\
              [sip.sdp]\nform = \"k\"\nhit_format = \"ipv6\"\nsend_hi = true\nper_media = false\nrtp_port = 4000\n\
-             [hip]\n[kernel]\n[datapath]\n",
+             [hip]\naccept = \"opportunistic\"\nesp_transforms = [\"aes-128-cbc-hmac-sha256\"]\non_failure = \"keep\"\n\
+             [kernel]\nfail_closed = \"guard\"\nsoft_lifetime_secs = 50\nhard_lifetime_secs = 60\n\
+             [datapath]\ninterfaces = [\"eth0\"]\nmedia_ports = \"20000-20099\"\n",
         )
         .unwrap();
+        assert!(c.hip_enabled() && c.kernel_enabled() && c.datapath_enabled());
+        assert_eq!(c.hip.accept, AcceptPolicy::Opportunistic);
+        assert_eq!(c.hip.on_failure, FailureAction::Keep);
+        assert_eq!(c.kernel.fail_closed, hip_kernel::FailClosed::Guard);
+        assert_eq!(c.kernel.lifetimes().soft_secs, 50);
+        assert_eq!(c.datapath.port_range().unwrap(), 20000..=20099);
         assert_eq!(
             c.sip.outbound_proxy.unwrap().to_string(),
             "udp:192.0.2.3:5060"
@@ -771,6 +781,29 @@ mod tests {
         assert!(c.sip.sdp.send_hi);
         assert_eq!(c.sip.sdp.rtp_port, 4000);
         assert_eq!(c.sip.timers.t1, std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn offload_settings_that_do_not_fit_are_refused() {
+        let id = MIN.replace("hit = \"2001:20::1\"", "identity = \"/etc/hip/id.pem\"");
+        // HIP with the datapath on needs interfaces.
+        let e = parse(&id).unwrap_err().to_string();
+        assert!(e.contains("interfaces"), "{e}");
+        let ok = format!("{id}[datapath]\nenabled = false\n");
+        assert!(parse(&ok).unwrap().kernel_enabled());
+        for (extra, word) in [
+            ("[kernel]\nreplay_window = 64\n", "replay_window"),
+            ("[kernel]\nsoft_lifetime_secs = 90\nhard_lifetime_secs = 60\n", "soft_lifetime_secs"),
+            ("[datapath]\ninterfaces = [\"e\"]\nmedia_ports = \"9-3\"\n", "media_ports"),
+            ("[hip]\nesp_transforms = []\n", "esp_transforms"),
+        ] {
+            let e = parse(&format!("{id}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(word), "{extra}: {e}");
+        }
+        // A bare HIT cannot run HIP.
+        let e = parse(&format!("{MIN}[hip]\nenabled = true\n")).unwrap_err().to_string();
+        assert!(e.contains("identity"), "{e}");
+        assert!(!parse(MIN).unwrap().hip_enabled());
     }
 
     #[test]
