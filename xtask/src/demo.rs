@@ -22,7 +22,7 @@ impl Drop for Cleanup {
 }
 
 fn sh(args: &[&str]) -> Result<String> {
-    util::output(&mut util::cmd(args[0]).args(&args[1..]))
+    util::output(util::cmd(args[0]).args(&args[1..]))
 }
 
 fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {

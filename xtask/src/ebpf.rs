@@ -40,8 +40,9 @@ pub fn build() -> Result<()> {
 /// Builds the agent (embedding the object) in the given profile; returns the binary path.
 pub fn build_agent(release: bool) -> Result<PathBuf> {
     let mut c = cmd("cargo");
-    // hip-datapath's build.rs embeds `object_path()` by default.
-    c.args(["build", "-p", "hip-agent"]);
+    // hip-datapath's build.rs embeds `object_path()` by default. The test tools (the
+    // `hip-rtp` media endpoint) are built alongside, into the same directory.
+    c.args(["build", "-p", "hip-agent", "-p", "hip-tests", "--bins"]);
     if release {
         c.arg("--release");
     }

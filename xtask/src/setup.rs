@@ -85,15 +85,12 @@ pub fn vng_path() -> Option<String> {
         return Some("vng".into());
     }
     let user_base = output(cmd("python3").args(["-m", "site", "--user-base"])).ok()?;
-    for cand in [
+    [
         format!("{}/bin/vng", user_base.trim()),
         "/usr/local/bin/vng".to_owned(),
-    ] {
-        if Path::new(&cand).exists() {
-            return Some(cand);
-        }
-    }
-    None
+    ]
+    .into_iter()
+    .find(|cand| Path::new(cand).exists())
 }
 
 fn virtme_ng() -> Result<()> {
@@ -136,7 +133,7 @@ fn rust_src() -> Result<()> {
 /// Path of the project's bpf-linker.
 pub fn bpf_linker() -> Result<()> {
     let bin = util::tools_dir().join("bin/bpf-linker");
-    if output(&mut cmd(bin.to_str().unwrap()).arg("--version"))
+    if output(cmd(bin.to_str().unwrap()).arg("--version"))
         .is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
     {
         eprintln!(

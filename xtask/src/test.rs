@@ -145,10 +145,16 @@ pub fn run(a: &TestArgs) -> Result<()> {
     let mut t = Tally::default();
     let step = Instant::now();
     crate::setup::run()?;
-    t.stages.push(("setup".into(), true, step.elapsed(), "provisioned".into()));
+    t.stages
+        .push(("setup".into(), true, step.elapsed(), "provisioned".into()));
     let step = Instant::now();
     ebpf::build()?;
-    t.stages.push(("ebpf".into(), true, step.elapsed(), "eBPF object built".into()));
+    t.stages.push((
+        "ebpf".into(),
+        true,
+        step.elapsed(),
+        "eBPF object built".into(),
+    ));
 
     if a.no_lint {
         t.stages.push((
@@ -192,7 +198,12 @@ pub fn run(a: &TestArgs) -> Result<()> {
 
     let step = Instant::now();
     let agent = ebpf::build_agent(false)?;
-    t.stages.push(("agent".into(), true, step.elapsed(), "hip-agent built".into()));
+    t.stages.push((
+        "agent".into(),
+        true,
+        step.elapsed(),
+        "hip-agent built".into(),
+    ));
 
     if a.no_host {
         t.stages.push((
@@ -293,12 +304,12 @@ fn vm_stage(t: &mut Tally, agent: &std::path::Path) -> Result<()> {
         let is_test = v["target"]["kind"]
             .as_array()
             .is_some_and(|k| k.iter().any(|x| x == "test"));
-        if v["reason"] == "compiler-artifact" && is_test {
-            if let (Some(name), Some(exe)) =
+        if v["reason"] == "compiler-artifact"
+            && is_test
+            && let (Some(name), Some(exe)) =
                 (v["target"]["name"].as_str(), v["executable"].as_str())
-            {
-                exes.push((name.to_owned(), PathBuf::from(exe)));
-            }
+        {
+            exes.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
     if exes.len() != targets.len() {
