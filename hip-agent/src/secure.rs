@@ -5,7 +5,7 @@
 //! The daemon's loop owns one [`Security`] and calls it from [`crate::daemon`]'s
 //! `dispatch`: [`Security::initiate`] when a call we placed is answered,
 //! [`Security::authorize`] when we answer one, [`Security::close`] when a call ends; it
-//! polls [`Security::next`] for what happened (an association established, refused,
+//! waits on [`Security::wait`] and passes what arrives to [`Security::handle`] for what happened (an association established, refused,
 //! closed) and updates the calls it shows.
 
 use std::{
@@ -98,7 +98,7 @@ pub struct AssocRecord {
     pub rekeys: u32,
 }
 
-/// What [`Security::next`] reports to the daemon.
+/// What [`Security::handle`] reports to the daemon.
 #[derive(Clone, Debug)]
 pub enum Outcome {
     /// The association with `peer` is established (and offloaded if configured).

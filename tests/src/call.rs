@@ -400,6 +400,8 @@ pub fn xfrm_counts(ns: &NetNs) -> Result<(usize, usize)> {
 /// One packet of the capture, as tshark decodes it.
 #[derive(Clone, Debug, Default)]
 pub struct Packet {
+    /// Seconds since the first packet of the capture.
+    pub time: f64,
     /// Outer source.
     pub src: String,
     /// Outer destination.
@@ -445,6 +447,8 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             "-E",
             "separator=|",
             "-e",
+            "frame.time_relative",
+            "-e",
             "ip.src",
             "-e",
             "ip.dst",
@@ -469,9 +473,11 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
     let mut v = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 10 || f[0].is_empty() {
+        if f.len() < 11 || f[1].is_empty() {
             continue;
         }
+        let time = f[0].parse().unwrap_or(0.0);
+        let f = &f[1..];
         let first = |s: &str| s.split(',').next().unwrap_or("").to_owned();
         let num = |s: &str| -> Option<u64> {
             let s = first(s);
@@ -484,6 +490,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             }
         };
         v.push(Packet {
+            time,
             src: first(f[0]),
             dst: first(f[1]),
             proto: num(f[2]).unwrap_or(0) as u8,

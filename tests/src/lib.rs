@@ -175,6 +175,27 @@ impl Drop for NetNs {
     }
 }
 
+/// Removes what [`NetNs`] guards of this process left (for a process interrupted by a
+/// signal, whose destructors do not run): kills the processes in its namespaces, deletes
+/// them, and removes test pin directories named after them.
+pub fn cleanup_own_namespaces() {
+    let tag = format!("-{}-", std::process::id());
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if name.starts_with("hipt-") && name.contains(&tag) {
+            drop(NetNs {
+                name: name.to_owned(),
+            });
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/hip-test-{name}"));
+        }
+    }
+}
+
 /// Joins the calling thread to network namespace NAME.
 pub fn enter_netns(name: &str) -> Result<()> {
     use std::os::fd::AsRawFd;

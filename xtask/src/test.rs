@@ -193,7 +193,13 @@ pub fn run(a: &TestArgs) -> Result<()> {
     stage(
         &mut t,
         "unit",
-        util::cmd("cargo").args(["test", "--workspace", "--exclude", "hip-tests"]),
+        util::cmd("cargo").args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "hip-tests",
+        ]),
     )?;
 
     let step = Instant::now();
@@ -216,7 +222,7 @@ pub fn run(a: &TestArgs) -> Result<()> {
         util::require_root("the privileged host tests")?;
         let targets = test_targets("host_")?;
         let mut c = util::cmd("cargo");
-        c.args(["test", "-p", "hip-tests"]);
+        c.args(["test", "--no-fail-fast", "-p", "hip-tests"]);
         for tg in &targets {
             c.args(["--test", tg]);
         }
