@@ -164,6 +164,27 @@ pub struct CallInfo {
     pub remote_uri: String,
     /// The peer's Contact (remote target), once known.
     pub remote_target: Option<String>,
+    /// The transport of our hop: to the first hop for a call we placed, the one the INVITE
+    /// arrived on for a call we answered.
+    pub transport: Transport,
+    /// Whether the Request-URI is a SIPS URI (RFC 3261 §26.2.2: TLS on every hop).
+    pub sips: bool,
+}
+
+/// What a received request offers to authenticate its sender and its SDP (the draft's §4):
+/// its SIP Identity headers (RFC 8224) and how it reached us (for SIPS, §4.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestAuth {
+    /// Every `Identity` header value, in order (RFC 8224 §4 allows several).
+    pub identity: Vec<String>,
+    /// The request's From URI.
+    pub from_uri: String,
+    /// The request's To URI.
+    pub to_uri: String,
+    /// The transport it arrived on.
+    pub transport: Option<Transport>,
+    /// Whether its Request-URI is a SIPS URI.
+    pub sips: bool,
 }
 
 /// Why a call ended.
@@ -216,6 +237,8 @@ pub enum Event {
         call: CallInfo,
         /// The offer, if the INVITE had a body.
         remote_sdp: Option<Bytes>,
+        /// The INVITE's Identity headers and transport.
+        auth: RequestAuth,
     },
     /// 180 Ringing (or another 1xx > 100) for our INVITE.
     Ringing {
@@ -243,6 +266,16 @@ pub enum Event {
         call: CallHandle,
         /// The new SDP.
         sdp: Bytes,
+        /// The request that carried it (UPDATE or re-INVITE from the peer); `None` when it
+        /// came in the answer to our own UPDATE.
+        auth: Option<RequestAuth>,
+    },
+    /// Our UPDATE (RFC 3311) got its final response, or timed out.
+    UpdateResult {
+        /// The call.
+        call: CallHandle,
+        /// Final status, `None` on timeout or transport error.
+        status: Option<u16>,
     },
     /// The call is over; its handle is no longer valid.
     Ended {

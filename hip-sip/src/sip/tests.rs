@@ -237,7 +237,9 @@ fn a_call_between_two_agents_completes_and_leaves_nothing_behind() {
     }
     let b = sim.events(1);
     match b[0] {
-        Event::IncomingCall { call, remote_sdp } => {
+        Event::IncomingCall {
+            call, remote_sdp, ..
+        } => {
             assert_eq!(call.remote_uri, "sip:alice@atlanta.com");
             assert_eq!(call.direction, Direction::Incoming);
             assert!(String::from_utf8_lossy(remote_sdp.as_ref().unwrap()).contains("2001:20::a"));
@@ -718,6 +720,160 @@ fn update_carries_new_sdp_both_ways() {
     assert!(sim.events(0).iter().any(|e| matches!(e, Event::RemoteSdp { sdp, .. } if String::from_utf8_lossy(sdp).contains("2001:20::b"))));
 }
 
+/// The draft's §4.1: the caller's INVITE carries SIP Identity; the callee, whose 200 cannot
+/// (RFC 8224 signs requests), follows its answer with a signed UPDATE. Signed and verified
+/// here with `crate::identity` end to end over the simulated wire.
+#[test]
+fn identity_rides_on_the_invite_and_on_the_callees_update() {
+    use crate::identity::{self, Claims, Expected, SigningKey, Trust};
+    let (ka, kb) = (
+        SigningKey::from_scalar(&[3; 32]).unwrap(),
+        SigningKey::from_scalar(&[4; 32]).unwrap(),
+    );
+    let mut trust = Trust::default();
+    trust.insert("atlanta.com", ka.verifying_key());
+    trust.insert("192.0.2.4", kb.verifying_key());
+    let (hit_a, hit_b): (crate::sdp::Hit, crate::sdp::Hit) =
+        ("2001:20::a".parse().unwrap(), "2001:20::b".parse().unwrap());
+    let mut sim = Sim::new(vec![
+        ua("alice", "atlanta.com", ALICE, 1),
+        ua("bob", "biloxi.com", BOB, 2),
+    ]);
+    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    let target = "sip:bob@192.0.2.4";
+    let claims = |orig: &str, dest: &str, hit| Claims {
+        orig: identity::canonical(orig).unwrap(),
+        dest: vec![identity::canonical(dest).unwrap()],
+        iat: 1000,
+        hits: vec![hit],
+    };
+    let now = sim.now;
+    let aor = sim.nodes[0].ua.aor();
+    assert_eq!(aor, "sip:alice@atlanta.com");
+    let signed = identity::sign(&ka, &claims(&aor, target, hit_a), "https://atlanta.com/c");
+    let h = sim.nodes[0]
+        .ua
+        .call_signed(
+            now,
+            target,
+            Some(sdp("alice", "2001:20::a")),
+            Some(signed.clone()),
+        )
+        .unwrap();
+    sim.run_for(ms(10));
+    let verify = |auth: &RequestAuth, hit| {
+        identity::verify_any(
+            &auth.identity,
+            &trust,
+            &Expected {
+                from_uri: &auth.from_uri,
+                to_uri: &auth.to_uri,
+                sdp_hits: &[hit],
+                now: 1010,
+                window: 60,
+            },
+        )
+    };
+    let (bob_call, auth) = sim
+        .events(1)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::IncomingCall { call, auth, .. } => Some((call.clone(), auth.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(auth.identity, vec![signed]);
+    assert_eq!(auth.transport, Some(Transport::Udp));
+    assert!(!auth.sips && !bob_call.sips);
+    assert_eq!(
+        verify(&auth, hit_a).unwrap().unwrap().orig,
+        "sip:alice@atlanta.com"
+    );
+    // Alice sent Allow with UPDATE; so did Bob's 200.
+    assert_eq!(
+        sim.nodes[1].ua.peer_allows(bob_call.handle, "UPDATE"),
+        Some(true)
+    );
+    assert_eq!(sim.nodes[0].ua.peer_allows(h, "update"), Some(true));
+    assert_eq!(sim.nodes[0].ua.peer_allows(h, "PRACK"), Some(false));
+
+    // Bob's UPDATE: From is his dialog URI (Alice's To), To is Alice.
+    let bob_sdp = sim.nodes[1]
+        .ua
+        .call_sdp(bob_call.handle)
+        .unwrap()
+        .0
+        .unwrap();
+    let up = identity::sign(
+        &kb,
+        &claims(&bob_call.local_uri, &bob_call.remote_uri, hit_b),
+        "https://biloxi.com/c",
+    );
+    let now = sim.now;
+    sim.nodes[1]
+        .ua
+        .update_signed(now, bob_call.handle, bob_sdp, Some(up))
+        .unwrap();
+    sim.run_for(ms(10));
+    let auth = sim
+        .events(0)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::RemoteSdp { auth: Some(a), .. } => Some(a.clone()),
+            _ => None,
+        })
+        .expect("alice got the UPDATE's SDP with its request");
+    assert_eq!(auth.from_uri, "sip:bob@192.0.2.4");
+    assert_eq!(auth.to_uri, "sip:alice@atlanta.com");
+    assert_eq!(verify(&auth, hit_b).unwrap().unwrap().domain, "192.0.2.4");
+    // Bob learns that his UPDATE was accepted; the answer's SDP came without a request.
+    let b = sim.events(1);
+    assert!(
+        b.iter().any(|e| matches!(
+            e,
+            Event::UpdateResult {
+                status: Some(200),
+                ..
+            }
+        )),
+        "{b:?}"
+    );
+    assert!(
+        b.iter()
+            .any(|e| matches!(e, Event::RemoteSdp { auth: None, .. }))
+    );
+}
+
+#[test]
+fn an_unanswered_update_is_reported() {
+    let mut sim = Sim::new(vec![
+        ua("alice", "atlanta.com", ALICE, 1),
+        ua("bob", "biloxi.com", BOB, 2),
+    ]);
+    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    let now = sim.now;
+    let h = sim.nodes[0]
+        .ua
+        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
+        .unwrap();
+    sim.run_for(ms(10));
+    // From now on nothing reaches Bob.
+    sim.drop = Box::new(|w| w.to == addr(BOB));
+    let now = sim.now;
+    sim.nodes[0]
+        .ua
+        .update(now, h, sdp("alice", "2001:20::aa"))
+        .unwrap();
+    sim.run_for(Duration::from_secs(40));
+    assert!(
+        sim.events(0)
+            .iter()
+            .any(|e| matches!(e, Event::UpdateResult { status: None, .. })),
+        "{:?}",
+        sim.events(0)
+    );
+}
+
 // ------------------------------------------------------------------------- digest
 
 /// RFC 2617 §3.5's example (MD5, qop=auth) and RFC 7616 §3.9.1's (SHA-256 and MD5).
@@ -916,7 +1072,12 @@ fn invite_answers_a_proxy_md5_challenge_with_a_new_transaction() {
     let now = sim.now;
     sim.nodes[0]
         .ua
-        .call(now, "sip:bob@biloxi.com", Some(sdp("alice", "2001:20::a")))
+        .call_signed(
+            now,
+            "sip:bob@biloxi.com",
+            Some(sdp("alice", "2001:20::a")),
+            Some("aGVhZGVy.cGF5bG9hZA.c2ln;info=<https://atlanta.com/c.pem>".into()),
+        )
         .unwrap();
     sim.settle();
     let first = String::from_utf8_lossy(&sim.log[0].data).into_owned();
@@ -953,6 +1114,13 @@ fn invite_answers_a_proxy_md5_challenge_with_a_new_transaction() {
     assert!(
         second.ends_with("a=key-mgmt:host-identity-tag 2001:20::a\r\n"),
         "body kept"
+    );
+    // The Identity header (RFC 8224) is on the re-sent INVITE too.
+    assert_eq!(header(&second, "Identity"), header(&first, "Identity"));
+    assert!(
+        header(&second, "Identity")
+            .unwrap()
+            .starts_with("aGVhZGVy.")
     );
     let auth = header(&second, "Proxy-Authorization").unwrap();
     // No qop: the RFC 2069 form, MD5(HA1:nonce:HA2).

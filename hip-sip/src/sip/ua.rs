@@ -17,8 +17,8 @@ use sipx_sip::{
 };
 
 use super::{
-    CallHandle, CallInfo, CallState, ConnId, Dest, Direction, EndReason, Event, SipError, Transmit,
-    Transport, UaConfig, digest, malformed,
+    CallHandle, CallInfo, CallState, ConnId, Dest, Direction, EndReason, Event, RequestAuth,
+    SipError, Transmit, Transport, UaConfig, digest, malformed,
 };
 
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE";
@@ -91,6 +91,13 @@ struct Call {
     final_2xx: Option<(Response, Duration)>,
     /// UAC: the ACK for the 2xx, re-sent on every retransmitted 2xx (RFC 3261 §13.2.2.4).
     ack: Option<(Bytes, Dest)>,
+    /// UAC: the `Identity` header value (RFC 8224) our INVITE carries, kept for its
+    /// re-sends after an authentication challenge.
+    identity: Option<String>,
+    /// The peer's `Allow` list (from its INVITE, or the 2xx to ours), when it sent one.
+    remote_allow: Option<String>,
+    /// Whether the Request-URI is a SIPS URI.
+    sips: bool,
 }
 
 impl Call {
@@ -103,6 +110,8 @@ impl Call {
             local_uri: self.local_uri.clone(),
             remote_uri: self.remote_uri.clone(),
             remote_target: self.remote_target.clone(),
+            transport: self.transport,
+            sips: self.sips,
         }
     }
 }
@@ -155,6 +164,31 @@ fn from_tag(h: &sx::Headers) -> Option<String> {
 
 fn build_err(e: impl std::fmt::Display) -> SipError {
     SipError::Build(e.to_string())
+}
+
+/// The Identity headers, From/To URIs and arrival of a request we received.
+fn request_auth(req: &Request, transport: Option<Transport>) -> RequestAuth {
+    RequestAuth {
+        identity: req
+            .headers
+            .get_all(&HeaderName::Identity)
+            .map(|h| String::from_utf8_lossy(&h.value()).into_owned())
+            .collect(),
+        from_uri: req
+            .headers
+            .typed::<sh::From>()
+            .and_then(Result::ok)
+            .map(|a| a.uri.to_string())
+            .unwrap_or_default(),
+        to_uri: req
+            .headers
+            .typed::<sh::To>()
+            .and_then(Result::ok)
+            .map(|a| a.uri.to_string())
+            .unwrap_or_default(),
+        transport,
+        sips: req.uri.scheme().is_secure(),
+    }
 }
 
 /// Resolves a URI to a next hop: IP literal host only (no RFC 3263 DNS in the core).
@@ -249,6 +283,17 @@ impl UserAgent {
         self.calls
             .get(&call)
             .map(|c| (c.local_sdp.clone(), c.remote_sdp.clone()))
+    }
+
+    /// Whether the peer of `call` listed `method` in its `Allow` header; `None` when it sent
+    /// no `Allow` (RFC 3261 §20.5: then nothing is known) or the call is unknown.
+    pub fn peer_allows(&self, call: CallHandle, method: &str) -> Option<bool> {
+        let allow = self.calls.get(&call)?.remote_allow.as_ref()?;
+        Some(
+            allow
+                .split(',')
+                .any(|m| m.trim().eq_ignore_ascii_case(method)),
+        )
     }
 
     /// Transactions in flight as (client, server): a leak shows up here first.
@@ -552,7 +597,8 @@ impl UserAgent {
         ))
     }
 
-    fn aor(&self) -> String {
+    /// Our address of record, `sip:user@domain` (the From of the requests we start).
+    pub fn aor(&self) -> String {
         format!("sip:{}@{}", self.cfg.user, self.cfg.domain)
     }
 
@@ -764,6 +810,7 @@ impl UserAgent {
         self.next_handle += 1;
         let local_tag = self.token(10);
         let src = self.tx_dest.get(key).copied();
+        let auth = request_auth(&req, src.map(|d| d.transport));
         let transport = src.map_or(Transport::Udp, |d| d.transport);
         let remote_target = req
             .headers
@@ -807,6 +854,9 @@ impl UserAgent {
             route_set,
             transport,
             first_hop: None,
+            remote_allow: hval(&req.headers, &HeaderName::Allow),
+            sips: req.uri.scheme().is_secure(),
+            identity: None,
             invite: Some(req),
             invite_key: Some(key.clone()),
             uas_dest: src,
@@ -827,6 +877,7 @@ impl UserAgent {
         self.events.push_back(Event::IncomingCall {
             call: info,
             remote_sdp: body,
+            auth,
         });
     }
 
@@ -864,7 +915,12 @@ impl UserAgent {
             self.respond(now, key, r);
         }
         if let Some(sdp) = body {
-            self.events.push_back(Event::RemoteSdp { call: h, sdp });
+            let transport = self.tx_dest.get(key).map(|d| d.transport);
+            self.events.push_back(Event::RemoteSdp {
+                call: h,
+                sdp,
+                auth: Some(request_auth(req, transport)),
+            });
         }
     }
 
@@ -993,13 +1049,24 @@ impl UserAgent {
             }
             Owner::Call(_, Purpose::Cancel) => {}
             Owner::Call(h, Purpose::Update) => {
+                if status < 200 {
+                    return;
+                }
                 if resp.status.is_success() && !resp.body().is_empty() {
                     let sdp = resp.body().clone();
                     if let Some(c) = self.calls.get_mut(&h) {
                         c.remote_sdp = Some(sdp.clone());
                     }
-                    self.events.push_back(Event::RemoteSdp { call: h, sdp });
+                    self.events.push_back(Event::RemoteSdp {
+                        call: h,
+                        sdp,
+                        auth: None,
+                    });
                 }
+                self.events.push_back(Event::UpdateResult {
+                    call: h,
+                    status: Some(status),
+                });
             }
             Owner::Register => self.on_register_response(now, key, &resp),
             Owner::Options(id) => {
@@ -1052,6 +1119,7 @@ impl UserAgent {
             }
             c.remote_tag = to_tag(&resp.headers);
             c.to_value = hval(&resp.headers, &HeaderName::To).unwrap_or_default();
+            c.remote_allow = hval(&resp.headers, &HeaderName::Allow);
             c.remote_target = resp
                 .headers
                 .typed::<sh::Contact>()
@@ -1222,7 +1290,7 @@ impl UserAgent {
 
     fn build_invite(&mut self, h: CallHandle) -> Result<Request, SipError> {
         let c = self.calls.get(&h).ok_or(SipError::NoSuchCall(h))?;
-        let (t, ruri, from, to, call_id, cseq, sdp, auth) = (
+        let (t, ruri, from, to, call_id, cseq, sdp, auth, identity) = (
             c.transport,
             c.request_uri.clone(),
             c.from_value.clone(),
@@ -1231,6 +1299,7 @@ impl UserAgent {
             c.local_cseq,
             c.local_sdp.clone(),
             c.auth_header.clone(),
+            c.identity.clone(),
         );
         let uri = sx::Uri::parse(Bytes::from(ruri.clone())).map_err(|_| SipError::BadUri(ruri))?;
         let mut b = RequestBuilder::new(Method::Invite, uri)
@@ -1253,6 +1322,9 @@ impl UserAgent {
             .map_err(build_err)?;
         if let Some((n, v)) = auth {
             b = b.header(n, v).map_err(build_err)?;
+        }
+        if let Some(v) = identity {
+            b = b.header(HeaderName::Identity, v).map_err(build_err)?;
         }
         if let Some(sdp) = sdp {
             b = b
@@ -1286,6 +1358,18 @@ impl UserAgent {
         method: Method,
         cseq: Option<u32>,
         body: Option<Bytes>,
+    ) -> Result<(Request, Dest), SipError> {
+        self.build_in_dialog_with(h, method, cseq, body, None)
+    }
+
+    /// [`Self::build_in_dialog`] with an `Identity` header (RFC 8224) added.
+    fn build_in_dialog_with(
+        &mut self,
+        h: CallHandle,
+        method: Method,
+        cseq: Option<u32>,
+        body: Option<Bytes>,
+        identity: Option<String>,
     ) -> Result<(Request, Dest), SipError> {
         let c = self.calls.get_mut(&h).ok_or(SipError::NoSuchCall(h))?;
         let seq = match cseq {
@@ -1340,6 +1424,9 @@ impl UserAgent {
             && let Some((n, v)) = auth
         {
             b = b.header(n, v).map_err(build_err)?;
+        }
+        if let Some(v) = identity {
+            b = b.header(HeaderName::Identity, v).map_err(build_err)?;
         }
         if let Some(body) = body {
             b = b
@@ -1420,6 +1507,10 @@ impl UserAgent {
                 self.end_call(h, EndReason::Timeout);
             }
             Some(Owner::Call(h, Purpose::Bye)) => self.end_call(h, EndReason::LocalBye),
+            Some(Owner::Call(h, Purpose::Update)) => self.events.push_back(Event::UpdateResult {
+                call: h,
+                status: None,
+            }),
             Some(Owner::Register) => self.events.push_back(Event::RegistrationFailed {
                 status: None,
                 reason: "no response from the registrar".into(),
@@ -1455,6 +1546,19 @@ impl UserAgent {
         now: Instant,
         target: &str,
         sdp: Option<Bytes>,
+    ) -> Result<CallHandle, SipError> {
+        self.call_signed(now, target, sdp, None)
+    }
+
+    /// [`Self::call`] with an `Identity` header (RFC 8224) on the INVITE (and on its re-sends
+    /// after a digest challenge). The caller signs: the header's PASSporT names our address
+    /// of record ([`Self::aor`]) and `target`, and the time, which this core does not read.
+    pub fn call_signed(
+        &mut self,
+        now: Instant,
+        target: &str,
+        sdp: Option<Bytes>,
+        identity: Option<String>,
     ) -> Result<CallHandle, SipError> {
         let uri = sx::Uri::parse(Bytes::copy_from_slice(target.trim().as_bytes()))
             .map_err(|_| SipError::BadUri(target.to_owned()))?;
@@ -1505,6 +1609,9 @@ impl UserAgent {
             bye_on_ack: false,
             final_2xx: None,
             ack: None,
+            identity,
+            remote_allow: None,
+            sips: uri.scheme().is_secure(),
         };
         self.calls.insert(handle, call);
         self.dialogs.insert((call_id, local_tag), handle);
@@ -1671,8 +1778,22 @@ impl UserAgent {
         }
     }
 
-    /// Sends UPDATE (RFC 3311) with new SDP inside a confirmed dialog.
+    /// Sends UPDATE (RFC 3311) with new SDP inside a confirmed dialog. The outcome comes as
+    /// [`Event::UpdateResult`].
     pub fn update(&mut self, now: Instant, h: CallHandle, sdp: Bytes) -> Result<(), SipError> {
+        self.update_signed(now, h, sdp, None)
+    }
+
+    /// [`Self::update`] with an `Identity` header (RFC 8224): the draft's §4.1, where the
+    /// callee re-sends its HIT in an UPDATE it can sign, since a response cannot carry
+    /// RFC 8224 Identity.
+    pub fn update_signed(
+        &mut self,
+        now: Instant,
+        h: CallHandle,
+        sdp: Bytes,
+        identity: Option<String>,
+    ) -> Result<(), SipError> {
         let c = self.calls.get(&h).ok_or(SipError::NoSuchCall(h))?;
         if c.state != CallState::Confirmed {
             return Err(SipError::WrongState {
@@ -1681,7 +1802,8 @@ impl UserAgent {
                 what: "update",
             });
         }
-        let (req, dest) = self.build_in_dialog(h, Method::Update, None, Some(sdp.clone()))?;
+        let (req, dest) =
+            self.build_in_dialog_with(h, Method::Update, None, Some(sdp.clone()), identity)?;
         if let Some(c) = self.calls.get_mut(&h) {
             c.local_sdp = Some(sdp);
         }
