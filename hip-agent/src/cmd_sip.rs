@@ -260,6 +260,7 @@ fn print_security(s: &Value) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    print_sip_assurance(&s["sip_assurance"]);
     if let Some(f) = s["failure"].as_str() {
         println!("  FAILED: {f}");
     }
@@ -279,6 +280,50 @@ fn print_security(s: &Value) {
             f["jitter_ms"].as_f64().unwrap_or(0.0),
             f["spi"].as_u64().unwrap_or(0)
         );
+    }
+}
+
+/// What vouched for each HIT on the signalling path (the draft's §4).
+fn print_sip_assurance(a: &Value) {
+    if a.is_null() {
+        return;
+    }
+    for (who, flag, via, detail, yes, no) in [
+        (
+            "peer HIT",
+            "peer_authenticated",
+            "peer_via",
+            "peer_detail",
+            "authenticated",
+            "not authenticated",
+        ),
+        (
+            "our HIT ",
+            "own_protected",
+            "own_via",
+            "own_detail",
+            "protected",
+            "not protected",
+        ),
+    ] {
+        let state = if a[flag] == Value::Bool(true) {
+            match a[via].as_str() {
+                Some(v) => format!(
+                    "{yes} ({})",
+                    if v == "sips" { "SIPS" } else { "SIP Identity" }
+                ),
+                None => yes.to_owned(),
+            }
+        } else {
+            no.to_owned()
+        };
+        match a[detail].as_str() {
+            Some(d) => println!("  {who} {state}: {d}"),
+            None => println!("  {who} {state}"),
+        }
+    }
+    if let Some(c) = a["caveat"].as_str() {
+        println!("  caveat: {c}");
     }
 }
 

@@ -23,9 +23,16 @@
 //!
 //! [sip.sdp]
 //! form = "key-mgmt"    # key-mgmt | k
+//!
+//! [security]           # the draft's §4: what authenticates the HITs in SDP
+//! identity_key = "/etc/hip/atlanta.com-es256.pem"   # sign our SDP (RFC 8224 Identity)
+//! identity_info = "https://atlanta.com/cert.pem"
+//! trusted_identities = { "biloxi.com" = "/etc/hip/biloxi.com-es256.pub.pem" }
+//! trust_sips_proxies = false
 //! ```
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -157,6 +164,64 @@ pub struct Config {
     /// eBPF datapath settings (filled in by the datapath integration).
     #[serde(default)]
     pub datapath: DatapathSection,
+    /// How SIP protects the HITs in SDP (the draft's §4): SIP Identity keys, SIPS trust.
+    #[serde(default)]
+    pub security: SecuritySection,
+}
+
+/// `[security]`: the draft's §4 — what vouches for the HIT each side put in its SDP.
+///
+/// * **SIP Identity** (RFC 8224, §4 and §4.1 of the draft): with `identity_key`, our
+///   INVITEs carry an `Identity` header whose PASSporT binds our HIT (see
+///   `hip_sip::identity` for the project-defined `hip` extension), and when we answer a
+///   call we follow our 200 OK with a signed UPDATE carrying our SDP again, since a
+///   response cannot carry RFC 8224 Identity. A peer's Identity is verified with the key
+///   `trusted_identities` gives for the domain of its From URI; nothing is fetched from
+///   its `info` URI.
+/// * **SIPS** (§4.2): with `trust_sips_proxies`, a call whose Request-URI is `sips:` and
+///   whose hop we see is TLS counts as protecting both HITs. TLS only protects hop by
+///   hop: every proxy on the path can still change the SDP, so this trusts them all —
+///   the draft's own caveat, repeated in `status`.
+///
+/// Keys are ES256 (P-256) PEM files, e.g. made with
+/// `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out key.pem` and
+/// `openssl pkey -in key.pem -pubout -out pub.pem`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// Our domain's ES256 private key (PKCS#8 or SEC1 PEM, mode 0600); it signs for
+    /// `[sip] domain`.
+    #[serde(default)]
+    pub identity_key: Option<PathBuf>,
+    /// The `info` URI of our Identity headers (RFC 8224 §4: where our certificate is).
+    #[serde(default)]
+    pub identity_info: Option<String>,
+    /// Domain → ES256 public key (SPKI PEM) trusted to sign for it.
+    #[serde(default)]
+    pub trusted_identities: BTreeMap<String, PathBuf>,
+    /// How far a PASSporT's `iat` may be from our clock, seconds (RFC 8224 §6.2.2
+    /// recommends 60).
+    #[serde(default = "default_freshness")]
+    pub identity_freshness_secs: u64,
+    /// Count `sips:` calls over TLS as protecting both HITs (trusts every proxy, §4.2).
+    #[serde(default)]
+    pub trust_sips_proxies: bool,
+}
+
+fn default_freshness() -> u64 {
+    60
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self {
+            identity_key: None,
+            identity_info: None,
+            trusted_identities: BTreeMap::new(),
+            identity_freshness_secs: default_freshness(),
+            trust_sips_proxies: false,
+        }
+    }
 }
 
 /// Default pool file.
@@ -697,6 +762,41 @@ impl Config {
         if let Err(e) = self.datapath.port_range() {
             return invalid(format!("[datapath] {e}"));
         }
+        let sec = &self.security;
+        match (&sec.identity_key, &sec.identity_info) {
+            (Some(_), None) => {
+                return invalid(
+                    "[security] identity_key needs identity_info (the URI of our certificate, RFC 8224 §4)"
+                        .into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid("[security] identity_info without identity_key".into());
+            }
+            (Some(_), Some(info))
+                if !info.contains(':')
+                    || info
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '>' || c == '<') =>
+            {
+                return invalid(format!(
+                    "[security] identity_info {info:?} is not an absolute URI"
+                ));
+            }
+            _ => {}
+        }
+        if sec.identity_freshness_secs == 0 {
+            return invalid("[security] identity_freshness_secs must be above 0".into());
+        }
+        if let Some(d) = sec.trusted_identities.keys().find(|d| {
+            d.is_empty()
+                || d.chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '@' | ':' | '<' | '>'))
+        }) {
+            return invalid(format!(
+                "[security] trusted_identities: {d:?} is not a domain"
+            ));
+        }
         if self.datapath_enabled() && self.datapath.interfaces.is_empty() {
             return invalid("[datapath] interfaces is empty: name the interfaces that carry ESP, or set [datapath] enabled = false".into());
         }
@@ -793,15 +893,23 @@ mod tests {
         assert!(parse(&ok).unwrap().kernel_enabled());
         for (extra, word) in [
             ("[kernel]\nreplay_window = 64\n", "replay_window"),
-            ("[kernel]\nsoft_lifetime_secs = 90\nhard_lifetime_secs = 60\n", "soft_lifetime_secs"),
-            ("[datapath]\ninterfaces = [\"e\"]\nmedia_ports = \"9-3\"\n", "media_ports"),
+            (
+                "[kernel]\nsoft_lifetime_secs = 90\nhard_lifetime_secs = 60\n",
+                "soft_lifetime_secs",
+            ),
+            (
+                "[datapath]\ninterfaces = [\"e\"]\nmedia_ports = \"9-3\"\n",
+                "media_ports",
+            ),
             ("[hip]\nesp_transforms = []\n", "esp_transforms"),
         ] {
             let e = parse(&format!("{id}{extra}")).unwrap_err().to_string();
             assert!(e.contains(word), "{extra}: {e}");
         }
         // A bare HIT cannot run HIP.
-        let e = parse(&format!("{MIN}[hip]\nenabled = true\n")).unwrap_err().to_string();
+        let e = parse(&format!("{MIN}[hip]\nenabled = true\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("identity"), "{e}");
         assert!(!parse(MIN).unwrap().hip_enabled());
     }
@@ -832,6 +940,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("xyz"), "{e}");
+    }
+
+    #[test]
+    fn security_table_parses_and_is_checked() {
+        let c = parse(MIN).unwrap();
+        assert!(c.security.identity_key.is_none());
+        assert_eq!(c.security.identity_freshness_secs, 60);
+        assert!(!c.security.trust_sips_proxies);
+        let c = parse(&format!(
+            "{MIN}[security]\nidentity_key = \"/k.pem\"\nidentity_info = \"https://atlanta.com/c.pem\"\n\
+             trusted_identities = {{ \"biloxi.com\" = \"/b.pem\", \"atlanta.com\" = \"/a.pem\" }}\n\
+             identity_freshness_secs = 30\ntrust_sips_proxies = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.security.trusted_identities.len(), 2);
+        assert_eq!(
+            c.security.trusted_identities["biloxi.com"],
+            PathBuf::from("/b.pem")
+        );
+        assert_eq!(c.security.identity_freshness_secs, 30);
+        assert!(c.security.trust_sips_proxies);
+        for (extra, word) in [
+            ("identity_key = \"/k.pem\"\n", "identity_info"),
+            ("identity_info = \"https://a/c\"\n", "without identity_key"),
+            (
+                "identity_key = \"/k\"\nidentity_info = \"no uri\"\n",
+                "absolute URI",
+            ),
+            ("identity_freshness_secs = 0\n", "identity_freshness_secs"),
+            (
+                "trusted_identities = { \"a b\" = \"/x\" }\n",
+                "not a domain",
+            ),
+            ("trust_sip_proxies = true\n", "trust_sip_proxies"),
+        ] {
+            let e = parse(&format!("{MIN}[security]\n{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,24 @@
 //!
 //! `dispatch` is the one place to hook in; observers outside the loop (tests, metrics) can
 //! [`Daemon::subscribe`] to a broadcast of the same events.
+//!
+//! # What vouches for the HITs (the draft's §4)
+//!
+//! Each call's [`SipAssurance`] is computed here from the `[security]` table:
+//!
+//! * caller: with an identity key our INVITE carries a SIP Identity header binding our HIT
+//!   (own HIT protected); the callee's HIT counts as authenticated once its §4.1 UPDATE
+//!   arrives with an Identity that verifies against the same HITs;
+//! * callee: the INVITE's Identity is verified against its SDP (peer authenticated); with
+//!   an identity key we follow the ACK with a signed UPDATE carrying our SDP again (own HIT
+//!   protected once the UPDATE is accepted);
+//! * SIPS (§4.2): a `sips:` Request-URI over TLS protects both, if `trust_sips_proxies`.
+//!
+//! A valid Identity that binds other HITs than the SDP carries (or than the answer
+//! carried, for the caller's view of the UPDATE) is tampering: the call is flagged
+//! `failed` and `[hip] on_failure` applies (for an unanswered INVITE: 438 Invalid
+//! Identity Header, RFC 8224 §6.2.2). Any other Identity failure leaves the peer
+//! unauthenticated, with the reason in `sip_assurance.peer_detail`.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -23,8 +41,12 @@ use std::{
 
 use bytes::Bytes;
 use hip_sip::{
+    identity,
     sdp::{self, Form, Hit, HostIdentity as SdpIdentity, IdentityEntry, Scope, Sdp, SdpError},
-    sip::{CallHandle, CallInfo, Direction, EndReason, Event, UaConfig, UserAgent},
+    sip::{
+        CallHandle, CallInfo, Direction, EndReason, Event, RequestAuth, Transport, UaConfig,
+        UserAgent,
+    },
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -34,7 +56,7 @@ use crate::{
     config::{AnswerMode, Config, FailureAction},
     control::{self, Request},
     pool::{self, Pool},
-    secure::{self, Outcome, Security, SipAssurance, Verification},
+    secure::{self, Mechanism, Outcome, Security, SipAssurance, Verification},
     sip_service::{Inbound, SipService},
 };
 
@@ -56,6 +78,115 @@ pub enum DaemonError {
     /// HIP or its kernel offload could not start (the message says what is missing).
     #[error(transparent)]
     Security(#[from] secure::SecurityError),
+    /// A `[security]` key file could not be used.
+    #[error("[security] {path}: {message}")]
+    SipIdentity {
+        /// The key file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The draft's §4 mechanisms as configured in `[security]`, keys loaded.
+pub struct SipSecurity {
+    /// Our domain's ES256 key and the `info` URI of our Identity headers.
+    signer: Option<(identity::SigningKey, String)>,
+    /// Who may sign for which domain.
+    trust: identity::Trust,
+    /// `iat` window, seconds.
+    window: u64,
+    /// Count SIPS over TLS as protection (§4.2).
+    trust_sips: bool,
+}
+
+fn read_key_file(path: &std::path::Path, private: bool) -> Result<String, DaemonError> {
+    let err = |message: String| DaemonError::SipIdentity {
+        path: path.display().to_string(),
+        message,
+    };
+    if private {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        // A signing key others can read lets them speak for our domain.
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(err(format!(
+                "private key is readable by group or others (mode {:o}): chmod 600",
+                meta.permissions().mode() & 0o777
+            )));
+        }
+    }
+    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+}
+
+impl SipSecurity {
+    /// Loads the keys named in `[security]`.
+    pub fn load(cfg: &Config) -> Result<Self, DaemonError> {
+        let sec = &cfg.security;
+        let err = |path: &std::path::Path, e: identity::IdentityError| DaemonError::SipIdentity {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let signer = match (&sec.identity_key, &sec.identity_info) {
+            (Some(path), Some(info)) => {
+                let key = identity::SigningKey::from_pem(&read_key_file(path, true)?)
+                    .map_err(|e| err(path, e))?;
+                Some((key, info.clone()))
+            }
+            _ => None,
+        };
+        let mut trust = identity::Trust::default();
+        for (domain, path) in &sec.trusted_identities {
+            let key = identity::VerifyingKey::from_pem(&read_key_file(path, false)?)
+                .map_err(|e| err(path, e))?;
+            trust.insert(domain, key);
+        }
+        Ok(Self {
+            signer,
+            trust,
+            window: sec.identity_freshness_secs,
+            trust_sips: sec.trust_sips_proxies,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch (PASSporT `iat`, RFC 8225 §5.1.1).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// SIPS (draft §4.2): a `sips:` Request-URI with TLS on the hop we see protects both HITs,
+/// if the operator trusts the proxies.
+fn apply_sips(sec: &SipSecurity, a: &mut SipAssurance, sips: bool, transport: Option<Transport>) {
+    if !sips {
+        return;
+    }
+    if transport != Some(Transport::Tls) {
+        a.peer_note(format!(
+            "sips: Request-URI, but our hop is {}: no SIPS protection",
+            transport.map_or("unknown".to_owned(), |t| t.to_string())
+        ));
+        return;
+    }
+    if !sec.trust_sips {
+        a.peer_note("SIPS over TLS, not counted: [security] trust_sips_proxies is off".into());
+        return;
+    }
+    let d = "SIPS: sips: Request-URI and TLS on our hop; every proxy trusted (draft §4.2)";
+    a.peer_by(Mechanism::Sips, d.into());
+    a.own_by(Mechanism::Sips, d.into());
+}
+
+fn distinct_sdp_hits(ids: &[IdentityEntry]) -> Vec<Hit> {
+    let mut v: Vec<Hit> = Vec::new();
+    for i in ids {
+        if !v.contains(&i.hit) {
+            v.push(i.hit);
+        }
+    }
+    v
 }
 
 /// What the daemon's loop reports to the rest of the agent (see the module docs).
@@ -189,6 +320,8 @@ pub struct Daemon {
     history: VecDeque<Value>,
     /// Agent events HIP still has to act on (dispatch is synchronous, HIP is not).
     hip_todo: VecDeque<AgentEvent>,
+    /// SIP Identity keys and SIPS trust (the draft's §4).
+    sipsec: SipSecurity,
 }
 
 /// How many ended calls `status` keeps.
@@ -205,8 +338,14 @@ struct CallSecurity {
     sip: SipAssurance,
     /// The peer's media address and port from its SDP.
     remote_media: Option<(String, u16)>,
-    /// Set when HIP refused the peer.
+    /// Set when HIP refused the peer, or SIP proved its SDP was altered.
     failure: Option<String>,
+    /// The peer's HITs as signalling last carried them (answer, offer or UPDATE), kept
+    /// apart from `peer_hits` (HIP's view, updated asynchronously) to compare with a
+    /// signed UPDATE.
+    signalled_hits: Vec<Hit>,
+    /// We answered and our signed UPDATE (draft §4.1) is waiting for its answer.
+    signed_update_pending: bool,
 }
 
 fn proto_hit(h: Hit) -> hip_proto::Hit {
@@ -255,6 +394,7 @@ impl Daemon {
     /// Loads the identity and the pool and binds the SIP transports.
     pub async fn new(cfg: Config) -> Result<Self, DaemonError> {
         let own = load_own_identity(&cfg)?;
+        let sipsec = SipSecurity::load(&cfg)?;
         let security = if cfg.hip_enabled() {
             let s = Security::start(&cfg).await?;
             if s.local_hit().0 != own.hit.0 {
@@ -299,6 +439,7 @@ impl Daemon {
             call_sec: HashMap::new(),
             history: VecDeque::new(),
             hip_todo: VecDeque::new(),
+            sipsec,
             cfg,
         })
     }
@@ -561,6 +702,228 @@ impl Daemon {
         }
     }
 
+    /// A SIP Identity header value for a request from `from_uri` to `to_uri` whose SDP
+    /// carries our HIT, or why there can be none.
+    fn sign_own(&self, from_uri: &str, to_uri: &str) -> Result<String, String> {
+        let (key, info) = self
+            .sipsec
+            .signer
+            .as_ref()
+            .ok_or("no [security] identity_key")?;
+        // RFC 8224 §6.1: an authentication service signs only for identities of its domain.
+        let ours = self.cfg.sip.domain.to_ascii_lowercase();
+        match identity::domain_of(from_uri) {
+            Some(d) if d == ours => {}
+            other => {
+                return Err(format!(
+                    "our HIT is not signed: the From {from_uri} is in {}, our key signs for {ours} ([sip] domain)",
+                    other.as_deref().unwrap_or("no domain")
+                ));
+            }
+        }
+        let claims = identity::Claims {
+            orig: identity::canonical(from_uri).map_err(|e| e.to_string())?,
+            dest: vec![identity::canonical(to_uri).map_err(|e| e.to_string())?],
+            iat: unix_now(),
+            hits: vec![self.own.hit],
+        };
+        Ok(identity::sign(key, &claims, info))
+    }
+
+    fn check_identity(
+        &self,
+        auth: &RequestAuth,
+        hits: &[Hit],
+    ) -> Option<Result<identity::Verified, identity::IdentityError>> {
+        identity::verify_any(
+            &auth.identity,
+            &self.sipsec.trust,
+            &identity::Expected {
+                from_uri: &auth.from_uri,
+                to_uri: &auth.to_uri,
+                sdp_hits: hits,
+                now: unix_now(),
+                window: self.sipsec.window,
+            },
+        )
+    }
+
+    /// The callee's view of an INVITE (draft §4): its Identity against the offer's HITs,
+    /// and SIPS. Returns `false` when the call was refused (proven tampering with
+    /// `on_failure = hangup`).
+    fn assess_offer(
+        &mut self,
+        call: &CallInfo,
+        has_sdp: bool,
+        auth: &RequestAuth,
+        hits: &[Hit],
+    ) -> bool {
+        let mut a = SipAssurance::default();
+        let mut failure = None;
+        if !has_sdp {
+            a.peer_not("the INVITE has no SDP (late offer): its Identity binds no HIT".into());
+        } else {
+            match self.check_identity(auth, hits) {
+                None => a.peer_not("no Identity header in the INVITE (RFC 8224)".into()),
+                Some(Ok(v)) => a.peer_by(
+                    Mechanism::Identity,
+                    format!(
+                        "INVITE Identity verified: {} with {}'s key, signed {} s ago",
+                        v.orig,
+                        v.domain,
+                        unix_now() - v.iat
+                    ),
+                ),
+                Some(Err(e)) if e.is_tampering() => {
+                    let f = format!(
+                        "SIP Identity of the INVITE: {e}: the offer was altered on the path"
+                    );
+                    a.peer_not(f.clone());
+                    failure = Some(f);
+                }
+                Some(Err(e)) => a.peer_not(format!("INVITE Identity not verified: {e}")),
+            }
+        }
+        a.own_not(if self.sipsec.signer.is_some() {
+            "our HIT is signed in an UPDATE after the ACK (draft §4.1)".into()
+        } else {
+            "no [security] identity_key: our HIT is not signed".into()
+        });
+        apply_sips(&self.sipsec, &mut a, auth.sips, auth.transport);
+        let cs = self.call_sec.entry(call.handle).or_default();
+        cs.sip = a;
+        cs.signalled_hits = hits.to_vec();
+        if let Some(f) = failure {
+            cs.failure = Some(f.clone());
+            tracing::error!(call = %call.handle, peer = %call.remote_uri, "call flagged: {f}");
+            if self.cfg.hip.on_failure == FailureAction::Hangup {
+                // RFC 8224 §6.2.2: 438 Invalid Identity Header.
+                let _ = self
+                    .ua
+                    .reject(Instant::now(), call.handle, 438, "Invalid Identity Header");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The caller's view of the answer: a 2xx cannot carry RFC 8224 Identity, so only SIPS
+    /// can vouch for it now; a signed UPDATE may follow (draft §4.1).
+    fn assess_answer(&mut self, call: &CallInfo) {
+        let cs = self.call_sec.entry(call.handle).or_default();
+        if !cs.sip.peer_authenticated {
+            cs.sip.peer_not(
+                "no Identity: a response cannot carry RFC 8224 Identity; waiting for a signed UPDATE (draft §4.1)"
+                    .into(),
+            );
+        }
+        apply_sips(&self.sipsec, &mut cs.sip, call.sips, Some(call.transport));
+    }
+
+    /// New SDP from the peer in a request inside the dialog (the callee's §4.1 UPDATE, for
+    /// the caller): verifies its Identity, against its SDP and against the HITs signalling
+    /// carried before. Returns `false` when the SDP must not be used (tampering).
+    fn assess_update(
+        &mut self,
+        call: &CallInfo,
+        auth: &RequestAuth,
+        ids: &[IdentityEntry],
+    ) -> bool {
+        let hits = distinct_sdp_hits(ids);
+        let checked = self.check_identity(auth, &hits);
+        let cs = self.call_sec.entry(call.handle).or_default();
+        let same = |a: &[Hit], b: &[Hit]| {
+            a.iter().all(|h| b.contains(h)) && b.iter().all(|h| a.contains(h))
+        };
+        let before = std::mem::replace(&mut cs.signalled_hits, hits.clone());
+        let changed = !before.is_empty() && !same(&before, &hits);
+        let list = |v: &[Hit]| v.iter().map(Hit::to_string).collect::<Vec<_>>().join(", ");
+        let mut failure = None;
+        match checked {
+            Some(Ok(v)) if changed => {
+                failure = Some(format!(
+                    "{} signed HIT(s) {} in its UPDATE, but its earlier SDP carried {}: that SDP was altered on the path (draft §4.1)",
+                    v.domain,
+                    list(&hits),
+                    list(&before)
+                ));
+            }
+            Some(Ok(v)) => cs.sip.peer_by(
+                Mechanism::Identity,
+                format!(
+                    "UPDATE Identity verified (draft §4.1): {} with {}'s key, signed {} s ago",
+                    v.orig,
+                    v.domain,
+                    unix_now() - v.iat
+                ),
+            ),
+            Some(Err(e)) if e.is_tampering() => {
+                failure = Some(format!(
+                    "SIP Identity of the UPDATE: {e}: its SDP was altered on the path"
+                ));
+            }
+            Some(Err(e)) if changed || !cs.sip.peer_authenticated => cs
+                .sip
+                .peer_not(format!("UPDATE Identity not verified: {e}")),
+            Some(Err(e)) => cs
+                .sip
+                .peer_note(format!("a later UPDATE's Identity did not verify: {e}")),
+            None if changed && cs.sip.peer_via != Some(Mechanism::Sips) => cs
+                .sip
+                .peer_not("the peer's HITs changed in an UPDATE without Identity".into()),
+            None => {}
+        }
+        let Some(f) = failure else {
+            return true;
+        };
+        cs.sip.peer_not(f.clone());
+        cs.failure = Some(f.clone());
+        tracing::error!(call = %call.handle, peer = %call.remote_uri, "call flagged: {f}");
+        if self.cfg.hip.on_failure == FailureAction::Hangup {
+            let _ = self.ua.hangup(Instant::now(), call.handle);
+        }
+        false
+    }
+
+    /// The callee's half of the draft's §4.1: our SDP again, in an UPDATE we can sign.
+    fn send_signed_update(&mut self, call: &CallInfo) {
+        if self.sipsec.signer.is_none() || call.direction != Direction::Incoming {
+            return;
+        }
+        let h = call.handle;
+        let sent = (|| {
+            if self.ua.peer_allows(h, "UPDATE") == Some(false) {
+                return Err(
+                    "our HIT is not signed: the caller does not allow UPDATE (RFC 3311 §5.1)"
+                        .to_owned(),
+                );
+            }
+            let sdp = self
+                .ua
+                .call_sdp(h)
+                .and_then(|(ours, _)| ours)
+                .ok_or("our HIT is not signed: no SDP of ours to re-send")?;
+            let v = self.sign_own(&call.local_uri, &call.remote_uri)?;
+            self.ua
+                .update_signed(Instant::now(), h, sdp, Some(v))
+                .map_err(|e| format!("our signed UPDATE could not be sent: {e}"))
+        })();
+        let cs = self.call_sec.entry(h).or_default();
+        match sent {
+            Ok(()) => {
+                cs.signed_update_pending = true;
+                if !cs.sip.own_protected {
+                    cs.sip.own_detail =
+                        Some("signed UPDATE sent (draft §4.1), waiting for its answer".into());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(call = %h, "{e}");
+                cs.sip.own_not(e);
+            }
+        }
+    }
+
     fn learn(&mut self, call: &CallInfo, ids: Vec<IdentityEntry>) {
         if ids.is_empty() {
             tracing::warn!(call = %call.handle, peer = %call.remote_uri, "peer sent no Host Identity");
@@ -702,7 +1065,7 @@ impl Daemon {
         let level = if cs.failure.is_some() {
             Verification::Failed
         } else {
-            secure::verification(state, cs.sip)
+            secure::verification(state, &cs.sip)
         };
         let sas = match (sec, cs.peer_hits.first()) {
             (Some(s), Some(p)) => Some(secure::short_auth_string(s.local_hit(), *p)),
@@ -717,7 +1080,7 @@ impl Daemon {
             "peer_hits": cs.peer_hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
             "verification": level,
             "sas": sas,
-            "sip_assurance": cs.sip,
+            "sip_assurance": &cs.sip,
             "failure": cs.failure,
             "associations": assocs,
             "remote_media": cs.remote_media.as_ref().map(|(a, p)| json!({"address": a, "port": p})),
@@ -737,12 +1100,18 @@ impl Daemon {
     fn on_sip_event(&mut self, e: Event) {
         let now = Instant::now();
         match e {
-            Event::IncomingCall { call, remote_sdp } => {
+            Event::IncomingCall {
+                call,
+                remote_sdp,
+                auth,
+            } => {
                 self.stats.calls_in += 1;
                 let h = call.handle;
+                let mut hits = Vec::new();
                 if let Some(body) = &remote_sdp {
                     match identities_in(body) {
                         Ok((_, ids)) => {
+                            hits = distinct_sdp_hits(&ids);
                             let form = sdp::form_used(&ids);
                             self.offered.insert(h, (ids, form));
                         }
@@ -754,6 +1123,9 @@ impl Daemon {
                             return;
                         }
                     }
+                }
+                if !self.assess_offer(&call, remote_sdp.is_some(), &auth, &hits) {
+                    return;
                 }
                 match self.cfg.sip.answer.mode {
                     AnswerMode::Reject => {
@@ -790,11 +1162,20 @@ impl Daemon {
                         .unwrap_or_default(),
                 };
                 self.learn(&call, ids);
+                // The draft's §4.1: our answer could not be signed; re-send our SDP in a
+                // signed UPDATE now that the dialog is confirmed.
+                self.send_signed_update(&call);
             }
             Event::Answered { call, remote_sdp } => {
                 self.stats.confirmed += 1;
+                self.assess_answer(&call);
                 match remote_sdp.as_deref().map(identities_in) {
-                    Some(Ok((_, ids))) => self.learn(&call, ids),
+                    Some(Ok((_, ids))) => {
+                        if let Some(cs) = self.call_sec.get_mut(&call.handle) {
+                            cs.signalled_hits = distinct_sdp_hits(&ids);
+                        }
+                        self.learn(&call, ids)
+                    }
                     Some(Err(err)) => {
                         self.stats.rejected_bad_sdp += 1;
                         tracing::warn!(call = %call.handle, "hanging up: bad Host Identity in answer: {err}");
@@ -803,10 +1184,36 @@ impl Daemon {
                     None => tracing::warn!(call = %call.handle, "answer without SDP"),
                 }
             }
-            Event::RemoteSdp { call, sdp: body } => {
+            Event::RemoteSdp {
+                call,
+                sdp: body,
+                auth,
+            } => {
                 if let (Some(info), Ok((_, ids))) = (self.ua.call_info(call), identities_in(&body))
                 {
+                    if let Some(auth) = auth
+                        && !self.assess_update(&info, &auth, &ids)
+                    {
+                        return;
+                    }
                     self.learn(&info, ids);
+                }
+            }
+            Event::UpdateResult { call, status } => {
+                if let Some(cs) = self.call_sec.get_mut(&call)
+                    && cs.signed_update_pending
+                {
+                    cs.signed_update_pending = false;
+                    match status {
+                        Some(s) if (200..300).contains(&s) => cs.sip.own_by(
+                            Mechanism::Identity,
+                            format!("our HIT signed in an UPDATE (draft §4.1), accepted with {s}"),
+                        ),
+                        Some(s) => cs
+                            .sip
+                            .own_not(format!("our signed UPDATE was refused with {s}")),
+                        None => cs.sip.own_not("our signed UPDATE got no answer".into()),
+                    }
                 }
             }
             Event::Ended { call, reason } => {
@@ -861,8 +1268,29 @@ impl Daemon {
         match req {
             Request::Call { uri } => {
                 let sdp = self.local_sdp(None, None);
-                match self.ua.call(now, &uri, Some(sdp)) {
+                let mut own = SipAssurance::default();
+                let signed = match self.sipsec.signer {
+                    None => {
+                        own.own_not("no [security] identity_key: our HIT is not signed".into());
+                        None
+                    }
+                    Some(_) => match self.sign_own(&self.ua.aor(), &uri) {
+                        Ok(v) => {
+                            own.own_by(
+                                Mechanism::Identity,
+                                "our HIT signed in the INVITE's Identity (RFC 8224)".into(),
+                            );
+                            Some(v)
+                        }
+                        Err(e) => {
+                            own.own_not(e);
+                            None
+                        }
+                    },
+                };
+                match self.ua.call_signed(now, &uri, Some(sdp), signed) {
                     Ok(h) => {
+                        self.call_sec.entry(h).or_default().sip = own;
                         self.stats.calls_out += 1;
                         json!({"ok": true, "call": h.0})
                     }

@@ -584,33 +584,129 @@ pub fn short_auth_string(a: Hit, b: Hit) -> String {
 }
 
 /// How well the peer of a call was verified (the draft's §4).
+///
+/// HIP proves that the peer holds the private key behind the HIT its SDP carried; SIP
+/// tells whether that SDP — and the HIT in it — really came from the party named in the
+/// call, and whether ours reached the peer intact ([`SipAssurance`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verification {
     /// HIP has not completed yet.
     Pending,
-    /// Both HITs are bound to authenticated SIP identities and HIP proved the peer's.
+    /// HIP proved the peer's HIT, the peer's HIT reached us authenticated, and ours
+    /// reached the peer protected (SIP Identity both ways with the draft's §4.1 UPDATE, or
+    /// SIPS through trusted proxies).
     Mutual,
-    /// Only one direction of the SIP exchange was authenticated (§4.4).
+    /// Only one direction was protected (the draft's §4.4): e.g. only the caller signs, so
+    /// the callee knows it talks to the caller while the caller only knows that whoever
+    /// answered can check for a man in the middle. `sip_assurance` says which side.
     SingleSided,
     /// HIP proved the peer holds the HIT from SDP, but nothing authenticated the SDP.
     Unverified,
-    /// The peer's HI did not match its SDP's HIT, or HIP failed.
+    /// HIP failed or found another HIT than the SDP's (HIT mismatch), or a SIP Identity
+    /// that is valid in every other respect signed other HITs than the SDP carried (proof
+    /// that the SDP was altered on the path). A SIP Identity that merely cannot be
+    /// checked (untrusted domain, bad signature, stale) is not `failed`: it only leaves
+    /// the peer unauthenticated, with the reason in `sip_assurance`.
     Failed,
 }
 
+/// What protected a HIT on the signalling path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    /// A verified SIP Identity header (RFC 8224) whose PASSporT binds the HIT.
+    Identity,
+    /// SIPS: TLS on every hop (RFC 3261 §26.2.2), every proxy trusted (draft §4.2).
+    Sips,
+}
+
+/// The caveat of SIPS (draft §4.2), shown wherever it is relied upon.
+pub const SIPS_CAVEAT: &str = "SIPS protects each hop with TLS but every proxy on the path can still change the SDP: this trusts all of them (draft §4.2)";
+
 /// What the SIP side could establish about a call's SDP (the draft's §4.1–4.2).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SipAssurance {
     /// The peer's HIT reached us integrity-protected and bound to its authenticated SIP
     /// identity (a verified SIP Identity header, RFC 8224, or SIPS through trusted proxies).
     pub peer_authenticated: bool,
-    /// Our HIT reached the peer likewise.
+    /// Our HIT reached the peer likewise (we signed it, or SIPS through trusted proxies).
     pub own_protected: bool,
+    /// What authenticated the peer's HIT.
+    pub peer_via: Option<Mechanism>,
+    /// What protected ours.
+    pub own_via: Option<Mechanism>,
+    /// Why the peer's HIT is (not) authenticated, for operators.
+    pub peer_detail: Option<String>,
+    /// Why ours is (not) protected.
+    pub own_detail: Option<String>,
+    /// The trust this relies on, when it is more than the signer's key (SIPS).
+    pub caveat: Option<String>,
+}
+
+impl SipAssurance {
+    /// The peer's HIT is authenticated by `via`. SIP Identity outranks SIPS: it does not
+    /// depend on the proxies.
+    pub fn peer_by(&mut self, via: Mechanism, detail: String) {
+        if self.peer_via == Some(Mechanism::Identity) && via == Mechanism::Sips {
+            return;
+        }
+        self.peer_authenticated = true;
+        self.peer_via = Some(via);
+        self.peer_detail = Some(detail);
+        self.note_caveat();
+    }
+
+    /// The peer's HIT is not (or no longer) authenticated, because of `detail`.
+    pub fn peer_not(&mut self, detail: String) {
+        self.peer_authenticated = false;
+        self.peer_via = None;
+        self.peer_detail = Some(detail);
+        self.note_caveat();
+    }
+
+    /// A note on the peer's HIT that does not change what authenticated it (e.g. a
+    /// failed Identity when SIPS still holds).
+    pub fn peer_note(&mut self, detail: String) {
+        match &mut self.peer_detail {
+            Some(d) => {
+                d.push_str("; ");
+                d.push_str(&detail);
+            }
+            d => *d = Some(detail),
+        }
+    }
+
+    /// Our HIT is protected by `via`.
+    pub fn own_by(&mut self, via: Mechanism, detail: String) {
+        if self.own_via == Some(Mechanism::Identity) && via == Mechanism::Sips {
+            return;
+        }
+        self.own_protected = true;
+        self.own_via = Some(via);
+        self.own_detail = Some(detail);
+        self.note_caveat();
+    }
+
+    /// Our HIT is not protected, because of `detail` (keeps a SIPS protection if any).
+    pub fn own_not(&mut self, detail: String) {
+        if self.own_via == Some(Mechanism::Sips) {
+            self.own_detail = Some(format!("{detail}; protected by SIPS only"));
+            return;
+        }
+        self.own_protected = false;
+        self.own_via = None;
+        self.own_detail = Some(detail);
+    }
+
+    fn note_caveat(&mut self) {
+        let sips = self.peer_via == Some(Mechanism::Sips) || self.own_via == Some(Mechanism::Sips);
+        self.caveat = sips.then(|| SIPS_CAVEAT.to_owned());
+    }
 }
 
 /// The verification level of a call from its HIP state and its SIP assurance.
-pub fn verification(hip: Option<AssocState>, sip: SipAssurance) -> Verification {
+pub fn verification(hip: Option<AssocState>, sip: &SipAssurance) -> Verification {
     match hip {
         Some(AssocState::Failed) => Verification::Failed,
         Some(AssocState::Established | AssocState::Closing | AssocState::Closed) => {
@@ -650,29 +746,74 @@ mod tests {
 
     #[test]
     fn verification_levels_follow_the_drafts_section_4() {
-        let both = SipAssurance {
-            peer_authenticated: true,
-            own_protected: true,
-        };
-        let peer_only = SipAssurance {
-            peer_authenticated: true,
-            own_protected: false,
-        };
+        let mut both = SipAssurance::default();
+        both.peer_by(Mechanism::Identity, "INVITE signed".into());
+        both.own_by(Mechanism::Identity, "UPDATE signed".into());
+        // Only the caller signs (§4.4): the callee sees the caller authenticated...
+        let mut callee = SipAssurance::default();
+        callee.peer_by(Mechanism::Identity, "INVITE signed".into());
+        // ...the caller only knows its own HIT went out signed.
+        let mut caller = SipAssurance::default();
+        caller.own_by(Mechanism::Identity, "INVITE signed".into());
         let est = Some(AssocState::Established);
-        assert_eq!(verification(est, both), Verification::Mutual);
-        assert_eq!(verification(est, peer_only), Verification::SingleSided);
+        assert_eq!(verification(est, &both), Verification::Mutual);
+        assert_eq!(verification(est, &callee), Verification::SingleSided);
+        assert_eq!(verification(est, &caller), Verification::SingleSided);
         assert_eq!(
-            verification(est, SipAssurance::default()),
+            verification(est, &SipAssurance::default()),
             Verification::Unverified
         );
+        // A closed association keeps the level it reached.
         assert_eq!(
-            verification(Some(AssocState::Failed), both),
+            verification(Some(AssocState::Closed), &both),
+            Verification::Mutual
+        );
+        assert_eq!(
+            verification(Some(AssocState::Failed), &both),
             Verification::Failed
         );
         assert_eq!(
-            verification(Some(AssocState::Exchanging), both),
+            verification(Some(AssocState::Exchanging), &both),
             Verification::Pending
         );
-        assert_eq!(verification(None, both), Verification::Pending);
+        assert_eq!(verification(None, &both), Verification::Pending);
+    }
+
+    #[test]
+    fn identity_outranks_sips_and_sips_carries_its_caveat() {
+        let mut a = SipAssurance::default();
+        a.peer_by(Mechanism::Sips, "sips over TLS".into());
+        a.own_by(Mechanism::Sips, "sips over TLS".into());
+        assert_eq!(a.caveat.as_deref(), Some(SIPS_CAVEAT));
+        assert_eq!(
+            verification(Some(AssocState::Established), &a),
+            Verification::Mutual
+        );
+        // A verified Identity replaces SIPS for the peer; SIPS does not replace Identity.
+        a.peer_by(Mechanism::Identity, "signed".into());
+        a.peer_by(Mechanism::Sips, "sips".into());
+        assert_eq!(a.peer_via, Some(Mechanism::Identity));
+        assert_eq!(a.peer_detail.as_deref(), Some("signed"));
+        // Our unsigned UPDATE does not undo SIPS on our side.
+        a.own_not("UPDATE refused".into());
+        assert!(a.own_protected);
+        assert!(a.own_detail.as_deref().unwrap().contains("SIPS only"));
+        assert_eq!(a.caveat.as_deref(), Some(SIPS_CAVEAT), "still relied upon");
+        // Without SIPS, a failure to deliver our signed UPDATE leaves us unprotected.
+        let mut b = SipAssurance::default();
+        b.own_by(Mechanism::Identity, "UPDATE sent".into());
+        b.own_not("UPDATE timed out".into());
+        assert!(!b.own_protected);
+        assert_eq!(b.own_via, None);
+        assert_eq!(b.caveat, None);
+        // Losing the peer's authentication clears its mechanism.
+        b.peer_by(Mechanism::Identity, "ok".into());
+        b.peer_not("HITs changed in an unsigned UPDATE".into());
+        assert!(!b.peer_authenticated);
+        assert_eq!(b.peer_via, None);
+        assert_eq!(
+            verification(Some(AssocState::Established), &b),
+            Verification::Unverified
+        );
     }
 }
