@@ -1,0 +1,586 @@
+//! The draft's §4 between two real agents on the host, each in its own namespace: what
+//! vouches for the HIT each side put in its SDP, and the verification level each side
+//! reports once HIP has proved the peer's HIT (raw HIP sockets work on the host; the
+//! kernel offload is off because the host kernel has no ESP).
+//!
+//! * SIP Identity both ways (the caller's INVITE, the callee's §4.1 UPDATE): `mutual`;
+//! * only the caller signs (§4.4): `single-sided` on both sides, the callee seeing the
+//!   caller authenticated and the caller seeing only its own HIT protected;
+//! * nobody signs: `unverified`;
+//! * an Identity the callee cannot verify (a key it does not trust for the domain): the
+//!   callee reports why and does not count the caller as authenticated;
+//! * SIPS over TLS with `trust_sips_proxies`: `mutual` through SIPS, with the §4.2 caveat;
+//! * a real proxy (Kamailio) that rewrites the caller's HIT in the signed INVITE: the
+//!   callee proves the tampering, flags the call `failed` and refuses it with 438.
+//!
+//! Keys for SIP Identity are made by `openssl` (an independent ES256 implementation); the
+//! agent's PASSporTs are verified by the other agent only with the public key configured
+//! for the signer's domain.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use hip_tests::{
+    NetNs, VethPair, agent_bin,
+    sip::{Agent, scratch},
+    wait_until,
+};
+use serde_json::Value;
+
+/// An ES256 key pair written by openssl: (private PKCS#8 PEM, public SPKI PEM).
+fn es256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (
+        dir.join(format!("{name}.es256.pem")),
+        dir.join(format!("{name}.es256.pub.pem")),
+    );
+    hip_tests::run(
+        "openssl",
+        [
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    hip_tests::run("chmod", ["600", key.to_str().unwrap()]).unwrap();
+    hip_tests::run(
+        "openssl",
+        [
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    (key, public)
+}
+
+/// A HIP identity key (so that the agent runs HIP).
+fn hip_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.hi.pem"));
+    hip_tests::run(
+        agent_bin().to_str().unwrap(),
+        [
+            "hi",
+            "new",
+            "--algorithm",
+            "ecdsa-p256",
+            "--out",
+            path.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    path
+}
+
+/// The `[security]` table: our signing key (with its `info` URI) and whom we trust.
+fn security(sign: Option<(&Path, &str)>, trusted: &[(&str, &Path)], sips: bool) -> String {
+    let mut t = String::from("[security]\n");
+    if let Some((key, domain)) = sign {
+        t.push_str(&format!(
+            "identity_key = \"{}\"\nidentity_info = \"https://{domain}/passport.pem\"\n",
+            key.display()
+        ));
+    }
+    let trusted: Vec<String> = trusted
+        .iter()
+        .map(|(d, p)| format!("\"{d}\" = \"{}\"", p.display()))
+        .collect();
+    t.push_str(&format!(
+        "trusted_identities = {{ {} }}\ntrust_sips_proxies = {sips}\n",
+        trusted.join(", ")
+    ));
+    t
+}
+
+/// HIP on, no kernel offload (the host has no ESP).
+const NO_OFFLOAD: &str = "[kernel]\nenabled = false\n";
+
+/// Two agents: alice@atlanta.com at `.1`, bob@biloxi.com at `.2` of `net`, alice's calls
+/// going straight to bob (bob's address as her outbound proxy, so that she can dial
+/// `sip:bob@biloxi.com`, the identity bob signs for).
+fn pair(tag: &str, net: &str, alice_extra: &str, bob_extra: &str) -> (VethPair, Agent, Agent) {
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let p = VethPair::new(tag, &[&format!("{a_ip}/24")], &[&format!("{b_ip}/24")]).unwrap();
+    let dir = scratch(tag);
+    let alice = Agent::start(
+        &p.a,
+        hip_key(&dir, "alice").to_str().unwrap(),
+        &format!(
+            "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:{a_ip}:5060\"]\n\
+             outbound_proxy = \"udp:{b_ip}:5060\""
+        ),
+        &format!("{NO_OFFLOAD}{alice_extra}"),
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        hip_key(&dir, "bob").to_str().unwrap(),
+        &format!("user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:{b_ip}:5060\"]"),
+        &format!("{NO_OFFLOAD}{bob_extra}"),
+    )
+    .unwrap();
+    (p, alice, bob)
+}
+
+/// The security block of `agent`'s call once `pred` holds on it.
+fn wait_security(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_until(Duration::from_secs(30), what, || {
+        let st = agent.status();
+        st["calls"]
+            .as_array()
+            .into_iter()
+            .chain(st["ended_calls"].as_array())
+            .flatten()
+            .map(|c| &c["security"])
+            .find(|s| pred(s))
+            .cloned()
+    })
+    .unwrap_or_else(|e| panic!("{e}\nstatus: {}\nlog:\n{}", agent.status(), agent.log()))
+}
+
+/// Both sides' security blocks once HIP is established and the level is `level` (a later
+/// change would have to come from SIP; the tests say why none can).
+fn wait_level(alice: &Agent, bob: &Agent, level: &str) -> (Value, Value) {
+    let done = |s: &Value| {
+        s["verification"] == level
+            && s["associations"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["state"] == "established"))
+    };
+    (
+        wait_security(alice, &format!("alice: {level}"), done),
+        wait_security(bob, &format!("bob: {level}"), done),
+    )
+}
+
+fn hang_up(alice: &Agent, bob: &Agent, call: &str) {
+    alice.ctl(&["hangup", call.trim()]).unwrap();
+    wait_until(Duration::from_secs(15), "both calls to end", || {
+        (alice.status()["calls"].as_array()?.is_empty()
+            && bob.status()["calls"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn identity_both_ways_is_mutual() {
+    let dir = scratch("sec-keys");
+    let (ka, pa) = es256_key(&dir, "atlanta");
+    let (kb, pb) = es256_key(&dir, "biloxi");
+    let (_p, alice, bob) = pair(
+        "secmu",
+        "10.71.0",
+        &security(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false),
+        &security(Some((&kb, "biloxi.com")), &[("atlanta.com", &pa)], false),
+    );
+    let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let (a, b) = wait_level(&alice, &bob, "mutual");
+    let (sa, sb) = (&a["sip_assurance"], &b["sip_assurance"]);
+    // Alice: her INVITE was signed; bob's HIT came signed in his §4.1 UPDATE.
+    assert_eq!(sa["own_via"], "identity", "{a}");
+    assert_eq!(sa["peer_via"], "identity", "{a}");
+    assert!(
+        sa["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("UPDATE Identity verified"),
+        "{a}"
+    );
+    assert!(
+        sa["peer_detail"].as_str().unwrap().contains("biloxi.com"),
+        "{a}"
+    );
+    // Bob: alice's INVITE verified with atlanta.com's key; his UPDATE was accepted.
+    assert_eq!(sb["peer_via"], "identity", "{b}");
+    assert!(
+        sb["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("INVITE Identity verified: sip:alice@atlanta.com"),
+        "{b}"
+    );
+    assert_eq!(sb["own_via"], "identity", "{b}");
+    assert!(
+        sb["own_detail"]
+            .as_str()
+            .unwrap()
+            .contains("accepted with 200"),
+        "{b}"
+    );
+    for s in [sa, sb] {
+        assert_eq!(s["peer_authenticated"], true);
+        assert_eq!(s["own_protected"], true);
+        assert!(s["caveat"].is_null(), "no SIPS trust relied upon: {s}");
+    }
+    assert_eq!(a["failure"], Value::Null);
+    assert_eq!(a["sas"], b["sas"]);
+    // The human status names the mechanism.
+    let human = alice.ctl(&["status"]).unwrap();
+    assert!(human.contains("verification mutual"), "{human}");
+    assert!(
+        human.contains("peer HIT authenticated (SIP Identity)"),
+        "{human}"
+    );
+    assert!(
+        human.contains("our HIT  protected (SIP Identity)"),
+        "{human}"
+    );
+    hang_up(&alice, &bob, &call);
+}
+
+#[test]
+fn only_the_caller_signs_single_sided_and_each_side_sees_its_half() {
+    let dir = scratch("sec-keys");
+    let (ka, pa) = es256_key(&dir, "atlanta");
+    // Bob has no key: his HIT goes unsigned, and so he sends no UPDATE at all.
+    let (_p, alice, bob) = pair(
+        "secss",
+        "10.72.0",
+        &security(Some((&ka, "atlanta.com")), &[], false),
+        &security(None, &[("atlanta.com", &pa)], false),
+    );
+    let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let (a, b) = wait_level(&alice, &bob, "single-sided");
+    let (sa, sb) = (&a["sip_assurance"], &b["sip_assurance"]);
+    // Bob knows he talks to alice (her INVITE verified), his own HIT is unprotected.
+    assert_eq!(sb["peer_authenticated"], true, "{b}");
+    assert_eq!(sb["peer_via"], "identity", "{b}");
+    assert_eq!(sb["own_protected"], false, "{b}");
+    assert!(
+        sb["own_detail"]
+            .as_str()
+            .unwrap()
+            .contains("no [security] identity_key"),
+        "{b}"
+    );
+    // Alice only knows her own HIT went out signed; bob's answer was not authenticated.
+    assert_eq!(sa["own_protected"], true, "{a}");
+    assert_eq!(sa["own_via"], "identity", "{a}");
+    assert_eq!(sa["peer_authenticated"], false, "{a}");
+    assert_eq!(sa["peer_via"], Value::Null, "{a}");
+    assert!(
+        sa["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for a signed UPDATE"),
+        "{a}"
+    );
+    // No UPDATE crossed: bob's log shows none sent, alice's agent got none.
+    assert!(!bob.log().contains("signed UPDATE sent"), "{}", bob.log());
+    hang_up(&alice, &bob, &call);
+}
+
+#[test]
+fn nobody_signs_unverified() {
+    let (_p, alice, bob) = pair(
+        "secun",
+        "10.73.0",
+        &security(None, &[], false),
+        &security(None, &[], false),
+    );
+    let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let (a, b) = wait_level(&alice, &bob, "unverified");
+    for s in [&a["sip_assurance"], &b["sip_assurance"]] {
+        assert_eq!(s["peer_authenticated"], false, "{s}");
+        assert_eq!(s["own_protected"], false, "{s}");
+    }
+    assert!(
+        b["sip_assurance"]["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("no Identity header in the INVITE"),
+        "{b}"
+    );
+    hang_up(&alice, &bob, &call);
+}
+
+#[test]
+fn an_identity_signed_with_an_untrusted_key_is_reported_not_trusted() {
+    let dir = scratch("sec-keys");
+    let (ka, _pa) = es256_key(&dir, "atlanta");
+    let (kb, pb) = es256_key(&dir, "biloxi");
+    // Bob is configured with another key for atlanta.com than the one alice signs with.
+    let (_mallory, pm) = es256_key(&dir, "mallory");
+    let (_p, alice, bob) = pair(
+        "secut",
+        "10.74.0",
+        &security(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false),
+        &security(Some((&kb, "biloxi.com")), &[("atlanta.com", &pm)], false),
+    );
+    let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    // Alice verifies bob's UPDATE (mutual from her side); bob cannot verify alice.
+    let (a, b) = (
+        wait_security(&alice, "alice: mutual", |s| s["verification"] == "mutual"),
+        wait_security(&bob, "bob: single-sided", |s| {
+            s["verification"] == "single-sided" && s["sip_assurance"]["own_protected"] == true
+        }),
+    );
+    let sb = &b["sip_assurance"];
+    assert_eq!(sb["peer_authenticated"], false, "{b}");
+    let why = sb["peer_detail"].as_str().unwrap();
+    assert!(
+        why.contains("INVITE Identity not verified")
+            && why.contains("signature does not verify with the key trusted for \"atlanta.com\""),
+        "{b}"
+    );
+    // A signature that does not verify is not proof of tampering: not `failed`.
+    assert_eq!(b["failure"], Value::Null, "{b}");
+    assert_eq!(a["sip_assurance"]["peer_authenticated"], true, "{a}");
+    hang_up(&alice, &bob, &call);
+}
+
+#[test]
+fn sips_with_trusted_proxies_is_mutual_with_the_caveat() {
+    let p = VethPair::new("secsips", &["10.75.0.1/24"], &["10.75.0.2/24"]).unwrap();
+    let dir = scratch("sec-sips");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    hip_tests::run(
+        "openssl",
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hip-test",
+            "-addext",
+            "subjectAltName=IP:10.75.0.1,IP:10.75.0.2",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth,clientAuth",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let tls = format!(
+        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{NO_OFFLOAD}",
+        cert.display(),
+        key.display(),
+        cert.display()
+    );
+    let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
+        Agent::start(
+            ns,
+            hip_key(&dir, who).to_str().unwrap(),
+            &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
+            &format!("{tls}{}", security(None, &[], true)),
+        )
+        .unwrap()
+    };
+    let alice = start(&p.a, "alice", "atlanta.com", "10.75.0.1");
+    let bob = start(&p.b, "bob", "biloxi.com", "10.75.0.2");
+    let call = alice.ctl(&["call", "sips:bob@10.75.0.2:5061"]).unwrap();
+    let (a, b) = wait_level(&alice, &bob, "mutual");
+    for s in [&a["sip_assurance"], &b["sip_assurance"]] {
+        assert_eq!(s["peer_via"], "sips", "{s}");
+        assert_eq!(s["own_via"], "sips", "{s}");
+        assert!(
+            s["caveat"].as_str().unwrap().contains("trusts all of them"),
+            "{s}"
+        );
+    }
+    let human = bob.ctl(&["status"]).unwrap();
+    assert!(human.contains("peer HIT authenticated (SIPS)"), "{human}");
+    assert!(human.contains("caveat: SIPS protects each hop"), "{human}");
+    hang_up(&alice, &bob, &call);
+}
+
+#[test]
+fn sips_is_not_counted_unless_the_proxies_are_trusted() {
+    // The same call over TLS to a sips: URI, without trust_sips_proxies: unverified, and
+    // the status says why.
+    let p = VethPair::new("secsipsn", &["10.76.0.1/24"], &["10.76.0.2/24"]).unwrap();
+    let dir = scratch("sec-sipsn");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    hip_tests::run(
+        "openssl",
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hip-test",
+            "-addext",
+            "subjectAltName=IP:10.76.0.1,IP:10.76.0.2",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth,clientAuth",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let tls = format!(
+        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{NO_OFFLOAD}",
+        cert.display(),
+        key.display(),
+        cert.display()
+    );
+    let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
+        Agent::start(
+            ns,
+            hip_key(&dir, who).to_str().unwrap(),
+            &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
+            &format!("{tls}{}", security(None, &[], false)),
+        )
+        .unwrap()
+    };
+    let alice = start(&p.a, "alice", "atlanta.com", "10.76.0.1");
+    let bob = start(&p.b, "bob", "biloxi.com", "10.76.0.2");
+    let call = alice.ctl(&["call", "sips:bob@10.76.0.2:5061"]).unwrap();
+    let (_a, b) = wait_level(&alice, &bob, "unverified");
+    assert!(
+        b["sip_assurance"]["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("trust_sips_proxies is off"),
+        "{b}"
+    );
+    hang_up(&alice, &bob, &call);
+}
+
+/// A stateful Kamailio relay in the caller's namespace that swaps the caller's HIT in
+/// every INVITE's SDP for another one: the draft's §4 man in the middle on the signalling
+/// path, as a real proxy.
+const MITM_CFG: &str = r#"#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:@IP@:5070
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+loadmodule "maxfwd.so"
+request_route {
+    if (!mf_process_maxfwd_header("10")) {
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }
+    if (is_method("ACK")) {
+        if (t_check_trans()) {
+            t_relay();
+        }
+        exit;
+    }
+    if (is_method("INVITE") && has_body("application/sdp")) {
+        subst_body("/@REAL@/@FAKE@/ig");
+    }
+    $du = "sip:@NEXT@:5060";
+    t_relay();
+}
+"#;
+
+#[test]
+fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
+    let dir = scratch("sec-mitm");
+    let (ka, pa) = es256_key(&dir, "atlanta");
+    let p = VethPair::new("secmitm", &["10.77.0.1/24"], &["10.77.0.2/24"]).unwrap();
+    let alice_key = hip_key(&dir, "alice");
+    let show = hip_tests::run(
+        agent_bin().to_str().unwrap(),
+        ["hi", "show", alice_key.to_str().unwrap(), "--json"],
+    )
+    .unwrap();
+    let alice_hex = serde_json::from_slice::<Value>(&show.stdout).unwrap()["hit_hex"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fake = "2001001F0000000000000000DEADBEEF";
+    let cfg = MITM_CFG
+        .replace("@IP@", "10.77.0.1")
+        .replace("@NEXT@", "10.77.0.2")
+        .replace("@REAL@", &alice_hex)
+        .replace("@FAKE@", fake);
+    let cfg_path = dir.join("mitm.cfg");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = std::fs::File::create(dir.join("mitm.log")).unwrap();
+    let st = Command::new("ip")
+        .args(["netns", "exec", p.a.name(), "kamailio", "-f"])
+        .arg(&cfg_path)
+        .arg("-P")
+        .arg(dir.join("mitm.pid"))
+        .args(["-m", "32", "-M", "8", "-E"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(st.success(), "kamailio: {st}");
+    // Alice signs and sends through the relay (her outbound proxy); bob trusts her key.
+    let alice = Agent::start(
+        &p.a,
+        alice_key.to_str().unwrap(),
+        "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.77.0.1:5060\"]\n\
+         outbound_proxy = \"udp:10.77.0.1:5070\"",
+        &format!(
+            "{NO_OFFLOAD}{}",
+            security(Some((&ka, "atlanta.com")), &[], false)
+        ),
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        hip_key(&dir, "bob").to_str().unwrap(),
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.77.0.2:5060\"]",
+        &format!(
+            "{NO_OFFLOAD}{}",
+            security(None, &[("atlanta.com", &pa)], false)
+        ),
+    )
+    .unwrap();
+    alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    // Bob: the Identity is valid but binds alice's real HIT, not the SDP's: failed.
+    let b = wait_security(&bob, "bob to flag the call", |s| {
+        s["verification"] == "failed"
+    });
+    let f = b["failure"].as_str().unwrap();
+    assert!(f.contains("altered on the path"), "{b}");
+    assert!(f.contains(&alice_hex) && f.contains(fake), "{b}");
+    assert_eq!(b["sip_assurance"]["peer_authenticated"], false, "{b}");
+    // ...and refused it with 438 (RFC 8224 §6.2.2) before any answer: alice's call ended.
+    wait_until(Duration::from_secs(15), "alice's call to end", || {
+        alice.status()["calls"].as_array()?.is_empty().then_some(())
+    })
+    .unwrap();
+    assert!(
+        alice.log().contains("status: 438"),
+        "alice's log:\n{}",
+        alice.log()
+    );
+    // Nothing of the forged HIT reached bob's pool or HIP.
+    assert!(bob.hits().as_array().unwrap().is_empty(), "{}", bob.hits());
+    assert!(b["associations"].as_array().unwrap().is_empty(), "{b}");
+}
