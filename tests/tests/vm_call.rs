@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hip_tests::{
     call::{self, Options, Scenario, xfrm_counts},
+    sip::scratch,
     wait_until,
 };
 
@@ -174,4 +175,77 @@ fn a_killed_agent_restarts_and_reconciles_the_kernel() {
         "{}",
         s.alice.log()
     );
+}
+
+#[test]
+fn sip_identity_through_both_proxies_makes_the_call_mutual() {
+    // The draft's §4 with §4.1 through the trapezoid: alice's signed INVITE crosses both
+    // Kamailio proxies (and atlanta's digest challenge, which makes alice send it twice);
+    // bob's signed UPDATE goes straight to alice. Both agents get the same `[security]`
+    // table (the scenario has one for both), so one ES256 key signs for both domains here;
+    // verification with distinct per-domain keys is covered by `host_security`.
+    let dir = scratch("vm-identity");
+    let (key, public) = (dir.join("es256.pem"), dir.join("es256.pub.pem"));
+    let k = key.to_str().unwrap();
+    hip_tests::run(
+        "openssl",
+        [
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            k,
+        ],
+    )
+    .unwrap();
+    hip_tests::run("chmod", ["600", k]).unwrap();
+    hip_tests::run(
+        "openssl",
+        [
+            "pkey",
+            "-in",
+            k,
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let p = public.display();
+    let s = Scenario::start(&Options {
+        extra_config: format!(
+            "[security]\nidentity_key = \"{k}\"\nidentity_info = \"https://hip.test/passport.pem\"\n\
+             trusted_identities = {{ \"atlanta.com\" = \"{p}\", \"biloxi.com\" = \"{p}\" }}\n"
+        ),
+        ..Options::default()
+    })
+    .unwrap();
+    let call = s.call().unwrap();
+    s.wait_established().unwrap();
+    let mutual = |sec: &serde_json::Value| sec["verification"] == "mutual";
+    let timeout = Duration::from_secs(60);
+    let a = Scenario::wait_call_security(&s.alice, "alice: mutual", timeout, mutual).unwrap();
+    let b = Scenario::wait_call_security(&s.bob, "bob: mutual", timeout, mutual).unwrap();
+    let (sa, sb) = (&a["sip_assurance"], &b["sip_assurance"]);
+    for sec in [sa, sb] {
+        assert_eq!(sec["peer_via"], "identity", "{sec}");
+        assert_eq!(sec["own_via"], "identity", "{sec}");
+    }
+    assert!(
+        sb["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("INVITE Identity verified: sip:alice@atlanta.com"),
+        "{b}"
+    );
+    assert!(
+        sa["peer_detail"]
+            .as_str()
+            .unwrap()
+            .contains("UPDATE Identity verified (draft §4.1): sip:bob@biloxi.com"),
+        "{a}"
+    );
+    s.hangup(&call).unwrap();
 }
