@@ -469,9 +469,9 @@ fn sips_is_not_counted_unless_the_proxies_are_trusted() {
     hang_up(&alice, &bob, &call);
 }
 
-/// A stateful Kamailio relay in the caller's namespace that swaps the caller's HIT in
-/// every INVITE's SDP for another one: the draft's §4 man in the middle on the signalling
-/// path, as a real proxy.
+/// A stateful Kamailio relay in the caller's namespace that swaps one HIT for another in
+/// every SDP it relays, in INVITEs and in responses: the draft's §4 man in the middle on
+/// the signalling path, as a real proxy.
 const MITM_CFG: &str = r#"#!KAMAILIO
 debug=2
 log_stderror=yes
@@ -501,34 +501,39 @@ request_route {
     $du = "sip:@NEXT@:5060";
     t_relay();
 }
+onreply_route {
+    if (has_body("application/sdp")) {
+        subst_body("/@REAL@/@FAKE@/ig");
+    }
+}
 "#;
 
-#[test]
-fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
-    let dir = scratch("sec-mitm");
-    let (ka, pa) = es256_key(&dir, "atlanta");
-    let p = VethPair::new("secmitm", &["10.77.0.1/24"], &["10.77.0.2/24"]).unwrap();
-    let alice_key = hip_key(&dir, "alice");
+fn hit_of(key: &Path) -> (String, String) {
     let show = hip_tests::run(
         agent_bin().to_str().unwrap(),
-        ["hi", "show", alice_key.to_str().unwrap(), "--json"],
+        ["hi", "show", key.to_str().unwrap(), "--json"],
     )
     .unwrap();
-    let alice_hex = serde_json::from_slice::<Value>(&show.stdout).unwrap()["hit_hex"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let fake = "2001001F0000000000000000DEADBEEF";
+    let v: Value = serde_json::from_slice(&show.stdout).unwrap();
+    (
+        v["hit"].as_str().unwrap().to_owned(),
+        v["hit_hex"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Starts the relay in `ns` at `ip`:5070, forwarding to `next`:5060 and swapping `real`
+/// for `fake` (32 hex digits each).
+fn mitm(ns: &NetNs, dir: &Path, ip: &str, next: &str, real: &str, fake: &str) {
     let cfg = MITM_CFG
-        .replace("@IP@", "10.77.0.1")
-        .replace("@NEXT@", "10.77.0.2")
-        .replace("@REAL@", &alice_hex)
+        .replace("@IP@", ip)
+        .replace("@NEXT@", next)
+        .replace("@REAL@", real)
         .replace("@FAKE@", fake);
     let cfg_path = dir.join("mitm.cfg");
     std::fs::write(&cfg_path, cfg).unwrap();
     let log = std::fs::File::create(dir.join("mitm.log")).unwrap();
     let st = Command::new("ip")
-        .args(["netns", "exec", p.a.name(), "kamailio", "-f"])
+        .args(["netns", "exec", ns.name(), "kamailio", "-f"])
         .arg(&cfg_path)
         .arg("-P")
         .arg(dir.join("mitm.pid"))
@@ -539,6 +544,17 @@ fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
         .status()
         .unwrap();
     assert!(st.success(), "kamailio: {st}");
+}
+
+#[test]
+fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
+    let dir = scratch("sec-mitm");
+    let (ka, pa) = es256_key(&dir, "atlanta");
+    let p = VethPair::new("secmitm", &["10.77.0.1/24"], &["10.77.0.2/24"]).unwrap();
+    let alice_key = hip_key(&dir, "alice");
+    let (_, alice_hex) = hit_of(&alice_key);
+    let fake = "2001001F0000000000000000DEADBEEF";
+    mitm(&p.a, &dir, "10.77.0.1", "10.77.0.2", &alice_hex, fake);
     // Alice signs and sends through the relay (her outbound proxy); bob trusts her key.
     let alice = Agent::start(
         &p.a,
@@ -583,4 +599,56 @@ fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
     // Nothing of the forged HIT reached bob's pool or HIP.
     assert!(bob.hits().as_array().unwrap().is_empty(), "{}", bob.hits());
     assert!(b["associations"].as_array().unwrap().is_empty(), "{b}");
+}
+
+#[test]
+fn a_proxy_rewriting_the_answers_hit_is_exposed_by_the_callees_signed_update() {
+    // The draft's §4.1 case: the 200 OK cannot be signed, so a proxy swaps bob's HIT in
+    // it; bob's signed UPDATE, sent straight to alice, carries his real HIT.
+    let dir = scratch("sec-mitm2");
+    let (kb, pb) = es256_key(&dir, "biloxi");
+    let p = VethPair::new("secmitm2", &["10.78.0.1/24"], &["10.78.0.2/24"]).unwrap();
+    let bob_key = hip_key(&dir, "bob");
+    let (bob_hit, bob_hex) = hit_of(&bob_key);
+    let fake = "2001001F0000000000000000DEADBEEF";
+    mitm(&p.a, &dir, "10.78.0.1", "10.78.0.2", &bob_hex, fake);
+    let alice = Agent::start(
+        &p.a,
+        hip_key(&dir, "alice").to_str().unwrap(),
+        "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.78.0.1:5060\"]\n\
+         outbound_proxy = \"udp:10.78.0.1:5070\"",
+        // I1 to the forged HIT: bob's host stays silent (it is not that HIT), so HIP
+        // reports nothing for seconds and the UPDATE is what exposes the forgery.
+        &format!(
+            "{NO_OFFLOAD}[hip]\ni1_to_null_hit = false\n{}",
+            security(None, &[("biloxi.com", &pb)], false)
+        ),
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        bob_key.to_str().unwrap(),
+        "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.78.0.2:5060\"]",
+        &format!(
+            "{NO_OFFLOAD}{}",
+            security(Some((&kb, "biloxi.com")), &[], false)
+        ),
+    )
+    .unwrap();
+    alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let a = wait_security(&alice, "alice to flag the call", |s| {
+        s["verification"] == "failed"
+    });
+    let f = a["failure"].as_str().unwrap();
+    assert!(f.contains("altered on the path (draft §4.1)"), "{a}");
+    let fake_v6 = "2001:1f::dead:beef";
+    assert!(f.contains(&bob_hit) && f.contains(fake_v6), "{a}");
+    assert_eq!(a["sip_assurance"]["peer_authenticated"], false, "{a}");
+    // on_failure = hangup: alice ends the call.
+    wait_until(Duration::from_secs(15), "both calls to end", || {
+        (alice.status()["calls"].as_array()?.is_empty()
+            && bob.status()["calls"].as_array()?.is_empty())
+        .then_some(())
+    })
+    .unwrap();
 }
