@@ -277,7 +277,7 @@ fn only_the_caller_signs_single_sided_and_each_side_sees_its_half() {
             .contains("waiting for a signed UPDATE"),
         "{a}"
     );
-    // No UPDATE crossed: bob's log shows none sent, alice's agent got none.
+    // Bob, having no key, sent no §4.1 UPDATE.
     assert!(!bob.log().contains("signed UPDATE sent"), "{}", bob.log());
     hang_up(&alice, &bob, &call);
 }
