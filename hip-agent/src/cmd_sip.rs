@@ -98,6 +98,15 @@ pub fn run(cmd: SipCmd) -> Result<()> {
     match cmd {
         SipCmd::Run { config } => {
             let cfg = Config::load(&config)?;
+            if let Some(caps) = hip_agent::privileges::effective() {
+                let m = hip_agent::privileges::missing(&cfg, caps);
+                if !m.is_empty() {
+                    bail!(
+                        "missing capabilities for this configuration: {} (run as root, or grant them; see dist/hip-agent.service)",
+                        m.join(", ")
+                    );
+                }
+            }
             // Multi-threaded: the HIP endpoint's SPI allocator blocks on a netlink request
             // (`block_in_place`), which needs another worker to keep the loop going.
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -8,5 +8,6 @@ pub mod hip_driver;
 pub mod netns;
 pub mod offload;
 pub mod pool;
+pub mod privileges;
 pub mod secure;
 pub mod sip_service;

@@ -196,6 +196,37 @@ pub fn cleanup_own_namespaces() {
     }
 }
 
+static INTERRUPT_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = INTERRUPT_PIPE.load(Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; the buffer is a static byte.
+    unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+}
+
+/// Runs `cleanup` on a helper thread when SIGINT or SIGTERM arrives, then exits with 130.
+/// (A handler that writes to a pipe, not a blocked signal mask: children inherit masks.)
+pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills the array; the handler is async-signal-safe.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return;
+        }
+        INTERRUPT_PIPE.store(fds[1], Ordering::Relaxed);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let rd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        // SAFETY: blocking read on our own pipe.
+        while unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) } != 1 {}
+        cleanup();
+        std::process::exit(130);
+    });
+}
+
 /// Joins the calling thread to network namespace NAME.
 pub fn enter_netns(name: &str) -> Result<()> {
     use std::os::fd::AsRawFd;

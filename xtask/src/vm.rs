@@ -125,6 +125,7 @@ pub fn run_script(
     eprintln!("+ {} -r {} ... --exec <script>", vng, kernel.display());
     let mut child = c.spawn().context("starting vng")?;
     let pid = child.id() as i32;
+    forward_interrupts(pid);
     let done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
     {
@@ -160,6 +161,28 @@ pub fn run_script(
         bail!("the VM did not finish within {timeout:?} and was killed");
     }
     Ok(st)
+}
+
+/// The VM runs in its own process group (so the watchdog can kill it whole), which also
+/// keeps a terminal's Ctrl-C from reaching it: this forwards SIGINT/SIGTERM as a kill of
+/// the group, then exits, so an interrupted task leaves no VM behind.
+fn forward_interrupts(pgid: i32) {
+    PGID.store(pgid, Ordering::Relaxed);
+    // SAFETY: the handler only calls async-signal-safe functions (kill, _exit).
+    unsafe {
+        libc::signal(libc::SIGINT, kill_vm as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, kill_vm as *const () as libc::sighandler_t);
+    }
+}
+
+static PGID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn kill_vm(_: libc::c_int) {
+    // SAFETY: async-signal-safe calls only.
+    unsafe {
+        libc::kill(-PGID.load(Ordering::Relaxed), libc::SIGKILL);
+        libc::_exit(130);
+    }
 }
 
 /// Quotes a word for `sh`.

@@ -87,22 +87,13 @@ fn spi_of(v: &Value, key: &str) -> String {
 }
 
 fn main() {
-    // Signals go to a thread that cleans up; destructors do not run on a signal.
-    // SAFETY: plain signal-mask calls on a zeroed set, before any other thread exists.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: removing the demo's namespaces, proxies and agents");
-            hip_tests::cleanup_own_namespaces();
-            std::process::exit(130);
-        });
-    }
+    // A signal wakes a thread that cleans up (destructors do not run on a signal). The
+    // handler only writes to a pipe; the signal mask stays untouched, so the agents,
+    // proxies and captures this process starts get SIGTERM/SIGINT normally.
+    hip_tests::on_interrupt(|| {
+        eprintln!("\ninterrupted: removing the demo's namespaces, proxies and agents");
+        hip_tests::cleanup_own_namespaces();
+    });
     if let Err(e) = run() {
         eprintln!("hip-demo: {e:#}");
         std::process::exit(1);
