@@ -34,7 +34,8 @@ pub struct Options {
     /// Let the biloxi.com proxy replace bob's HIT in his answer by this one (32 hex
     /// digits): the draft's §4 man in the middle on the signalling path.
     pub rewrite_bob_hit: Option<String>,
-    /// Extra TOML appended to both agents' configurations.
+    /// Extra TOML appended to both agents' configurations (bob rings 300 ms before he
+    /// answers, so the 180 and the 200 travel apart as in the draft's flow).
     pub extra_config: String,
 }
 
@@ -178,6 +179,7 @@ impl Scenario {
                 ),
                 &format!(
                     "[sip.sdp]\nhit_format = \"hex\"\nrtp_port = {RTP_PORT}\n\
+                     [sip.answer]\nring_ms = 300\n\
                      [datapath]\ninterfaces = [\"v{who}\"]\npin_dir = \"{pin}\"\n{}",
                     opts.extra_config
                 ),
