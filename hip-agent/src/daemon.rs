@@ -346,6 +346,17 @@ struct CallSecurity {
     signalled_hits: Vec<Hit>,
     /// We answered and our signed UPDATE (draft §4.1) is waiting for its answer.
     signed_update_pending: bool,
+    /// When the call started (our INVITE sent, or theirs received), Unix milliseconds.
+    started_ms: Option<u64>,
+    /// When the dialog was confirmed and the peer's HITs learned, Unix milliseconds.
+    confirmed_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch (call timing in `status`, for set-up measurements).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn proto_hit(h: Hit) -> hip_proto::Hit {
@@ -972,6 +983,7 @@ impl Daemon {
                     .and_then(|(_, r)| r)
                     .and_then(|b| media_of(&b));
                 let cs = self.call_sec.entry(call).or_default();
+                cs.confirmed_ms.get_or_insert_with(unix_ms);
                 cs.peer_hits = hits.clone();
                 cs.remote_media = media;
                 let Some(sec) = &mut self.security else {
@@ -1085,6 +1097,10 @@ impl Daemon {
             "associations": assocs,
             "remote_media": cs.remote_media.as_ref().map(|(a, p)| json!({"address": a, "port": p})),
             "flows": flows,
+            "timing_ms": {
+                "started": cs.started_ms,
+                "sip_confirmed": cs.confirmed_ms,
+            },
         })
     }
 
@@ -1290,7 +1306,9 @@ impl Daemon {
                 };
                 match self.ua.call_signed(now, &uri, Some(sdp), signed) {
                     Ok(h) => {
-                        self.call_sec.entry(h).or_default().sip = own;
+                        let cs = self.call_sec.entry(h).or_default();
+                        cs.sip = own;
+                        cs.started_ms = Some(unix_ms());
                         self.stats.calls_out += 1;
                         json!({"ok": true, "call": h.0})
                     }

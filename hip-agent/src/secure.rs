@@ -94,8 +94,22 @@ pub struct AssocRecord {
     pub actual_peer_hit: Option<String>,
     /// When the base exchange completed (seconds since the epoch).
     pub established_at: Option<u64>,
+    /// Set-up timing in Unix milliseconds: exchange started (I1 sent, or the record made
+    /// for an answered call), base exchange completed, kernel programming done.
+    pub timing_ms: Timing,
     /// Rekeys done.
     pub rekeys: u32,
+}
+
+/// See [`AssocRecord::timing_ms`].
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Timing {
+    /// I1 sent (initiator) or call answered (responder).
+    pub started: Option<u64>,
+    /// `Established` from the HIP core.
+    pub established: Option<u64>,
+    /// SAs, policies, route and datapath entry installed.
+    pub offloaded: Option<u64>,
 }
 
 /// What [`Security::handle`] reports to the daemon.
@@ -262,6 +276,10 @@ impl Security {
             error: None,
             actual_peer_hit: None,
             established_at: None,
+            timing_ms: Timing {
+                started: Some(crate::daemon::unix_ms()),
+                ..Timing::default()
+            },
             rekeys: 0,
         })
     }
@@ -407,6 +425,7 @@ impl Security {
                 if e.initiator {
                     self.expected_at.remove(&e.peer_locator);
                 }
+                let established_ms = crate::daemon::unix_ms();
                 let kernel = match &mut self.offload {
                     Some(o) => match o.install(&e).await {
                         Ok(i) => Some(i),
@@ -433,6 +452,8 @@ impl Security {
                 r.esp_transform = Some(format!("{:?}", e.esp_suite));
                 r.kernel = kernel;
                 r.error = None;
+                r.timing_ms.established = Some(established_ms);
+                r.timing_ms.offloaded = r.kernel.as_ref().map(|_| crate::daemon::unix_ms());
                 r.established_at = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()

@@ -1,5 +1,152 @@
-//! `cargo xtask bench` (benchmarks are added per subsystem).
-use anyhow::Result;
+//! `cargo xtask bench`: every benchmark of the project, each against a baseline measured
+//! side by side in the same process or script (these machines are noisy: ratios, not
+//! absolute times, are what to compare).
+//!
+//! | bench | what | baseline |
+//! | --- | --- | --- |
+//! | `hip-proto-bench` | base exchange between two in-process peers; R1s/s from the pool | the exchange's crypto alone; signing every R1 |
+//! | `hip-datapath-bench` | eBPF ns/packet (kernel accounting), veth UDP rate | empty program; programs detached |
+//! | `xfrm_bench` (host, policies) and (VM, SAs + policies) | installing N associations | one `ip xfrm` per object |
+//! | `tests/sipp/bench.sh` | calls/s with the agent as UAS | SIPp's own UAS |
+//! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
+//!
+//! Everything is printed and also written to `target/bench/report.txt`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ebpf, util, vm};
+
+struct Report {
+    file: std::fs::File,
+    failed: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, l: &str) {
+        println!("{l}");
+        let _ = writeln!(self.file, "{l}");
+    }
+
+    /// Runs a bench command, streaming and recording its stdout.
+    fn run(&mut self, name: &str, c: &mut Command) {
+        self.line(&format!("\n== bench: {name}"));
+        eprintln!("+ {}", util::show(c));
+        let child = c.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn();
+        let ok = match child {
+            Ok(mut ch) => {
+                for l in BufReader::new(ch.stdout.take().unwrap())
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    self.line(&l);
+                }
+                ch.wait().is_ok_and(|s| s.success())
+            }
+            Err(e) => {
+                self.line(&format!("could not start: {e}"));
+                false
+            }
+        };
+        if !ok {
+            self.line(&format!("!! {name} failed"));
+            self.failed.push(name.to_owned());
+        }
+    }
+}
+
 pub fn run() -> Result<()> {
-    anyhow::bail!("bench not written yet")
+    util::require_root("the benchmarks (namespaces, XFRM, eBPF)")?;
+    ebpf::build()?;
+    let root = util::root();
+    util::run(util::cmd("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "hip-agent",
+        "-p",
+        "hip-tests",
+        "--bins",
+        "-p",
+        "hip-proto",
+        "--bin",
+        "hip-proto-bench",
+        "-p",
+        "hip-datapath",
+        "--bin",
+        "hip-datapath-bench",
+    ]))?;
+    util::run(util::cmd("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "hip-kernel",
+        "--example",
+        "xfrm_bench",
+    ]))?;
+    let rel = root.join("target/release");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut r = Report {
+        file: std::fs::File::create(dir.join("report.txt")).context("report file")?,
+        failed: Vec::new(),
+    };
+    r.line("hip benchmarks (ratios against baselines measured in the same run)");
+
+    r.run(
+        "HIP base exchange vs its crypto floor; R1 pool vs signing each R1 (goal: ratio <= 1.3)",
+        &mut util::cmd(rel.join("hip-proto-bench").to_str().unwrap()),
+    );
+    r.run(
+        "eBPF programs: ns/packet over the empty-program floor, UDP rate attached/detached (goals: < 100 ns, >= 0.95)",
+        util::cmd(rel.join("hip-datapath-bench").to_str().unwrap()).args(["20000", "20"]),
+    );
+    r.run(
+        "XFRM on the host (no ESP): N associations' policies via netlink vs one `ip xfrm` each (goal: >= 20x)",
+        util::cmd(rel.join("examples/xfrm_bench").to_str().unwrap()).args(["--policies-only", "1000", "10000"]),
+    );
+    r.run(
+        "SIP: calls/s with hip-agent as UAS vs SIPp's own UAS (goal: ratio >= 0.8, 0 failed)",
+        util::cmd("bash")
+            .arg(root.join("tests/sipp/bench.sh"))
+            .env("HIP_AGENT_BIN", rel.join("hip-agent")),
+    );
+
+    // One VM boot for what needs ESP.
+    r.line("\n== bench (VM, kernel with ESP): XFRM SAs + policies via netlink vs `ip xfrm`; call set-up split vs floors");
+    let script = format!(
+        "echo '-- xfrm_bench (2 SAs + 2 policies per association; ip baseline sampled on 100, scaled linearly)'; \
+         {xfrm} 1000 10000 --ip-limit 100 || echo '!! xfrm_bench failed'; \
+         echo '-- hip-call-bench'; HIP_AGENT_BIN={agent} {call} 5 || echo '!! hip-call-bench failed'",
+        xfrm = vm::shell_quote(&rel.join("examples/xfrm_bench").to_string_lossy()),
+        agent = vm::shell_quote(&rel.join("hip-agent").to_string_lossy()),
+        call = vm::shell_quote(&rel.join("hip-call-bench").to_string_lossy()),
+    );
+    let mut lines = Vec::new();
+    let st = vm::run_script(&script, "2G", Duration::from_secs(60 * 60), |l| {
+        println!("{l}");
+        lines.push(l.to_owned());
+    })?;
+    for l in &lines {
+        let _ = writeln!(r.file, "{l}");
+        if l.starts_with("!! ") {
+            r.failed.push(l.clone());
+        }
+    }
+    if !st.success() {
+        r.failed.push(format!("VM benches ({st})"));
+    }
+    r.line(&format!(
+        "\nreport written to {}",
+        dir.join("report.txt").display()
+    ));
+    if !r.failed.is_empty() {
+        bail!("benchmarks failed: {}", r.failed.join("; "));
+    }
+    Ok(())
 }

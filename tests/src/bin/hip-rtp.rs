@@ -41,6 +41,10 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 0x4849_5050)]
         ssrc: u32,
+        /// Keep going when a send fails (e.g. EPERM while a fail-closed policy blocks the
+        /// peer HIT before its SAs exist): for measuring when media starts to flow.
+        #[arg(long)]
+        ignore_errors: bool,
     },
     /// Receive an RTP stream and report it as JSON.
     Recv {
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
             count,
             interval_ms,
             ssrc,
+            ignore_errors,
         } => {
             let s = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
             let start = Instant::now();
@@ -90,8 +95,11 @@ fn main() -> Result<()> {
                 pkt.extend_from_slice(&ts.to_be_bytes());
                 pkt.extend_from_slice(&ssrc.to_be_bytes());
                 pkt.extend_from_slice(&payload(seq));
-                s.send_to(&pkt, to)
-                    .with_context(|| format!("send to {to}"))?;
+                match s.send_to(&pkt, to) {
+                    Ok(_) => {}
+                    Err(_) if ignore_errors => {}
+                    Err(e) => bail!("send to {to}: {e}"),
+                }
                 let due = start + Duration::from_millis(interval_ms * u64::from(i + 1));
                 if let Some(d) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(d);
@@ -112,6 +120,7 @@ fn main() -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
             let (mut got, mut intact, mut in_order, mut last) = (0u32, 0u32, true, None::<u16>);
             let mut from = None;
+            let mut first_ms = None;
             let mut ssrcs = Vec::new();
             let mut buf = [0u8; 2048];
             while got < count {
@@ -137,6 +146,11 @@ fn main() -> Result<()> {
                 }
                 got += 1;
                 from = Some(src);
+                first_ms.get_or_insert_with(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64)
+                });
                 let seq = u16::from_be_bytes([buf[2], buf[3]]);
                 let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
                 if !ssrcs.contains(&ssrc) {
@@ -155,6 +169,7 @@ fn main() -> Result<()> {
                 serde_json::json!({
                     "received": got, "intact": intact, "in_order": in_order,
                     "from": from.map(|f| f.to_string()), "ssrcs": ssrcs,
+                    "first_ms": first_ms,
                 })
             );
         }
