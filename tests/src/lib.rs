@@ -227,6 +227,17 @@ pub fn on_interrupt(cleanup: impl FnOnce() + Send + 'static) {
     });
 }
 
+/// Removes a bpffs pin directory when dropped, so a failing test leaves no pinned maps.
+/// (Tests assert the agent removed it themselves before this runs.)
+#[derive(Debug)]
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Joins the calling thread to network namespace NAME.
 pub fn enter_netns(name: &str) -> Result<()> {
     use std::os::fd::AsRawFd;

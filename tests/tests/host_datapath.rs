@@ -55,6 +55,7 @@ fn tc_programs_count_packets_on_a_veth() {
     }
     quiet(&p, &mac(&p.a, &p.if_a), &mac(&p.b, &p.if_b)).unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/hip-test-{}", p.b.name()));
+    let _guard = hip_tests::PinDir(pin_dir.clone());
 
     let out = Command::new(agent_bin())
         .args([

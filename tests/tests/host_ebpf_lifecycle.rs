@@ -109,6 +109,7 @@ fn pins(pin: &Path) -> Vec<String> {
 fn nothing_left_after_clean_stop_or_kill_and_restart() {
     let p = VethPair::new("lc", &["10.79.0.1/24"], &["10.79.0.2/24"]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/hipt-lc-{}", std::process::id()));
+    let _guard = hip_tests::PinDir(pin.clone());
     let ns = &p.b;
     let ifc = &p.if_b;
     assert!(attached(ns, ifc).is_empty());

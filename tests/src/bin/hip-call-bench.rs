@@ -234,7 +234,9 @@ fn main() -> Result<()> {
         "  sum of the parts            {parts:>9.1}  {floors:>7.1}  ratio {:.2}",
         parts / floors
     );
-    println!("  first RTP vs programming end {media:>8.1}         (sender every 2 ms; < 0: media flowed before the route/map bookkeeping ended)");
+    println!(
+        "  first RTP vs programming end {media:>8.1}         (sender every 2 ms; < 0: media flowed before the route/map bookkeeping ended)"
+    );
     println!("  INVITE → media flowing      {total:>9.1}");
     println!(
         "{}",
