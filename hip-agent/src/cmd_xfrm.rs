@@ -33,6 +33,14 @@ pub struct XfrmArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// The agent's known-HITs pool, to name each association's SIP URI.
+    #[arg(
+        long,
+        global = true,
+        env = "HIP_POOL",
+        default_value = "/var/lib/hip/pool.json"
+    )]
+    pub pool: PathBuf,
     #[command(subcommand)]
     cmd: Option<XfrmCmd>,
 }

@@ -41,6 +41,19 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
         assert_eq!(states, 2, "two BEET SAs in {}", ns.name());
         assert_eq!(policies, 4, "2 IPsec + 2 block policies in {}", ns.name());
     }
+    // The operator's view: hip's SAs with their peer HIT and, from the pool, its SIP URI.
+    let listing = wait_until(Duration::from_secs(30), "xfrm --json to name bob", || {
+        let out = std::process::Command::new(hip_tests::agent_bin())
+            .args(["--netns", s.alice_ns().name(), "xfrm", "--json", "--pool"])
+            .arg(s.alice.dir.join("pool.json"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("sip:bob@biloxi.com").then_some(text)
+    })
+    .unwrap();
+    assert!(listing.contains(&s.bob_hit), "{listing}");
+    assert!(listing.contains(&ka["spi_out"].to_string()), "{listing}");
 
     const N: u32 = 50;
     let rtp = s.stream_rtp(N).unwrap();
@@ -129,6 +142,14 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
     for ns in [s.alice_ns(), s.bob_ns()] {
         assert_eq!(xfrm_counts(ns).unwrap(), (0, 0));
         assert!(!std::path::Path::new(&format!("/sys/fs/bpf/hip-test-{}", ns.name())).exists());
+    }
+    // And the namespaces go with the scenario.
+    let names: Vec<String> = s.net.hosts.iter().map(|n| n.name().to_owned()).collect();
+    drop(s);
+    let list = hip_tests::ip(["netns", "list"]).unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for n in names {
+        assert!(!list.contains(&n), "{n} still exists: {list}");
     }
 }
 
