@@ -310,7 +310,15 @@ impl Sdp {
             && let Some(last) = self.lines.last_mut()
             && last.ending == Ending::None
         {
-            last.ending = ending;
+            // A body cut right after the CR of a CRLF: with the LF we add, that CR ends the
+            // line as a CRLF, and the line must say so, as a parse of the new text would.
+            last.ending = match last.text.strip_suffix('\r') {
+                Some(text) => {
+                    last.text.truncate(text.len());
+                    Ending::CrLf
+                }
+                None => ending,
+            };
             self.lines.push(Line {
                 text,
                 ending: Ending::None,

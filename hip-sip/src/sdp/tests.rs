@@ -264,6 +264,32 @@ fn inserted_lines_follow_the_bodys_line_endings_and_parse_back() {
     assert!(insert_identity(&mut sdp, Scope::Media(1), Form::K, HitFormat::Hex, &me).is_err());
 }
 
+/// Fuzz finding (`fuzz/` target `sdp_parse`): a body cut right after the CR of its last
+/// line's CRLF. A line added after it completes that CR to a CRLF, and the edited SDP must
+/// hold the lines that its own text reads back as.
+#[test]
+fn a_line_added_after_a_final_bare_cr_reads_back_as_the_same_lines() {
+    let mut sdp = Sdp::parse("v=0\no=bob 1 1 IN IP4 192.0.2.4\r").unwrap();
+    let me = HostIdentity {
+        hit: hit("2001:20::b"),
+        hi: None,
+    };
+    insert_identity(
+        &mut sdp,
+        Scope::Session,
+        Form::KeyMgmt,
+        HitFormat::Ipv6,
+        &me,
+    )
+    .unwrap();
+    let text = sdp.emit();
+    assert_eq!(
+        text,
+        "v=0\no=bob 1 1 IN IP4 192.0.2.4\r\na=key-mgmt:host-identity-tag 2001:20::b"
+    );
+    assert_eq!(Sdp::parse(&text).unwrap(), sdp);
+}
+
 fn err(body: &str) -> SdpError {
     find_identities(&Sdp::parse(body).unwrap(), &derive).unwrap_err()
 }
