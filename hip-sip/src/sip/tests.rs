@@ -1281,3 +1281,81 @@ fn a_callee_hanging_up_before_the_ack_sends_bye_only_after_it() {
     );
     assert_eq!(sim.times_of(addr(BOB), "BYE"), vec![ms(700)]);
 }
+
+/// Fuzz finding (`fuzz/` target `sip_parse`): a caller whose Contact is a host name (and no
+/// Record-Route) leaves this core, which has no DNS, no route for a BYE. Hanging up must
+/// still end the call — before the ACK (BYE due on the ACK) and once confirmed — instead
+/// of leaving it up for ever.
+#[test]
+fn a_hang_up_with_no_route_for_the_bye_still_ends_the_call() {
+    let by_name = |branch: &str, call_id: &str| {
+        invite_from_peer(branch, call_id).replace(
+            "Contact: <sip:carol@192.0.2.9>",
+            "Contact: <sip:carol@pc33.chicago.com>",
+        )
+    };
+    let mut sim = Sim::new(vec![ua("bob", "biloxi.com", BOB, 2)]);
+
+    // Hung up while the 2xx waits for its ACK: the BYE is due when the ACK comes.
+    sim.inject(0, "192.0.2.9:5060", &by_name("z9hG4bKn1", "n1@x"));
+    let h = incoming(&sim, 0);
+    let now = sim.now;
+    sim.nodes[0]
+        .ua
+        .answer(now, h, Some(sdp("bob", "2001:20::b")))
+        .unwrap();
+    sim.nodes[0].ua.hangup(now, h).unwrap();
+    sim.settle();
+    let tag = to_tag_in(sim.sent_by(addr(BOB))[0]);
+    sim.inject(
+        0,
+        "192.0.2.9:5060",
+        &ack_from_peer("z9hG4bKn2", "n1@x", &tag),
+    );
+    assert!(
+        sim.times_of(addr(BOB), "BYE").is_empty(),
+        "nowhere to send it"
+    );
+    assert_eq!(sim.nodes[0].ua.call_info(h), None, "the call is over");
+    assert!(sim.events(0).iter().any(|e| matches!(
+        e,
+        Event::Ended { call, reason: EndReason::TransportError } if call.handle == h
+    )));
+
+    // Hung up once confirmed: the caller learns why, and the call is over all the same.
+    sim.inject(0, "192.0.2.9:5060", &by_name("z9hG4bKn3", "n3@x"));
+    let h = sim
+        .events(0)
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::IncomingCall { call, .. } => Some(call.handle),
+            _ => None,
+        })
+        .unwrap();
+    let now = sim.now;
+    sim.nodes[0]
+        .ua
+        .answer(now, h, Some(sdp("bob", "2001:20::b")))
+        .unwrap();
+    sim.settle();
+    let tag = to_tag_in(sim.sent_by(addr(BOB)).last().unwrap());
+    sim.inject(
+        0,
+        "192.0.2.9:5060",
+        &ack_from_peer("z9hG4bKn4", "n3@x", &tag),
+    );
+    assert_eq!(
+        sim.nodes[0].ua.call_info(h).map(|c| c.state),
+        Some(CallState::Confirmed)
+    );
+    let now = sim.now;
+    assert!(matches!(
+        sim.nodes[0].ua.hangup(now, h),
+        Err(SipError::NoRoute(_))
+    ));
+    assert_eq!(sim.nodes[0].ua.call_info(h), None, "the call is over");
+    sim.run_for(Duration::from_secs(64));
+    assert!(sim.nodes[0].ua.calls().is_empty());
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+}

@@ -985,7 +985,7 @@ impl UserAgent {
         self.timers.clear(&TimerKey::AckTimeout(h));
         self.events.push_back(Event::Confirmed { call: info });
         if bye {
-            let _ = self.send_bye(now, h);
+            let _ = self.bye_or_end(now, h);
         }
     }
 
@@ -1158,7 +1158,7 @@ impl UserAgent {
             }
             if hang_up {
                 // Our CANCEL lost the race against the 2xx: ACK, then BYE (RFC 3261 §9.1).
-                let _ = self.send_bye(now, h);
+                let _ = self.bye_or_end(now, h);
                 return;
             }
             let (info, sdp) = match self.calls.get(&h) {
@@ -1435,6 +1435,14 @@ impl UserAgent {
                 .body(body);
         }
         Ok((b.build(), dest))
+    }
+
+    /// BYE for a call that is to end here. RFC 3261 §15.1.1 ends the session when a BYE
+    /// gets no answer; one that cannot even leave (a remote target this core cannot route:
+    /// a host name, no RFC 3263 DNS here) ends it too, or a hung-up call would stay up.
+    fn bye_or_end(&mut self, now: Instant, h: CallHandle) -> Result<(), SipError> {
+        self.send_bye(now, h)
+            .inspect_err(|_| self.end_call(h, EndReason::TransportError))
     }
 
     fn send_bye(&mut self, now: Instant, h: CallHandle) -> Result<(), SipError> {
@@ -1769,7 +1777,7 @@ impl UserAgent {
                 }
                 Ok(())
             }
-            (_, CallState::Answered | CallState::Confirmed) => self.send_bye(now, h),
+            (_, CallState::Answered | CallState::Confirmed) => self.bye_or_end(now, h),
             (_, state) => Err(SipError::WrongState {
                 call: h,
                 state,
