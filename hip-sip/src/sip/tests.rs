@@ -1359,3 +1359,43 @@ fn a_hang_up_with_no_route_for_the_bye_still_ends_the_call() {
     assert!(sim.nodes[0].ua.calls().is_empty());
     assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
 }
+
+/// Fuzz finding (`fuzz/` target `sip_parse`): a callee that rang and then answers neither
+/// our CANCEL nor with a final response. An INVITE client transaction in Proceeding has no
+/// timer of its own, so RFC 3261 §9.1 has the UAC give up 64·T1 after the CANCEL: the
+/// transaction is destroyed and the call ends, instead of both staying for ever.
+#[test]
+fn a_cancel_that_gets_no_final_response_ends_the_call_after_64_t1() {
+    let mut sim = Sim::new(vec![ua("alice", "atlanta.com", ALICE, 1)]);
+    let now = sim.now;
+    let h = sim.nodes[0]
+        .ua
+        .call(now, "sip:bob@192.0.2.9", None)
+        .unwrap();
+    sim.settle();
+    let invite = String::from_utf8_lossy(&sim.log[0].data).into_owned();
+    sim.inject(0, "192.0.2.9:5060", &reply_to(&invite, "180 Ringing", ""));
+    sim.run_for(Duration::from_secs(1));
+    let now = sim.now;
+    sim.nodes[0].ua.hangup(now, h).unwrap();
+    sim.settle();
+    assert_eq!(sim.times_of(addr(ALICE), "CANCEL").len(), 1);
+    // CANCEL retransmits until its own Timer F (64·T1); nothing answers.
+    sim.run_for(Duration::from_secs(31));
+    assert_eq!(
+        sim.nodes[0].ua.call_info(h).map(|c| c.state),
+        Some(CallState::Terminating),
+        "still waiting within 64·T1"
+    );
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(sim.nodes[0].ua.call_info(h), None);
+    assert!(matches!(
+        sim.events(0).last(),
+        Some(Event::Ended {
+            reason: EndReason::Cancelled,
+            ..
+        })
+    ));
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+    assert_eq!(sim.nodes[0].ua.timer_count(), 0);
+}

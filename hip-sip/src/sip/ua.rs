@@ -33,6 +33,9 @@ enum TimerKey {
     AckTimeout(CallHandle),
     /// Registration refresh (RFC 3261 §10.2.4).
     RegisterRefresh,
+    /// UAC gives up on a cancelled INVITE 64·T1 after the CANCEL if no final response came
+    /// (RFC 3261 §9.1): a client transaction in Proceeding has no timer of its own.
+    CancelGiveUp(CallHandle),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +321,7 @@ impl UserAgent {
                 }
                 TimerKey::Retransmit2xx(h) => self.retransmit_2xx(now, h),
                 TimerKey::AckTimeout(h) => self.ack_timeout(now, h),
+                TimerKey::CancelGiveUp(h) => self.cancel_give_up(now, h),
                 TimerKey::RegisterRefresh => {
                     let _ = self.register(now);
                 }
@@ -717,6 +721,7 @@ impl UserAgent {
                 .remove(&(c.call_id.clone(), c.local_tag.clone()));
             self.timers.clear(&TimerKey::Retransmit2xx(h));
             self.timers.clear(&TimerKey::AckTimeout(h));
+            self.timers.clear(&TimerKey::CancelGiveUp(h));
             let mut info = c.info();
             info.state = c.state;
             self.events.push_back(Event::Ended { call: info, reason });
@@ -1501,7 +1506,30 @@ impl UserAgent {
         };
         if ok {
             self.send_request(now, b.build(), dest, Owner::Call(h, Purpose::Cancel));
+            self.timers
+                .set(TimerKey::CancelGiveUp(h), now + 64 * self.cfg.timers.t1);
         }
+    }
+
+    /// RFC 3261 §9.1: "If no final response has been received after 64*T1 seconds, the
+    /// client SHOULD then consider the original transaction cancelled and SHOULD destroy the
+    /// client transaction handling the original request." Only while that INVITE is still
+    /// unanswered: a 2xx that won the race has confirmed the call and its BYE is under way.
+    fn cancel_give_up(&mut self, now: Instant, h: CallHandle) {
+        let Some(key) = self.calls.get(&h).and_then(|c| c.invite_key.clone()) else {
+            return;
+        };
+        if !matches!(
+            self.layer.client_state(&key),
+            Some(sx::transaction::ClientState::Calling | sx::transaction::ClientState::Proceeding)
+        ) {
+            return;
+        }
+        self.end_call(h, EndReason::Cancelled);
+        // sipx-sip destroys a client transaction through its transport-failure input; the
+        // call is gone already, so the failure reaches no one.
+        let out = self.layer.on_transport_error(&key);
+        self.process(now, &key, out);
     }
 
     fn on_tx_failure(&mut self, _now: Instant, key: &TransactionKey) {
