@@ -1399,3 +1399,33 @@ fn a_cancel_that_gets_no_final_response_ends_the_call_after_64_t1() {
     assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
     assert_eq!(sim.nodes[0].ua.timer_count(), 0);
 }
+
+/// Fuzz finding (`fuzz/` target `sip_parse`): 100 Trying is a provisional response, so after
+/// it a hang-up sends CANCEL at once (RFC 3261 §9.1) instead of waiting for a 180 that may
+/// never come while the INVITE, in Proceeding, has no timer left to end it.
+#[test]
+fn a_hang_up_after_100_trying_cancels_at_once() {
+    let mut sim = Sim::new(vec![ua("alice", "atlanta.com", ALICE, 1)]);
+    let now = sim.now;
+    let h = sim.nodes[0]
+        .ua
+        .call(now, "sip:bob@192.0.2.9", None)
+        .unwrap();
+    sim.settle();
+    let invite = String::from_utf8_lossy(&sim.log[0].data).into_owned();
+    let trying = reply_to(&invite, "100 Trying", "").replace(";tag=reg1", "");
+    sim.inject(0, "192.0.2.9:5060", &trying);
+    assert!(
+        sim.events(0).is_empty(),
+        "100 is not reported as ringing: {:?}",
+        sim.events(0)
+    );
+    let now = sim.now;
+    sim.nodes[0].ua.hangup(now, h).unwrap();
+    sim.settle();
+    assert_eq!(sim.times_of(addr(ALICE), "CANCEL"), vec![Duration::ZERO]);
+    // Nobody answers at all: the call still ends (§9.1, 64·T1 after the CANCEL).
+    sim.run_for(Duration::from_secs(40));
+    assert_eq!(sim.nodes[0].ua.call_info(h), None);
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+}

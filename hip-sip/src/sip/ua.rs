@@ -1097,10 +1097,14 @@ impl UserAgent {
             return;
         };
         if resp.status.is_provisional() {
+            // RFC 3261 §9.1: any provisional response, 100 Trying included, lets a CANCEL go.
+            c.provisional_seen = true;
             if status == 100 {
+                if c.cancel_pending {
+                    self.send_cancel(now, h);
+                }
                 return;
             }
-            c.provisional_seen = true;
             if let Some(t) = to_tag(&resp.headers) {
                 c.remote_tag = Some(t);
                 if c.state == CallState::Initiating {
