@@ -1429,3 +1429,32 @@ fn a_hang_up_after_100_trying_cancels_at_once() {
     assert_eq!(sim.nodes[0].ua.call_info(h), None);
     assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
 }
+
+/// Fuzz finding (`fuzz/` target `sip_parse`): a request whose Call-ID (or another header
+/// every response echoes) holds a NUL can never be answered — the message builder refuses
+/// NUL, CR and LF as header injection — so it must not start a call and a server
+/// transaction that would wait for ever. It is dropped as bad input; with the NUL only in
+/// a header no 400 needs (Record-Route), a 400 still goes back.
+#[test]
+fn a_request_that_no_response_could_echo_is_refused_up_front() {
+    let mut sim = Sim::new(vec![ua("bob", "biloxi.com", BOB, 2)]);
+    let invite = invite_from_peer("z9hG4bKz1", "z1@x").replace("Call-ID: z1@x", "Call-ID: z1\0@x");
+    sim.inject(0, "192.0.2.9:5060", &invite);
+    assert!(sim.sent_by(addr(BOB)).is_empty());
+    assert!(matches!(
+        sim.events(0).as_slice(),
+        [Event::BadInput { answered: None, .. }]
+    ));
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+    assert!(sim.nodes[0].ua.calls().is_empty());
+
+    let invite = invite_from_peer("z9hG4bKz2", "z2@x").replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nRecord-Route: <sip:p1.example.com;lr>\0\r\n",
+    );
+    sim.inject(0, "192.0.2.9:5060", &invite);
+    let sent = sim.sent_by(addr(BOB));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].first_line(), "SIP/2.0 400 Bad Request");
+    assert!(sim.nodes[0].ua.calls().is_empty());
+}

@@ -470,6 +470,24 @@ impl UserAgent {
             Some(Ok(c)) => c,
         };
         if let Message::Request(r) = msg {
+            // Every response echoes these (RFC 3261 §8.2.6.2, §12.1.1 for Record-Route),
+            // and sipx-sip's builder refuses NUL, CR and LF in a value (its header-injection
+            // guard): a request carrying one could never be answered, and its server
+            // transaction would wait for a response for ever.
+            for name in [
+                HeaderName::Via,
+                HeaderName::From,
+                HeaderName::To,
+                HeaderName::CallId,
+                HeaderName::CSeq,
+                HeaderName::RecordRoute,
+            ] {
+                if h.get_all(&name)
+                    .any(|v| v.value().iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n')))
+                {
+                    return bad(format!("NUL, CR or LF in {name}"));
+                }
+            }
             if !r.version.is_supported() {
                 return Err((505, "Version Not Supported", "SIP version".into()));
             }
