@@ -6,11 +6,18 @@
 //! with the trusted key: verification of that token then runs every check after the
 //! signature (`orig`, `dest`, `iat`, the `hit` claim) on fuzzer-chosen claims.
 //!
+//! An input that starts with `{` is written in the clear instead: the JWS header JSON, a
+//! line feed, the payload JSON, a line feed, then the header parameters (`;info=<…>;…`).
+//! The target base64url-encodes both and signs them with the trusted key, so the fuzzer
+//! explores the JSON and the claims directly rather than through base64 and a signature.
+//!
 //! Nothing may panic; a token re-signed from parsed claims parses back to the same
 //! claims; whatever verifies agrees with the request it was checked against.
 #![no_main]
 
-use std::sync::OnceLock;
+use std::{borrow::Cow, sync::OnceLock};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use hip_sip::{
     identity::{self, Canonical, Expected, IdentityError, SigningKey, Trust},
@@ -56,9 +63,31 @@ fn check_verified(v: &identity::Verified) {
     assert!(!v.hits.is_empty() && v.hits.iter().all(|h| *h == HIT));
 }
 
+/// `header JSON \n payload JSON \n params` → a full-form Identity value signed with the
+/// trusted key (ES256, RFC 7518 §3.4).
+fn signed_in_the_clear(data: &[u8]) -> String {
+    use p256::ecdsa::{Signature, signature::Signer as _};
+    let mut parts = data.splitn(3, |&b| b == b'\n');
+    let header = parts.next().unwrap_or_default();
+    let payload = parts.next().unwrap_or_default();
+    let params = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(payload)
+    );
+    let key = p256::ecdsa::SigningKey::from_slice(&[7; 32]).expect("fixed scalar");
+    let sig: Signature = key.sign(input.as_bytes());
+    format!("{input}.{}{params}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+}
+
 fuzz_target!(|data: &[u8]| {
     // The agent hands header values over as lossy UTF-8 (`RequestAuth::identity`).
-    let value = String::from_utf8_lossy(data);
+    let value = if data.first() == Some(&b'{') {
+        Cow::Owned(signed_in_the_clear(data))
+    } else {
+        String::from_utf8_lossy(data)
+    };
     let (sk, trust) = key();
     let exp = expected();
 
@@ -66,7 +95,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = identity::canonical(&value);
     let _ = identity::domain_of(&value);
 
-    match identity::verify(&value, trust, &exp) {
+    let first = identity::verify(&value, trust, &exp);
+    if std::env::var_os("HIP_FUZZ_TRACE").is_some() {
+        eprintln!("{value}\n=> {first:?}");
+    }
+    match first {
         Ok(v) => check_verified(&v),
         Err(e) => {
             let _ = (e.to_string(), e.is_tampering());

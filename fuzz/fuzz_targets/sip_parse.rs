@@ -40,6 +40,7 @@ use sipx_sip::{Limits, StreamParser, parse_datagram};
 const PLACE_CALL: u8 = 1;
 const REGISTER: u8 = 1 << 1;
 const ANSWER: u8 = 1 << 2;
+/// Hang up every call after each step (CANCEL, BYE, 603 at every stage of a call).
 const HANG_UP: u8 = 1 << 3;
 const OPTIONS: u8 = 1 << 4;
 const UPDATE: u8 = 1 << 5;
@@ -271,6 +272,13 @@ impl Session {
     }
 }
 
+fn hang_up_all(s: &mut Session) {
+    for c in s.ua.calls() {
+        let _ = s.ua.hangup(s.now, c.handle);
+    }
+    s.drain();
+}
+
 /// The raw parser on its own: one datagram, and the same bytes split on a stream.
 fn raw_parse(msg: &[u8], cut: usize) {
     if let Ok(m) = parse_datagram(Bytes::copy_from_slice(msg), &Limits::datagram()) {
@@ -359,25 +367,30 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         s.drain();
+        if flags & HANG_UP != 0 {
+            hang_up_all(&mut s);
+        }
     }
 
-    if flags & HANG_UP != 0 {
-        for c in s.ua.calls() {
-            let _ = s.ua.hangup(s.now, c.handle);
-        }
-        s.drain();
-    }
-    // Let every timer run out: 10 simulated minutes, past 64·T1 and Timer D/K.
+    // The session is over: the driver hangs up whatever is left (an unanswered incoming
+    // call too: a UAS core never gives up on its own, RFC 3261 §13.3.1.1), then every
+    // timer runs out: 10 simulated minutes, past 64·T1 and Timers D/K.
+    hang_up_all(&mut s);
     for _ in 0..60 {
         s.advance(Duration::from_secs(10));
     }
-    // A registration refreshes itself (possibly every second if the registrar said so);
-    // anything else must be gone by now.
+    // A registration refreshes itself (every second if the registrar said so); anything
+    // else must be gone by now.
     if flags & REGISTER == 0 {
         assert_eq!(
             s.ua.transaction_count(),
             (0, 0),
             "transactions left after all timers ran out"
+        );
+        assert_eq!(
+            s.ua.calls(),
+            Vec::new(),
+            "calls left after hang-up and timeouts"
         );
     }
 });
