@@ -34,9 +34,11 @@ pub struct Options {
     /// Let the biloxi.com proxy replace bob's HIT in his answer by this one (32 hex
     /// digits): the draft's §4 man in the middle on the signalling path.
     pub rewrite_bob_hit: Option<String>,
-    /// Extra TOML appended to both agents' configurations (bob rings 300 ms before he
-    /// answers, so the 180 and the 200 travel apart as in the draft's flow).
+    /// Extra TOML appended to both agents' configurations.
     pub extra_config: String,
+    /// How long bob rings before he answers (default 300 ms, so the 180 and the 200
+    /// travel apart as in the draft's flow; benchmarks use 0).
+    pub ring_ms: Option<u64>,
 }
 
 /// A running scenario; dropping it stops everything and deletes the namespaces.
@@ -179,8 +181,9 @@ impl Scenario {
                 ),
                 &format!(
                     "[sip.sdp]\nhit_format = \"hex\"\nrtp_port = {RTP_PORT}\n\
-                     [sip.answer]\nring_ms = 300\n\
+                     [sip.answer]\nring_ms = {}\n\
                      [datapath]\ninterfaces = [\"v{who}\"]\npin_dir = \"{pin}\"\n{}",
+                    opts.ring_ms.unwrap_or(300),
                     opts.extra_config
                 ),
             )

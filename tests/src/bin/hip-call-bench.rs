@@ -125,10 +125,12 @@ fn one_call(s: &Scenario) -> Result<Setup> {
 fn sip_only(n: usize) -> Result<f64> {
     let s = Scenario::start(&Options {
         extra_config: "[hip]\nenabled = false\n".into(),
+        ring_ms: Some(0),
         ..Options::default()
     })?;
     let mut v = Vec::new();
-    for _ in 0..n {
+    // One warm-up call (first use of every code path under emulation), not counted.
+    for i in 0..=n {
         let h = s.call()?;
         let a = Scenario::wait_call_security(
             &s.alice,
@@ -137,7 +139,9 @@ fn sip_only(n: usize) -> Result<f64> {
             |sec| !sec["timing_ms"]["sip_confirmed"].is_null(),
         )?;
         let t = &a["timing_ms"];
-        v.push(ms(&t["sip_confirmed"]).unwrap() - ms(&t["started"]).unwrap());
+        if i > 0 {
+            v.push(ms(&t["sip_confirmed"]).unwrap() - ms(&t["started"]).unwrap());
+        }
         s.hangup(&h)?;
     }
     Ok(median(v))
@@ -203,10 +207,17 @@ fn main() -> Result<()> {
     eprintln!("floors: SIP alone ({calls} calls with HIP off)…");
     let sip_floor = sip_only(calls)?;
     eprintln!("{calls} secured calls…");
-    let s = Scenario::start(&Options::default())?;
+    let s = Scenario::start(&Options {
+        ring_ms: Some(0),
+        ..Options::default()
+    })?;
     let mut rows = Vec::new();
-    for i in 0..calls {
+    for i in 0..=calls {
         let r = one_call(&s).with_context(|| format!("call {i}"))?;
+        if i == 0 {
+            eprintln!("  warm-up call: total {:.0} ms (not counted)", r.total);
+            continue;
+        }
         eprintln!(
             "  call {i}: SIP {:.0} ms, base exchange {:.0} ms, kernel {:.0} ms, media {:.0} ms after, total {:.0} ms",
             r.sip, r.hip, r.kernel, r.media, r.total
