@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod call;
 pub mod sip;
+pub mod xfrm;
 
 /// Path of the `hip-agent` binary built by `cargo xtask test` (`$HIP_AGENT_BIN`), or the
 /// debug build in this workspace's target directory.

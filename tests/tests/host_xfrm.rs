@@ -7,34 +7,17 @@
 use std::{net::UdpSocket, time::Duration};
 
 use hip_kernel::{
-    AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, HitRoutes,
-    KernelEvent, KernelIpsec, Lifetimes, LocatorPair, PolicyAction, Prefix, Reqid, XfrmError,
-    XfrmNetlink, install_association, install_guard, owner, reconcile, remove_guard,
+    AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, KernelEvent,
+    KernelIpsec, Lifetimes, LocatorPair, PolicyAction, Prefix, Reqid, XfrmError,
+    install_association, install_guard, owner, reconcile, remove_guard,
 };
-use hip_tests::{NetNs, VethPair};
-use tokio::runtime::Runtime;
-
-const HIT_A: &str = "2001:20::a";
-const HIT_B: &str = "2001:20::b";
-const LOC_A: &str = "2001:db8::1";
-const LOC_B: &str = "2001:db8::2";
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A netlink connection whose socket lives in `ns`.
-fn xfrm_in(ns: &NetNs, rt: &Runtime) -> XfrmNetlink {
-    ns.run_in(|| {
-        let _g = rt.enter();
-        XfrmNetlink::new().unwrap()
-    })
-    .unwrap()
-}
+use hip_tests::{
+    NetNs, VethPair,
+    xfrm::{
+        HIT_A, HIT_B, LOC_A, LOC_B, add_hit_and_route_with_ip, beet_policy, events_in,
+        hit_routes_in, runtime, wait_event, xfrm_in, xfrm_list, xfrm_list_len,
+    },
+};
 
 fn assoc(spi_in: u32, fail_closed: FailClosed) -> AssociationParams {
     let t = EspTransform::AesCbc128HmacSha256;
@@ -55,23 +38,10 @@ fn assoc(spi_in: u32, fail_closed: FailClosed) -> AssociationParams {
     }
 }
 
-/// Objects `ip xfrm state|policy` lists (each starts with a `src …` line).
-fn ip_count(ns: &NetNs, what: &str) -> usize {
-    let out = ns.ip(["xfrm", what, "list"]).unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("src "))
-        .count()
-}
-
-fn ip_text(ns: &NetNs, what: &str) -> String {
-    String::from_utf8_lossy(&ns.ip(["xfrm", what, "list"]).unwrap().stdout).into_owned()
-}
-
 #[test]
 fn allocspi_works_and_sa_install_fails_cleanly_without_esp() {
     let ns = NetNs::new("xfrmnoesp").unwrap();
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     let a = assoc(0, FailClosed::PerPeer);
     let locs_in = LocatorPair {
@@ -85,7 +55,7 @@ fn allocspi_works_and_sa_install_fails_cleanly_without_esp() {
     assert_eq!(owned.sas.len(), 1, "{owned:?}");
     assert_eq!(owned.sas[0].id.spi, spi);
     assert_eq!(owned.sas[0].reqid, a.reqid);
-    assert!(ip_text(&ns, "state").contains(&format!("spi {spi:#010x}")));
+    assert!(xfrm_list(&ns, "state").contains(&format!("spi {spi:#010x}")));
 
     let a = AssociationParams { spi_in: spi, ..a };
     let err = rt.block_on(install_association(&k, &a)).unwrap_err();
@@ -95,8 +65,18 @@ fn allocspi_works_and_sa_install_fails_cleanly_without_esp() {
         "{err}"
     );
     // Rolled back: the block policies installed first and the larval SA are gone.
-    assert_eq!(ip_count(&ns, "state"), 0, "{}", ip_text(&ns, "state"));
-    assert_eq!(ip_count(&ns, "policy"), 0, "{}", ip_text(&ns, "policy"));
+    assert_eq!(
+        xfrm_list_len(&ns, "state"),
+        0,
+        "{}",
+        xfrm_list(&ns, "state")
+    );
+    assert_eq!(
+        xfrm_list_len(&ns, "policy"),
+        0,
+        "{}",
+        xfrm_list(&ns, "policy")
+    );
     let owned = rt.block_on(k.list_owned()).unwrap();
     assert!(
         owned.sas.is_empty() && owned.policies.is_empty(),
@@ -107,7 +87,7 @@ fn allocspi_works_and_sa_install_fails_cleanly_without_esp() {
 #[test]
 fn policies_are_upserts_and_read_back_like_ip_shows_them() {
     let ns = NetNs::new("xfrmpol").unwrap();
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     let a = assoc(0x1000, FailClosed::PerPeer);
     for _ in 0..2 {
@@ -115,8 +95,13 @@ fn policies_are_upserts_and_read_back_like_ip_shows_them() {
             rt.block_on(k.add_policy(&p)).unwrap();
         }
     }
-    assert_eq!(ip_count(&ns, "policy"), 4, "{}", ip_text(&ns, "policy"));
-    let text = ip_text(&ns, "policy");
+    assert_eq!(
+        xfrm_list_len(&ns, "policy"),
+        4,
+        "{}",
+        xfrm_list(&ns, "policy")
+    );
+    let text = xfrm_list(&ns, "policy");
     assert!(
         text.contains("src 2001:20::a/128 dst 2001:20::b/128 \n\tdir out priority 1212747776"),
         "{text}"
@@ -139,14 +124,14 @@ fn policies_are_upserts_and_read_back_like_ip_shows_them() {
         locators.dst = "2001:db8::99".parse().unwrap();
     }
     rt.block_on(k.add_policy(&moved)).unwrap();
-    assert_eq!(ip_count(&ns, "policy"), 4);
-    assert!(ip_text(&ns, "policy").contains("dst 2001:db8::99"));
+    assert_eq!(xfrm_list_len(&ns, "policy"), 4);
+    assert!(xfrm_list(&ns, "policy").contains("dst 2001:db8::99"));
 
     for p in a.policies() {
         assert!(rt.block_on(k.del_policy(&p.id)).unwrap(), "deleted");
         assert!(!rt.block_on(k.del_policy(&p.id)).unwrap(), "already gone");
     }
-    assert_eq!(ip_count(&ns, "policy"), 0);
+    assert_eq!(xfrm_list_len(&ns, "policy"), 0);
 }
 
 #[test]
@@ -156,20 +141,7 @@ fn block_policies_keep_hit_traffic_from_leaving_in_clear_text() {
         (&p.a, &p.if_a, HIT_A, HIT_B, LOC_B),
         (&p.b, &p.if_b, HIT_B, HIT_A, LOC_A),
     ] {
-        ns.ip(["addr", "add", &format!("{hit}/128"), "dev", "lo"])
-            .unwrap();
-        ns.ip([
-            "route",
-            "add",
-            &format!("{peer_hit}/128"),
-            "via",
-            peer_loc,
-            "dev",
-            ifc,
-            "src",
-            hit,
-        ])
-        .unwrap();
+        add_hit_and_route_with_ip(ns, ifc, hit, peer_hit, peer_loc);
     }
     let rx =
         p.b.run_in(|| UdpSocket::bind(format!("[{HIT_B}]:5004")).unwrap())
@@ -188,14 +160,9 @@ fn block_policies_keep_hit_traffic_from_leaving_in_clear_text() {
     .unwrap();
     assert_eq!(&buf[..n], b"clear");
 
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&p.a, &rt);
-    let mut ev =
-        p.a.run_in(|| {
-            let _g = rt.enter();
-            k.subscribe().unwrap()
-        })
-        .unwrap();
+    let mut ev = events_in(&p.a, &rt, &k);
     let a = assoc(0x1000, FailClosed::PerPeer);
     for b in a.block_policies() {
         rt.block_on(k.add_policy(&b)).unwrap();
@@ -208,20 +175,9 @@ fn block_policies_keep_hit_traffic_from_leaving_in_clear_text() {
         rt.block_on(k.add_policy(&pol)).unwrap();
     }
     let _ = tx.send_to(b"needs-sa", &dst);
-    let acquire = rt
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    match ev.next().await {
-                        Some(e @ KernelEvent::Acquire { .. }) => return e,
-                        Some(_) => continue,
-                        None => panic!("event stream ended"),
-                    }
-                }
-            })
-            .await
-        })
-        .expect("ACQUIRE event");
+    let acquire = wait_event(&rt, &mut ev, Duration::from_secs(10), "ACQUIRE", |e| {
+        matches!(e, KernelEvent::Acquire { .. })
+    });
     assert!(acquire.is_owned(), "{acquire:?}");
     let KernelEvent::Acquire { hits, reqid, .. } = acquire else {
         unreachable!()
@@ -234,18 +190,9 @@ fn block_policies_keep_hit_traffic_from_leaving_in_clear_text() {
     // Deleting a policy is reported on the monitor socket.
     let out_policy = a.ipsec_policies()[0].id;
     rt.block_on(k.del_policy(&out_policy)).unwrap();
-    let del = rt
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    if let Some(e @ KernelEvent::PolicyDeleted { .. }) = ev.next().await {
-                        return e;
-                    }
-                }
-            })
-            .await
-        })
-        .expect("DELPOLICY event");
+    let del = wait_event(&rt, &mut ev, Duration::from_secs(10), "DELPOLICY", |e| {
+        matches!(e, KernelEvent::PolicyDeleted { .. })
+    });
     assert_eq!(
         del,
         KernelEvent::PolicyDeleted {
@@ -259,29 +206,7 @@ fn block_policies_keep_hit_traffic_from_leaving_in_clear_text() {
 fn reconcile_removes_only_hips_stale_objects() {
     let ns = NetNs::new("xfrmrec").unwrap();
     // Foreign objects, added by hand with another reqid and the default priority.
-    ns.ip([
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "2001:20::a/128",
-        "dst",
-        "2001:20::c/128",
-        "dir",
-        "out",
-        "tmpl",
-        "src",
-        LOC_A,
-        "dst",
-        LOC_B,
-        "proto",
-        "esp",
-        "mode",
-        "beet",
-        "reqid",
-        "77",
-    ])
-    .unwrap();
+    beet_policy(&ns, "add", "out", (HIT_A, "2001:20::c"), (LOC_A, LOC_B), 77);
     ns.ip([
         "xfrm",
         "policy",
@@ -301,10 +226,10 @@ fn reconcile_removes_only_hips_stale_objects() {
         "mode", "beet",
     ])
     .unwrap();
-    let foreign_state = ip_text(&ns, "state");
-    let foreign_policy = ip_text(&ns, "policy");
+    let foreign_state = xfrm_list(&ns, "state");
+    let foreign_policy = xfrm_list(&ns, "policy");
 
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     // hip's objects of an association that no longer exists (as after SIGKILL), the
     // guard, and a larval SA of hip's.
@@ -325,8 +250,8 @@ fn reconcile_removes_only_hips_stale_objects() {
         Reqid::hip(9),
     ))
     .unwrap();
-    assert_eq!(ip_count(&ns, "state"), 2);
-    assert_eq!(ip_count(&ns, "policy"), 2 + 4 + 4);
+    assert_eq!(xfrm_list_len(&ns, "state"), 2);
+    assert_eq!(xfrm_list_len(&ns, "policy"), 2 + 4 + 4);
 
     // A foreign selector is never overwritten or deleted by hip.
     let mut clash = stale.ipsec_policies()[0];
@@ -341,15 +266,15 @@ fn reconcile_removes_only_hips_stale_objects() {
     assert_eq!(rep.removed_policies, 4, "{rep:?}");
     assert_eq!(rep.removed_sas, 1, "{rep:?}");
     assert_eq!(rep.kept_policies, 4, "{rep:?}");
-    assert_eq!(ip_count(&ns, "state"), 1);
-    assert_eq!(ip_count(&ns, "policy"), 2 + 4);
+    assert_eq!(xfrm_list_len(&ns, "state"), 1);
+    assert_eq!(xfrm_list_len(&ns, "policy"), 2 + 4);
     // Running it again changes nothing.
     let rep = rt.block_on(reconcile(&k, &[], Some(&guard))).unwrap();
     assert_eq!((rep.removed_policies, rep.removed_sas), (0, 0));
 
     rt.block_on(remove_guard(&k, &guard)).unwrap();
-    assert_eq!(ip_text(&ns, "state"), foreign_state);
-    assert_eq!(ip_text(&ns, "policy"), foreign_policy);
+    assert_eq!(xfrm_list(&ns, "state"), foreign_state);
+    assert_eq!(xfrm_list(&ns, "policy"), foreign_policy);
     let owned = rt.block_on(k.list_owned()).unwrap();
     assert!(
         owned.sas.is_empty() && owned.policies.is_empty(),
@@ -360,7 +285,7 @@ fn reconcile_removes_only_hips_stale_objects() {
 #[test]
 fn bad_parameters_change_nothing() {
     let ns = NetNs::new("xfrmbad").unwrap();
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     let mut a = assoc(0x1000, FailClosed::PerPeer);
     a.reqid = Reqid(77);
@@ -370,20 +295,15 @@ fn bad_parameters_change_nothing() {
     a.keys.inbound = EspKeys::new(EspTransform::NullHmacSha256, &[], &[1; 32]).unwrap();
     let e = rt.block_on(install_association(&k, &a)).unwrap_err();
     assert!(matches!(e, XfrmError::InvalidParam(_)), "{e:?}");
-    assert_eq!(ip_count(&ns, "state"), 0);
-    assert_eq!(ip_count(&ns, "policy"), 0);
+    assert_eq!(xfrm_list_len(&ns, "state"), 0);
+    assert_eq!(xfrm_list_len(&ns, "policy"), 0);
 }
 
 #[test]
 fn hit_addresses_and_routes_are_set_through_rtnetlink() {
     let p = VethPair::new("xfrmrt", &["2001:db8::1/64"], &["2001:db8::2/64"]).unwrap();
-    let rt = rt();
-    let r =
-        p.a.run_in(|| {
-            let _g = rt.enter();
-            HitRoutes::new().unwrap()
-        })
-        .unwrap();
+    let rt = runtime();
+    let r = hit_routes_in(&p.a, &rt);
     let (ha, hb) = (HIT_A.parse().unwrap(), HIT_B.parse().unwrap());
     for _ in 0..2 {
         rt.block_on(r.add_local_hit(ha)).unwrap();

@@ -16,64 +16,18 @@ use hip_datapath::{
     AssocState, AssociationSpec, Datapath, DatapathEvent, DatapathOptions, LocatorState,
     MediaConfig, PeerLocator,
 };
-use hip_tests::{NetNs, VethPair, wait_until};
+use hip_tests::{
+    NetNs, VethPair, wait_until,
+    xfrm::{HIT_A, HIT_B, LOC_A, LOC_B, add_beet_sa, beet_policy},
+};
 
-const HIT_A: &str = "2001:20::a";
-const HIT_B: &str = "2001:20::b";
-const LOC_A: &str = "2001:db8::1";
 const LOC_A2: &str = "2001:db8::11";
-const LOC_B: &str = "2001:db8::2";
 const SPI_AB: u32 = 0x1001;
 const SPI_BA: u32 = 0x2002;
 const AUTH_AB: &str = "0x1111111111111111111111111111111111111111111111111111111111111111";
 const ENC_AB: &str = "0x22222222222222222222222222222222";
 const AUTH_BA: &str = "0x3333333333333333333333333333333333333333333333333333333333333333";
 const ENC_BA: &str = "0x44444444444444444444444444444444";
-
-/// `ip xfrm state add` of a BEET SA between HITs.
-fn add_sa(
-    ns: &NetNs,
-    src: &str,
-    dst: &str,
-    spi: u32,
-    reqid: u32,
-    sel: (&str, &str),
-    keys: (&str, &str),
-) {
-    let spi = format!("{spi:#x}");
-    let reqid = reqid.to_string();
-    let (ssel, dsel) = (format!("{}/128", sel.0), format!("{}/128", sel.1));
-    ns.ip([
-        "xfrm",
-        "state",
-        "add",
-        "src",
-        src,
-        "dst",
-        dst,
-        "proto",
-        "esp",
-        "spi",
-        &spi,
-        "reqid",
-        &reqid,
-        "mode",
-        "beet",
-        "sel",
-        "src",
-        &ssel,
-        "dst",
-        &dsel,
-        "auth-trunc",
-        "hmac(sha256)",
-        keys.0,
-        "128",
-        "enc",
-        "cbc(aes)",
-        keys.1,
-    ])
-    .unwrap();
-}
 
 fn del_sa(ns: &NetNs, src: &str, dst: &str, spi: u32) {
     ns.ip([
@@ -88,35 +42,6 @@ fn del_sa(ns: &NetNs, src: &str, dst: &str, spi: u32) {
         "esp",
         "spi",
         &format!("{spi:#x}"),
-    ])
-    .unwrap();
-}
-
-/// `ip xfrm policy add|update` for HIT → HIT traffic through a BEET template.
-#[allow(clippy::too_many_arguments)]
-fn policy(ns: &NetNs, op: &str, dir: &str, hits: (&str, &str), tmpl: (&str, &str), reqid: u32) {
-    let (s, d) = (format!("{}/128", hits.0), format!("{}/128", hits.1));
-    ns.ip([
-        "xfrm",
-        "policy",
-        op,
-        "src",
-        &s,
-        "dst",
-        &d,
-        "dir",
-        dir,
-        "tmpl",
-        "src",
-        tmpl.0,
-        "dst",
-        tmpl.1,
-        "proto",
-        "esp",
-        "mode",
-        "beet",
-        "reqid",
-        &reqid.to_string(),
     ])
     .unwrap();
 }
@@ -175,29 +100,27 @@ fn rtp_over_beet_esp_is_mapped_to_spi_and_locator_and_a_move_reports_once() {
     ])
     .unwrap();
     for ns in [a, b] {
-        add_sa(
+        add_beet_sa(
             ns,
-            LOC_A,
-            LOC_B,
+            (LOC_A, LOC_B),
             SPI_AB,
             1,
             (HIT_A, HIT_B),
             (AUTH_AB, ENC_AB),
         );
-        add_sa(
+        add_beet_sa(
             ns,
-            LOC_B,
-            LOC_A,
+            (LOC_B, LOC_A),
             SPI_BA,
             2,
             (HIT_B, HIT_A),
             (AUTH_BA, ENC_BA),
         );
     }
-    policy(a, "add", "out", (HIT_A, HIT_B), (LOC_A, LOC_B), 1);
-    policy(a, "add", "in", (HIT_B, HIT_A), (LOC_B, LOC_A), 2);
-    policy(b, "add", "in", (HIT_A, HIT_B), (LOC_A, LOC_B), 1);
-    policy(b, "add", "out", (HIT_B, HIT_A), (LOC_B, LOC_A), 2);
+    beet_policy(a, "add", "out", (HIT_A, HIT_B), (LOC_A, LOC_B), 1);
+    beet_policy(a, "add", "in", (HIT_B, HIT_A), (LOC_B, LOC_A), 2);
+    beet_policy(b, "add", "in", (HIT_A, HIT_B), (LOC_A, LOC_B), 1);
+    beet_policy(b, "add", "out", (HIT_B, HIT_A), (LOC_B, LOC_A), 2);
 
     let pin = PathBuf::from(format!("/sys/fs/bpf/hipt-vd-{}", std::process::id()));
     let if_b = p.if_b.clone();
@@ -281,27 +204,25 @@ fn rtp_over_beet_esp_is_mapped_to_spi_and_locator_and_a_move_reports_once() {
     ])
     .unwrap();
     del_sa(a, LOC_A, LOC_B, SPI_AB);
-    add_sa(
+    add_beet_sa(
         a,
-        LOC_A2,
-        LOC_B,
+        (LOC_A2, LOC_B),
         SPI_AB,
         1,
         (HIT_A, HIT_B),
         (AUTH_AB, ENC_AB),
     );
-    policy(a, "update", "out", (HIT_A, HIT_B), (LOC_A2, LOC_B), 1);
+    beet_policy(a, "update", "out", (HIT_A, HIT_B), (LOC_A2, LOC_B), 1);
     del_sa(b, LOC_A, LOC_B, SPI_AB);
-    add_sa(
+    add_beet_sa(
         b,
-        LOC_A2,
-        LOC_B,
+        (LOC_A2, LOC_B),
         SPI_AB,
         1,
         (HIT_A, HIT_B),
         (AUTH_AB, ENC_AB),
     );
-    policy(b, "update", "in", (HIT_A, HIT_B), (LOC_A2, LOC_B), 1);
+    beet_policy(b, "update", "in", (HIT_A, HIT_B), (LOC_A2, LOC_B), 1);
 
     const M: u16 = 25;
     for seq in N..N + M {

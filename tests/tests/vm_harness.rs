@@ -6,85 +6,32 @@
 
 use std::net::UdpSocket;
 
-use hip_tests::{NetNs, VethPair};
+use hip_tests::{
+    NetNs, VethPair,
+    xfrm::{TEST_AUTH_KEY, TEST_ENC_KEY, add_beet_sa, add_hit_and_route_with_ip, beet_policy},
+};
 
-const AUTH: &str = "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20";
-const ENC: &str = "0xa0a1a2a3a4a5a6a7a8a9aaabacadaeaf";
+/// The BEET SAs and policies of these tests carry reqid 7.
+const REQID: u32 = 7;
+/// Their authentication and encryption keys.
+const KEYS: (&str, &str) = (TEST_AUTH_KEY, TEST_ENC_KEY);
 
-fn add_sa(ns: &NetNs, src: &str, dst: &str, spi: &str, hsrc: &str, hdst: &str) {
-    ns.ip([
-        "xfrm",
-        "state",
-        "add",
-        "src",
-        src,
-        "dst",
-        dst,
-        "proto",
-        "esp",
-        "spi",
-        spi,
-        "reqid",
-        "7",
-        "mode",
-        "beet",
-        "sel",
-        "src",
-        hsrc,
-        "dst",
-        hdst,
-        "auth-trunc",
-        "hmac(sha256)",
-        AUTH,
-        "128",
-        "enc",
-        "cbc(aes)",
-        ENC,
-    ])
-    .unwrap();
-}
-
+/// Outbound and inbound policies between `me` and `peer` (HIT, locator) through BEET.
 fn add_policies(ns: &NetNs, me: (&str, &str), peer: (&str, &str)) {
-    for (dir, s, d, ts, td) in [
-        ("out", me.0, peer.0, me.1, peer.1),
-        ("in", peer.0, me.0, peer.1, me.1),
-    ] {
-        ns.ip([
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            &format!("{s}/128"),
-            "dst",
-            &format!("{d}/128"),
-            "dir",
-            dir,
-            "tmpl",
-            "src",
-            ts,
-            "dst",
-            td,
-            "proto",
-            "esp",
-            "mode",
-            "beet",
-            "reqid",
-            "7",
-        ])
-        .unwrap();
-    }
+    beet_policy(ns, "add", "out", (me.0, peer.0), (me.1, peer.1), REQID);
+    beet_policy(ns, "add", "in", (peer.0, me.0), (peer.1, me.1), REQID);
 }
 
 #[test]
 fn beet_sa_is_added_and_read_back() {
     let ns = NetNs::new("beet").unwrap();
-    add_sa(
+    add_beet_sa(
         &ns,
-        "2001:db8::1",
-        "2001:db8::2",
-        "0x1001",
-        "2001:20::a",
-        "2001:20::b",
+        ("2001:db8::1", "2001:db8::2"),
+        0x1001,
+        REQID,
+        ("2001:20::a", "2001:20::b"),
+        KEYS,
     );
     let out = ns.ip(["xfrm", "state", "list"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -106,24 +53,11 @@ fn udp_between_hits_crosses_beet_sas() {
     for (ns, ifc, hit, peer_hit, peer_loc) in
         [(&p.a, &p.if_a, ha, hb, lb), (&p.b, &p.if_b, hb, ha, la)]
     {
-        ns.ip(["addr", "add", &format!("{hit}/128"), "dev", "lo"])
-            .unwrap();
-        ns.ip([
-            "route",
-            "add",
-            &format!("{peer_hit}/128"),
-            "via",
-            peer_loc,
-            "dev",
-            ifc,
-            "src",
-            hit,
-        ])
-        .unwrap();
+        add_hit_and_route_with_ip(ns, ifc, hit, peer_hit, peer_loc);
     }
     for ns in [&p.a, &p.b] {
-        add_sa(ns, la, lb, "0x2001", ha, hb);
-        add_sa(ns, lb, la, "0x2002", hb, ha);
+        add_beet_sa(ns, (la, lb), 0x2001, REQID, (ha, hb), KEYS);
+        add_beet_sa(ns, (lb, la), 0x2002, REQID, (hb, ha), KEYS);
     }
     add_policies(&p.a, (ha, la), (hb, lb));
     add_policies(&p.b, (hb, lb), (ha, la));

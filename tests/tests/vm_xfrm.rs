@@ -17,52 +17,18 @@ use std::{
 };
 
 use hip_kernel::{
-    AssociationParams, EspKeyPair, EspTransform, Events, FailClosed, Guard, HitRoutes, KernelEvent,
-    KernelIpsec, Lifetimes, LocatorPair, Prefix, Reqid, SaParams, Spi, XfrmNetlink,
-    install_association, install_guard, rekey_association, remove_association, remove_guard,
+    AssociationParams, EspKeyPair, EspTransform, FailClosed, Guard, KernelEvent, KernelIpsec,
+    Lifetimes, LocatorPair, Prefix, Reqid, SaParams, Spi, XfrmNetlink, install_association,
+    install_guard, rekey_association, remove_association, remove_guard,
 };
-use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
+use hip_tests::{
+    NetNs, VethPair, agent_bin, wait_until,
+    xfrm::{
+        HIT_A, HIT_B, LOC_A, LOC_B, TEST_AUTH_KEY, TEST_ENC_KEY, add_beet_sa, beet_policy,
+        events_in, hit_routes_in, runtime, wait_event, xfrm_in, xfrm_list, xfrm_list_len,
+    },
+};
 use tokio::runtime::Runtime;
-
-const HIT_A: &str = "2001:20::a";
-const HIT_B: &str = "2001:20::b";
-const LOC_A: &str = "2001:db8::1";
-const LOC_B: &str = "2001:db8::2";
-
-fn rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn xfrm_in(ns: &NetNs, rt: &Runtime) -> XfrmNetlink {
-    ns.run_in(|| {
-        let _g = rt.enter();
-        XfrmNetlink::new().unwrap()
-    })
-    .unwrap()
-}
-
-fn events_in(ns: &NetNs, rt: &Runtime, k: &XfrmNetlink) -> Events {
-    ns.run_in(|| {
-        let _g = rt.enter();
-        k.subscribe().unwrap()
-    })
-    .unwrap()
-}
-
-fn ip_count(ns: &NetNs, what: &str) -> usize {
-    ip_text(ns, what)
-        .lines()
-        .filter(|l| l.starts_with("src "))
-        .count()
-}
-
-fn ip_text(ns: &NetNs, what: &str) -> String {
-    String::from_utf8_lossy(&ns.ip(["xfrm", what, "list"]).unwrap().stdout).into_owned()
-}
 
 /// Namespaces a/b, veth va/vb with the locators, and through hip's rtnetlink helpers
 /// the HITs as /128 on lo and a route to the peer HIT following the locator's route (the
@@ -71,12 +37,7 @@ fn topology(tag: &str, rt: &Runtime) -> VethPair {
     let p = VethPair::new(tag, &[&format!("{LOC_A}/64")], &[&format!("{LOC_B}/64")]).unwrap();
     for (ns, hit, peer_hit, peer_loc) in [(&p.a, HIT_A, HIT_B, LOC_B), (&p.b, HIT_B, HIT_A, LOC_A)]
     {
-        let r = ns
-            .run_in(|| {
-                let _g = rt.enter();
-                HitRoutes::new().unwrap()
-            })
-            .unwrap();
+        let r = hit_routes_in(ns, rt);
         let (hit, peer_hit) = (hit.parse().unwrap(), peer_hit.parse().unwrap());
         rt.block_on(r.add_local_hit(hit)).unwrap();
         rt.block_on(r.add_peer_route(peer_hit, hit, peer_loc.parse().unwrap()))
@@ -285,7 +246,7 @@ fn exchange(p: &VethPair, n: usize, tag: &str) {
 }
 
 fn datapath(t: EspTransform) {
-    let rt = rt();
+    let rt = runtime();
     let p = topology(&format!("x{}", t.suite_id()), &rt);
     let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
     let (aa, ab) = pair(&rt, &ka, &kb, t, 7, Lifetimes::UNLIMITED);
@@ -312,8 +273,8 @@ fn datapath(t: EspTransform) {
 
     for (ns, k, a) in [(&p.a, &ka, &aa), (&p.b, &kb, &ab)] {
         // `ip xfrm` shows exactly hip's objects: 2 BEET SAs with HIT selectors, 4 policies.
-        let st = ip_text(ns, "state");
-        assert_eq!(ip_count(ns, "state"), 2, "{st}");
+        let st = xfrm_list(ns, "state");
+        assert_eq!(xfrm_list_len(ns, "state"), 2, "{st}");
         assert_eq!(st.matches("mode beet").count(), 2, "{st}");
         assert!(
             st.contains(&format!(
@@ -324,7 +285,12 @@ fn datapath(t: EspTransform) {
         );
         assert!(st.contains(&format!("spi {:#010x}", a.spi_in)), "{st}");
         assert!(st.contains(&format!("spi {:#010x}", a.spi_out)), "{st}");
-        assert_eq!(ip_count(ns, "policy"), 4, "{}", ip_text(ns, "policy"));
+        assert_eq!(
+            xfrm_list_len(ns, "policy"),
+            4,
+            "{}",
+            xfrm_list(ns, "policy")
+        );
         // hip's read-back agrees and counted the packets on the inbound SA.
         let o = rt.block_on(k.list_owned()).unwrap();
         assert_eq!(o.sas.len(), 2);
@@ -337,8 +303,13 @@ fn datapath(t: EspTransform) {
     rt.block_on(remove_association(&ka, &aa)).unwrap();
     rt.block_on(remove_association(&kb, &ab)).unwrap();
     for ns in [&p.a, &p.b] {
-        assert_eq!(ip_count(ns, "state"), 0, "{}", ip_text(ns, "state"));
-        assert_eq!(ip_count(ns, "policy"), 0, "{}", ip_text(ns, "policy"));
+        assert_eq!(xfrm_list_len(ns, "state"), 0, "{}", xfrm_list(ns, "state"));
+        assert_eq!(
+            xfrm_list_len(ns, "policy"),
+            0,
+            "{}",
+            xfrm_list(ns, "policy")
+        );
     }
 }
 
@@ -365,60 +336,23 @@ fn spec(assocs: &[&AssociationParams]) -> String {
 fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     let ns = NetNs::new("xfrmkill").unwrap();
     // Foreign objects: another reqid, default priority.
-    ns.ip([
-        "xfrm",
-        "state",
+    add_beet_sa(
+        &ns,
+        (LOC_A, "2001:db8::77"),
+        0x777,
+        77,
+        (HIT_A, "2001:20::77"),
+        (TEST_AUTH_KEY, TEST_ENC_KEY),
+    );
+    beet_policy(
+        &ns,
         "add",
-        "src",
-        LOC_A,
-        "dst",
-        "2001:db8::77",
-        "proto",
-        "esp",
-        "spi",
-        "0x777",
-        "reqid",
-        "77",
-        "mode",
-        "beet",
-        "sel",
-        "src",
-        HIT_A,
-        "dst",
-        "2001:20::77",
-        "auth-trunc",
-        "hmac(sha256)",
-        "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20",
-        "128",
-        "enc",
-        "cbc(aes)",
-        "0xa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
-    ])
-    .unwrap();
-    ns.ip([
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "2001:20::a/128",
-        "dst",
-        "2001:20::77/128",
-        "dir",
         "out",
-        "tmpl",
-        "src",
-        LOC_A,
-        "dst",
-        "2001:db8::77",
-        "proto",
-        "esp",
-        "mode",
-        "beet",
-        "reqid",
-        "77",
-    ])
-    .unwrap();
-    let (foreign_sa, foreign_pol) = (ip_text(&ns, "state"), ip_text(&ns, "policy"));
+        (HIT_A, "2001:20::77"),
+        (LOC_A, "2001:db8::77"),
+        77,
+    );
+    let (foreign_sa, foreign_pol) = (xfrm_list(&ns, "state"), xfrm_list(&ns, "policy"));
 
     let t = EspTransform::AesGcm128Icv16;
     let mk = |i: u32, peer: &'static str| {
@@ -454,11 +388,15 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
         .read_line(&mut line)
         .unwrap();
     assert!(line.contains("\"ready\":true"), "agent said: {line:?}");
-    assert_eq!(ip_count(&ns, "state"), 4 + 1);
-    assert_eq!(ip_count(&ns, "policy"), 8 + 1);
+    assert_eq!(xfrm_list_len(&ns, "state"), 4 + 1);
+    assert_eq!(xfrm_list_len(&ns, "policy"), 8 + 1);
     agent.kill().unwrap(); // SIGKILL: no cleanup runs.
     agent.wait().unwrap();
-    assert_eq!(ip_count(&ns, "state"), 4 + 1, "objects outlive the agent");
+    assert_eq!(
+        xfrm_list_len(&ns, "state"),
+        4 + 1,
+        "objects outlive the agent"
+    );
 
     // The restarted agent knows only a1 as live: a2's objects are stale.
     let out = Command::new(agent_bin())
@@ -475,9 +413,19 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     assert_eq!(rep["reconcile"]["removed_sas"], 2, "{rep}");
     assert_eq!(rep["reconcile"]["removed_policies"], 4, "{rep}");
     assert_eq!(rep["reconcile"]["kept_sas"], 2, "{rep}");
-    assert_eq!(ip_count(&ns, "state"), 2 + 1, "{}", ip_text(&ns, "state"));
-    assert_eq!(ip_count(&ns, "policy"), 4 + 1, "{}", ip_text(&ns, "policy"));
-    let st = ip_text(&ns, "state");
+    assert_eq!(
+        xfrm_list_len(&ns, "state"),
+        2 + 1,
+        "{}",
+        xfrm_list(&ns, "state")
+    );
+    assert_eq!(
+        xfrm_list_len(&ns, "policy"),
+        4 + 1,
+        "{}",
+        xfrm_list(&ns, "policy")
+    );
+    let st = xfrm_list(&ns, "state");
     assert!(st.contains("reqid 77"), "foreign SA kept: {st}");
     assert!(!st.contains("spi 0x00005004"), "a2's SA gone: {st}");
 
@@ -517,35 +465,14 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(ip_text(&ns, "state"), foreign_sa);
-    assert_eq!(ip_text(&ns, "policy"), foreign_pol);
+    assert_eq!(xfrm_list(&ns, "state"), foreign_sa);
+    assert_eq!(xfrm_list(&ns, "policy"), foreign_pol);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits for the first event matching `f`.
-fn wait_event(
-    rt: &Runtime,
-    ev: &mut Events,
-    what: &str,
-    f: impl Fn(&KernelEvent) -> bool,
-) -> KernelEvent {
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let e = ev.next().await.expect("event stream open");
-                if f(&e) {
-                    return e;
-                }
-            }
-        })
-        .await
-    })
-    .unwrap_or_else(|_| panic!("no {what} event within 30 s"))
 }
 
 #[test]
 fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
-    let rt = rt();
+    let rt = runtime();
     let p = topology("xrekey", &rt);
     let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
     let (mut ev_a, mut ev_b) = (events_in(&p.a, &rt, &ka), events_in(&p.b, &rt, &kb));
@@ -562,7 +489,7 @@ fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
 
     // The kernel reports the soft expiry of hip's SAs: the HIP layer's cue to rekey.
     for (ev, a) in [(&mut ev_a, &aa), (&mut ev_b, &ab)] {
-        let e = wait_event(&rt, ev, "soft expire", |e| {
+        let e = wait_event(&rt, ev, Duration::from_secs(30), "soft expire", |e| {
             matches!(e, KernelEvent::Expire { hard: false, .. })
         });
         assert!(e.is_owned(), "{e:?}");
@@ -582,6 +509,7 @@ fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
     let e = wait_event(
         &rt,
         &mut ev_a,
+        Duration::from_secs(30),
         "SA deletion",
         |e| matches!(e, KernelEvent::SaDeleted { sa, .. } if sa.spi == aa.spi_in),
     );
@@ -600,8 +528,8 @@ fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
         "new SPIs only: {w:?}"
     );
     for (ns, a) in [(&p.a, &na), (&p.b, &nb)] {
-        let st = ip_text(ns, "state");
-        assert_eq!(ip_count(ns, "state"), 2, "{st}");
+        let st = xfrm_list(ns, "state");
+        assert_eq!(xfrm_list_len(ns, "state"), 2, "{st}");
         assert!(st.contains(&format!("spi {:#010x}", a.spi_in)), "{st}");
     }
 }
@@ -609,7 +537,7 @@ fn soft_expiry_leads_to_a_rekey_and_traffic_continues() {
 #[test]
 fn hard_expiry_is_reported_and_the_sa_is_gone() {
     let ns = NetNs::new("xhard").unwrap();
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     let mut ev = events_in(&ns, &rt, &k);
     let t = EspTransform::NullHmacSha256;
@@ -629,8 +557,8 @@ fn hard_expiry_is_reported_and_the_sa_is_gone() {
     );
     let sa: SaParams = a.sa_out();
     rt.block_on(k.add_sa(&sa)).unwrap();
-    assert_eq!(ip_count(&ns, "state"), 1);
-    let e = wait_event(&rt, &mut ev, "hard expire", |e| {
+    assert_eq!(xfrm_list_len(&ns, "state"), 1);
+    let e = wait_event(&rt, &mut ev, Duration::from_secs(30), "hard expire", |e| {
         matches!(e, KernelEvent::Expire { hard: true, .. })
     });
     assert_eq!(
@@ -643,7 +571,7 @@ fn hard_expiry_is_reported_and_the_sa_is_gone() {
         }
     );
     wait_until(Duration::from_secs(10), "SA removed by the kernel", || {
-        (ip_count(&ns, "state") == 0).then_some(())
+        (xfrm_list_len(&ns, "state") == 0).then_some(())
     })
     .unwrap();
 }
@@ -651,7 +579,7 @@ fn hard_expiry_is_reported_and_the_sa_is_gone() {
 #[test]
 fn sa_upserts_replace_hips_keys_and_refuse_foreign_sas() {
     let ns = NetNs::new("xupsert").unwrap();
-    let rt = rt();
+    let rt = runtime();
     let k = xfrm_in(&ns, &rt);
     let t = EspTransform::AesCbc128HmacSha256;
     let mk = |seed| {
@@ -676,47 +604,25 @@ fn sa_upserts_replace_hips_keys_and_refuse_foreign_sas() {
             .collect::<String>()
     };
     rt.block_on(k.add_sa(&v1)).unwrap();
-    assert!(ip_text(&ns, "state").contains(&key_hex(&v1)));
+    assert!(xfrm_list(&ns, "state").contains(&key_hex(&v1)));
     // Same SPI, other keys: hip's own SA is replaced (the kernel's UPDSA keeps keys).
     rt.block_on(k.add_sa(&v2)).unwrap();
-    let st = ip_text(&ns, "state");
-    assert_eq!(ip_count(&ns, "state"), 1, "{st}");
+    let st = xfrm_list(&ns, "state");
+    assert_eq!(xfrm_list_len(&ns, "state"), 1, "{st}");
     assert!(st.contains(&key_hex(&v2)), "{st}");
     assert!(!st.contains(&key_hex(&v1)), "{st}");
     rt.block_on(k.del_sa(&v2.id())).unwrap();
 
     // A foreign SA in the same slot is never changed or deleted.
-    ns.ip([
-        "xfrm",
-        "state",
-        "add",
-        "src",
-        LOC_A,
-        "dst",
-        LOC_B,
-        "proto",
-        "esp",
-        "spi",
-        "0x7001",
-        "reqid",
-        "77",
-        "mode",
-        "beet",
-        "sel",
-        "src",
-        HIT_A,
-        "dst",
-        HIT_B,
-        "auth-trunc",
-        "hmac(sha256)",
-        "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20",
-        "128",
-        "enc",
-        "cbc(aes)",
-        "0xa0a1a2a3a4a5a6a7a8a9aaabacadaeaf",
-    ])
-    .unwrap();
-    let foreign = ip_text(&ns, "state");
+    add_beet_sa(
+        &ns,
+        (LOC_A, LOC_B),
+        0x7001,
+        77,
+        (HIT_A, HIT_B),
+        (TEST_AUTH_KEY, TEST_ENC_KEY),
+    );
+    let foreign = xfrm_list(&ns, "state");
     let e = rt.block_on(k.add_sa(&v1)).unwrap_err();
     assert!(
         matches!(e, hip_kernel::XfrmError::ForeignConflict { .. }),
@@ -743,13 +649,18 @@ fn sa_upserts_replace_hips_keys_and_refuse_foreign_sas() {
         matches!(e, hip_kernel::XfrmError::ForeignConflict { .. }),
         "{e:?}"
     );
-    assert_eq!(ip_text(&ns, "state"), foreign);
-    assert_eq!(ip_count(&ns, "policy"), 0, "{}", ip_text(&ns, "policy"));
+    assert_eq!(xfrm_list(&ns, "state"), foreign);
+    assert_eq!(
+        xfrm_list_len(&ns, "policy"),
+        0,
+        "{}",
+        xfrm_list(&ns, "policy")
+    );
 }
 
 #[test]
 fn prefix_guard_blocks_until_the_association_is_up_and_after_it_is_gone() {
-    let rt = rt();
+    let rt = runtime();
     let p = topology("xguard", &rt);
     let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
     for (k, hit) in [(&ka, HIT_A), (&kb, HIT_B)] {
@@ -785,8 +696,13 @@ fn prefix_guard_blocks_until_the_association_is_up_and_after_it_is_gone() {
     rt.block_on(install_association(&kb, &ab)).unwrap();
     for ns in [&p.a, &p.b] {
         // 2 SAs; 2 IPsec policies + 2 guard blocks + 2 local-HIT allows.
-        assert_eq!(ip_count(ns, "state"), 2, "{}", ip_text(ns, "state"));
-        assert_eq!(ip_count(ns, "policy"), 6, "{}", ip_text(ns, "policy"));
+        assert_eq!(xfrm_list_len(ns, "state"), 2, "{}", xfrm_list(ns, "state"));
+        assert_eq!(
+            xfrm_list_len(ns, "policy"),
+            6,
+            "{}",
+            xfrm_list(ns, "policy")
+        );
     }
     let (cap_a, cap_b) = (Capture::open(&p.a, &p.if_a), Capture::open(&p.b, &p.if_b));
     exchange(&p, 5, "guarded");
@@ -806,13 +722,13 @@ fn prefix_guard_blocks_until_the_association_is_up_and_after_it_is_gone() {
         .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     for (ns, k, hit) in [(&p.a, &ka, HIT_A), (&p.b, &kb, HIT_B)] {
-        assert_eq!(ip_count(ns, "state"), 0);
-        assert_eq!(ip_count(ns, "policy"), 4, "only the guard is left");
+        assert_eq!(xfrm_list_len(ns, "state"), 0);
+        assert_eq!(xfrm_list_len(ns, "policy"), 4, "only the guard is left");
         let g = Guard {
             prefix: Prefix::ORCHID_V2,
             local_hits: vec![hit.parse().unwrap()],
         };
         rt.block_on(remove_guard(k, &g)).unwrap();
-        assert_eq!(ip_count(ns, "policy"), 0);
+        assert_eq!(xfrm_list_len(ns, "policy"), 0);
     }
 }
