@@ -16,8 +16,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::{
-    NetNs, agent_bin,
-    sip::{Agent, Trapezoid, kamailio, scratch},
+    NetNs, new_host_identity,
+    sip::{Agent, Trapezoid, kamailio, scratch, wait_calls_ended},
     wait_until,
 };
 
@@ -69,34 +69,6 @@ pub struct RtpReport {
     pub received: Value,
 }
 
-fn hex_of(ipv6: &str) -> String {
-    let a: std::net::Ipv6Addr = ipv6.parse().expect("IPv6 HIT");
-    a.octets().iter().map(|b| format!("{b:02X}")).collect()
-}
-
-fn new_key(dir: &std::path::Path, name: &str) -> Result<(PathBuf, String)> {
-    let path = dir.join(format!("{name}.pem"));
-    let out = crate::run(
-        agent_bin().to_str().context("agent path")?,
-        [
-            "hi",
-            "new",
-            "--algorithm",
-            "ecdsa-p256",
-            "--out",
-            path.to_str().unwrap(),
-        ],
-    )?;
-    let _ = out;
-    let show = crate::run(
-        agent_bin().to_str().context("agent path")?,
-        ["hi", "show", path.to_str().unwrap(), "--json"],
-    )?;
-    let v: Value = serde_json::from_slice(&show.stdout)?;
-    let hit = v["hit"].as_str().context("hi show: no hit")?.to_owned();
-    Ok((path, hit))
-}
-
 impl Scenario {
     /// Builds the network, starts both proxies and both agents, and waits until both are
     /// registered.
@@ -131,8 +103,10 @@ impl Scenario {
         })?;
 
         let (atlanta, biloxi) = (&net.hosts[1], &net.hosts[2]);
-        let (alice_key, alice_hit) = new_key(&dir, "alice")?;
-        let (bob_key, bob_hit) = new_key(&dir, "bob")?;
+        let alice_id = new_host_identity(&dir, "alice", "ecdsa-p256")?;
+        let bob_id = new_host_identity(&dir, "bob", "ecdsa-p256")?;
+        let (alice_key, alice_hit) = (alice_id.path, alice_id.hit);
+        let (bob_key, bob_hit, bob_hit_hex) = (bob_id.path, bob_id.hit, bob_id.hit_hex);
         kamailio(
             atlanta,
             &dir,
@@ -149,8 +123,7 @@ impl Scenario {
         let rewrite = match &opts.rewrite_bob_hit {
             Some(fake) => format!(
                 "onreply_route {{\n    if (has_body(\"application/sdp\")) {{\n        subst_body(\"/{}/{}/ig\");\n    }}\n}}\n",
-                hex_of(&bob_hit),
-                fake
+                bob_hit_hex, fake
             ),
             None => String::new(),
         };
@@ -205,12 +178,7 @@ impl Scenario {
             "biloxi.com",
         )?;
         for (who, a) in [("alice", &alice), ("bob", &bob)] {
-            wait_until(
-                Duration::from_secs(60),
-                &format!("{who} registered"),
-                || (a.status()["registration"]["registered"] == true).then_some(()),
-            )
-            .with_context(|| format!("{who}'s log:\n{}", a.log()))?;
+            a.wait_registered(who, Duration::from_secs(60))?;
         }
         Ok(Self {
             net,
@@ -243,25 +211,15 @@ impl Scenario {
             .to_owned())
     }
 
-    /// The security block of `agent`'s only call (active or ended), once `pred` holds.
+    /// The security block of `agent`'s only call (active or ended), once `pred` holds
+    /// (as [`Agent::wait_call_security`]).
     pub fn wait_call_security(
         agent: &Agent,
         what: &str,
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        wait_until(timeout, what, || {
-            let st = agent.status();
-            st["calls"]
-                .as_array()
-                .into_iter()
-                .chain(st["ended_calls"].as_array())
-                .flatten()
-                .map(|c| &c["security"])
-                .find(|s| pred(s))
-                .cloned()
-        })
-        .with_context(|| format!("status: {}\nlog:\n{}", agent.status(), agent.log()))
+        agent.wait_call_security(what, timeout, pred)
     }
 
     /// Waits until both sides report the association established; returns (alice's,
@@ -360,11 +318,8 @@ impl Scenario {
     pub fn hangup(&self, call: &str) -> Result<()> {
         self.alice.ctl(&["hangup", call])?;
         for (who, a) in [("alice", &self.alice), ("bob", &self.bob)] {
-            wait_until(
-                Duration::from_secs(60),
-                &format!("{who}'s call to end"),
-                || a.status()["calls"].as_array()?.is_empty().then_some(()),
-            )?;
+            wait_calls_ended(&[a], Duration::from_secs(60))
+                .with_context(|| format!("{who}'s call to end"))?;
         }
         Ok(())
     }
@@ -425,19 +380,6 @@ pub struct Packet {
     pub hip_sender: Option<String>,
     /// SIP method or status.
     pub sip: Option<String>,
-}
-
-/// tshark prints HITs as bytes (`20:01:00:22:…` or plain hex): as IPv6 text.
-fn hit_text(s: &str) -> Option<String> {
-    let hex: String = s.chars().filter(char::is_ascii_hexdigit).collect();
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut o = [0u8; 16];
-    for (i, b) in o.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(std::net::Ipv6Addr::from(o).to_string())
 }
 
 /// Decodes a capture with tshark (an independent dissector).
@@ -503,7 +445,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             dport: num(f[4]).unwrap_or(0) as u16,
             spi: num(f[5]).map(|x| x as u32),
             hip_type: num(f[6]).map(|x| x as u8),
-            hip_sender: hit_text(&first(f[7])),
+            hip_sender: crate::sip::hit_from_hex(&first(f[7])),
             sip: Some(first(f[8]))
                 .filter(|s| !s.is_empty())
                 .or_else(|| Some(first(f[9])).filter(|s| !s.is_empty())),

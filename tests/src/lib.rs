@@ -78,6 +78,58 @@ where
     Ok(out)
 }
 
+/// Runs `hip-agent ARGS…` (the binary of [`agent_bin`]), failing with its output if it
+/// exits non-zero.
+pub fn run_agent<I, S>(args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let bin = agent_bin();
+    run(bin.to_str().context("agent path")?, args)
+}
+
+/// A Host Identity key file made by `hip-agent hi new`, with its HIT.
+#[derive(Clone, Debug)]
+pub struct HostIdentityFile {
+    /// The private key (PKCS#8 PEM, mode 0600).
+    pub path: PathBuf,
+    /// Its HIT as IPv6 text.
+    pub hit: String,
+    /// Its HIT as 32 upper-case hex digits (the form of SDP's `k=` line).
+    pub hit_hex: String,
+}
+
+/// Makes a Host Identity of `algorithm` (`ecdsa-p256`, `ed25519`, …) in `DIR/NAME.pem`
+/// with `hip-agent hi new --json`.
+pub fn new_host_identity(
+    dir: &std::path::Path,
+    name: &str,
+    algorithm: &str,
+) -> Result<HostIdentityFile> {
+    let path = dir.join(format!("{name}.pem"));
+    let out = run_agent([
+        "hi",
+        "new",
+        "--algorithm",
+        algorithm,
+        "--json",
+        "--out",
+        path.to_str().context("key path")?,
+    ])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let field = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("hi new --json: no {k}"))
+    };
+    Ok(HostIdentityFile {
+        hit: field("hit")?,
+        hit_hex: field("hit_hex")?,
+        path,
+    })
+}
+
 /// Runs `ip ARGS…`.
 pub fn ip<I, S>(args: I) -> Result<Output>
 where

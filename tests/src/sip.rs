@@ -30,6 +30,127 @@ pub fn sipp_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sipp")
 }
 
+/// The HIT `ipv6` (IPv6 text) as 32 upper-case hex digits, the form of SDP's `k=` line.
+pub fn hit_hex(ipv6: &str) -> String {
+    let a: std::net::Ipv6Addr = ipv6.parse().expect("IPv6 HIT");
+    a.octets().iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// A HIT written as 32 hex digits (other characters, such as tshark's `:` between
+/// bytes, are skipped) as IPv6 text; `None` unless there are exactly 32 digits.
+pub fn hit_from_hex(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(char::is_ascii_hexdigit).collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut o = [0u8; 16];
+    for (i, b) in o.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(std::net::Ipv6Addr::from(o).to_string())
+}
+
+/// An ES256 (P-256) key pair for SIP Identity written by openssl, an implementation
+/// independent of the agent's: (`DIR/NAME.es256.pem` private PKCS#8 with mode 0600,
+/// `DIR/NAME.es256.pub.pem` public SPKI).
+pub fn es256_key(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let (key, public) = (
+        dir.join(format!("{name}.es256.pem")),
+        dir.join(format!("{name}.es256.pub.pem")),
+    );
+    let k = key.to_str().context("key path")?;
+    crate::run(
+        "openssl",
+        [
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            k,
+        ],
+    )?;
+    // The agent refuses key files others can read.
+    crate::run("chmod", ["600", k])?;
+    crate::run(
+        "openssl",
+        [
+            "pkey",
+            "-in",
+            k,
+            "-pubout",
+            "-out",
+            public.to_str().context("key path")?,
+        ],
+    )?;
+    Ok((key, public))
+}
+
+/// A `[sip.tls]` table for agents at `ips`: one self-signed end-entity certificate
+/// (openssl, `DIR/cert.pem` and `DIR/key.pem`) naming every address, trusted as the CA
+/// too, so the same table serves both ends.
+pub fn tls_table(dir: &Path, ips: &[&str]) -> Result<String> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+    crate::run(
+        "openssl",
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hip-test",
+            "-addext",
+            &format!("subjectAltName={}", san.join(",")),
+            // An end-entity certificate (webpki refuses a CA certificate as one).
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth,clientAuth",
+            "-keyout",
+            key.to_str().context("key path")?,
+            "-out",
+            cert.to_str().context("cert path")?,
+        ],
+    )?;
+    Ok(format!(
+        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        cert.display()
+    ))
+}
+
+/// Writes an agent configuration `DIR/agent.toml` with its pool and control socket
+/// (`DIR/agent.sock`) in `dir`, `sip` as the `[sip]` table body and `extra` tables after
+/// it; `hit` is the agent's HIT, or the path of its identity key file. Returns the
+/// configuration's and the socket's paths.
+pub fn write_config(dir: &Path, hit: &str, sip: &str, extra: &str) -> Result<(PathBuf, PathBuf)> {
+    let sock = dir.join("agent.sock");
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}pool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
+            if hit.starts_with('/') {
+                format!("identity = \"{hit}\"\n")
+            } else {
+                format!("hit = \"{hit}\"\n")
+            },
+            dir.join("pool.json").display(),
+            sock.display()
+        ),
+    )?;
+    Ok((cfg, sock))
+}
+
 /// A running `hip-agent run` inside a namespace; killed on drop.
 pub struct Agent {
     /// The agent process.
@@ -49,21 +170,7 @@ impl Agent {
     /// `hit` is the agent's HIT, or the path of its identity key file.
     pub fn start(ns: &NetNs, hit: &str, sip: &str, extra: &str) -> Result<Self> {
         let dir = scratch("agent");
-        let sock = dir.join("agent.sock");
-        let cfg = dir.join("agent.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "{}pool = \"{}\"\ncontrol_socket = \"{}\"\n[sip]\n{sip}\n{extra}",
-                if hit.starts_with('/') {
-                    format!("identity = \"{hit}\"\n")
-                } else {
-                    format!("hit = \"{hit}\"\n")
-                },
-                dir.join("pool.json").display(),
-                sock.display()
-            ),
-        )?;
+        let (cfg, sock) = write_config(&dir, hit, sip, extra)?;
         let child = Self::spawn(ns.name(), &cfg, &dir)?;
         let mut a = Self {
             child,
@@ -166,6 +273,35 @@ impl Agent {
         self.json(&["hits", "--json"])
     }
 
+    /// Waits up to `timeout` until the agent reports its registration accepted.
+    pub fn wait_registered(&self, who: &str, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("{who} registered"), || {
+            (self.status()["registration"]["registered"] == true).then_some(())
+        })
+        .with_context(|| format!("{who}'s status: {}\nlog:\n{}", self.status(), self.log()))
+    }
+
+    /// The security block of this agent's call (active or ended) once `pred` holds on it.
+    pub fn wait_call_security(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        wait_until(timeout, what, || {
+            let st = self.status();
+            st["calls"]
+                .as_array()
+                .into_iter()
+                .chain(st["ended_calls"].as_array())
+                .flatten()
+                .map(|c| &c["security"])
+                .find(|s| pred(s))
+                .cloned()
+        })
+        .with_context(|| format!("status: {}\nlog:\n{}", self.status(), self.log()))
+    }
+
     /// The pool entry for `peer_uri`, once it is there.
     pub fn wait_for_pool_entry(&self, peer_uri: &str) -> Value {
         wait_until(
@@ -188,6 +324,21 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits up to `timeout` until none of `agents` has a call left (each ended or refused).
+pub fn wait_calls_ended(agents: &[&Agent], timeout: Duration) -> Result<()> {
+    let what = if agents.len() == 1 {
+        "the call to end"
+    } else {
+        "all calls to end"
+    };
+    wait_until(timeout, what, || {
+        agents
+            .iter()
+            .all(|a| a.status()["calls"].as_array().is_some_and(Vec::is_empty))
+            .then_some(())
+    })
 }
 
 /// Runs SIPp to completion inside namespace `ns`; returns its message log.

@@ -3,7 +3,10 @@
 
 use std::{path::PathBuf, process::Command};
 
-use hip_tests::{NetNs, agent_bin, sip::scratch};
+use hip_tests::{
+    NetNs, agent_bin, new_host_identity,
+    sip::{scratch, write_config},
+};
 
 fn dist(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,28 +57,13 @@ fn the_example_configuration_is_valid() {
 /// Writes a configuration with a fresh identity for an agent in `ns`.
 fn config(ns: &NetNs, extra: &str) -> PathBuf {
     let dir = scratch("start");
-    let key = dir.join("id.pem");
-    let out = Command::new(agent_bin())
-        .args(["hi", "new", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let key = new_host_identity(&dir, "id", "ecdsa-p256").unwrap();
     ns.ip(["addr", "add", "10.55.0.1/32", "dev", "lo"]).unwrap();
-    let cfg = dir.join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "identity = \"{}\"\npool = \"{}\"\ncontrol_socket = \"{}\"\n\
-             [sip]\nuser = \"a\"\ndomain = \"d\"\nlisten = [\"udp:10.55.0.1:5060\"]\n{extra}",
-            key.display(),
-            dir.join("pool.json").display(),
-            dir.join("s").display()
-        ),
+    let (cfg, _socket) = write_config(
+        &dir,
+        key.path.to_str().unwrap(),
+        "user = \"a\"\ndomain = \"d\"\nlisten = [\"udp:10.55.0.1:5060\"]",
+        extra,
     )
     .unwrap();
     cfg

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
+use hip_tests::{NetNs, VethPair, agent_bin, new_host_identity, wait_until};
 use serde_json::Value;
 
 struct Dir(PathBuf);
@@ -29,16 +29,7 @@ fn tempdir(name: &str) -> Dir {
 
 /// `hip-agent hi new`, returning the key file and its HIT.
 fn new_key(dir: &Path, name: &str, alg: &str) -> Result<(PathBuf, String)> {
-    let f = dir.join(format!("{name}.pem"));
-    let out = Command::new(agent_bin())
-        .args(["hi", "new", "--algorithm", alg, "--json", "--out"])
-        .arg(&f)
-        .output()?;
-    if !out.status.success() {
-        bail!("hi new: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok((f, v["hit"].as_str().context("hit")?.to_owned()))
+    new_host_identity(dir, name, alg).map(|k| (k.path, k.hit))
 }
 
 /// A child process whose stderr lines are collected, killed on drop.

@@ -24,63 +24,19 @@ use std::{
 };
 
 use hip_tests::{
-    NetNs, VethPair, agent_bin,
-    sip::{Agent, scratch},
-    wait_until,
+    HostIdentityFile, NetNs, VethPair, new_host_identity,
+    sip::{self, Agent, scratch, wait_calls_ended},
 };
 use serde_json::Value;
 
 /// An ES256 key pair written by openssl: (private PKCS#8 PEM, public SPKI PEM).
 fn es256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (key, public) = (
-        dir.join(format!("{name}.es256.pem")),
-        dir.join(format!("{name}.es256.pub.pem")),
-    );
-    hip_tests::run(
-        "openssl",
-        [
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            key.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    hip_tests::run("chmod", ["600", key.to_str().unwrap()]).unwrap();
-    hip_tests::run(
-        "openssl",
-        [
-            "pkey",
-            "-in",
-            key.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    (key, public)
+    sip::es256_key(dir, name).unwrap()
 }
 
 /// A HIP identity key (so that the agent runs HIP).
-fn hip_key(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.hi.pem"));
-    hip_tests::run(
-        agent_bin().to_str().unwrap(),
-        [
-            "hi",
-            "new",
-            "--algorithm",
-            "ecdsa-p256",
-            "--out",
-            path.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    path
+fn hip_key(dir: &Path, name: &str) -> HostIdentityFile {
+    new_host_identity(dir, name, "ecdsa-p256").unwrap()
 }
 
 /// The `[security]` table: our signing key (with its `info` URI) and whom we trust.
@@ -115,7 +71,7 @@ fn pair(tag: &str, net: &str, alice_extra: &str, bob_extra: &str) -> (VethPair, 
     let dir = scratch(tag);
     let alice = Agent::start(
         &p.a,
-        hip_key(&dir, "alice").to_str().unwrap(),
+        hip_key(&dir, "alice").path.to_str().unwrap(),
         &format!(
             "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:{a_ip}:5060\"]\n\
              outbound_proxy = \"udp:{b_ip}:5060\""
@@ -125,7 +81,7 @@ fn pair(tag: &str, net: &str, alice_extra: &str, bob_extra: &str) -> (VethPair, 
     .unwrap();
     let bob = Agent::start(
         &p.b,
-        hip_key(&dir, "bob").to_str().unwrap(),
+        hip_key(&dir, "bob").path.to_str().unwrap(),
         &format!("user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:{b_ip}:5060\"]"),
         &format!("{NO_OFFLOAD}{bob_extra}"),
     )
@@ -135,18 +91,9 @@ fn pair(tag: &str, net: &str, alice_extra: &str, bob_extra: &str) -> (VethPair, 
 
 /// The security block of `agent`'s call once `pred` holds on it.
 fn wait_security(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    wait_until(Duration::from_secs(30), what, || {
-        let st = agent.status();
-        st["calls"]
-            .as_array()
-            .into_iter()
-            .chain(st["ended_calls"].as_array())
-            .flatten()
-            .map(|c| &c["security"])
-            .find(|s| pred(s))
-            .cloned()
-    })
-    .unwrap_or_else(|e| panic!("{e}\nstatus: {}\nlog:\n{}", agent.status(), agent.log()))
+    agent
+        .wait_call_security(what, Duration::from_secs(30), pred)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Both sides' security blocks once HIP is established and the level is `level` (a later
@@ -166,12 +113,7 @@ fn wait_level(alice: &Agent, bob: &Agent, level: &str) -> (Value, Value) {
 
 fn hang_up(alice: &Agent, bob: &Agent, call: &str) {
     alice.ctl(&["hangup", call.trim()]).unwrap();
-    wait_until(Duration::from_secs(15), "both calls to end", || {
-        (alice.status()["calls"].as_array()?.is_empty()
-            && bob.status()["calls"].as_array()?.is_empty())
-        .then_some(())
-    })
-    .unwrap();
+    wait_calls_ended(&[alice, bob], Duration::from_secs(15)).unwrap();
 }
 
 #[test]
@@ -345,44 +287,14 @@ fn an_identity_signed_with_an_untrusted_key_is_reported_not_trusted() {
 fn sips_with_trusted_proxies_is_mutual_with_the_caveat() {
     let p = VethPair::new("secsips", &["10.75.0.1/24"], &["10.75.0.2/24"]).unwrap();
     let dir = scratch("sec-sips");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    hip_tests::run(
-        "openssl",
-        [
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=hip-test",
-            "-addext",
-            "subjectAltName=IP:10.75.0.1,IP:10.75.0.2",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth,clientAuth",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
     let tls = format!(
-        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{NO_OFFLOAD}",
-        cert.display(),
-        key.display(),
-        cert.display()
+        "{}{NO_OFFLOAD}",
+        sip::tls_table(&dir, &["10.75.0.1", "10.75.0.2"]).unwrap()
     );
     let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
         Agent::start(
             ns,
-            hip_key(&dir, who).to_str().unwrap(),
+            hip_key(&dir, who).path.to_str().unwrap(),
             &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
             &format!("{tls}{}", security(None, &[], true)),
         )
@@ -412,44 +324,14 @@ fn sips_is_not_counted_unless_the_proxies_are_trusted() {
     // the status says why.
     let p = VethPair::new("secsipsn", &["10.76.0.1/24"], &["10.76.0.2/24"]).unwrap();
     let dir = scratch("sec-sipsn");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    hip_tests::run(
-        "openssl",
-        [
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=hip-test",
-            "-addext",
-            "subjectAltName=IP:10.76.0.1,IP:10.76.0.2",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth,clientAuth",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
     let tls = format!(
-        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n{NO_OFFLOAD}",
-        cert.display(),
-        key.display(),
-        cert.display()
+        "{}{NO_OFFLOAD}",
+        sip::tls_table(&dir, &["10.76.0.1", "10.76.0.2"]).unwrap()
     );
     let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
         Agent::start(
             ns,
-            hip_key(&dir, who).to_str().unwrap(),
+            hip_key(&dir, who).path.to_str().unwrap(),
             &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
             &format!("{tls}{}", security(None, &[], false)),
         )
@@ -508,19 +390,6 @@ onreply_route {
 }
 "#;
 
-fn hit_of(key: &Path) -> (String, String) {
-    let show = hip_tests::run(
-        agent_bin().to_str().unwrap(),
-        ["hi", "show", key.to_str().unwrap(), "--json"],
-    )
-    .unwrap();
-    let v: Value = serde_json::from_slice(&show.stdout).unwrap();
-    (
-        v["hit"].as_str().unwrap().to_owned(),
-        v["hit_hex"].as_str().unwrap().to_owned(),
-    )
-}
-
 /// Starts the relay in `ns` at `ip`:5070, forwarding to `next`:5060 and swapping `real`
 /// for `fake` (32 hex digits each).
 fn mitm(ns: &NetNs, dir: &Path, ip: &str, next: &str, real: &str, fake: &str) {
@@ -551,8 +420,8 @@ fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
     let dir = scratch("sec-mitm");
     let (ka, pa) = es256_key(&dir, "atlanta");
     let p = VethPair::new("secmitm", &["10.77.0.1/24"], &["10.77.0.2/24"]).unwrap();
-    let alice_key = hip_key(&dir, "alice");
-    let (_, alice_hex) = hit_of(&alice_key);
+    let alice_id = hip_key(&dir, "alice");
+    let (alice_key, alice_hex) = (alice_id.path, alice_id.hit_hex);
     let fake = "2001001F0000000000000000DEADBEEF";
     mitm(&p.a, &dir, "10.77.0.1", "10.77.0.2", &alice_hex, fake);
     // Alice signs and sends through the relay (her outbound proxy); bob trusts her key.
@@ -569,7 +438,7 @@ fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
     .unwrap();
     let bob = Agent::start(
         &p.b,
-        hip_key(&dir, "bob").to_str().unwrap(),
+        hip_key(&dir, "bob").path.to_str().unwrap(),
         "user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:10.77.0.2:5060\"]",
         &format!(
             "{NO_OFFLOAD}{}",
@@ -587,10 +456,7 @@ fn a_proxy_rewriting_the_signed_hit_is_caught_and_the_call_refused() {
     assert!(f.contains(&alice_hex) && f.contains(fake), "{b}");
     assert_eq!(b["sip_assurance"]["peer_authenticated"], false, "{b}");
     // ...and refused it with 438 (RFC 8224 §6.2.2) before any answer: alice's call ended.
-    wait_until(Duration::from_secs(15), "alice's call to end", || {
-        alice.status()["calls"].as_array()?.is_empty().then_some(())
-    })
-    .unwrap();
+    wait_calls_ended(&[&alice], Duration::from_secs(15)).unwrap();
     assert!(
         alice.log().contains("status: 438"),
         "alice's log:\n{}",
@@ -608,13 +474,13 @@ fn a_proxy_rewriting_the_answers_hit_is_exposed_by_the_callees_signed_update() {
     let dir = scratch("sec-mitm2");
     let (kb, pb) = es256_key(&dir, "biloxi");
     let p = VethPair::new("secmitm2", &["10.78.0.1/24"], &["10.78.0.2/24"]).unwrap();
-    let bob_key = hip_key(&dir, "bob");
-    let (bob_hit, bob_hex) = hit_of(&bob_key);
+    let bob_id = hip_key(&dir, "bob");
+    let (bob_key, bob_hit, bob_hex) = (bob_id.path, bob_id.hit, bob_id.hit_hex);
     let fake = "2001001F0000000000000000DEADBEEF";
     mitm(&p.a, &dir, "10.78.0.1", "10.78.0.2", &bob_hex, fake);
     let alice = Agent::start(
         &p.a,
-        hip_key(&dir, "alice").to_str().unwrap(),
+        hip_key(&dir, "alice").path.to_str().unwrap(),
         "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:10.78.0.1:5060\"]\n\
          outbound_proxy = \"udp:10.78.0.1:5070\"",
         // I1 to the forged HIT: bob's host stays silent (it is not that HIT), so HIP
@@ -645,10 +511,5 @@ fn a_proxy_rewriting_the_answers_hit_is_exposed_by_the_callees_signed_update() {
     assert!(f.contains(&bob_hit) && f.contains(fake_v6), "{a}");
     assert_eq!(a["sip_assurance"]["peer_authenticated"], false, "{a}");
     // on_failure = hangup: alice ends the call.
-    wait_until(Duration::from_secs(15), "both calls to end", || {
-        (alice.status()["calls"].as_array()?.is_empty()
-            && bob.status()["calls"].as_array()?.is_empty())
-        .then_some(())
-    })
-    .unwrap();
+    wait_calls_ended(&[&alice, &bob], Duration::from_secs(15)).unwrap();
 }

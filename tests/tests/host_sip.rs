@@ -5,13 +5,17 @@
 
 use std::{
     net::UdpSocket,
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use hip_tests::{
     VethPair, agent_bin,
-    sip::{Agent, Trapezoid, kamailio, scratch, sipp, sipp_dir},
+    sip::{
+        Agent, Trapezoid, hit_from_hex, hit_hex, kamailio, scratch, sipp, sipp_dir, tls_table,
+        wait_calls_ended,
+    },
     wait_until,
 };
 use serde_json::Value;
@@ -19,9 +23,22 @@ use serde_json::Value;
 const SIPP_HIT: &str = "7214148E0433AFE2FA2D48003D31172E"; // Alice's HIT in the draft
 const SIPP_UAS_HIT: &str = "44A5C522D7EDEDF962E55A0677DB1346"; // Bob's HIT in the draft
 
-fn hex_of(ipv6: &str) -> String {
-    let a: std::net::Ipv6Addr = ipv6.parse().unwrap();
-    a.octets().iter().map(|b| format!("{b:02X}")).collect()
+/// SIPp calling bob at `target` from `local_ip`:5070 with the `uac_hit.xml` scenario (its
+/// offer carries [`SIPP_HIT`]) and the SIPp options `extra`; returns its message log.
+fn sipp_calls_bob(
+    ns: &str,
+    dir: &Path,
+    local_ip: &str,
+    target: &str,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let scenario = sipp_dir().join("uac_hit.xml");
+    let mut args = vec!["-sf", scenario.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "-key", "hit", SIPP_HIT, "-s", "bob", "-i", local_ip, "-p", "5070", target, "-m", "1",
+    ]);
+    sipp(ns, dir, &args)
 }
 
 fn entry_hits(e: &Value) -> Vec<String> {
@@ -34,11 +51,7 @@ fn entry_hits(e: &Value) -> Vec<String> {
 }
 
 fn ipv6_of_hex(h: &str) -> String {
-    let mut b = [0u8; 16];
-    for (i, o) in b.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
-    }
-    std::net::Ipv6Addr::from(b).to_string()
+    hit_from_hex(h).unwrap()
 }
 
 #[test]
@@ -53,31 +66,12 @@ fn sipp_calls_the_agent_and_the_hits_cross() {
     )
     .unwrap();
     let dir = scratch("sipp-uac");
-    let msgs = sipp(
-        p.a.name(),
-        &dir,
-        &[
-            "-sf",
-            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
-            "-key",
-            "hit",
-            SIPP_HIT,
-            "-s",
-            "bob",
-            "-i",
-            "10.61.0.1",
-            "-p",
-            "5070",
-            "10.61.0.2:5060",
-            "-m",
-            "1",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    let msgs = sipp_calls_bob(p.a.name(), &dir, "10.61.0.1", "10.61.0.2:5060", &[])
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     // INVITE / 100? / 180 / 200 / ACK / BYE / 200 completed (SIPp exited 0). The agent's
     // answer carried its own HIT, in the form of SIPp's offer (k=, mirrored by default).
     assert!(
-        msgs.contains(&format!("k=host-identity-tag:{}", hex_of(agent_hit))),
+        msgs.contains(&format!("k=host-identity-tag:{}", hit_hex(agent_hit))),
         "agent HIT missing from its SDP:\n{msgs}"
     );
     assert!(msgs.contains("SIP/2.0 180 Ringing"));
@@ -160,7 +154,7 @@ fn the_agent_calls_sipp_and_the_hits_cross() {
     assert!(
         msgs.contains(&format!(
             "a=key-mgmt:host-identity-tag {}",
-            hex_of(agent_hit)
+            hit_hex(agent_hit)
         )),
         "agent HIT missing from its offer:\n{msgs}"
     );
@@ -241,27 +235,8 @@ fn malformed_sip_gets_400_or_is_dropped_and_a_call_still_completes() {
     assert!(agent.hits().as_array().unwrap().is_empty());
     // A normal call completes afterwards.
     let dir = scratch("sipp-after-bad");
-    sipp(
-        p.a.name(),
-        &dir,
-        &[
-            "-sf",
-            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
-            "-key",
-            "hit",
-            SIPP_HIT,
-            "-s",
-            "bob",
-            "-i",
-            "10.63.0.1",
-            "-p",
-            "5070",
-            "10.63.0.2:5060",
-            "-m",
-            "1",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
+    sipp_calls_bob(p.a.name(), &dir, "10.63.0.1", "10.63.0.2:5060", &[])
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     agent.wait_for_pool_entry("sip:sipp@10.63.0.1:5070");
 }
 
@@ -360,12 +335,8 @@ fn trapezoid_through_two_kamailio_proxies_reproduces_f1_to_f12() {
     )
     .unwrap();
     for (who, a) in [("alice", &alice), ("bob", &bob)] {
-        wait_until(
-            Duration::from_secs(20),
-            &format!("{who} registered"),
-            || (a.status()["registration"]["registered"] == true).then_some(()),
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), a.status()));
+        a.wait_registered(who, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
@@ -383,12 +354,7 @@ fn trapezoid_through_two_kamailio_proxies_reproduces_f1_to_f12() {
     assert_eq!(bob_entry["identities"][0]["media"], 0);
     assert_eq!(bob_entry["call_id"], alice_entry["call_id"]);
     alice.ctl(&["hangup", call.trim()]).unwrap();
-    wait_until(Duration::from_secs(10), "both calls to end", || {
-        (alice.status()["calls"].as_array()?.is_empty()
-            && bob.status()["calls"].as_array()?.is_empty())
-        .then_some(())
-    })
-    .unwrap();
+    wait_calls_ended(&[&alice, &bob], Duration::from_secs(10)).unwrap();
 
     // The capture has seen the whole call, BYE and its 200 included (Alice to Bob directly).
     wait_until(
@@ -581,31 +547,16 @@ fn sipp_over_tcp_calls_the_agent() {
     )
     .unwrap();
     let dir = scratch("sipp-tcp");
-    let msgs = sipp(
+    let msgs = sipp_calls_bob(
         p.a.name(),
         &dir,
-        &[
-            "-sf",
-            sipp_dir().join("uac_hit.xml").to_str().unwrap(),
-            "-t",
-            "t1",
-            "-key",
-            "hit",
-            SIPP_HIT,
-            "-s",
-            "bob",
-            "-i",
-            "10.64.0.1",
-            "-p",
-            "5070",
-            "10.64.0.2:5060",
-            "-m",
-            "1",
-        ],
+        "10.64.0.1",
+        "10.64.0.2:5060",
+        &["-t", "t1"],
     )
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log()));
     assert!(msgs.contains("TCP message received"), "{msgs}");
-    assert!(msgs.contains(&format!("k=host-identity-tag:{}", hex_of("2001:20::7c9"))));
+    assert!(msgs.contains(&format!("k=host-identity-tag:{}", hit_hex("2001:20::7c9"))));
     assert!(
         msgs.contains("Contact: <sip:bob@10.64.0.2:5060;transport=tcp>"),
         "{msgs}"
@@ -619,41 +570,7 @@ fn two_agents_call_over_tls() {
     let p = VethPair::new("siptls", &["10.65.0.1/24"], &["10.65.0.2/24"]).unwrap();
     let dir = scratch("tls");
     // One self-signed certificate naming both addresses, trusted by both agents.
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    hip_tests::run(
-        "openssl",
-        [
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=hip-test",
-            "-addext",
-            "subjectAltName=IP:10.65.0.1,IP:10.65.0.2",
-            // An end-entity certificate (webpki refuses a CA certificate as one).
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth,clientAuth",
-            "-keyout",
-            key.to_str().unwrap(),
-            "-out",
-            cert.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
-    let tls = format!(
-        "[sip.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-        cert.display(),
-        key.display(),
-        cert.display()
-    );
+    let tls = tls_table(&dir, &["10.65.0.1", "10.65.0.2"]).unwrap();
     let alice = Agent::start(
         &p.a,
         "2001:20::a",
@@ -687,12 +604,7 @@ fn two_agents_call_over_tls() {
         "{st}"
     );
     alice.ctl(&["hangup", call.trim()]).unwrap();
-    wait_until(Duration::from_secs(10), "both calls to end", || {
-        (alice.status()["calls"].as_array()?.is_empty()
-            && bob.status()["calls"].as_array()?.is_empty())
-        .then_some(())
-    })
-    .unwrap();
+    wait_calls_ended(&[&alice, &bob], Duration::from_secs(10)).unwrap();
 }
 
 #[test]

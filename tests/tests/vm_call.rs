@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hip_tests::{
     call::{self, Options, Scenario, xfrm_counts},
-    sip::scratch,
+    sip::{es256_key, scratch},
     wait_until,
 };
 
@@ -206,34 +206,8 @@ fn sip_identity_through_both_proxies_makes_the_call_mutual() {
     // table (the scenario has one for both), so one ES256 key signs for both domains here;
     // verification with distinct per-domain keys is covered by `host_security`.
     let dir = scratch("vm-identity");
-    let (key, public) = (dir.join("es256.pem"), dir.join("es256.pub.pem"));
+    let (key, public) = es256_key(&dir, "hip.test").unwrap();
     let k = key.to_str().unwrap();
-    hip_tests::run(
-        "openssl",
-        [
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            k,
-        ],
-    )
-    .unwrap();
-    hip_tests::run("chmod", ["600", k]).unwrap();
-    hip_tests::run(
-        "openssl",
-        [
-            "pkey",
-            "-in",
-            k,
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
     let p = public.display();
     let s = Scenario::start(&Options {
         extra_config: format!(
@@ -269,4 +243,125 @@ fn sip_identity_through_both_proxies_makes_the_call_mutual() {
         "{a}"
     );
     s.hangup(&call).unwrap();
+}
+
+#[test]
+fn a_moved_caller_keeps_its_media_without_a_reinvite() {
+    let mut s = Scenario::start(&Options::default()).unwrap();
+    s.call().unwrap();
+    let (a, _) = s.wait_established().unwrap();
+    assert_eq!(a["associations"][0]["local_locator"], call::ALICE_IP);
+
+    // bob → alice: the direction that breaks when alice's address goes away, until bob's
+    // SAs follow her to the new one.
+    const N: u32 = 200;
+    let rtp = hip_tests::rtp_bin();
+    let alice_media = format!("[{}]:{}", s.alice_hit, call::RTP_PORT);
+    let mut rx = std::process::Command::new(&rtp)
+        .args([
+            "--netns",
+            s.alice_ns().name(),
+            "recv",
+            "--announce",
+            "--bind",
+            &alice_media,
+        ])
+        .args(["--count", &N.to_string(), "--timeout-s", "90"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut tx = std::process::Command::new(&rtp)
+        .args([
+            "--netns",
+            s.bob_ns().name(),
+            "send",
+            "--ignore-errors",
+            "--count",
+            &N.to_string(),
+        ])
+        .args([
+            "--from",
+            &format!("[{}]:{}", s.bob_hit, call::RTP_PORT),
+            "--to",
+            &alice_media,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Media flows before the move (alice's eBPF flow table counts it)...
+    Scenario::wait_call_security(
+        &s.alice,
+        "media before the move",
+        Duration::from_secs(60),
+        |sec| {
+            sec["flows"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["packets"].as_u64() >= Some(10)))
+        },
+    )
+    .unwrap();
+    // ...then alice's host changes address: the old one goes away.
+    let ns = s.alice_ns();
+    ns.ip(["addr", "add", "192.0.2.11/24", "dev", "valice"])
+        .unwrap();
+    ns.ip(["addr", "del", "192.0.2.1/24", "dev", "valice"])
+        .unwrap();
+    // HIP UPDATE (LOCATOR_SET, echo check) moves bob's view and SAs to the new locator.
+    let b = Scenario::wait_call_security(
+        &s.bob,
+        "bob to follow alice",
+        Duration::from_secs(60),
+        |sec| {
+            sec["associations"][0]["peer_locator"] == "192.0.2.11"
+                && sec["associations"][0]["kernel"]["peer_locator"] == "192.0.2.11"
+        },
+    )
+    .unwrap();
+    assert_eq!(b["associations"][0]["state"], "established");
+    tx.wait().unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    rx.wait().unwrap();
+    let got: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    // The stream went on after the move: its last packet arrived, intact.
+    assert_eq!(got["last_seq"], N - 1, "{got}");
+    assert_eq!(got["intact"], got["received"], "{got}");
+    let a = Scenario::wait_call_security(
+        &s.alice,
+        "alice's new locator",
+        Duration::from_secs(30),
+        |sec| sec["associations"][0]["local_locator"] == "192.0.2.11",
+    )
+    .unwrap();
+    assert_eq!(
+        a["associations"][0]["kernel"]["local_locator"],
+        "192.0.2.11"
+    );
+
+    // No SIP re-INVITE (or UPDATE) did it: HIP UPDATE alone, on the wire.
+    let pcap = s.stop_capture().unwrap();
+    let pkts = call::read_pcap(&pcap).unwrap();
+    let first_update = pkts
+        .iter()
+        .find(|p| p.hip_type == Some(16))
+        .map(|p| p.time)
+        .expect("a HIP UPDATE on the wire");
+    let late_sip: Vec<_> = pkts
+        .iter()
+        .filter(|p| p.time >= first_update)
+        .filter(|p| matches!(p.sip.as_deref(), Some("INVITE" | "UPDATE")))
+        .collect();
+    assert!(
+        late_sip.is_empty(),
+        "SIP renegotiation after the move: {late_sip:?}"
+    );
+    assert!(
+        pkts.iter()
+            .any(|p| p.proto == 50 && p.src == call::BOB_IP && p.dst == "192.0.2.11"),
+        "ESP from bob reaches alice's new address"
+    );
 }
