@@ -1,10 +1,13 @@
 //! The eBPF tc programs of `hip-ebpf`, loaded by the agent's own loader on a veth in a
 //! test namespace, count exactly the packets that cross it.
 
-use std::{net::UdpSocket, path::PathBuf, process::Command};
+use std::{
+    net::UdpSocket,
+    path::{Path, PathBuf},
+};
 
 use hip_datapath::Direction;
-use hip_tests::{VethPair, agent_bin};
+use hip_tests::{VethPair, run_agent};
 
 /// Makes the link quiet: no IPv6 (no MLD/RS/ND chatter) and static ARP entries, so the
 /// only packets crossing it are the ones the test sends.
@@ -43,6 +46,22 @@ fn mac(ns: &hip_tests::NetNs, ifc: &str) -> String {
         .to_owned()
 }
 
+/// `hip-agent datapath VERB` (`attach` or `detach`) on `vb` in namespace b; fails the
+/// test if the agent exits non-zero.
+fn datapath_cli(p: &VethPair, verb: &str, pin_dir: &Path) {
+    run_agent([
+        "--netns",
+        p.b.name(),
+        "datapath",
+        verb,
+        "--iface",
+        &p.if_b,
+        "--pin-dir",
+        pin_dir.to_str().unwrap(),
+    ])
+    .unwrap_or_else(|e| panic!("{verb} failed: {e:#}"));
+}
+
 #[test]
 fn tc_programs_count_packets_on_a_veth() {
     let p = VethPair::new("dp", &["10.77.0.1/24"], &["10.77.0.2/24"]).unwrap();
@@ -57,24 +76,7 @@ fn tc_programs_count_packets_on_a_veth() {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/hip-test-{}", p.b.name()));
     let _guard = hip_tests::PinDir(pin_dir.clone());
 
-    let out = Command::new(agent_bin())
-        .args([
-            "--netns",
-            p.b.name(),
-            "datapath",
-            "attach",
-            "--iface",
-            &p.if_b,
-            "--pin-dir",
-        ])
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "attach failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    datapath_cli(&p, "attach", &pin_dir);
 
     // A receiver in b, so that no ICMP port-unreachable goes back out of vb.
     let rx =
@@ -105,24 +107,7 @@ fn tc_programs_count_packets_on_a_veth() {
     );
     assert_eq!(eg.packets, 0, "egress packets");
 
-    let out = Command::new(agent_bin())
-        .args([
-            "--netns",
-            p.b.name(),
-            "datapath",
-            "detach",
-            "--iface",
-            &p.if_b,
-            "--pin-dir",
-        ])
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "detach failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    datapath_cli(&p, "detach", &pin_dir);
     assert!(!pin_dir.exists(), "pins removed");
     let tc =
         p.b.exec("tc", ["filter", "show", "dev", &p.if_b, "ingress"])

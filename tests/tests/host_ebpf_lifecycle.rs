@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use hip_tests::{NetNs, VethPair, agent_bin, wait_until};
+use hip_tests::{NetNs, VethPair, agent_bin, run_agent, wait_until};
 
 struct Agent {
     child: Child,
@@ -127,16 +127,7 @@ fn nothing_left_after_clean_stop_or_kill_and_restart() {
         pins(&pin)
     );
     // The flow table of the running datapath, through the CLI.
-    let out = Command::new(agent_bin())
-        .args(["flows", "--json", "--pin-dir"])
-        .arg(&pin)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_agent(["flows", "--json", "--pin-dir", pin.to_str().unwrap()]).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
     assert!(a.signal(libc::SIGTERM).success());
     assert!(!pin.exists(), "pins removed on SIGTERM: {:?}", pins(&pin));

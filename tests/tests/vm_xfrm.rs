@@ -22,7 +22,7 @@ use hip_kernel::{
     install_guard, rekey_association, remove_association, remove_guard,
 };
 use hip_tests::{
-    NetNs, VethPair, agent_bin, wait_until,
+    NetNs, VethPair, agent_bin, run_agent, wait_until,
     xfrm::{
         HIT_A, HIT_B, LOC_A, LOC_B, TEST_AUTH_KEY, TEST_ENC_KEY, add_beet_sa, beet_policy,
         events_in, hit_routes_in, runtime, wait_event, xfrm_in, xfrm_list, xfrm_list_len,
@@ -399,16 +399,15 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     );
 
     // The restarted agent knows only a1 as live: a2's objects are stale.
-    let out = Command::new(agent_bin())
-        .args(["--netns", ns.name(), "xfrm", "install", "--spec"])
-        .arg(&s1)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_agent([
+        "--netns",
+        ns.name(),
+        "xfrm",
+        "install",
+        "--spec",
+        s1.to_str().unwrap(),
+    ])
+    .unwrap();
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep["reconcile"]["removed_sas"], 2, "{rep}");
     assert_eq!(rep["reconcile"]["removed_policies"], 4, "{rep}");
@@ -430,15 +429,7 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     assert!(!st.contains("spi 0x00005004"), "a2's SA gone: {st}");
 
     // The inspection CLI lists exactly a1's objects, with its peer HIT.
-    let out = Command::new(agent_bin())
-        .args(["--netns", ns.name(), "xfrm", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_agent(["--netns", ns.name(), "xfrm", "--json"]).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let assocs = v["associations"].as_array().unwrap();
     assert_eq!(assocs.len(), 1, "{v}");
@@ -455,16 +446,15 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
 
     // Nothing live: everything of hip's goes, the foreign objects stay byte for byte.
     std::fs::write(&s1, spec(&[])).unwrap();
-    let out = Command::new(agent_bin())
-        .args(["--netns", ns.name(), "xfrm", "install", "--spec"])
-        .arg(&s1)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_agent([
+        "--netns",
+        ns.name(),
+        "xfrm",
+        "install",
+        "--spec",
+        s1.to_str().unwrap(),
+    ])
+    .unwrap();
     assert_eq!(xfrm_list(&ns, "state"), foreign_sa);
     assert_eq!(xfrm_list(&ns, "policy"), foreign_pol);
     let _ = std::fs::remove_dir_all(&dir);
