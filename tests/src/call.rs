@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     NetNs, new_host_identity,
-    sip::{Agent, Trapezoid, kamailio, scratch, wait_calls_ended},
+    sip::{Agent, Trapezoid, scratch, wait_calls_ended},
     wait_until,
 };
 
@@ -102,24 +102,10 @@ impl Scenario {
                 .filter(|s| s.contains("listening on"))
         })?;
 
-        let (atlanta, biloxi) = (&net.hosts[1], &net.hosts[2]);
         let alice_id = new_host_identity(&dir, "alice", "ecdsa-p256")?;
         let bob_id = new_host_identity(&dir, "bob", "ecdsa-p256")?;
         let (alice_key, alice_hit) = (alice_id.path, alice_id.hit);
         let (bob_key, bob_hit, bob_hit_hex) = (bob_id.path, bob_id.hit, bob_id.hit_hex);
-        kamailio(
-            atlanta,
-            &dir,
-            &[
-                ("IP", "192.0.2.2"),
-                ("DOMAIN", "atlanta.com"),
-                ("USER", "alice"),
-                ("PASSWORD", "alice-pw"),
-                ("ALGORITHM", "MD5"),
-                ("PEER_DOMAIN", "biloxi.com"),
-                ("PEER_IP", "192.0.2.3"),
-            ],
-        )?;
         let rewrite = match &opts.rewrite_bob_hit {
             Some(fake) => format!(
                 "onreply_route {{\n    if (has_body(\"application/sdp\")) {{\n        subst_body(\"/{}/{}/ig\");\n    }}\n}}\n",
@@ -127,20 +113,7 @@ impl Scenario {
             ),
             None => String::new(),
         };
-        kamailio(
-            biloxi,
-            &dir,
-            &[
-                ("IP", "192.0.2.3"),
-                ("DOMAIN", "biloxi.com"),
-                ("USER", "bob"),
-                ("PASSWORD", "bob-pw"),
-                ("ALGORITHM", "SHA-256"),
-                ("PEER_DOMAIN", "atlanta.com"),
-                ("PEER_IP", "192.0.2.2"),
-                ("REPLY_ROUTE", &rewrite),
-            ],
-        )?;
+        net.start_proxies(&dir, &rewrite)?;
 
         let agent = |ns: &NetNs, who: &str, key: &PathBuf, ip: &str, proxy: &str, domain: &str| {
             let pin = format!("/sys/fs/bpf/hip-test-{}", ns.name());

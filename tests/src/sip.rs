@@ -420,6 +420,41 @@ impl Trapezoid {
         }
         Ok(Self { lan, hosts })
     }
+
+    /// Starts the two Kamailio proxies of the draft's Figure 1 (configs and logs in
+    /// `dir`): atlanta.com (192.0.2.2), registrar for alice with MD5 digest, and biloxi.com
+    /// (192.0.2.3), registrar for bob with SHA-256 digest (RFC 8760), each routing the
+    /// other's domain to the other. `biloxi_reply_route` is Kamailio script added to
+    /// biloxi.com's configuration (an `onreply_route`, or nothing).
+    pub fn start_proxies(&self, dir: &Path, biloxi_reply_route: &str) -> Result<()> {
+        kamailio(
+            &self.hosts[1],
+            dir,
+            &[
+                ("IP", "192.0.2.2"),
+                ("DOMAIN", "atlanta.com"),
+                ("USER", "alice"),
+                ("PASSWORD", "alice-pw"),
+                ("ALGORITHM", "MD5"),
+                ("PEER_DOMAIN", "biloxi.com"),
+                ("PEER_IP", "192.0.2.3"),
+            ],
+        )?;
+        kamailio(
+            &self.hosts[2],
+            dir,
+            &[
+                ("IP", "192.0.2.3"),
+                ("DOMAIN", "biloxi.com"),
+                ("USER", "bob"),
+                ("PASSWORD", "bob-pw"),
+                ("ALGORITHM", "SHA-256"),
+                ("PEER_DOMAIN", "atlanta.com"),
+                ("PEER_IP", "192.0.2.2"),
+                ("REPLY_ROUTE", biloxi_reply_route),
+            ],
+        )
+    }
 }
 
 /// Starts Kamailio with `tests/kamailio/proxy.cfg` filled in; it daemonizes (the namespace's
