@@ -283,26 +283,37 @@ fn an_identity_signed_with_an_untrusted_key_is_reported_not_trusted() {
     hang_up(&alice, &bob, &call);
 }
 
-#[test]
-fn sips_with_trusted_proxies_is_mutual_with_the_caveat() {
-    let p = VethPair::new("secsips", &["10.75.0.1/24"], &["10.75.0.2/24"]).unwrap();
-    let dir = scratch("sec-sips");
+/// alice (`NET.1`) calls `sips:bob@NET.2:5061` over TLS, with one self-signed
+/// certificate trusted by both and `trust_sips_proxies` set to `trust`; returns the call
+/// handle with the namespaces and agents.
+fn sips_call(tag: &str, net: &str, trust: bool) -> (VethPair, Agent, Agent, String) {
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let p = VethPair::new(tag, &[&format!("{a_ip}/24")], &[&format!("{b_ip}/24")]).unwrap();
+    let dir = scratch(&format!("sec-{tag}"));
     let tls = format!(
         "{}{NO_OFFLOAD}",
-        sip::tls_table(&dir, &["10.75.0.1", "10.75.0.2"]).unwrap()
+        sip::tls_table(&dir, &[&a_ip, &b_ip]).unwrap()
     );
     let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
         Agent::start(
             ns,
             hip_key(&dir, who).path.to_str().unwrap(),
             &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
-            &format!("{tls}{}", security(None, &[], true)),
+            &format!("{tls}{}", security(None, &[], trust)),
         )
         .unwrap()
     };
-    let alice = start(&p.a, "alice", "atlanta.com", "10.75.0.1");
-    let bob = start(&p.b, "bob", "biloxi.com", "10.75.0.2");
-    let call = alice.ctl(&["call", "sips:bob@10.75.0.2:5061"]).unwrap();
+    let alice = start(&p.a, "alice", "atlanta.com", &a_ip);
+    let bob = start(&p.b, "bob", "biloxi.com", &b_ip);
+    let call = alice
+        .ctl(&["call", &format!("sips:bob@{b_ip}:5061")])
+        .unwrap();
+    (p, alice, bob, call)
+}
+
+#[test]
+fn sips_with_trusted_proxies_is_mutual_with_the_caveat() {
+    let (_p, alice, bob, call) = sips_call("secsips", "10.75.0", true);
     let (a, b) = wait_level(&alice, &bob, "mutual");
     for s in [&a["sip_assurance"], &b["sip_assurance"]] {
         assert_eq!(s["peer_via"], "sips", "{s}");
@@ -322,24 +333,7 @@ fn sips_with_trusted_proxies_is_mutual_with_the_caveat() {
 fn sips_is_not_counted_unless_the_proxies_are_trusted() {
     // The same call over TLS to a sips: URI, without trust_sips_proxies: unverified, and
     // the status says why.
-    let p = VethPair::new("secsipsn", &["10.76.0.1/24"], &["10.76.0.2/24"]).unwrap();
-    let dir = scratch("sec-sipsn");
-    let tls = format!(
-        "{}{NO_OFFLOAD}",
-        sip::tls_table(&dir, &["10.76.0.1", "10.76.0.2"]).unwrap()
-    );
-    let start = |ns: &NetNs, who: &str, domain: &str, ip: &str| {
-        Agent::start(
-            ns,
-            hip_key(&dir, who).path.to_str().unwrap(),
-            &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"tls:{ip}:5061\"]"),
-            &format!("{tls}{}", security(None, &[], false)),
-        )
-        .unwrap()
-    };
-    let alice = start(&p.a, "alice", "atlanta.com", "10.76.0.1");
-    let bob = start(&p.b, "bob", "biloxi.com", "10.76.0.2");
-    let call = alice.ctl(&["call", "sips:bob@10.76.0.2:5061"]).unwrap();
+    let (_p, alice, bob, call) = sips_call("secsipsn", "10.76.0", false);
     let (_a, b) = wait_level(&alice, &bob, "unverified");
     assert!(
         b["sip_assurance"]["peer_detail"]
