@@ -15,7 +15,7 @@ use std::{
     time::SystemTime,
 };
 
-use hip_kernel::KernelEvent;
+use hip_kernel::{AddressEvent, AddressEvents, KernelEvent};
 use hip_proto::{
     Hit, HostId,
     endpoint::{self, Endpoint, Event, ProtocolError},
@@ -146,6 +146,8 @@ pub enum Input {
     Hip(Event),
     /// From the kernel's XFRM monitor.
     Kernel(KernelEvent),
+    /// The host's addresses changed.
+    Address(AddressEvent),
 }
 
 /// The HITs a responder accepts I2s from: the HITs offered in calls we answered, counted
@@ -182,6 +184,10 @@ pub struct Security {
     i1_to_null: bool,
     /// Opportunistic I1s (null HIT) sent, keyed by peer locator → the HIT SIP told us.
     expected_at: HashMap<IpAddr, Hit>,
+    /// The host's address changes (RFC 8046 mobility); `None` with a fixed `[hip] locator`.
+    addrs: Option<AddressEvents>,
+    /// Locator moves announced (UPDATE sent) and not yet confirmed, per peer.
+    moving: HashMap<Hit, IpAddr>,
 }
 
 impl Security {
@@ -239,6 +245,18 @@ impl Security {
             }));
         }
         let driver = HipDriver::spawn(ep, Sockets::open()?);
+        // With a configured locator there is nothing to follow; otherwise an address
+        // monitor lets associations move when the host's address changes.
+        let addrs = match cfg.hip.locator {
+            Some(_) => None,
+            None => match AddressEvents::subscribe() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!("no address monitor (no HIP mobility): {e}");
+                    None
+                }
+            },
+        };
         tracing::info!(hit = %local_hit, offload = offload.is_some(), "HIP ready");
         Ok(Self {
             driver,
@@ -249,6 +267,8 @@ impl Security {
             local_locator: cfg.hip.locator,
             i1_to_null: cfg.hip.i1_to_null_hit,
             expected_at: HashMap::new(),
+            addrs,
+            moving: HashMap::new(),
         })
     }
 
@@ -395,7 +415,14 @@ impl Security {
                 None => std::future::pending().await,
             }
         };
+        let addrs = async {
+            match &mut self.addrs {
+                Some(a) => a.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(a) = addrs => Input::Address(a),
             ev = self.driver.next_event() => match ev {
                 Some(ev) => Input::Hip(ev),
                 None => {
@@ -414,6 +441,38 @@ impl Security {
             Input::Kernel(kev) => {
                 self.on_kernel_event(kev).await;
                 Outcome::Nothing
+            }
+            Input::Address(a) => {
+                self.on_address_change(a).await;
+                Outcome::Nothing
+            }
+        }
+    }
+
+    /// The host's addresses changed: every established association whose peer the kernel
+    /// now reaches from another local address moves there — an UPDATE with our new
+    /// LOCATOR_SET (RFC 8046 §5); the SAs follow when the peer has acknowledged it
+    /// ([`Event::LocatorsChanged`]). No SIP re-INVITE is needed: media is addressed to
+    /// HITs.
+    async fn on_address_change(&mut self, change: AddressEvent) {
+        tracing::debug!(?change, "local address change");
+        let moves: Vec<(Hit, IpAddr, IpAddr)> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.state == AssocState::Established)
+            .filter_map(|(h, r)| {
+                let (local, peer) = (r.local_locator?, r.peer_locator?);
+                let now = hip_driver::source_for(peer).ok()?;
+                (now != local && self.moving.get(h) != Some(&now)).then_some((*h, local, now))
+            })
+            .collect();
+        for (peer, from, to) in moves {
+            tracing::info!(%peer, %from, %to, "our locator changed: UPDATE with LOCATOR_SET");
+            match self.driver.update_locators(peer, to).await {
+                Ok(()) => {
+                    self.moving.insert(peer, to);
+                }
+                Err(e) => tracing::error!(%peer, "locator UPDATE: {e}"),
             }
         }
     }
@@ -532,6 +591,7 @@ impl Security {
                 peer_locator,
             } => {
                 tracing::info!(peer = %peer_hit, %local_locator, %peer_locator, "locators changed (UPDATE)");
+                self.moving.remove(&peer_hit);
                 if let Some(o) = &mut self.offload {
                     match o
                         .locators_changed(peer_hit, local_locator, peer_locator)

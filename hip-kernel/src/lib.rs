@@ -27,6 +27,7 @@ use netlink_packet_xfrm::XfrmMessage;
 use netlink_proto::sys::SocketAddr;
 use tokio::task::JoinHandle;
 
+mod addrs;
 mod assoc;
 pub mod bench;
 mod error;
@@ -36,6 +37,7 @@ pub mod owner;
 mod routes;
 mod types;
 
+pub use addrs::{AddressEvent, AddressEvents};
 pub use assoc::{
     AssociationParams, FailClosed, Guard, ReconcileReport, ReqidPool, install_association,
     install_associations, install_guard, reconcile, rekey_association, remove_association,

@@ -306,6 +306,13 @@ fn a_moved_caller_keeps_its_media_without_a_reinvite() {
     .unwrap();
     // ...then alice's host changes address: the old one goes away.
     let ns = s.alice_ns();
+    // (Promote the new address when the old primary goes: by default Linux deletes an
+    // interface's secondary addresses of the same subnet with its primary.)
+    ns.exec(
+        "sysctl",
+        ["-qw", "net.ipv4.conf.valice.promote_secondaries=1"],
+    )
+    .unwrap();
     ns.ip(["addr", "add", "192.0.2.11/24", "dev", "valice"])
         .unwrap();
     ns.ip(["addr", "del", "192.0.2.1/24", "dev", "valice"])
@@ -320,7 +327,7 @@ fn a_moved_caller_keeps_its_media_without_a_reinvite() {
                 && sec["associations"][0]["kernel"]["peer_locator"] == "192.0.2.11"
         },
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e:#}\n--- alice's log ---\n{}", s.alice.log()));
     assert_eq!(b["associations"][0]["state"], "established");
     tx.wait().unwrap();
     line.clear();

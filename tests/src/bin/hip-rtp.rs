@@ -170,6 +170,7 @@ fn main() -> Result<()> {
                     "received": got, "intact": intact, "in_order": in_order,
                     "from": from.map(|f| f.to_string()), "ssrcs": ssrcs,
                     "first_ms": first_ms,
+                    "last_seq": last,
                 })
             );
         }
