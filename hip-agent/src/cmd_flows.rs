@@ -1,43 +1,34 @@
-//! `hip-agent flows [--json]`: the flow table read from the pinned maps, and
+//! `hip-agent flows [--json] [--direct]`: the flow table (from the agent, or read from
+//! the pinned maps), and
 //! `hip-agent datapath run`: the datapath alone in the foreground (load, attach, wait
 //! for SIGINT/SIGTERM, detach and unpin), as the agent runs it.
 
 use std::{ops::RangeInclusive, path::Path};
 
 use anyhow::{Context, Result, bail};
-use hip_datapath::{Datapath, DatapathOptions, Maps, MediaConfig};
+use hip_agent::{control::Request, inspect};
+use hip_datapath::{Datapath, DatapathOptions, Flow, Maps, MediaConfig};
 
-/// Prints the flow table of the datapath whose maps are pinned under `pin_dir`.
-pub fn flows(pin_dir: &Path, json: bool) -> Result<()> {
-    let maps = Maps::open_pinned(pin_dir)
-        .with_context(|| format!("opening the maps pinned under {}", pin_dir.display()))?;
-    let flows = maps.flows()?;
+use crate::cmd_sip::ask;
+
+/// Prints the flow table: the agent's (over its control socket), or with `direct` the
+/// one pinned under that directory.
+pub fn flows(direct: Option<&Path>, socket: &Path, json: bool) -> Result<()> {
+    let flows: Vec<Flow> = match direct {
+        Some(pin_dir) => Maps::open_pinned(pin_dir)
+            .with_context(|| format!("opening the maps pinned under {}", pin_dir.display()))?
+            .flows()?,
+        None => {
+            let mut v = ask(socket, Request::Flows).context(
+                "asking the agent for its flow table (`--direct` reads the pinned maps without one)",
+            )?;
+            serde_json::from_value(v["flows"].take()).context("the agent's flow table")?
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&flows)?);
-        return Ok(());
-    }
-    if flows.is_empty() {
-        println!("no flows");
-    }
-    for f in &flows {
-        println!(
-            "[{}]:{} -> [{}]:{} ssrc {:08x} pt {}: {} pkts {} bytes, lost {}, jitter {:.2} ms; spi {:08x} via {} ({})",
-            f.src_hit,
-            f.src_port,
-            f.dst_hit,
-            f.dst_port,
-            f.ssrc,
-            f.payload_type,
-            f.packets,
-            f.bytes,
-            f.lost,
-            f.jitter_ms,
-            f.spi,
-            f.locator
-                .map(|l| l.to_string())
-                .unwrap_or_else(|| "-".into()),
-            f.via,
-        );
+    } else {
+        print!("{}", inspect::flows_text(&flows));
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use hip_agent::{
 use serde_json::Value;
 
 /// Default control socket, overridable by `--socket` or `HIP_CONTROL_SOCKET`.
-const SOCKET: &str = "/run/hip/agent.sock";
+pub const SOCKET: &str = "/run/hip/agent.sock";
 
 #[derive(Subcommand)]
 pub enum SipCmd {
@@ -81,7 +81,8 @@ pub enum SdpCmd {
     },
 }
 
-fn ask(socket: &std::path::Path, req: Request) -> Result<Value> {
+/// Sends `req` to the agent; an `{"ok": false}` reply becomes the error.
+pub fn ask(socket: &std::path::Path, req: Request) -> Result<Value> {
     let v = control::request(socket, &req)?;
     if v.get("ok") != Some(&Value::Bool(true)) {
         bail!(

@@ -1,9 +1,10 @@
 //! `hip-agent xfrm`: inspect and drive hip's XFRM objects.
 //!
-//! * `hip-agent xfrm [--json]` lists the SAs and policies hip owns (reqid/priority
-//!   ranges of `hip_kernel::owner`), grouped by association with the peer HIT and, if
-//!   the known-HITs pool knows it, the peer's SIP URI. `ip xfrm state` and
-//!   `ip xfrm policy` show the same objects.
+//! * `hip-agent xfrm [--json] [--direct]` lists the SAs and policies hip owns
+//!   (reqid/priority ranges of `hip_kernel::owner`), grouped by association with the peer
+//!   HIT and, if the known-HITs pool knows it, the peer's SIP URI — as the running agent
+//!   reports them over its control socket, or with `--direct` as this process reads them
+//!   from the kernel. `ip xfrm state` and `ip xfrm policy` show the same objects.
 //! * `hip-agent xfrm install --spec FILE [--hold]` reconciles the kernel to exactly the
 //!   associations in FILE (JSON: `{"associations": [...], "guard": {...} | null}`),
 //!   printing what it removed; with `--hold` it then stays running and prints kernel
@@ -12,7 +13,6 @@
 //!   `ip xfrm` command per object (needs a kernel with ESP: run it in the VM).
 
 use std::{
-    collections::BTreeMap,
     io::Write,
     net::Ipv6Addr,
     path::{Path, PathBuf},
@@ -20,11 +20,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use hip_kernel::{
-    AssociationParams, Guard, KernelIpsec, Owned, PolicyAction, PolicyDir, PolicyEntry, SaEntry,
-    XfrmNetlink, reconcile,
+use hip_agent::{
+    control::Request,
+    inspect::{self, XfrmView},
 };
+use hip_kernel::{AssociationParams, Guard, KernelIpsec, XfrmNetlink, reconcile};
 use serde::{Deserialize, Serialize};
+
+use crate::cmd_sip::ask;
 
 /// `hip-agent xfrm`.
 #[derive(Args, Debug)]
@@ -33,7 +36,14 @@ pub struct XfrmArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// The agent's known-HITs pool, to name each association's SIP URI.
+    /// Read the kernel's objects instead of asking the agent (works without a running
+    /// agent; SIP URIs then come from `--pool`).
+    #[arg(long)]
+    direct: bool,
+    /// The agent's control socket.
+    #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = crate::cmd_sip::SOCKET)]
+    socket: PathBuf,
+    /// The known-HITs pool that names each association's SIP URI (with `--direct`).
     #[arg(
         long,
         global = true,
@@ -91,7 +101,7 @@ pub type UriLookup<'a> = &'a dyn Fn(&Ipv6Addr) -> Option<String>;
 /// Runs `hip-agent xfrm …` in the current network namespace.
 pub fn run(args: XfrmArgs, uris: UriLookup<'_>) -> Result<()> {
     match args.cmd {
-        None => list(args.json, uris),
+        None => list(&args, uris),
         Some(XfrmCmd::Install { spec, hold }) => install(&spec, hold),
         Some(XfrmCmd::Bench {
             sizes,
@@ -109,141 +119,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-#[derive(Serialize)]
-struct AssocView {
-    reqid: u32,
-    local_hit: Option<Ipv6Addr>,
-    peer_hit: Option<Ipv6Addr>,
-    sip_uri: Option<String>,
-    sas: Vec<SaView>,
-    policies: Vec<PolicyEntry>,
-}
-
-impl AssocView {
-    fn new(reqid: u32) -> Self {
-        Self {
-            reqid,
-            local_hit: None,
-            peer_hit: None,
-            sip_uri: None,
-            sas: vec![],
-            policies: vec![],
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct SaView {
-    direction: Option<&'static str>,
-    #[serde(flatten)]
-    sa: SaEntry,
-}
-
-#[derive(Serialize)]
-struct ListView {
-    associations: Vec<AssocView>,
-    /// hip's policies that belong to no association (per-peer blocks left alone, guard).
-    other_policies: Vec<PolicyEntry>,
-}
-
-/// Groups hip's objects by association (reqid; block policies join by peer HIT).
-fn view(o: Owned, uris: UriLookup<'_>) -> ListView {
-    let mut by: BTreeMap<u32, AssocView> = BTreeMap::new();
-    let mut others = Vec::new();
-    for p in &o.policies {
-        if let PolicyAction::Ipsec { reqid, .. } = p.params.action {
-            let a = by.entry(reqid.0).or_insert_with(|| AssocView::new(reqid.0));
-            if p.params.id.dir == PolicyDir::Out {
-                a.local_hit = Some(p.params.id.src.addr);
-                a.peer_hit = Some(p.params.id.dst.addr);
-            }
-            a.policies.push(p.clone());
-        }
-    }
-    for s in o.sas {
-        let a = by
-            .entry(s.reqid.0)
-            .or_insert_with(|| AssocView::new(s.reqid.0));
-        let direction = match (s.hits, a.local_hit) {
-            (Some(h), Some(l)) if h.src == l => Some("out"),
-            (Some(h), Some(l)) if h.dst == l => Some("in"),
-            _ => None,
-        };
-        a.sas.push(SaView { direction, sa: s });
-    }
-    // Block policies carry no reqid: attach a per-peer block (a /128 on one side) to the
-    // association with that peer HIT.
-    for p in o.policies {
-        if matches!(p.params.action, PolicyAction::Ipsec { .. }) {
-            continue;
-        }
-        let (s, d) = (p.params.id.src, p.params.id.dst);
-        let peer = match p.params.id.dir {
-            PolicyDir::Out if d.len == 128 && s.len == 0 => Some(d.addr),
-            PolicyDir::In if s.len == 128 && d.len == 0 => Some(s.addr),
-            _ => None,
-        };
-        match peer.and_then(|h| by.values_mut().find(|a| a.peer_hit == Some(h))) {
-            Some(a) => a.policies.push(p),
-            None => others.push(p),
-        }
-    }
-    for a in by.values_mut() {
-        a.sip_uri = a.peer_hit.as_ref().and_then(uris);
-    }
-    ListView {
-        associations: by.into_values().collect(),
-        other_policies: others,
-    }
-}
-
-fn list(json: bool, uris: UriLookup<'_>) -> Result<()> {
-    let rt = runtime()?;
-    let owned = rt.block_on(async { XfrmNetlink::new()?.list_owned().await })?;
-    let v = view(owned, uris);
-    if json {
+fn list(args: &XfrmArgs, uris: UriLookup<'_>) -> Result<()> {
+    let v: XfrmView = if args.direct {
+        let owned = runtime()?.block_on(async { XfrmNetlink::new()?.list_owned().await })?;
+        inspect::xfrm_view(owned, uris)
+    } else {
+        let mut v = ask(&args.socket, Request::Xfrm).context(
+            "asking the agent for its XFRM objects (`--direct` reads the kernel without one)",
+        )?;
+        serde_json::from_value(v["xfrm"].take()).context("the agent's XFRM listing")?
+    };
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    if v.associations.is_empty() && v.other_policies.is_empty() {
-        println!("no XFRM objects of hip's");
-    }
-    for a in &v.associations {
-        let hit = |h: Option<Ipv6Addr>| h.map_or("?".to_owned(), |h| h.to_string());
-        println!(
-            "association reqid {:#x}: {} -> {}{}",
-            a.reqid,
-            hit(a.local_hit),
-            hit(a.peer_hit),
-            a.sip_uri
-                .as_ref()
-                .map(|u| format!(" ({u})"))
-                .unwrap_or_default()
-        );
-        for s in &a.sas {
-            println!(
-                "  SA {:<3} {} -> {} spi {:#010x} {} {} packets {} bytes",
-                s.direction.unwrap_or("?"),
-                s.sa.src,
-                s.sa.id.dst,
-                s.sa.id.spi,
-                s.sa.transform.map_or("larval", |t| t.name()),
-                s.sa.packets,
-                s.sa.bytes
-            );
-        }
-        for p in &a.policies {
-            println!(
-                "  policy {} {:?} priority {:#x}",
-                p.params.id, p.params.action, p.params.priority
-            );
-        }
-    }
-    for p in &v.other_policies {
-        println!(
-            "policy {} {:?} priority {:#x}",
-            p.params.id, p.params.action, p.params.priority
-        );
+    } else {
+        print!("{}", inspect::xfrm_text(&v));
     }
     Ok(())
 }

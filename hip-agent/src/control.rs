@@ -2,7 +2,8 @@
 //! can use (mode 0600, in a directory created 0700).
 //!
 //! Requests: `{"cmd":"call","uri":"sip:bob@biloxi.com"}`, `{"cmd":"hangup","call":1}`,
-//! `{"cmd":"answer","call":1}`, `{"cmd":"status"}`, `{"cmd":"hits"}`.
+//! `{"cmd":"answer","call":1}`, `{"cmd":"status"}`, `{"cmd":"hits"}`, `{"cmd":"assoc"}`,
+//! `{"cmd":"flows"}`, `{"cmd":"xfrm"}`.
 //! Replies: `{"ok":true,…}` or `{"ok":false,"error":"…"}`.
 
 use std::{
@@ -74,6 +75,10 @@ pub enum Request {
     Hits,
     /// HIP associations (state, SPIs, locators, errors).
     Assoc,
+    /// The eBPF datapath's RTP flow table.
+    Flows,
+    /// hip's XFRM SAs and policies, grouped by association, with the peers' SIP URIs.
+    Xfrm,
 }
 
 /// One request with the channel its reply goes back on.
@@ -181,6 +186,13 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"hangup","call":1,"x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        for (text, req) in [
+            (r#"{"cmd":"flows"}"#, Request::Flows),
+            (r#"{"cmd":"xfrm"}"#, Request::Xfrm),
+        ] {
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), req);
+            assert_eq!(serde_json::to_string(&req).unwrap(), text);
+        }
     }
 
     #[tokio::test]

@@ -516,7 +516,7 @@ impl Daemon {
                     }
                 }
                 Some((req, reply)) = ctl_rx.recv() => {
-                    let v = self.on_control(req);
+                    let v = self.on_control(req).await;
                     let _ = reply.send(v);
                 }
                 () = sleep => self.on_timers(),
@@ -1278,7 +1278,7 @@ impl Daemon {
         }
     }
 
-    fn on_control(&mut self, req: Request) -> Value {
+    async fn on_control(&mut self, req: Request) -> Value {
         let now = Instant::now();
         let fail = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
         match req {
@@ -1358,6 +1358,29 @@ impl Daemon {
                 "ok": true,
                 "associations": self.security.as_ref().map(|s| s.records().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             }),
+            Request::Flows => match self.security.as_ref().and_then(|s| s.offload()?.flows()) {
+                Some(Ok(flows)) => json!({"ok": true, "flows": flows}),
+                Some(Err(e)) => fail(&e),
+                None => fail(&"this agent runs no eBPF datapath ([datapath] or [kernel] disabled)"),
+            },
+            Request::Xfrm => {
+                let Some(o) = self.security.as_ref().and_then(|s| s.offload()) else {
+                    return fail(
+                        &"this agent offloads nothing to the kernel ([kernel] enabled = false)",
+                    );
+                };
+                match o.list_owned().await {
+                    Ok(owned) => {
+                        let pool = &self.pool;
+                        let v = crate::inspect::xfrm_view(owned, |hit| {
+                            let h = hip_sip::sdp::Hit(hit.octets());
+                            pool.peer_of(&h).map(|e| e.peer_uri.clone())
+                        });
+                        json!({"ok": true, "xfrm": v})
+                    }
+                    Err(e) => fail(&e),
+                }
+            }
         }
     }
 }

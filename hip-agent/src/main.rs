@@ -33,10 +33,18 @@ enum Cmd {
     Datapath(DatapathCmd),
     /// List hip's XFRM SAs and policies (`--json`), reconcile to a spec, or benchmark.
     Xfrm(cmd_xfrm::XfrmArgs),
-    /// Print the RTP flow table from the pinned maps.
+    /// Print the eBPF datapath's RTP flow table (asks the agent; `--direct` reads the maps).
     Flows {
+        /// Read the maps pinned under `--pin-dir` instead of asking the agent (works
+        /// without a running agent, e.g. after `datapath attach`).
+        #[arg(long)]
+        direct: bool,
+        /// Where the maps are pinned (with `--direct`).
         #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
         pin_dir: PathBuf,
+        /// The agent's control socket.
+        #[arg(long, env = "HIP_CONTROL_SOCKET", default_value = cmd_sip::SOCKET)]
+        socket: PathBuf,
         /// JSON array of flows (fields of `hip_datapath::Flow`).
         #[arg(long)]
         json: bool,
@@ -136,7 +144,12 @@ fn main() -> Result<()> {
             // The maps stay pinned and the programs attached; this process may exit.
             std::mem::forget(dp);
         }
-        Cmd::Flows { pin_dir, json } => cmd_flows::flows(&pin_dir, json)?,
+        Cmd::Flows {
+            direct,
+            pin_dir,
+            socket,
+            json,
+        } => cmd_flows::flows(direct.then_some(pin_dir.as_path()), &socket, json)?,
         Cmd::Sip(c) => cmd_sip::run(c)?,
         Cmd::Hi(c) => cmd_hi::run(c)?,
         Cmd::Hip(c) => cmd_hip::run(c)?,

@@ -459,6 +459,18 @@ impl Offload {
             .find_map(|(h, p)| (p.sa_in().id() == *sa || p.sa_out().id() == *sa).then_some(*h))
     }
 
+    /// The whole flow table; `None` when the datapath is disabled.
+    pub fn flows(&self) -> Option<Result<Vec<Flow>, OffloadError>> {
+        self.datapath
+            .as_ref()
+            .map(|dp| dp.flows().map_err(OffloadError::from))
+    }
+
+    /// hip's SAs and policies as the kernel holds them now.
+    pub async fn list_owned(&self) -> Result<hip_kernel::Owned, OffloadError> {
+        Ok(self.xfrm.list_owned().await?)
+    }
+
     /// The datapath's flows involving `peer`'s HIT.
     pub fn flows_of(&self, peer: &Hit) -> Vec<Flow> {
         let peer = v6(*peer);

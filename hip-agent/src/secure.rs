@@ -405,6 +405,11 @@ impl Security {
             .unwrap_or_default()
     }
 
+    /// The kernel offload, if enabled (for inspection).
+    pub fn offload(&self) -> Option<&Offload> {
+        self.offload.as_ref()
+    }
+
     /// Waits for the next input (a HIP event or a kernel event). Cancel-safe: the daemon
     /// selects on it with its other inputs; the work happens in [`Security::handle`],
     /// which must not be cancelled half-way (netlink requests in flight).

@@ -16,7 +16,7 @@ use hip_common::{
     MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot, SpiStats, Stat,
     clock_mult, next_gray,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::DatapathError;
 
@@ -224,7 +224,7 @@ impl AssociationSpec {
 }
 
 /// One RTP flow of the flow table, as the agent and `hip-agent flows --json` show it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Flow {
     pub src_hit: Ipv6Addr,
     pub dst_hit: Ipv6Addr,
@@ -252,7 +252,7 @@ pub struct Flow {
     pub locator: Option<IpAddr>,
     /// Where `spi`/`locator` come from: "xfrm" (the packet's own SA), "association"
     /// (no SA on the packet; the association map), or "unknown".
-    pub via: &'static str,
+    pub via: String,
 }
 
 impl Flow {
@@ -285,7 +285,8 @@ impl Flow {
                 FLOW_VIA_XFRM => "xfrm",
                 FLOW_VIA_ASSOC => "association",
                 _ => "unknown",
-            },
+            }
+            .into(),
         }
     }
 }

@@ -560,7 +560,7 @@ impl PolicyParams {
 }
 
 /// An SA as read back from the kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaEntry {
     /// Kernel key.
     pub id: SaId,
@@ -583,7 +583,7 @@ pub struct SaEntry {
 }
 
 /// A policy as read back from the kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyEntry {
     /// The policy.
     #[serde(flatten)]
@@ -593,7 +593,7 @@ pub struct PolicyEntry {
 }
 
 /// What hip owns in the kernel.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owned {
     /// hip's SAs (reqid in hip's range).
     pub sas: Vec<SaEntry>,

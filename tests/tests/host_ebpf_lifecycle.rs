@@ -127,7 +127,14 @@ fn nothing_left_after_clean_stop_or_kill_and_restart() {
         pins(&pin)
     );
     // The flow table of the running datapath, through the CLI.
-    let out = run_agent(["flows", "--json", "--pin-dir", pin.to_str().unwrap()]).unwrap();
+    let out = run_agent([
+        "flows",
+        "--json",
+        "--direct",
+        "--pin-dir",
+        pin.to_str().unwrap(),
+    ])
+    .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
     assert!(a.signal(libc::SIGTERM).success());
     assert!(!pin.exists(), "pins removed on SIGTERM: {:?}", pins(&pin));

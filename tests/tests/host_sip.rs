@@ -84,6 +84,12 @@ fn sipp_calls_the_agent_and_the_hits_cross() {
     let st = agent.status();
     assert_eq!(st["stats"]["calls_in"], 1);
     assert_eq!(st["stats"]["confirmed"], 1);
+    // This agent runs without HIP offload: the inspection commands say so instead of
+    // printing an empty table.
+    let e = format!("{:#}", agent.ctl(&["flows", "--json"]).unwrap_err());
+    assert!(e.contains("runs no eBPF datapath"), "{e}");
+    let e = format!("{:#}", agent.ctl(&["xfrm", "--json"]).unwrap_err());
+    assert!(e.contains("offloads nothing to the kernel"), "{e}");
     wait_until(Duration::from_secs(5), "the call to end", || {
         (agent.status()["stats"]["ended"] == 1).then_some(())
     })

@@ -41,19 +41,28 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
         assert_eq!(states, 2, "two BEET SAs in {}", ns.name());
         assert_eq!(policies, 4, "2 IPsec + 2 block policies in {}", ns.name());
     }
-    // The operator's view: hip's SAs with their peer HIT and, from the pool, its SIP URI.
-    let listing = wait_until(Duration::from_secs(30), "xfrm --json to name bob", || {
-        let out = std::process::Command::new(hip_tests::agent_bin())
-            .args(["--netns", s.alice_ns().name(), "xfrm", "--json", "--pool"])
-            .arg(s.alice.dir.join("pool.json"))
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains("sip:bob@biloxi.com").then_some(text)
-    })
-    .unwrap();
-    assert!(listing.contains(&s.bob_hit), "{listing}");
-    assert!(listing.contains(&ka["spi_out"].to_string()), "{listing}");
+    // The operator's view, from the agent over its socket: hip's SAs with their peer HIT
+    // and, from the agent's pool, its SIP URI.
+    let listing = s.alice.json(&["xfrm", "--json"]);
+    let assocs = listing["associations"].as_array().unwrap();
+    assert_eq!(assocs.len(), 1, "{listing}");
+    assert_eq!(assocs[0]["peer_hit"], s.bob_hit.as_str(), "{listing}");
+    assert_eq!(assocs[0]["sip_uri"], "sip:bob@biloxi.com", "{listing}");
+    let spis: std::collections::BTreeSet<(String, u64)> = assocs[0]["sas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sa| {
+            let dir = sa["direction"].as_str().unwrap_or("?").to_owned();
+            (dir, sa["id"]["spi"].as_u64().unwrap())
+        })
+        .collect();
+    let want: std::collections::BTreeSet<(String, u64)> = [
+        ("in".to_owned(), ka["spi_in"].as_u64().unwrap()),
+        ("out".to_owned(), ka["spi_out"].as_u64().unwrap()),
+    ]
+    .into();
+    assert_eq!(spis, want, "{listing}");
 
     const N: u32 = 50;
     let rtp = s.stream_rtp(N).unwrap();
@@ -81,6 +90,15 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
     assert_eq!(flow["locator"], call::ALICE_IP, "{flow}");
     assert_eq!(flow["src_hit"], s.alice_hit.as_str());
     assert_eq!(flow["lost"], 0);
+    // `hip-agent flows`, answered by bob's agent, shows the same flow.
+    let cli: Vec<serde_json::Value> =
+        serde_json::from_value(s.bob.json(&["flows", "--json"])).unwrap();
+    let same = cli
+        .iter()
+        .find(|f| f["ssrc"] == flow["ssrc"])
+        .unwrap_or_else(|| panic!("{cli:?}"));
+    assert_eq!(same["spi"], flow["spi"]);
+    assert!(same["packets"].as_u64() >= Some(u64::from(N)), "{same}");
 
     s.hangup(&call).unwrap();
     for ns in [s.alice_ns(), s.bob_ns()] {

@@ -428,8 +428,9 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     assert!(st.contains("reqid 77"), "foreign SA kept: {st}");
     assert!(!st.contains("spi 0x00005004"), "a2's SA gone: {st}");
 
-    // The inspection CLI lists exactly a1's objects, with its peer HIT.
-    let out = run_agent(["--netns", ns.name(), "xfrm", "--json"]).unwrap();
+    // The inspection CLI (reading the kernel: no agent runs here) lists exactly a1's
+    // objects, with its peer HIT.
+    let out = run_agent(["--netns", ns.name(), "xfrm", "--json", "--direct"]).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let assocs = v["associations"].as_array().unwrap();
     assert_eq!(assocs.len(), 1, "{v}");
