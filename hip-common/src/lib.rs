@@ -441,7 +441,8 @@ pub struct SpiStats {
     /// Bytes of the outer packets, as the tc program sees them (with L2 header).
     pub bytes: u64,
     /// CLOCK_MONOTONIC of this CPU's last packet at tick resolution
-    /// (`bpf_ktime_get_coarse_ns()`, 1/CONFIG_HZ).
+    /// (`bpf_ktime_get_coarse_ns()`, 1/CONFIG_HZ, read once per jiffy and CPU: up to
+    /// one more tick behind).
     pub last_seen_ns: u64,
 }
 

@@ -64,6 +64,9 @@
 //!   of SPI slots, both tagged with the generation of the agent's index maps: they
 //!   look up `HIP_LOCATORS` / `HIP_SPIS` only on a miss;
 //! * per-SPI packet and byte counters are per-CPU array slots (no atomics);
+//! * per-SPI "last seen" times read the coarse clock once per jiffy and CPU
+//!   (`coarse_now`: `bpf_jiffies64()` is inlined, the clock helper is a call), so an
+//!   ESP packet makes no helper call at all once its SPI is cached;
 //! * RTP timestamps come from nanoseconds with one multiplication
 //!   (`Config::clock_mult`), not two divisions;
 //! * a flow's SPI and locator come from the packet's XFRM state (one helper call);
@@ -91,7 +94,8 @@
 //! * A flow without XFRM state keeps the association's SPI and locator as of its
 //!   first packet (a rekey without ESP on the link is not followed); decrypted flows
 //!   follow their SA packet by packet.
-//! * Per-SPI last-seen times and locator-change event times have tick resolution.
+//! * Per-SPI last-seen times and locator-change event times have tick resolution,
+//!   and may lag by one more tick (see `coarse_now`).
 //! * The RTP clock multiplier is rounded to 2⁻³² units/ns (< 1 ppm of any rate
 //!   ≥ 8 kHz); A.8 only uses differences between consecutive packets.
 //! * Wider loads at any alignment need `CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`
@@ -113,7 +117,7 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_PIPE, TC_ACT_SHOT, bpf_xfrm_state},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_ktime_get_coarse_ns, bpf_skb_get_xfrm_state},
+        generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_skb_get_xfrm_state},
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -160,6 +164,20 @@ static HIP_GUARD_CACHE: PerCpuArray<GuardCacheEntry> =
     PerCpuArray::with_max_entries(GUARD_CACHE_SLOTS, 0);
 #[map(name = "HIP_EVENTS")]
 static HIP_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+/// Per CPU: the coarse clock as read in one jiffy ([`coarse_now`]). Not pinned:
+/// program-private, a fresh (zeroed) one only costs one helper call per CPU.
+#[map(name = "COARSE_CLOCK")]
+static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
+
+/// A value of [`COARSE_CLOCK`]. A zeroed entry matches no jiffy: jiffies start at
+/// `INITIAL_JIFFIES` (5 minutes before wrapping 32 bits) and only grow.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CoarseClock {
+    jiffies: u64,
+    ns: u64,
+}
+
 /// The flow table of `hip_tc_probe` (benchmark only; not pinned; one key is
 /// ever used, the size leaves the LRU free lists room on every CPU).
 #[map(name = "BENCH_FLOW")]
@@ -289,9 +307,28 @@ fn stat(s: Stat) {
 /// enough for "last seen" times, and it reads no clocksource (`bpf_ktime_get_ns`
 /// reads the TSC through `ktime_get_mono_fast_ns()`, which costs more than the rest
 /// of the per-SPI work). Flows keep the precise clock: the jitter needs it.
+///
+/// The coarse clock only moves on a tick, so each CPU reads it once per jiffy and
+/// keeps it in [`COARSE_CLOCK`] with the jiffy it was read in: `bpf_jiffies64()` is
+/// a plain load that the verifier inlines on 64-bit JITs (no call), the helper is a
+/// call. A CPU that reads the new jiffy just before the tick has updated the
+/// timekeeper keeps the previous tick's time for that jiffy: at most one more tick
+/// behind.
 #[inline(always)]
 fn coarse_now() -> u64 {
-    unsafe { bpf_ktime_get_coarse_ns() }
+    let j = unsafe { bpf_jiffies64() };
+    let Some(c) = COARSE_CLOCK.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: per-CPU map value, exclusive to this CPU during the run.
+    unsafe {
+        if (*c).jiffies == j {
+            return (*c).ns;
+        }
+        let ns = bpf_ktime_get_coarse_ns();
+        *c = CoarseClock { jiffies: j, ns };
+        ns
+    }
 }
 
 /// Atomic add on a map value field (`BPF_XADD`, result unused: valid on every BPF ISA
