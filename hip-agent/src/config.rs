@@ -348,9 +348,9 @@ pub struct KernelSection {
     /// `per-peer` block policies (default) or one prefix-wide `guard`.
     #[serde(default)]
     pub fail_closed: hip_kernel::FailClosed,
-    /// Anti-replay window (packets, at most 32).
+    /// Anti-replay window in packets (at most 4096; RFC 4303 §3.4.3 prefers 64).
     #[serde(default = "default_replay")]
-    pub replay_window: u8,
+    pub replay_window: u32,
     /// Seconds after which the kernel asks for a rekey (soft expiry); 0: none.
     #[serde(default = "default_soft_secs")]
     pub soft_lifetime_secs: u64,
@@ -379,8 +379,8 @@ impl Default for KernelSection {
     }
 }
 
-fn default_replay() -> u8 {
-    32
+fn default_replay() -> u32 {
+    64
 }
 fn default_soft_secs() -> u64 {
     3300
@@ -892,7 +892,7 @@ mod tests {
         let ok = format!("{id}[datapath]\nenabled = false\n");
         assert!(parse(&ok).unwrap().kernel_enabled());
         for (extra, word) in [
-            ("[kernel]\nreplay_window = 64\n", "replay_window"),
+            ("[kernel]\nreplay_window = 5000\n", "replay_window"),
             (
                 "[kernel]\nsoft_lifetime_secs = 90\nhard_lifetime_secs = 60\n",
                 "soft_lifetime_secs",

@@ -158,7 +158,7 @@ pub struct Offload {
     local_locator: Option<IpAddr>,
     fail_closed: FailClosed,
     guard: Option<Guard>,
-    replay_window: u8,
+    replay_window: u32,
     lifetimes: Lifetimes,
 }
 

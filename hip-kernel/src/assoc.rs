@@ -50,7 +50,7 @@ pub struct AssociationParams {
     /// The association's reqid (from a [`ReqidPool`]).
     pub reqid: Reqid,
     /// Anti-replay window.
-    pub replay_window: u8,
+    pub replay_window: u32,
     /// SA lifetimes.
     pub lifetimes: Lifetimes,
     /// Fail-closed scheme.

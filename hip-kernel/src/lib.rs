@@ -47,9 +47,9 @@ pub use error::{XfrmError, errno_text};
 pub use netlink::XfrmNetlink;
 pub use routes::HitRoutes;
 pub use types::{
-    EspKeyPair, EspKeys, EspTransform, HitPair, KernelEvent, Lifetimes, LocatorPair,
-    MAX_REPLAY_WINDOW, Owned, PolicyAction, PolicyDir, PolicyEntry, PolicyId, PolicyParams, Prefix,
-    Reqid, SaEntry, SaId, SaParams, Spi,
+    EspKeyPair, EspKeys, EspTransform, HitPair, KernelEvent, LEGACY_REPLAY_WINDOW, Lifetimes,
+    LocatorPair, MAX_REPLAY_WINDOW, Owned, PolicyAction, PolicyDir, PolicyEntry, PolicyId,
+    PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
 };
 
 /// The kernel's IPsec database as hip uses it.

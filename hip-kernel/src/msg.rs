@@ -4,18 +4,18 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use netlink_packet_xfrm::{
-    Address, Alg, AlgAead, AlgAuth, IPPROTO_ESP, LifetimeConfig, UserPolicyId, UserPolicyInfo,
-    UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XFRM_INF, XFRM_MODE_BEET, XFRM_POLICY_ALLOW,
-    XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY, XfrmAttrs,
-    XfrmMessage,
+    Address, Alg, AlgAead, AlgAuth, IPPROTO_ESP, LifetimeConfig, ReplayEsn, UserPolicyId,
+    UserPolicyInfo, UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XFRM_INF, XFRM_MODE_BEET,
+    XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT,
+    XFRM_SHARE_ANY, XfrmAttrs, XfrmMessage,
     constants::{AF_INET, AF_INET6},
     policy::{DelGetMessage as PolicyDelGet, ModifyMessage as PolicyModify},
     state::{AllocSpiMessage, DelGetMessage as StateDelGet, ModifyMessage as StateModify},
 };
 
 use crate::{
-    EspTransform, HitPair, KernelEvent, Lifetimes, LocatorPair, PolicyAction, PolicyDir,
-    PolicyEntry, PolicyId, PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
+    EspTransform, HitPair, KernelEvent, LEGACY_REPLAY_WINDOW, Lifetimes, LocatorPair, PolicyAction,
+    PolicyDir, PolicyEntry, PolicyId, PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
 };
 
 fn addr_back(a: &Address, fam: u16) -> IpAddr {
@@ -104,10 +104,23 @@ pub(crate) fn sa_message(p: &SaParams, update: bool) -> XfrmMessage {
     info.selector = selector(Prefix::host(p.hits.src), Prefix::host(p.hits.dst));
     info.reqid = p.reqid.0;
     info.mode = XFRM_MODE_BEET;
-    info.replay_window = p.replay_window;
     info.lifetime_cfg = lifetime_cfg(&p.lifetimes);
     let algs = p.keys.transform().kernel_algs();
     let mut nlas = Vec::new();
+    // Up to 32 packets the window fits the SA info's bitmap; a larger one goes in its own
+    // attribute, and then the kernel wants 0 in the SA info (verify_replay()).
+    match u8::try_from(p.replay_window) {
+        Ok(w) if p.replay_window <= LEGACY_REPLAY_WINDOW => info.replay_window = w,
+        _ => {
+            let words = p.replay_window.div_ceil(32);
+            nlas.push(XfrmAttrs::ReplayStateEsn(ReplayEsn {
+                bmp_len: words,
+                replay_window: p.replay_window,
+                bmp: vec![0; words as usize],
+                ..ReplayEsn::default()
+            }));
+        }
+    }
     if let Some((name, trunc)) = algs.auth {
         nlas.push(XfrmAttrs::AuthenticationAlgTrunc(AlgAuth {
             alg_name: name64(name),
@@ -292,8 +305,10 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
         })
     });
     let (mut enc, mut auth, mut aead) = (None, None, None);
+    let mut replay_window = u32::from(info.replay_window);
     for n in nlas {
         match n {
+            XfrmAttrs::ReplayStateEsn(r) => replay_window = r.replay_window,
             XfrmAttrs::EncryptionAlg(a) => enc = Some(name_back(&a.alg_name)),
             XfrmAttrs::AuthenticationAlgTrunc(a) => auth = Some(name_back(&a.alg_name)),
             XfrmAttrs::EncryptionAlgAead(a) => aead = Some(name_back(&a.alg_name)),
@@ -316,6 +331,7 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
         lifetimes: lifetimes_back(&info.lifetime_cfg),
         bytes: info.lifetime_cur.bytes,
         packets: info.lifetime_cur.packets,
+        replay_window,
     })
 }
 
@@ -461,7 +477,7 @@ fn v6(a: &Address, fam: u16) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EspKeys, owner};
+    use crate::{EspKeys, MAX_REPLAY_WINDOW, owner};
     use netlink_packet_core::{Emitable, ParseableParametrized};
 
     fn sa() -> SaParams {
@@ -506,8 +522,38 @@ mod tests {
         assert!(e.beet);
         assert_eq!(e.transform, Some(EspTransform::AesCbc128HmacSha256));
         assert_eq!(e.lifetimes, p.lifetimes);
+        assert_eq!(e.replay_window, 32);
+        assert_eq!(s.user_sa_info.replay_window, 32);
         // Byte limits must be "infinite", not 0 (0 would expire at once).
         assert_eq!(s.user_sa_info.lifetime_cfg.hard_byte_limit, XFRM_INF);
+    }
+
+    #[test]
+    fn windows_above_32_travel_in_their_own_attribute() {
+        for (w, words) in [(33, 2), (64, 2), (1024, 32), (MAX_REPLAY_WINDOW, 128)] {
+            let mut p = sa();
+            p.replay_window = w;
+            let XfrmMessage::AddSa(s) = round_trip(&sa_message(&p, false)) else {
+                unreachable!()
+            };
+            // The kernel refuses a window in both places (verify_replay()).
+            assert_eq!(s.user_sa_info.replay_window, 0);
+            let esn: Vec<_> = s
+                .nlas
+                .iter()
+                .filter_map(|n| match n {
+                    XfrmAttrs::ReplayStateEsn(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(esn.len(), 1, "{:?}", s.nlas);
+            assert_eq!((esn[0].replay_window, esn[0].bmp_len), (w, words));
+            assert_eq!(esn[0].bmp.len(), words as usize);
+            assert_eq!(sa_entry(&s.user_sa_info, &s.nlas).unwrap().replay_window, w);
+        }
+        let mut p = sa();
+        p.replay_window = MAX_REPLAY_WINDOW + 1;
+        assert!(p.check().is_err());
     }
 
     #[test]

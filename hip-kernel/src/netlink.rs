@@ -209,7 +209,9 @@ impl KernelIpsec for XfrmNetlink {
             && cur.user_sa_info.selector == want.user_sa_info.selector
             && cur.user_sa_info.reqid == want.user_sa_info.reqid
             && cur.user_sa_info.saddr == want.user_sa_info.saddr
-            && cur.user_sa_info.mode == want.user_sa_info.mode;
+            && cur.user_sa_info.mode == want.user_sa_info.mode
+            && msg::sa_entry(&cur.user_sa_info, &cur.nlas).map(|e| e.replay_window)
+                == Some(sa.replay_window);
         if larval || same {
             // UPDSA replaces a larval SA (from ALLOCSPI) by the full one, or refreshes the
             // lifetimes of an identical one (xfrm_state_update(), net/xfrm/xfrm_state.c).

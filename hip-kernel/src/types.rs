@@ -355,9 +355,14 @@ impl Lifetimes {
     }
 }
 
-/// The largest replay window without extended sequence numbers: the kernel keeps a
-/// 32-bit bitmap (`struct xfrm_replay_state`) unless `XFRMA_REPLAY_ESN_VAL` is given.
-pub const MAX_REPLAY_WINDOW: u8 = 32;
+/// The largest replay window that fits `struct xfrm_replay_state`'s 32-bit bitmap; a
+/// larger one travels in `XFRMA_REPLAY_ESN_VAL` (a bitmap of any length, used without
+/// extended sequence numbers: the kernel's `XFRM_REPLAY_MODE_BMP`).
+pub const LEGACY_REPLAY_WINDOW: u32 = 32;
+
+/// The largest replay window the kernel accepts (`XFRMA_REPLAY_ESN_MAX`, 4096 bits of
+/// bitmap; `verify_replay()` in net/xfrm/xfrm_user.c).
+pub const MAX_REPLAY_WINDOW: u32 = 4096;
 
 /// One BEET-mode ESP SA (`ip xfrm state add … proto esp mode beet`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,8 +377,8 @@ pub struct SaParams {
     pub reqid: Reqid,
     /// Transform and keys.
     pub keys: EspKeys,
-    /// Anti-replay window in packets (0..=32; inbound SAs use it).
-    pub replay_window: u8,
+    /// Anti-replay window in packets (0..=[`MAX_REPLAY_WINDOW`]; inbound SAs use it).
+    pub replay_window: u32,
     /// Soft and hard lifetimes.
     pub lifetimes: Lifetimes,
 }
@@ -580,6 +585,8 @@ pub struct SaEntry {
     pub bytes: u64,
     /// Packets processed so far.
     pub packets: u64,
+    /// Anti-replay window in packets.
+    pub replay_window: u32,
 }
 
 /// A policy as read back from the kernel.

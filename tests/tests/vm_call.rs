@@ -53,6 +53,8 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
         .unwrap()
         .iter()
         .map(|sa| {
+            // The agent's default anti-replay window (RFC 4303 §3.4.3's preferred 64).
+            assert_eq!(sa["replay_window"], 64, "{sa}");
             let dir = sa["direction"].as_str().unwrap_or("?").to_owned();
             (dir, sa["id"]["spi"].as_u64().unwrap())
         })

@@ -75,9 +75,18 @@ fn side(
         spi_out,
         keys: EspKeyPair::from_keymat(t, &keymat(t, seed), lh, ph).unwrap(),
         reqid: Reqid::hip(42),
-        replay_window: 32,
+        replay_window: replay_window(t),
         lifetimes,
         fail_closed,
+    }
+}
+
+/// The anti-replay window per transform: GCM gets one above the 32-packet bitmap of
+/// the SA info (it goes in `XFRMA_REPLAY_ESN_VAL`), the others the classic one.
+fn replay_window(t: EspTransform) -> u32 {
+    match t {
+        EspTransform::AesGcm128Icv16 => 1024,
+        _ => 32,
     }
 }
 
@@ -298,6 +307,16 @@ fn datapath(t: EspTransform) {
         let inbound = o.sas.iter().find(|s| s.id.spi == a.spi_in).unwrap();
         assert_eq!(inbound.transform, Some(t));
         assert!(inbound.packets >= N as u64, "{inbound:?}");
+        // The kernel took the window, in whichever form it needs.
+        assert_eq!(inbound.replay_window, replay_window(t), "{inbound:?}");
+        let stats =
+            String::from_utf8_lossy(&ns.ip(["-s", "xfrm", "state", "list"]).unwrap().stdout)
+                .into_owned();
+        let shown = match replay_window(t) {
+            w if w > 32 => format!("replay_window {w},"),
+            w => format!("replay-window {w}"),
+        };
+        assert!(stats.contains(&shown), "{shown:?} in {stats}");
     }
 
     rt.block_on(remove_association(&ka, &aa)).unwrap();
