@@ -274,6 +274,9 @@ fn print_security(s: &Value) {
     if let Some(f) = s["failure"].as_str() {
         println!("  FAILED: {f}");
     }
+    if let Some(r) = s["refused"].as_str() {
+        println!("  REFUSED: {r}");
+    }
     for a in s["associations"].as_array().into_iter().flatten() {
         print_assoc(a);
     }

@@ -206,10 +206,25 @@ pub struct SecuritySection {
     /// Count `sips:` calls over TLS as protecting both HITs (trusts every proxy, §4.2).
     #[serde(default)]
     pub trust_sips_proxies: bool,
+    /// Refuse calls whose peer HIT nothing vouches for (no verified SIP Identity, no
+    /// trusted SIPS): as the callee, answer such an INVITE with 428 Use Identity Header
+    /// (438 Invalid Identity Header when its Identity does not verify, RFC 8224 §6.2.2);
+    /// as the caller, start HIP only once the callee's HIT is verified (its §4.1 UPDATE)
+    /// and hang up if that has not happened within `peer_verify_timeout_ms`.
+    #[serde(default)]
+    pub require_verified_peer: bool,
+    /// How long a caller with `require_verified_peer` waits after the answer for the
+    /// callee's HIT to be verified, milliseconds.
+    #[serde(default = "default_verify_timeout")]
+    pub peer_verify_timeout_ms: u64,
 }
 
 fn default_freshness() -> u64 {
     60
+}
+
+fn default_verify_timeout() -> u64 {
+    5000
 }
 
 impl Default for SecuritySection {
@@ -220,6 +235,8 @@ impl Default for SecuritySection {
             trusted_identities: BTreeMap::new(),
             identity_freshness_secs: default_freshness(),
             trust_sips_proxies: false,
+            require_verified_peer: false,
+            peer_verify_timeout_ms: default_verify_timeout(),
         }
     }
 }
@@ -788,6 +805,16 @@ impl Config {
         if sec.identity_freshness_secs == 0 {
             return invalid("[security] identity_freshness_secs must be above 0".into());
         }
+        if sec.require_verified_peer && sec.peer_verify_timeout_ms == 0 {
+            return invalid("[security] peer_verify_timeout_ms must be above 0".into());
+        }
+        if sec.require_verified_peer && sec.trusted_identities.is_empty() && !sec.trust_sips_proxies
+        {
+            return invalid(
+                "[security] require_verified_peer would refuse every call: no trusted_identities and trust_sips_proxies is off"
+                    .into(),
+            );
+        }
         if let Some(d) = sec.trusted_identities.keys().find(|d| {
             d.is_empty()
                 || d.chars()
@@ -948,6 +975,8 @@ mod tests {
         assert!(c.security.identity_key.is_none());
         assert_eq!(c.security.identity_freshness_secs, 60);
         assert!(!c.security.trust_sips_proxies);
+        assert!(!c.security.require_verified_peer);
+        assert_eq!(c.security.peer_verify_timeout_ms, 5000);
         let c = parse(&format!(
             "{MIN}[security]\nidentity_key = \"/k.pem\"\nidentity_info = \"https://atlanta.com/c.pem\"\n\
              trusted_identities = {{ \"biloxi.com\" = \"/b.pem\", \"atlanta.com\" = \"/a.pem\" }}\n\
@@ -969,6 +998,11 @@ mod tests {
                 "absolute URI",
             ),
             ("identity_freshness_secs = 0\n", "identity_freshness_secs"),
+            (
+                "require_verified_peer = true\ntrust_sips_proxies = true\npeer_verify_timeout_ms = 0\n",
+                "peer_verify_timeout_ms",
+            ),
+            ("require_verified_peer = true\n", "would refuse every call"),
             (
                 "trusted_identities = { \"a b\" = \"/x\" }\n",
                 "not a domain",

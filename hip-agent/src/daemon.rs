@@ -309,6 +309,9 @@ pub struct Daemon {
     offered: HashMap<CallHandle, (Vec<IdentityEntry>, Option<Form>)>,
     /// Delayed answers (`ring_ms`).
     answer_at: BTreeMap<(Instant, CallHandle), ()>,
+    /// Calls we placed whose callee's HIT must be verified by then
+    /// (`[security] require_verified_peer`).
+    verify_by: BTreeMap<(Instant, CallHandle), ()>,
     sdp_version: u64,
     stats: Stats,
     registration: Registration,
@@ -340,6 +343,8 @@ struct CallSecurity {
     remote_media: Option<(String, u16)>,
     /// Set when HIP refused the peer, or SIP proved its SDP was altered.
     failure: Option<String>,
+    /// Set when `[security] require_verified_peer` refused the call: why.
+    refused: Option<String>,
     /// The peer's HITs as signalling last carried them (answer, offer or UPDATE), kept
     /// apart from `peer_hits` (HIP's view, updated asynchronously) to compare with a
     /// signed UPDATE.
@@ -443,6 +448,7 @@ impl Daemon {
             events,
             offered: HashMap::new(),
             answer_at: BTreeMap::new(),
+            verify_by: BTreeMap::new(),
             sdp_version: 1,
             stats: Stats::default(),
             registration: Registration::default(),
@@ -493,6 +499,7 @@ impl Daemon {
             let next = [
                 self.ua.poll_timeout(),
                 self.answer_at.keys().next().map(|(t, _)| *t),
+                self.verify_by.keys().next().map(|(t, _)| *t),
             ]
             .into_iter()
             .flatten()
@@ -606,6 +613,29 @@ impl Daemon {
             }
             self.answer_at.remove(&(t, h));
             self.answer(h);
+        }
+        while let Some((&(t, h), ())) = self.verify_by.iter().next() {
+            if t > now {
+                break;
+            }
+            self.verify_by.remove(&(t, h));
+            let Some(cs) = self.call_sec.get_mut(&h) else {
+                continue;
+            };
+            if cs.sip.peer_authenticated {
+                continue;
+            }
+            let why = format!(
+                "the callee's HIT was not verified within {} ms of the answer ([security] require_verified_peer): {}",
+                self.cfg.security.peer_verify_timeout_ms,
+                cs.sip
+                    .peer_detail
+                    .as_deref()
+                    .unwrap_or("nothing vouched for it")
+            );
+            tracing::warn!(call = %h, "hanging up: {why}");
+            cs.refused = Some(why);
+            let _ = self.ua.hangup(now, h);
         }
     }
 
@@ -771,10 +801,13 @@ impl Daemon {
     ) -> bool {
         let mut a = SipAssurance::default();
         let mut failure = None;
+        let mut identity_sent = false;
         if !has_sdp {
             a.peer_not("the INVITE has no SDP (late offer): its Identity binds no HIT".into());
         } else {
-            match self.check_identity(auth, hits) {
+            let checked = self.check_identity(auth, hits);
+            identity_sent = checked.is_some();
+            match checked {
                 None => a.peer_not("no Identity header in the INVITE (RFC 8224)".into()),
                 Some(Ok(v)) => a.peer_by(
                     Mechanism::Identity,
@@ -814,6 +847,26 @@ impl Daemon {
                     .reject(Instant::now(), call.handle, 438, "Invalid Identity Header");
                 return false;
             }
+        }
+        if self.cfg.security.require_verified_peer && !cs.sip.peer_authenticated {
+            // RFC 8224 §6.2.2: 428 asks for an Identity, 438 says the one sent failed; a
+            // late offer has no SDP for an Identity to bind.
+            let (code, reason) = match (has_sdp, identity_sent) {
+                (false, _) => (488, "Not Acceptable Here"),
+                (true, false) => (428, "Use Identity Header"),
+                (true, true) => (438, "Invalid Identity Header"),
+            };
+            let why = format!(
+                "refused with {code} ([security] require_verified_peer): {}",
+                cs.sip
+                    .peer_detail
+                    .as_deref()
+                    .unwrap_or("the caller's HIT is not verified")
+            );
+            tracing::warn!(call = %call.handle, peer = %call.remote_uri, "{why}");
+            cs.refused = Some(why);
+            let _ = self.ua.reject(Instant::now(), call.handle, code, reason);
+            return false;
         }
         true
     }
@@ -992,6 +1045,12 @@ impl Daemon {
                 if direction != Direction::Outgoing {
                     return;
                 }
+                if self.cfg.security.require_verified_peer && !cs.sip.peer_authenticated {
+                    // No base exchange (and so no media) until the callee's HIT is
+                    // verified: its signed UPDATE brings the HITs again (PeerHitsLearned).
+                    tracing::info!(%call, "HIP waits for the callee's HIT to be verified (require_verified_peer)");
+                    return;
+                }
                 let Some(locator) = peer_contact.as_deref().and_then(uri_host) else {
                     tracing::warn!(%call, ?peer_contact, "no IP address in the peer's Contact: no HIP locator");
                     return;
@@ -1002,7 +1061,12 @@ impl Daemon {
                     }
                 }
             }
-            AgentEvent::CallEnded { call, .. } => {
+            AgentEvent::CallEnded {
+                call,
+                peer_uri,
+                reason,
+                ..
+            } => {
                 let cs = self.call_sec.remove(&call).unwrap_or_default();
                 let still_used: Vec<hip_proto::Hit> = self
                     .call_sec
@@ -1024,6 +1088,8 @@ impl Daemon {
                     }
                 }
                 let mut summary = self.call_json(call, &cs);
+                summary["remote_uri"] = json!(peer_uri);
+                summary["end_reason"] = json!(reason);
                 summary["flows"] = json!(flows);
                 self.history.push_back(summary);
                 while self.history.len() > HISTORY {
@@ -1094,6 +1160,7 @@ impl Daemon {
             "sas": sas,
             "sip_assurance": &cs.sip,
             "failure": cs.failure,
+            "refused": cs.refused,
             "associations": assocs,
             "remote_media": cs.remote_media.as_ref().map(|(a, p)| json!({"address": a, "port": p})),
             "flows": flows,
@@ -1185,6 +1252,15 @@ impl Daemon {
             Event::Answered { call, remote_sdp } => {
                 self.stats.confirmed += 1;
                 self.assess_answer(&call);
+                if self.cfg.security.require_verified_peer
+                    && self
+                        .call_sec
+                        .get(&call.handle)
+                        .is_some_and(|cs| !cs.sip.peer_authenticated)
+                {
+                    let wait = Duration::from_millis(self.cfg.security.peer_verify_timeout_ms);
+                    self.verify_by.insert((now + wait, call.handle), ());
+                }
                 match remote_sdp.as_deref().map(identities_in) {
                     Some(Ok((_, ids))) => {
                         if let Some(cs) = self.call_sec.get_mut(&call.handle) {
@@ -1236,6 +1312,7 @@ impl Daemon {
                 self.stats.ended += 1;
                 self.offered.remove(&call.handle);
                 self.answer_at.retain(|(_, h), ()| *h != call.handle);
+                self.verify_by.retain(|(_, h), ()| *h != call.handle);
                 tracing::info!(call = %call.handle, peer = %call.remote_uri, ?reason, "call ended");
                 self.dispatch(AgentEvent::CallEnded {
                     call: call.handle,

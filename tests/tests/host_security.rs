@@ -12,6 +12,10 @@
 //! * SIPS over TLS with `trust_sips_proxies`: `mutual` through SIPS, with the §4.2 caveat;
 //! * a real proxy (Kamailio) that rewrites the caller's HIT in the signed INVITE: the
 //!   callee proves the tampering, flags the call `failed` and refuses it with 438.
+//! * `require_verified_peer`: a callee refuses an unsigned INVITE with 428 and one whose
+//!   Identity it cannot verify with 438; a caller starts no base exchange until the
+//!   callee's HIT is verified and hangs up when that does not happen in time; a fully
+//!   signed call passes.
 //!
 //! Keys for SIP Identity are made by `openssl` (an independent ES256 implementation); the
 //! agent's PASSporTs are verified by the other agent only with the public key configured
@@ -121,11 +125,13 @@ fn identity_both_ways_is_mutual() {
     let dir = scratch("sec-keys");
     let (ka, pa) = es256_key(&dir, "atlanta");
     let (kb, pb) = es256_key(&dir, "biloxi");
+    // Both require a verified peer: the policy lets a fully signed call through, alice's
+    // base exchange starting once bob's signed UPDATE verified his HIT.
     let (_p, alice, bob) = pair(
         "secmu",
         "10.71.0",
-        &security(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false),
-        &security(Some((&kb, "biloxi.com")), &[("atlanta.com", &pa)], false),
+        &(security(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false) + REQUIRE),
+        &(security(Some((&kb, "biloxi.com")), &[("atlanta.com", &pa)], false) + REQUIRE),
     );
     let call = alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
     let (a, b) = wait_level(&alice, &bob, "mutual");
@@ -167,6 +173,14 @@ fn identity_both_ways_is_mutual() {
         assert!(s["caveat"].is_null(), "no SIPS trust relied upon: {s}");
     }
     assert_eq!(a["failure"], Value::Null);
+    assert_eq!(a["refused"], Value::Null);
+    assert!(
+        alice
+            .log()
+            .contains("HIP waits for the callee's HIT to be verified"),
+        "{}",
+        alice.log()
+    );
     assert_eq!(a["sas"], b["sas"]);
     // The human status names the mechanism.
     let human = alice.ctl(&["status"]).unwrap();
@@ -222,6 +236,95 @@ fn only_the_caller_signs_single_sided_and_each_side_sees_its_half() {
     // Bob, having no key, sent no §4.1 UPDATE.
     assert!(!bob.log().contains("signed UPDATE sent"), "{}", bob.log());
     hang_up(&alice, &bob, &call);
+}
+
+/// `[security] require_verified_peer` (appended to a `security()` table).
+const REQUIRE: &str = "require_verified_peer = true\npeer_verify_timeout_ms = 1500\n";
+
+/// The ended call in `agent`'s status once there is one.
+fn ended_call(agent: &Agent) -> Value {
+    hip_tests::wait_until(Duration::from_secs(20), "an ended call", || {
+        agent.status()["ended_calls"]
+            .as_array()
+            .and_then(|e| e.first())
+            .cloned()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()))
+}
+
+#[test]
+fn a_callee_requiring_a_verified_peer_answers_an_unsigned_invite_with_428() {
+    let dir = scratch("sec-keys");
+    let (_, pa) = es256_key(&dir, "atlanta");
+    let (_p, alice, bob) = pair(
+        "secrq",
+        "10.84.0",
+        &security(None, &[], false),
+        &(security(None, &[("atlanta.com", &pa)], false) + REQUIRE),
+    );
+    alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let a = ended_call(&alice);
+    assert_eq!(a["end_reason"]["kind"], "rejected", "{a}");
+    assert_eq!(a["end_reason"]["status"], 428, "{a}");
+    assert_eq!(a["end_reason"]["reason"], "Use Identity Header", "{a}");
+    let b = ended_call(&bob);
+    let refused = b["security"]["refused"].as_str().unwrap_or_default();
+    assert!(refused.contains("refused with 428"), "{b}");
+    assert!(refused.contains("no Identity header in the INVITE"), "{b}");
+    // Refused before it rang: nothing confirmed, no HIP association on either side.
+    let st = bob.status();
+    assert_eq!(st["stats"]["confirmed"], 0, "{st}");
+    for s in [&a["security"], &b["security"]] {
+        assert_eq!(s["associations"], serde_json::json!([]), "{s}");
+    }
+}
+
+#[test]
+fn a_callee_requiring_a_verified_peer_answers_an_untrusted_identity_with_438() {
+    let dir = scratch("sec-keys");
+    let (ka, _) = es256_key(&dir, "atlanta");
+    // Bob trusts another key for atlanta.com than the one alice signs with.
+    let (_, other) = es256_key(&dir, "impostor");
+    let (_p, alice, bob) = pair(
+        "secrr",
+        "10.85.0",
+        &security(Some((&ka, "atlanta.com")), &[], false),
+        &(security(None, &[("atlanta.com", &other)], false) + REQUIRE),
+    );
+    alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let a = ended_call(&alice);
+    assert_eq!(a["end_reason"]["status"], 438, "{a}");
+    let b = ended_call(&bob);
+    let refused = b["security"]["refused"].as_str().unwrap_or_default();
+    assert!(refused.contains("refused with 438"), "{b}");
+    assert!(refused.contains("INVITE Identity not verified"), "{b}");
+}
+
+#[test]
+fn a_caller_requiring_a_verified_peer_starts_no_hip_and_hangs_up_when_the_callee_does_not_sign() {
+    let dir = scratch("sec-keys");
+    let (_, pb) = es256_key(&dir, "biloxi");
+    // Bob has no key: he sends no signed UPDATE, so his HIT is never verified.
+    let (_p, alice, bob) = pair(
+        "secrc",
+        "10.86.0",
+        &(security(None, &[("biloxi.com", &pb)], false) + REQUIRE),
+        &security(None, &[], false),
+    );
+    alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
+    let a = ended_call(&alice);
+    let refused = a["security"]["refused"].as_str().unwrap_or_default();
+    assert!(refused.contains("not verified within 1500 ms"), "{a}");
+    assert!(refused.contains("waiting for a signed UPDATE"), "{a}");
+    assert_eq!(a["end_reason"]["kind"], "local-bye", "{a}");
+    // The call was answered, yet no base exchange ran: no media could have flowed.
+    assert_eq!(bob.status()["stats"]["confirmed"], 1);
+    assert_eq!(a["security"]["associations"], serde_json::json!([]), "{a}");
+    let log = alice.log();
+    assert!(log.contains("HIP waits for the callee's HIT"), "{log}");
+    assert!(!log.contains("HIP association established"), "{log}");
+    wait_calls_ended(&[&alice, &bob], Duration::from_secs(15)).unwrap();
+    assert!(!bob.log().contains("HIP association established"));
 }
 
 #[test]
