@@ -56,7 +56,7 @@ use crate::{
     config::{AnswerMode, Config, FailureAction},
     control::{self, Request},
     pool::{self, Pool},
-    secure::{self, Mechanism, Outcome, Security, SipAssurance, Verification},
+    secure::{self, Input, Mechanism, Outcome, Security, SipAssurance, Verification},
     sip_service::{Inbound, SipService},
 };
 
@@ -312,6 +312,9 @@ pub struct Daemon {
     /// Calls we placed whose callee's HIT must be verified by then
     /// (`[security] require_verified_peer`).
     verify_by: BTreeMap<(Instant, CallHandle), ()>,
+    /// The address our SIP signalling used went away; it moves when another one reaches
+    /// the next hop.
+    sip_address_lost: bool,
     sdp_version: u64,
     stats: Stats,
     registration: Registration,
@@ -449,6 +452,7 @@ impl Daemon {
             offered: HashMap::new(),
             answer_at: BTreeMap::new(),
             verify_by: BTreeMap::new(),
+            sip_address_lost: false,
             sdp_version: 1,
             stats: Stats::default(),
             registration: Registration::default(),
@@ -535,6 +539,9 @@ impl Daemon {
                     }
                 } => {
                     // Handled outside the select: kernel programming must not be cancelled.
+                    if let Input::Address(change) = input {
+                        self.on_local_address(change).await;
+                    }
                     if let Some(s) = &mut self.security {
                         let out = s.handle(input).await;
                         self.on_security(out);
@@ -551,6 +558,77 @@ impl Daemon {
         let _ = std::fs::remove_file(&self.cfg.control_socket);
         tracing::info!("hip-agent stopped");
         Ok(())
+    }
+
+    /// The host's addresses changed (mobility). HIP moves the media (an UPDATE with the
+    /// new LOCATOR_SET, in `Security`); this moves the signalling when the address it used
+    /// is gone: the UDP listener is bound again at the address that now reaches the next
+    /// hop, later messages carry it in Via and Contact, the registration is renewed, and
+    /// each confirmed call gets a target refresh (an UPDATE without SDP, RFC 3311) so that
+    /// the peer's in-dialog requests — its BYE — find us. No re-INVITE: media is
+    /// addressed to HITs and does not change.
+    async fn on_local_address(&mut self, change: hip_kernel::AddressEvent) {
+        let Ok(current) = self.ua.config().contact_host.parse::<IpAddr>() else {
+            return;
+        };
+        if change == hip_kernel::AddressEvent::Removed(current) {
+            tracing::warn!(%current, "the address our SIP signalling uses was removed");
+            self.sip_address_lost = true;
+        }
+        if !self.sip_address_lost {
+            return;
+        }
+        let hop = self
+            .cfg
+            .sip
+            .outbound_proxy
+            .or(self.cfg.sip.registrar)
+            .map(|t| t.addr.ip())
+            .or_else(|| {
+                self.ua
+                    .calls()
+                    .iter()
+                    .find_map(|c| c.remote_target.as_deref().and_then(uri_host))
+            });
+        let Some(hop) = hop else {
+            tracing::warn!("no next hop to choose a new SIP address by");
+            return;
+        };
+        let new = match crate::hip_driver::source_for(hop) {
+            Ok(a) if a != current => a,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::info!(%hop, "no address reaches the next hop yet: {e}");
+                return;
+            }
+        };
+        match self.svc.move_udp(current, new).await {
+            Ok(moved) => tracing::info!(from = %current, to = %new, ?moved, "SIP signalling moves"),
+            Err(e) => {
+                tracing::error!(to = %new, "moving the SIP listener: {e}");
+                return;
+            }
+        }
+        self.sip_address_lost = false;
+        self.ua.set_contact_host(&new.to_string());
+        let now = Instant::now();
+        if self.cfg.sip.register
+            && let Err(e) = self.ua.register(now)
+        {
+            tracing::error!("re-REGISTER after the move: {e}");
+        }
+        let confirmed: Vec<CallHandle> = self
+            .ua
+            .calls()
+            .iter()
+            .filter(|c| c.state == hip_sip::sip::CallState::Confirmed)
+            .map(|c| c.handle)
+            .collect();
+        for h in confirmed {
+            if let Err(e) = self.ua.refresh_target(now, h) {
+                tracing::error!(call = %h, "target refresh after the move: {e}");
+            }
+        }
     }
 
     fn flush_pool(&mut self) {

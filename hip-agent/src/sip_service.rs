@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::{
         Arc,
@@ -22,6 +22,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::mpsc,
+    task::JoinHandle,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, rustls};
 
@@ -94,6 +95,8 @@ struct Conn {
 /// The transports of one agent.
 pub struct SipService {
     udp: Option<Arc<UdpSocket>>,
+    /// The UDP socket's reader task.
+    udp_reader: Option<JoinHandle<()>>,
     inbound: mpsc::Sender<Inbound>,
     conns: HashMap<ConnId, Conn>,
     by_peer: HashMap<(Transport, SocketAddr), ConnId>,
@@ -146,6 +149,25 @@ fn tls_connector(t: &TlsSection) -> Result<Option<(TlsConnector, Option<String>)
     )))
 }
 
+/// Reads datagrams from `s` into `tx` until the receiver is gone (or the task is aborted).
+fn udp_reader(s: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            match s.recv_from(&mut buf).await {
+                Ok((n, peer)) => {
+                    let data = buf[..n].to_vec();
+                    if tx.send(Inbound::Datagram { peer, data }).await.is_err() {
+                        break;
+                    }
+                }
+                // ICMP errors surface here on Linux; they are not fatal.
+                Err(e) => tracing::debug!("udp recv: {e}"),
+            }
+        }
+    })
+}
+
 impl SipService {
     /// Binds every configured listener and starts their reader tasks.
     pub async fn bind(cfg: &Config) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
@@ -153,6 +175,7 @@ impl SipService {
         let next_conn = Arc::new(AtomicU64::new(1));
         let mut svc = Self {
             udp: None,
+            udp_reader: None,
             inbound: tx.clone(),
             conns: HashMap::new(),
             by_peer: HashMap::new(),
@@ -174,23 +197,8 @@ impl SipService {
                     let s = Arc::new(UdpSocket::bind(l.addr).await.map_err(bind_err)?);
                     svc.local
                         .push((Transport::Udp, s.local_addr().map_err(bind_err)?));
-                    svc.udp = Some(s.clone());
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 65_535];
-                        loop {
-                            match s.recv_from(&mut buf).await {
-                                Ok((n, peer)) => {
-                                    let data = buf[..n].to_vec();
-                                    if tx.send(Inbound::Datagram { peer, data }).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                // ICMP errors surface here on Linux; they are not fatal.
-                                Err(e) => tracing::debug!("udp recv: {e}"),
-                            }
-                        }
-                    });
+                    svc.udp_reader = Some(udp_reader(s.clone(), tx.clone()));
+                    svc.udp = Some(s);
                 }
                 Transport::Tcp | Transport::Tls => {
                     let acceptor = if l.transport == Transport::Tls {
@@ -233,6 +241,41 @@ impl SipService {
             }
         }
         Ok((svc, rx))
+    }
+
+    /// The host's address `from` went away and `to` is where we now reach our peers
+    /// from (mobility): a UDP listener bound to `from` is bound again at `to`, same port.
+    /// A wildcard listener stays as it is; TCP and TLS listeners are not moved (their
+    /// connections break with the address anyway). Returns the new UDP address, if the
+    /// socket moved.
+    pub async fn move_udp(
+        &mut self,
+        from: IpAddr,
+        to: IpAddr,
+    ) -> Result<Option<SocketAddr>, TransportError> {
+        let Some(i) = self
+            .local
+            .iter()
+            .position(|(t, a)| *t == Transport::Udp && a.ip() == from)
+        else {
+            return Ok(None);
+        };
+        let addr = SocketAddr::new(to, self.local[i].1.port());
+        let bind_err = |source| TransportError::Bind {
+            transport: Transport::Udp,
+            addr,
+            source,
+        };
+        let s = Arc::new(UdpSocket::bind(addr).await.map_err(bind_err)?);
+        if let Some(old) = self
+            .udp_reader
+            .replace(udp_reader(s.clone(), self.inbound.clone()))
+        {
+            old.abort();
+        }
+        self.udp = Some(s);
+        self.local[i].1 = addr;
+        Ok(Some(addr))
     }
 
     /// Bookkeeping for connection events; call for every [`Inbound`] before handing it on.

@@ -353,6 +353,8 @@ pub struct Packet {
     pub hip_sender: Option<String>,
     /// SIP method or status.
     pub sip: Option<String>,
+    /// Whether it carries an SDP body.
+    pub sdp: bool,
 }
 
 /// Decodes a capture with tshark (an independent dissector).
@@ -388,12 +390,14 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             "sip.Method",
             "-e",
             "sip.Status-Code",
+            "-e",
+            "sdp.version",
         ],
     )?;
     let mut v = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 11 || f[1].is_empty() {
+        if f.len() < 12 || f[1].is_empty() {
             continue;
         }
         let time = f[0].parse().unwrap_or(0.0);
@@ -422,6 +426,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             sip: Some(first(f[8]))
                 .filter(|s| !s.is_empty())
                 .or_else(|| Some(first(f[9])).filter(|s| !s.is_empty())),
+            sdp: !f[10].is_empty(),
         });
     }
     Ok(v)

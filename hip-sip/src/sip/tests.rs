@@ -720,6 +720,102 @@ fn update_carries_new_sdp_both_ways() {
     assert!(sim.events(0).iter().any(|e| matches!(e, Event::RemoteSdp { sdp, .. } if String::from_utf8_lossy(sdp).contains("2001:20::b"))));
 }
 
+/// Mobility: alice's host moves to a new address. An UPDATE without an offer carries her
+/// new Contact (a target refresh, RFC 3311 §5.1), after which bob's in-dialog requests go
+/// there — his BYE reaches her at the new address. No re-INVITE, no SDP.
+#[test]
+fn a_target_refresh_moves_the_dialog_to_the_new_address() {
+    let mut sim = Sim::new(vec![
+        ua("alice", "atlanta.com", ALICE, 1),
+        ua("bob", "biloxi.com", BOB, 2),
+    ]);
+    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    let now = sim.now;
+    let h = sim.nodes[0]
+        .ua
+        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
+        .unwrap();
+    sim.run_for(ms(10));
+    let bob_call = sim.nodes[1].ua.calls()[0].handle;
+    assert_eq!(
+        sim.nodes[1]
+            .ua
+            .call_info(bob_call)
+            .unwrap()
+            .remote_target
+            .as_deref(),
+        Some("sip:alice@192.0.2.1:5060")
+    );
+    // Refused before the dialog is confirmed, and for unknown calls.
+    assert!(
+        sim.nodes[0]
+            .ua
+            .refresh_target(sim.now, CallHandle(99))
+            .is_err()
+    );
+
+    const MOVED: &str = "192.0.2.11:5060";
+    sim.nodes[0].ua.set_contact_host("192.0.2.11");
+    sim.nodes[0].addr = addr(MOVED);
+    let before = sim.log.len();
+    let now = sim.now;
+    sim.nodes[0].ua.refresh_target(now, h).unwrap();
+    sim.run_for(ms(10));
+    let up = &sim.log[before];
+    let text = String::from_utf8_lossy(&up.data).into_owned();
+    assert!(up.first_line().starts_with("UPDATE sip:bob@"), "{text}");
+    assert_eq!(
+        header(&text, "Contact"),
+        Some("<sip:alice@192.0.2.11:5060>")
+    );
+    assert!(
+        header(&text, "Via").unwrap().contains("192.0.2.11:5060"),
+        "{text}"
+    );
+    assert_eq!(
+        header(&text, "Content-Length"),
+        Some("0"),
+        "no offer: {text}"
+    );
+    assert_eq!(sim.log[before + 1].first_line(), "SIP/2.0 200 OK");
+    assert_eq!(sim.log[before + 1].to, addr(MOVED));
+    assert_eq!(
+        sim.nodes[1]
+            .ua
+            .call_info(bob_call)
+            .unwrap()
+            .remote_target
+            .as_deref(),
+        Some("sip:alice@192.0.2.11:5060")
+    );
+    // No SDP travelled: bob saw no new offer, alice got her UpdateResult.
+    assert!(
+        !sim.events(1)
+            .iter()
+            .any(|e| matches!(e, Event::RemoteSdp { .. }))
+    );
+    assert!(sim.events(0).iter().any(|e| matches!(
+        e,
+        Event::UpdateResult {
+            status: Some(200),
+            ..
+        }
+    )));
+
+    // Bob hangs up: the BYE goes to alice's new address and ends both calls.
+    let now = sim.now;
+    sim.nodes[1].ua.hangup(now, bob_call).unwrap();
+    sim.run_for(ms(10));
+    let bye = sim
+        .log
+        .iter()
+        .rev()
+        .find(|w| w.first_line().starts_with("BYE"))
+        .unwrap();
+    assert_eq!(bye.to, addr(MOVED));
+    assert!(sim.nodes[0].ua.calls().is_empty() && sim.nodes[1].ua.calls().is_empty());
+}
+
 /// The draft's §4.1: the caller's INVITE carries SIP Identity; the callee, whose 200 cannot
 /// (RFC 8224 signs requests), follows its answer with a signed UPDATE. Signed and verified
 /// here with `crate::identity` end to end over the simulated wire.

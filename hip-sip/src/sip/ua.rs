@@ -160,6 +160,11 @@ fn to_tag(h: &sx::Headers) -> Option<String> {
     to.tag().map(|t| String::from_utf8_lossy(t).into_owned())
 }
 
+/// The URI of a message's Contact (a dialog's remote target).
+fn contact_uri(h: &sx::Headers) -> Option<String> {
+    h.typed::<sh::Contact>()?.ok().map(|c| c.uri.to_string())
+}
+
 fn from_tag(h: &sx::Headers) -> Option<String> {
     let f = h.typed::<sh::From>()?.ok()?;
     f.tag().map(|t| String::from_utf8_lossy(t).into_owned())
@@ -835,11 +840,7 @@ impl UserAgent {
         let src = self.tx_dest.get(key).copied();
         let auth = request_auth(&req, src.map(|d| d.transport));
         let transport = src.map_or(Transport::Udp, |d| d.transport);
-        let remote_target = req
-            .headers
-            .typed::<sh::Contact>()
-            .and_then(Result::ok)
-            .map(|c| c.uri.to_string());
+        let remote_target = contact_uri(&req.headers);
         let route_set: Vec<String> = req
             .headers
             .get_all(&HeaderName::RecordRoute)
@@ -916,6 +917,11 @@ impl UserAgent {
             Some(c) => {
                 if let Some(b) = &body {
                     c.remote_sdp = Some(b.clone());
+                }
+                // UPDATE and re-INVITE are target refresh requests: their Contact replaces
+                // the dialog's remote target (RFC 3261 §12.2.2, RFC 3311 §5.2).
+                if let Some(t) = contact_uri(&req.headers) {
+                    c.remote_target = Some(t);
                 }
                 (c.local_sdp.clone(), c.local_tag.clone(), c.transport)
             }
@@ -1075,6 +1081,13 @@ impl UserAgent {
                 if status < 200 {
                     return;
                 }
+                // A 2xx to a target refresh request refreshes our view of the peer's
+                // target too (RFC 3261 §12.2.1.2).
+                if resp.status.is_success()
+                    && let (Some(c), Some(t)) = (self.calls.get_mut(&h), contact_uri(&resp.headers))
+                {
+                    c.remote_target = Some(t);
+                }
                 if resp.status.is_success() && !resp.body().is_empty() {
                     let sdp = resp.body().clone();
                     if let Some(c) = self.calls.get_mut(&h) {
@@ -1147,11 +1160,7 @@ impl UserAgent {
             c.remote_tag = to_tag(&resp.headers);
             c.to_value = hval(&resp.headers, &HeaderName::To).unwrap_or_default();
             c.remote_allow = hval(&resp.headers, &HeaderName::Allow);
-            c.remote_target = resp
-                .headers
-                .typed::<sh::Contact>()
-                .and_then(Result::ok)
-                .map(|a| a.uri.to_string());
+            c.remote_target = contact_uri(&resp.headers);
             // RFC 3261 §12.1.2: the route set is the Record-Route list in reverse.
             let mut rr: Vec<String> = resp
                 .headers
@@ -1865,6 +1874,31 @@ impl UserAgent {
         if let Some(c) = self.calls.get_mut(&h) {
             c.local_sdp = Some(sdp);
         }
+        self.send_request(now, req, dest, Owner::Call(h, Purpose::Update));
+        Ok(())
+    }
+
+    /// Our address changed (the host moved; HIP's UPDATE moves the media, RFC 8046): the
+    /// requests and responses we send from now on carry `host` in Via and Contact. Follow
+    /// it with [`Self::register`] and [`Self::refresh_target`] for each confirmed call.
+    pub fn set_contact_host(&mut self, host: &str) {
+        self.cfg.contact_host = host.to_owned();
+    }
+
+    /// Tells the peer of a confirmed call where we are now: an UPDATE without an offer
+    /// (RFC 3311 §5.1), a target refresh request whose Contact becomes the dialog's
+    /// remote target at the peer (RFC 3261 §12.2.2). The media is not renegotiated. Its
+    /// answer comes as [`Event::UpdateResult`].
+    pub fn refresh_target(&mut self, now: Instant, h: CallHandle) -> Result<(), SipError> {
+        let c = self.calls.get(&h).ok_or(SipError::NoSuchCall(h))?;
+        if c.state != CallState::Confirmed {
+            return Err(SipError::WrongState {
+                call: h,
+                state: c.state,
+                what: "refresh target",
+            });
+        }
+        let (req, dest) = self.build_in_dialog_with(h, Method::Update, None, None, None)?;
         self.send_request(now, req, dest, Owner::Call(h, Purpose::Update));
         Ok(())
     }

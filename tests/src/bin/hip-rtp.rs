@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! hip-rtp send --netns NS --from [HIT]:PORT --to [HIT]:PORT --count N [--interval-ms 20] [--ssrc X]
-//! hip-rtp recv --netns NS --bind [HIT]:PORT --count N [--timeout-s 20]
+//! hip-rtp recv --netns NS --bind [HIT]:PORT --count N [--timeout-s 20] [--until-seq S]
 //! ```
 //!
 //! Packets are RTP version 2, payload type 0 (PCMU), 160 payload octets whose content is
@@ -57,6 +57,10 @@ enum Cmd {
         /// Print `ready` once bound (for scripts waiting on it).
         #[arg(long)]
         announce: bool,
+        /// Also stop when the packet with this sequence number (the stream's last) has
+        /// arrived, for streams that may lose packets on the way.
+        #[arg(long)]
+        until_seq: Option<u16>,
     },
 }
 
@@ -112,6 +116,7 @@ fn main() -> Result<()> {
             count,
             timeout_s,
             announce,
+            until_seq,
         } => {
             let s = UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))?;
             if announce {
@@ -163,6 +168,9 @@ fn main() -> Result<()> {
                     in_order = false;
                 }
                 last = Some(seq);
+                if until_seq == Some(seq) {
+                    break;
+                }
             }
             println!(
                 "{}",
