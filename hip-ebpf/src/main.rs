@@ -204,7 +204,7 @@ const MAX_MISORDER: u16 = 100;
 pub fn hip_tc_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, Direction::Ingress);
     ingress(&ctx);
-    TC_ACT_PIPE as i32
+    TC_ACT_PIPE
 }
 
 #[classifier]
@@ -221,7 +221,7 @@ pub fn hip_tc_egress(ctx: TcContext) -> i32 {
 /// both as measured and minus this floor.
 #[classifier]
 pub fn hip_tc_floor(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Which operations `hip_tc_probe` performs (`hip_common::PROBE_*`), set by the
@@ -248,12 +248,12 @@ pub fn hip_tc_probe(ctx: TcContext) -> i32 {
         0
     };
     if ops & PROBE_LOOKUP == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // The key comes from the frame's first 40 bytes, as hip's comes from its headers
     // (a constant key would be built by a byte-wise memset subprogram instead).
     let Some(p) = bytes_at(&ctx, 0, size_of::<FlowKey>()) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let key = FlowKey {
         src_hit: ld_addr(p, 0),
@@ -262,7 +262,7 @@ pub fn hip_tc_probe(ctx: TcContext) -> i32 {
         dst_port: ld::<u16>(p, 34),
         ssrc: ld::<u32>(p, 36),
     };
-    match BENCH_FLOW.get_ptr_mut(&key) {
+    match BENCH_FLOW.get_ptr_mut(key) {
         // SAFETY: map value pointer, fields naturally aligned.
         Some(f) => unsafe {
             if ops & PROBE_ATOMICS != 0 {
@@ -277,10 +277,10 @@ pub fn hip_tc_probe(ctx: TcContext) -> i32 {
                 first_seen_ns: now,
                 ..FlowStats::default()
             };
-            let _ = BENCH_FLOW.insert(&key, &init, 0);
+            let _ = BENCH_FLOW.insert(key, init, 0);
         }
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -620,7 +620,7 @@ fn spi_slot(spi: u32, dir: u32, cfg: &Config) -> Option<u32> {
             }
         }
     }
-    let slot = match unsafe { HIP_SPIS.get(&SpiKey { spi, dir }) } {
+    let slot = match unsafe { HIP_SPIS.get(SpiKey { spi, dir }) } {
         Some(s) => s.slot,
         None => SPI_SLOT_NONE,
     };
@@ -798,7 +798,7 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
         dst_port: rtp.dport,
         ssrc: rtp.ssrc,
     };
-    let (f, new) = match HIP_FLOWS.get_ptr_mut(&key) {
+    let (f, new) = match HIP_FLOWS.get_ptr_mut(key) {
         Some(f) => (f, false),
         None => {
             // A new flow: where it came from is the packet's SA or, without one, the
@@ -808,7 +808,7 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
                     let (spi, a) = xfrm_origin(xs);
                     (spi, a, FLOW_VIA_XFRM)
                 }
-                None => match unsafe { HIP_ASSOCS.get(&src) } {
+                None => match unsafe { HIP_ASSOCS.get(src) } {
                     Some(a) => (a.spi_in, a.locators[0], FLOW_VIA_ASSOC),
                     None => (0, Addr::UNSPECIFIED, 0),
                 },
@@ -831,8 +831,8 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
                 _pad: [0; 6],
             };
             // NOEXIST: if another CPU created it meanwhile, use theirs.
-            let _ = HIP_FLOWS.insert(&key, &init, BPF_NOEXIST as u64);
-            match HIP_FLOWS.get_ptr_mut(&key) {
+            let _ = HIP_FLOWS.insert(key, init, BPF_NOEXIST as u64);
+            match HIP_FLOWS.get_ptr_mut(key) {
                 Some(f) => (f, true),
                 None => return stat(Stat::FlowInsertFailed),
             }
@@ -894,19 +894,19 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
 fn egress(ctx: &TcContext) -> i32 {
     let ip = match parse_ip(ctx) {
         Parsed::Ip(ip) => ip,
-        Parsed::Other => return TC_ACT_PIPE as i32,
+        Parsed::Other => return TC_ACT_PIPE,
         Parsed::Malformed => {
             stat(Stat::Malformed);
-            return TC_ACT_PIPE as i32;
+            return TC_ACT_PIPE;
         }
     };
     match ip.l4_proto {
         IPPROTO_ESP => {
             esp_out(ctx, &ip);
-            TC_ACT_PIPE as i32
+            TC_ACT_PIPE
         }
         IPPROTO_UDP => guard(ctx, &ip),
-        _ => TC_ACT_PIPE as i32,
+        _ => TC_ACT_PIPE,
     }
 }
 
@@ -973,30 +973,30 @@ fn guard_pass(dst: &Addr, cfg: &Config) -> bool {
 #[inline(always)]
 fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
     let Some(cfg) = config() else {
-        return TC_ACT_PIPE as i32;
+        return TC_ACT_PIPE;
     };
     if cfg.guard_enabled == 0 {
-        return TC_ACT_PIPE as i32;
+        return TC_ACT_PIPE;
     }
     let rtp = match parse_udp(ctx, ip, cfg) {
         Udp::Rtp(rtp) => rtp,
-        Udp::NotRtp => return TC_ACT_PIPE as i32,
+        Udp::NotRtp => return TC_ACT_PIPE,
         Udp::Malformed => {
             stat(Stat::Malformed);
-            return TC_ACT_PIPE as i32;
+            return TC_ACT_PIPE;
         }
     };
     let Some((src, dst)) = src_dst(ctx, ip) else {
         // parse_ip checked these bytes already; unreachable in practice.
-        return TC_ACT_PIPE as i32;
+        return TC_ACT_PIPE;
     };
     if guard_pass(&dst, cfg) {
         stat(Stat::GuardPassed);
-        return TC_ACT_PIPE as i32;
+        return TC_ACT_PIPE;
     }
     stat(Stat::GuardDropped);
     let now = unsafe { bpf_ktime_get_ns() };
-    match HIP_GUARD_DROPS.get_ptr_mut(&dst) {
+    match HIP_GUARD_DROPS.get_ptr_mut(dst) {
         Some(g) => unsafe {
             add(&raw mut (*g).packets, 1);
             add(&raw mut (*g).bytes, u64::from(ip.ip_len));
@@ -1009,18 +1009,15 @@ fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
                 first_ns: now,
                 last_ns: now,
             };
-            if HIP_GUARD_DROPS
-                .insert(&dst, &g, BPF_NOEXIST as u64)
-                .is_err()
-            {
+            if HIP_GUARD_DROPS.insert(dst, g, BPF_NOEXIST as u64).is_err() {
                 // Another CPU created it first: add to theirs, no second event.
-                if let Some(g) = HIP_GUARD_DROPS.get_ptr_mut(&dst) {
+                if let Some(g) = HIP_GUARD_DROPS.get_ptr_mut(dst) {
                     unsafe {
                         add(&raw mut (*g).packets, 1);
                         add(&raw mut (*g).bytes, u64::from(ip.ip_len));
                     }
                 }
-                return TC_ACT_SHOT as i32;
+                return TC_ACT_SHOT;
             }
             let ev = Event {
                 kind: EVENT_GUARD_DROP,
@@ -1039,7 +1036,7 @@ fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
             info!(ctx, "hip: media guard dropped RTP to an unverified address");
         }
     }
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

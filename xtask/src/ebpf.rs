@@ -11,28 +11,35 @@ pub fn object_path() -> PathBuf {
     util::root().join("target/ebpf/bpfel-unknown-none/release/hip-ebpf")
 }
 
-/// `cargo +nightly build` of `hip-ebpf` for bpfel-unknown-none, linked by the project's
-/// bpf-linker.
-pub fn build() -> Result<()> {
-    eprintln!("== build-ebpf");
+/// `cargo +nightly SUBCOMMAND` in `hip-ebpf` for bpfel-unknown-none (its own workspace),
+/// with the project's bpf-linker on PATH.
+pub fn cargo(subcommand: &str) -> std::process::Command {
     let tools_bin = util::tools_dir().join("bin");
     let path = format!(
         "{}:{}",
         tools_bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    run(cmd("cargo")
-        .current_dir(util::root().join("hip-ebpf"))
+    let mut c = cmd("cargo");
+    c.current_dir(util::root().join("hip-ebpf"))
         .args([
             "+nightly",
-            "build",
+            subcommand,
             "--release",
             "--target",
             "bpfel-unknown-none",
         ])
         .args(["-Z", "build-std=core", "--target-dir"])
         .arg(util::root().join("target/ebpf"))
-        .env("PATH", path))?;
+        .env("PATH", path);
+    c
+}
+
+/// `cargo +nightly build` of `hip-ebpf` for bpfel-unknown-none, linked by the project's
+/// bpf-linker.
+pub fn build() -> Result<()> {
+    eprintln!("== build-ebpf");
+    run(&mut cargo("build"))?;
     eprintln!("eBPF object: {}", object_path().display());
     Ok(())
 }

@@ -38,7 +38,7 @@ pub fn run() -> Result<()> {
     eprintln!("== setup (each step is skipped when already done)");
     apt()?;
     virtme_ng()?;
-    rust_src()?;
+    nightly_components()?;
     bpf_linker()?;
     Ok(())
 }
@@ -116,18 +116,23 @@ fn virtme_ng() -> Result<()> {
     Ok(())
 }
 
-fn rust_src() -> Result<()> {
+/// The nightly components the eBPF crate needs: rust-src (`-Z build-std=core`), and
+/// rustfmt and clippy for its lint checks in `cargo xtask test`.
+fn nightly_components() -> Result<()> {
     let have =
         output(cmd("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
             .context(
                 "the nightly toolchain is needed for the eBPF build (`rustup toolchain list`)",
             )?;
-    if have.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("setup: rust-src for nightly: present");
-        return Ok(());
+    for component in ["rust-src", "rustfmt", "clippy"] {
+        if have.lines().any(|l| l.starts_with(component)) {
+            eprintln!("setup: {component} for nightly: present");
+            continue;
+        }
+        eprintln!("setup: {component} for nightly: installing");
+        util::run(cmd("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
     }
-    eprintln!("setup: rust-src for nightly: installing");
-    util::run(cmd("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    Ok(())
 }
 
 /// Path of the project's bpf-linker.

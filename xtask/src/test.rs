@@ -181,6 +181,19 @@ pub fn run(a: &TestArgs) -> Result<()> {
                 "warnings",
             ]),
         );
+        // The eBPF crate is its own workspace (nightly, bpfel): linted on its own.
+        check(
+            &mut t,
+            "rustfmt-ebpf",
+            util::cmd("cargo")
+                .current_dir(util::root().join("hip-ebpf"))
+                .args(["+nightly", "fmt", "--check"]),
+        );
+        check(
+            &mut t,
+            "clippy-ebpf",
+            ebpf::cargo("clippy").args(["--", "-D", "warnings"]),
+        );
         check(
             &mut t,
             "rustdoc",
