@@ -423,18 +423,21 @@ impl Offload {
         let mut new = old.clone();
         new.local_locator = local;
         new.peer_locator = peer_locator;
-        for (o, n) in [(old.sa_in(), new.sa_in()), (old.sa_out(), new.sa_out())] {
-            if o.id() == n.id() && o.locators != n.locators {
-                // Same kernel key, new source address: re-add.
-                self.xfrm.del_sa(&o.id()).await?;
-            }
-            self.xfrm.add_sa(&n).await?;
-            if o.id() != n.id() {
-                self.xfrm.del_sa(&o.id()).await?;
-            }
-        }
+        // The policies' templates first: from then on the kernel picks no SA at the old
+        // addresses for sending (templates match on them), so the old outbound SA's
+        // counter is frozen when `move_sa` copies it — otherwise a packet sent in between
+        // would reuse a sequence number, and with AES-GCM a nonce. Packets in the short gap
+        // are dropped (the policy still demands ESP), never sent in clear text.
         for p in new.ipsec_policies() {
             self.xfrm.add_policy(&p).await?;
+        }
+        // Same SPIs and keys at the new addresses, sequence numbers and replay windows
+        // carried over. (An inbound SA whose destination stays may still take a packet
+        // between the copy and the delete; that one packet could be replayed once.)
+        for (o, n) in [(old.sa_out(), new.sa_out()), (old.sa_in(), new.sa_in())] {
+            if o.locators != n.locators {
+                self.xfrm.move_sa(&o.id(), &n).await?;
+            }
         }
         self.routes
             .add_peer_route(new.peer_hit, new.local_hit, new.peer_locator)

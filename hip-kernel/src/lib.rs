@@ -74,6 +74,16 @@ pub trait KernelIpsec: Send + Sync {
     /// not change keys this way — rekeying uses new SPIs, RFC 7402 §6.9).
     fn update_sa(&self, sa: &SaParams) -> impl Future<Output = Result<(), XfrmError>> + Send;
 
+    /// Moves hip's SA `old` to `new`: the same SPI and keys at new outer addresses (an
+    /// RFC 8046 locator change). The new SA continues the old one's sequence numbers and
+    /// replay window, so no ESP sequence number is sent twice under its keys and no
+    /// packet received before is accepted again.
+    fn move_sa(
+        &self,
+        old: &SaId,
+        new: &SaParams,
+    ) -> impl Future<Output = Result<(), XfrmError>> + Send;
+
     /// Deletes hip's SA; `Ok(false)` if there was none.
     fn del_sa(&self, id: &SaId) -> impl Future<Output = Result<bool, XfrmError>> + Send;
 

@@ -155,6 +155,31 @@ pub(crate) fn sa_message(p: &SaParams, update: bool) -> XfrmMessage {
     }
 }
 
+/// An SA's replay state as the kernel reports it: `XFRMA_REPLAY_VAL` (a window of up to
+/// 32) or `XFRMA_REPLAY_ESN_VAL` — its outbound and inbound sequence numbers and window
+/// bitmap.
+pub(crate) fn replay_state(nlas: &[XfrmAttrs]) -> Option<&XfrmAttrs> {
+    nlas.iter()
+        .find(|n| matches!(n, XfrmAttrs::ReplayState(_) | XfrmAttrs::ReplayStateEsn(_)))
+}
+
+/// `XFRM_MSG_NEWSA` for `p` that continues `carried`'s replay state (from
+/// [`replay_state`] of the SA it replaces, same SPI and keys, new addresses). The kernel
+/// copies an `XFRMA_REPLAY_ESN_VAL` whole into the new state
+/// (`xfrm_alloc_replay_state_esn()`) and applies an `XFRMA_REPLAY_VAL` over the fresh
+/// one (`xfrm_update_ae_params()`, net/xfrm/xfrm_user.c), so the outbound sequence number
+/// goes on — with AES-GCM the IV is derived from it (`seqiv`), so a restart would reuse
+/// nonces under the same key — and packets seen before stay refused as replays.
+pub(crate) fn sa_message_continuing(p: &SaParams, carried: &XfrmAttrs) -> XfrmMessage {
+    let mut m = sa_message(p, false);
+    if let XfrmMessage::AddSa(s) = &mut m {
+        s.nlas
+            .retain(|n| !matches!(n, XfrmAttrs::ReplayState(_) | XfrmAttrs::ReplayStateEsn(_)));
+        s.nlas.push(carried.clone());
+    }
+    m
+}
+
 /// `XFRM_MSG_ALLOCSPI` body: a larval SA from `locators.src` to `locators.dst` whose SPI
 /// the kernel picks in `min..=max`.
 pub(crate) fn allocspi_message(
@@ -306,9 +331,14 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
     });
     let (mut enc, mut auth, mut aead) = (None, None, None);
     let mut replay_window = u32::from(info.replay_window);
+    let (mut seq_out, mut seq_in) = (0, 0);
     for n in nlas {
         match n {
-            XfrmAttrs::ReplayStateEsn(r) => replay_window = r.replay_window,
+            XfrmAttrs::ReplayStateEsn(r) => {
+                replay_window = r.replay_window;
+                (seq_out, seq_in) = (r.oseq, r.seq);
+            }
+            XfrmAttrs::ReplayState(r) => (seq_out, seq_in) = (r.oseq, r.seq),
             XfrmAttrs::EncryptionAlg(a) => enc = Some(name_back(&a.alg_name)),
             XfrmAttrs::AuthenticationAlgTrunc(a) => auth = Some(name_back(&a.alg_name)),
             XfrmAttrs::EncryptionAlgAead(a) => aead = Some(name_back(&a.alg_name)),
@@ -332,6 +362,8 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
         bytes: info.lifetime_cur.bytes,
         packets: info.lifetime_cur.packets,
         replay_window,
+        seq_out,
+        seq_in,
     })
 }
 
@@ -554,6 +586,49 @@ mod tests {
         let mut p = sa();
         p.replay_window = MAX_REPLAY_WINDOW + 1;
         assert!(p.check().is_err());
+    }
+
+    #[test]
+    fn a_moved_sa_continues_the_old_ones_sequence_numbers() {
+        use netlink_packet_xfrm::Replay;
+        for window in [32, 1024] {
+            let mut old = sa();
+            old.replay_window = window;
+            // What the kernel reports for the old SA after traffic: 500 sent, 480 seen.
+            let XfrmMessage::AddSa(mut reported) = sa_message(&old, false) else {
+                unreachable!()
+            };
+            for n in &mut reported.nlas {
+                if let XfrmAttrs::ReplayStateEsn(r) = n {
+                    (r.oseq, r.seq, r.bmp[0]) = (500, 480, 0xffff_0000);
+                }
+            }
+            if window <= 32 {
+                reported.nlas.push(XfrmAttrs::ReplayState(Replay {
+                    oseq: 500,
+                    seq: 480,
+                    bitmap: 0xffff_0000,
+                }));
+            }
+            let carried = replay_state(&reported.nlas).unwrap().clone();
+            let mut new = old.clone();
+            new.locators.dst = "2001:db8::9".parse().unwrap();
+            let XfrmMessage::AddSa(m) = round_trip(&sa_message_continuing(&new, &carried)) else {
+                unreachable!()
+            };
+            let states: Vec<_> = m
+                .nlas
+                .iter()
+                .filter(|n| matches!(n, XfrmAttrs::ReplayState(_) | XfrmAttrs::ReplayStateEsn(_)))
+                .collect();
+            assert_eq!(states, vec![&carried], "exactly the carried state");
+            let e = sa_entry(&m.user_sa_info, &m.nlas).unwrap();
+            assert_eq!((e.seq_out, e.seq_in, e.replay_window), (500, 480, window));
+            assert_eq!(e.id.dst, new.locators.dst);
+            // The window sits in one place only, as verify_replay() wants.
+            let in_info = u32::from(m.user_sa_info.replay_window);
+            assert_eq!(in_info, if window <= 32 { window } else { 0 });
+        }
     }
 
     #[test]

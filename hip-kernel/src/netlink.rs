@@ -98,12 +98,18 @@ impl XfrmNetlink {
 
     /// Sends an SA request, naming missing ESP or crypto support in the error.
     async fn sa_request(&self, p: &SaParams, update: bool) -> Result<(), XfrmError> {
-        let verb = if update { "update" } else { "add" };
+        self.send_sa(
+            p,
+            msg::sa_message(p, update),
+            if update { "update" } else { "add" },
+        )
+        .await
+    }
+
+    /// Sends `m`, an SA message for `p`.
+    async fn send_sa(&self, p: &SaParams, m: XfrmMessage, verb: &str) -> Result<(), XfrmError> {
         let op = || format!("{verb} {}", p.id());
-        match self
-            .request(msg::sa_message(p, update), NLM_F_REQUEST | NLM_F_ACK, op)
-            .await
-        {
+        match self.request(m, NLM_F_REQUEST | NLM_F_ACK, op).await {
             Ok(_) => Ok(()),
             // xfrm_init_state(): xfrm_get_type() found no ESP handler
             // ("Requested type not found" in the extended ack).
@@ -238,6 +244,40 @@ impl KernelIpsec for XfrmNetlink {
             }
             Some(_) => self.sa_request(sa, true).await,
         }
+    }
+
+    async fn move_sa(&self, old: &SaId, new: &SaParams) -> Result<(), XfrmError> {
+        new.check()?;
+        let cur = match self.get_sa(old).await? {
+            None => return Err(XfrmError::kernel(format!("move {old}"), libc::ESRCH)),
+            Some(c) if !sa_reqid(&c).is_some_and(owner::is_owned_reqid) => {
+                return Err(XfrmError::ForeignConflict {
+                    what: old.to_string(),
+                });
+            }
+            Some(XfrmMessage::AddSa(c)) => c,
+            Some(_) => unreachable!("sa_reqid matched AddSa/UpdateSa"),
+        };
+        let m = match msg::replay_state(&cur.nlas) {
+            Some(r) => msg::sa_message_continuing(new, r),
+            // The kernel reports one for every SA (copy_to_user_state_extra()).
+            None => {
+                return Err(XfrmError::InvalidParam(format!(
+                    "{old} carries no replay state to continue"
+                )));
+            }
+        };
+        // The same (destination, SPI) must go before it can be added again; a new
+        // destination is added first. The policies still demand ESP: a gap drops packets.
+        let same = *old == new.id();
+        if same {
+            self.del_sa(old).await?;
+        }
+        self.send_sa(new, m, "move").await?;
+        if !same {
+            self.del_sa(old).await?;
+        }
+        Ok(())
     }
 
     async fn del_sa(&self, id: &SaId) -> Result<bool, XfrmError> {

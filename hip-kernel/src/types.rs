@@ -587,6 +587,10 @@ pub struct SaEntry {
     pub packets: u64,
     /// Anti-replay window in packets.
     pub replay_window: u32,
+    /// The last ESP sequence number sent with this SA (`oseq`; outbound SAs).
+    pub seq_out: u32,
+    /// The highest ESP sequence number received (`seq`; inbound SAs).
+    pub seq_in: u32,
 }
 
 /// A policy as read back from the kernel.

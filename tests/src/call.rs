@@ -347,6 +347,8 @@ pub struct Packet {
     pub dport: u16,
     /// ESP SPI (hex text, e.g. `0x48490001`), if ESP.
     pub spi: Option<u32>,
+    /// ESP sequence number, if ESP.
+    pub esp_seq: Option<u32>,
     /// HIP packet type (1 I1, 2 R1, 3 I2, 4 R2, …), if HIP.
     pub hip_type: Option<u8>,
     /// HIP sender HIT.
@@ -392,12 +394,14 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
             "sip.Status-Code",
             "-e",
             "sdp.version",
+            "-e",
+            "esp.sequence",
         ],
     )?;
     let mut v = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 12 || f[1].is_empty() {
+        if f.len() < 13 || f[1].is_empty() {
             continue;
         }
         let time = f[0].parse().unwrap_or(0.0);
@@ -427,6 +431,7 @@ pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
                 .filter(|s| !s.is_empty())
                 .or_else(|| Some(first(f[9])).filter(|s| !s.is_empty())),
             sdp: !f[10].is_empty(),
+            esp_seq: num(f[11]).map(|x| x as u32),
         });
     }
     Ok(v)

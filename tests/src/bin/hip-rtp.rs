@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! hip-rtp send --netns NS --from [HIT]:PORT --to [HIT]:PORT --count N [--interval-ms 20] [--ssrc X]
-//! hip-rtp recv --netns NS --bind [HIT]:PORT --count N [--timeout-s 20] [--until-seq S]
+//! hip-rtp recv --netns NS --bind [HIT]:PORT --count N [--timeout-s 20] [--until-seq S] [--idle-ms MS]
 //! ```
 //!
 //! Packets are RTP version 2, payload type 0 (PCMU), 160 payload octets whose content is
@@ -61,6 +61,10 @@ enum Cmd {
         /// arrived, for streams that may lose packets on the way.
         #[arg(long)]
         until_seq: Option<u16>,
+        /// Also stop when, after the first packet, none has come for this long (the
+        /// sender was stopped): for streams of unknown length.
+        #[arg(long)]
+        idle_ms: Option<u64>,
     },
 }
 
@@ -117,6 +121,7 @@ fn main() -> Result<()> {
             timeout_s,
             announce,
             until_seq,
+            idle_ms,
         } => {
             let s = UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))?;
             if announce {
@@ -129,9 +134,12 @@ fn main() -> Result<()> {
             let mut ssrcs = Vec::new();
             let mut buf = [0u8; 2048];
             while got < count {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let mut left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
+                }
+                if let Some(idle) = idle_ms.filter(|_| got > 0) {
+                    left = left.min(Duration::from_millis(idle));
                 }
                 s.set_read_timeout(Some(left))?;
                 let (n, src) = match s.recv_from(&mut buf) {
