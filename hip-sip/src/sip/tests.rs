@@ -194,6 +194,28 @@ fn sdp(user: &str, hit: &str) -> Bytes {
     ))
 }
 
+/// alice (node 0) and bob (node 1), bob answering every call with his SDP.
+fn alice_and_bob() -> Sim {
+    let mut sim = Sim::new(vec![
+        ua("alice", "atlanta.com", ALICE, 1),
+        ua("bob", "biloxi.com", BOB, 2),
+    ]);
+    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    sim
+}
+
+/// [`alice_and_bob`] after alice's call to bob was answered and acknowledged (10 ms).
+fn answered_call() -> (Sim, CallHandle) {
+    let mut sim = alice_and_bob();
+    let now = sim.now;
+    let h = sim.nodes[0]
+        .ua
+        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
+        .unwrap();
+    sim.run_for(ms(10));
+    (sim, h)
+}
+
 fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
     msg.lines().find_map(|l| {
         let (n, v) = l.split_once(':')?;
@@ -203,17 +225,7 @@ fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
 
 #[test]
 fn a_call_between_two_agents_completes_and_leaves_nothing_behind() {
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
-    let now = sim.now;
-    let h = sim.nodes[0]
-        .ua
-        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
-        .unwrap();
-    sim.run_for(ms(10));
+    let (mut sim, h) = answered_call();
     let lines: Vec<String> = sim.log.iter().map(Wire::first_line).collect();
     assert_eq!(
         lines,
@@ -534,11 +546,7 @@ fn timer_k_and_d_absorb_response_retransmissions() {
 
 #[test]
 fn a_lossy_link_still_completes_the_call_through_retransmissions() {
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    let mut sim = alice_and_bob();
     // Lose the first INVITE, the first 200 OK and the first ACK.
     let mut lost = (false, false, false);
     sim.drop = Box::new(move |w| {
@@ -692,17 +700,7 @@ fn cancel_before_answer_ends_both_sides() {
 
 #[test]
 fn update_carries_new_sdp_both_ways() {
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
-    let now = sim.now;
-    let h = sim.nodes[0]
-        .ua
-        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
-        .unwrap();
-    sim.run_for(ms(10));
+    let (mut sim, h) = answered_call();
     let now = sim.now;
     sim.nodes[0]
         .ua
@@ -725,17 +723,7 @@ fn update_carries_new_sdp_both_ways() {
 /// there — his BYE reaches her at the new address. No re-INVITE, no SDP.
 #[test]
 fn a_target_refresh_moves_the_dialog_to_the_new_address() {
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
-    let now = sim.now;
-    let h = sim.nodes[0]
-        .ua
-        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
-        .unwrap();
-    sim.run_for(ms(10));
+    let (mut sim, h) = answered_call();
     let bob_call = sim.nodes[1].ua.calls()[0].handle;
     assert_eq!(
         sim.nodes[1]
@@ -831,11 +819,7 @@ fn identity_rides_on_the_invite_and_on_the_callees_update() {
     trust.insert("192.0.2.4", kb.verifying_key());
     let (hit_a, hit_b): (crate::sdp::Hit, crate::sdp::Hit) =
         ("2001:20::a".parse().unwrap(), "2001:20::b".parse().unwrap());
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
+    let mut sim = alice_and_bob();
     let target = "sip:bob@192.0.2.4";
     let claims = |orig: &str, dest: &str, hit| Claims {
         orig: identity::canonical(orig).unwrap(),
@@ -942,17 +926,7 @@ fn identity_rides_on_the_invite_and_on_the_callees_update() {
 
 #[test]
 fn an_unanswered_update_is_reported() {
-    let mut sim = Sim::new(vec![
-        ua("alice", "atlanta.com", ALICE, 1),
-        ua("bob", "biloxi.com", BOB, 2),
-    ]);
-    sim.nodes[1].auto_answer = Some(sdp("bob", "2001:20::b"));
-    let now = sim.now;
-    let h = sim.nodes[0]
-        .ua
-        .call(now, "sip:bob@192.0.2.4", Some(sdp("alice", "2001:20::a")))
-        .unwrap();
-    sim.run_for(ms(10));
+    let (mut sim, h) = answered_call();
     // From now on nothing reaches Bob.
     sim.drop = Box::new(|w| w.to == addr(BOB));
     let now = sim.now;
