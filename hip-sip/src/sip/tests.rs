@@ -725,13 +725,9 @@ fn update_carries_new_sdp_both_ways() {
 fn a_target_refresh_moves_the_dialog_to_the_new_address() {
     let (mut sim, h) = answered_call();
     let bob_call = sim.nodes[1].ua.calls()[0].handle;
+    let bob_target = |sim: &Sim| sim.nodes[1].ua.call_info(bob_call).unwrap().remote_target;
     assert_eq!(
-        sim.nodes[1]
-            .ua
-            .call_info(bob_call)
-            .unwrap()
-            .remote_target
-            .as_deref(),
+        bob_target(&sim).as_deref(),
         Some("sip:alice@192.0.2.1:5060")
     );
     // Refused before the dialog is confirmed, and for unknown calls.
@@ -768,12 +764,7 @@ fn a_target_refresh_moves_the_dialog_to_the_new_address() {
     assert_eq!(sim.log[before + 1].first_line(), "SIP/2.0 200 OK");
     assert_eq!(sim.log[before + 1].to, addr(MOVED));
     assert_eq!(
-        sim.nodes[1]
-            .ua
-            .call_info(bob_call)
-            .unwrap()
-            .remote_target
-            .as_deref(),
+        bob_target(&sim).as_deref(),
         Some("sip:alice@192.0.2.11:5060")
     );
     // No SDP travelled: bob saw no new offer, alice got her UpdateResult.
