@@ -109,6 +109,41 @@ impl FromStr for TransportAddr {
     }
 }
 
+impl TransportAddr {
+    /// Like [`FromStr`], but the host may also be a DNS name (`udp:proxy.atlanta.com:5060`),
+    /// resolved now through the system resolver (A/AAAA; the first address wins). RFC
+    /// 3263's NAPTR and SRV steps are not done: the transport and port are the ones given.
+    pub fn resolve(s: &str) -> Result<Self, String> {
+        if let Ok(t) = s.parse() {
+            return Ok(t);
+        }
+        let (t, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected transport:address:port"))?;
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected transport:host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        // The transport is checked by parsing it with a placeholder address.
+        let Self { transport, .. } = format!("{t}:0.0.0.0:{port}").parse()?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .map_err(|e| format!("{s:?}: cannot resolve {host:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{s:?}: {host:?} has no address"))?;
+        Ok(Self { transport, addr })
+    }
+}
+
+/// `outbound_proxy` and `registrar`: a [`TransportAddr`] whose host may be a DNS name.
+fn de_resolved<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TransportAddr>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| TransportAddr::resolve(&s))
+        .transpose()
+        .map_err(serde::de::Error::custom)
+}
+
 impl fmt::Display for TransportAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -501,11 +536,12 @@ pub struct SipSection {
     /// Digest password.
     #[serde(default)]
     pub password: Option<String>,
-    /// Outbound proxy for calls and OPTIONS.
-    #[serde(default)]
+    /// Outbound proxy for calls and OPTIONS; its host may be a DNS name, resolved when the
+    /// configuration is loaded.
+    #[serde(default, deserialize_with = "de_resolved")]
     pub outbound_proxy: Option<TransportAddr>,
-    /// Registrar (default: the outbound proxy).
-    #[serde(default)]
+    /// Registrar (default: the outbound proxy); a name is resolved like the proxy's.
+    #[serde(default, deserialize_with = "de_resolved")]
     pub registrar: Option<TransportAddr>,
     /// Register at start-up (needs a registrar or outbound proxy).
     #[serde(default)]
@@ -908,6 +944,36 @@ mod tests {
         assert!(c.sip.sdp.send_hi);
         assert_eq!(c.sip.sdp.rtp_port, 4000);
         assert_eq!(c.sip.timers.t1, std::time::Duration::from_millis(100));
+    }
+
+    #[test]
+    fn proxies_may_be_named_and_are_resolved_at_load() {
+        // `localhost` comes from /etc/hosts: no DNS server is involved.
+        let c = parse(&format!(
+            "{MIN}outbound_proxy = \"udp:localhost:5070\"\nregistrar = \"udp:localhost:5080\"\n"
+        ))
+        .unwrap();
+        let p = c.sip.outbound_proxy.unwrap();
+        assert_eq!(p.transport, Transport::Udp);
+        assert_eq!(p.addr.port(), 5070);
+        assert!(p.addr.ip().is_loopback(), "{p}");
+        assert_eq!(c.sip.registrar.unwrap().addr.port(), 5080);
+        // IP literals need no resolver; malformed forms fail before any lookup.
+        assert_eq!(
+            TransportAddr::resolve("tls:[2001:db8::1]:5061")
+                .unwrap()
+                .to_string(),
+            "tls:[2001:db8::1]:5061"
+        );
+        for (bad, word) in [
+            ("sctp:localhost:5060", "unknown transport"),
+            ("udp:localhost:sip", "not a port"),
+            ("udp:localhost", "transport:host:port"),
+            ("localhost", "transport:address:port"),
+        ] {
+            let e = TransportAddr::resolve(bad).unwrap_err();
+            assert!(e.contains(word), "{bad}: {e}");
+        }
     }
 
     #[test]
