@@ -14,7 +14,6 @@
 
 use std::{
     io::Write,
-    net::Ipv6Addr,
     path::{Path, PathBuf},
 };
 
@@ -95,13 +94,10 @@ pub struct XfrmSpec {
     pub guard: Option<Guard>,
 }
 
-/// Finds the SIP URI for a HIT (the known-HITs pool); the lead wires `pool.rs` in here.
-pub type UriLookup<'a> = &'a dyn Fn(&Ipv6Addr) -> Option<String>;
-
 /// Runs `hip-agent xfrm …` in the current network namespace.
-pub fn run(args: XfrmArgs, uris: UriLookup<'_>) -> Result<()> {
+pub fn run(args: XfrmArgs) -> Result<()> {
     match args.cmd {
-        None => list(&args, uris),
+        None => list(&args),
         Some(XfrmCmd::Install { spec, hold }) => install(&spec, hold),
         Some(XfrmCmd::Bench {
             sizes,
@@ -119,10 +115,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-fn list(args: &XfrmArgs, uris: UriLookup<'_>) -> Result<()> {
+fn list(args: &XfrmArgs) -> Result<()> {
     let v: XfrmView = if args.direct {
         let owned = runtime()?.block_on(async { XfrmNetlink::new()?.list_owned().await })?;
-        inspect::xfrm_view(owned, uris)
+        // The pool binds peer HITs to SIP URIs; a missing or unreadable pool only leaves
+        // the URIs out.
+        let pool = hip_agent::pool::Pool::open(&args.pool).ok();
+        inspect::xfrm_view(owned, |hit| pool.as_ref()?.peer_uri(hit))
     } else {
         let mut v = ask(&args.socket, Request::Xfrm).context(
             "asking the agent for its XFRM objects (`--direct` reads the kernel without one)",

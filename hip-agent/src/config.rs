@@ -89,24 +89,30 @@ impl FromStr for TransportAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (t, a) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected transport:address:port"))?;
-        let transport = match t.to_ascii_lowercase().as_str() {
-            "udp" => Transport::Udp,
-            "tcp" => Transport::Tcp,
-            "tls" => Transport::Tls,
-            other => {
-                return Err(format!(
-                    "{s:?}: unknown transport {other:?} (udp, tcp, tls)"
-                ));
-            }
-        };
+        let (transport, a) = split_transport(s)?;
         let addr = a
             .parse()
             .map_err(|_| format!("{s:?}: {a:?} is not an IP address with a port"))?;
         Ok(Self { transport, addr })
     }
+}
+
+/// `transport:rest` → the transport and `rest`.
+fn split_transport(s: &str) -> Result<(Transport, &str), String> {
+    let (t, rest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected transport:address:port"))?;
+    let transport = match t.to_ascii_lowercase().as_str() {
+        "udp" => Transport::Udp,
+        "tcp" => Transport::Tcp,
+        "tls" => Transport::Tls,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown transport {other:?} (udp, tcp, tls)"
+            ));
+        }
+    };
+    Ok((transport, rest))
 }
 
 impl TransportAddr {
@@ -117,17 +123,13 @@ impl TransportAddr {
         if let Ok(t) = s.parse() {
             return Ok(t);
         }
-        let (t, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected transport:address:port"))?;
+        let (transport, rest) = split_transport(s)?;
         let (host, port) = rest
             .rsplit_once(':')
             .ok_or_else(|| format!("{s:?}: expected transport:host:port"))?;
         let port: u16 = port
             .parse()
             .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
-        // The transport is checked by parsing it with a placeholder address.
-        let Self { transport, .. } = format!("{t}:0.0.0.0:{port}").parse()?;
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
             .map_err(|e| format!("{s:?}: cannot resolve {host:?}: {e}"))?
             .next()

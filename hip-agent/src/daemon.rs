@@ -1526,11 +1526,7 @@ impl Daemon {
                 };
                 match o.list_owned().await {
                     Ok(owned) => {
-                        let pool = &self.pool;
-                        let v = crate::inspect::xfrm_view(owned, |hit| {
-                            let h = hip_sip::sdp::Hit(hit.octets());
-                            pool.peer_of(&h).map(|e| e.peer_uri.clone())
-                        });
+                        let v = crate::inspect::xfrm_view(owned, |hit| self.pool.peer_uri(hit));
                         json!({"ok": true, "xfrm": v})
                     }
                     Err(e) => fail(&e),

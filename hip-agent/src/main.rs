@@ -112,16 +112,7 @@ fn main() -> Result<()> {
         hip_agent::netns::enter(ns)?;
     }
     match cli.cmd {
-        // The lead connects the known-HITs pool here for SIP URIs.
-        Cmd::Xfrm(a) => {
-            // The pool binds peer HITs to SIP URIs; a missing or unreadable pool only
-            // leaves the URIs out.
-            let pool = hip_agent::pool::Pool::open(&a.pool).ok();
-            cmd_xfrm::run(a, &|hit| {
-                let h = hip_sip::sdp::Hit(hit.octets());
-                pool.as_ref()?.peer_of(&h).map(|e| e.peer_uri.clone())
-            })?
-        }
+        Cmd::Xfrm(a) => cmd_xfrm::run(a)?,
         Cmd::Datapath(DatapathCmd::Attach { iface, pin_dir }) => {
             let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
             let links = dp

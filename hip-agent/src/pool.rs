@@ -152,6 +152,11 @@ impl Pool {
             .find(|e| e.identities.iter().any(|i| &i.hit == hit))
     }
 
+    /// The SIP URI a HIT (as an IPv6 address, e.g. an XFRM selector) is bound to.
+    pub fn peer_uri(&self, hit: &std::net::Ipv6Addr) -> Option<String> {
+        self.peer_of(&Hit(hit.octets())).map(|e| e.peer_uri.clone())
+    }
+
     /// All entries, by URI.
     pub fn entries(&self) -> impl Iterator<Item = &PoolEntry> {
         self.entries.values()

@@ -297,6 +297,17 @@ impl Scenario {
         Ok(())
     }
 
+    /// Waits until neither namespace holds an SA or policy (after the call ended).
+    pub fn wait_kernel_empty(&self) -> Result<()> {
+        for ns in [self.alice_ns(), self.bob_ns()] {
+            wait_until(Duration::from_secs(30), "SAs and policies removed", || {
+                (xfrm_counts(ns).ok()? == (0, 0)).then_some(())
+            })
+            .with_context(|| format!("in {}", ns.name()))?;
+        }
+        Ok(())
+    }
+
     /// Stops the capture (flushing it) and returns the pcap's path.
     pub fn stop_capture(&mut self) -> Result<PathBuf> {
         if let Some(mut c) = self.capture.take() {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use hip_tests::{
     call::{self, Options, Scenario, xfrm_counts},
     sip::{es256_key, scratch, wait_calls_ended},
-    wait_until,
 };
 
 #[test]
@@ -103,12 +102,7 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
     assert!(same["packets"].as_u64() >= Some(u64::from(N)), "{same}");
 
     s.hangup(&call).unwrap();
-    for ns in [s.alice_ns(), s.bob_ns()] {
-        wait_until(Duration::from_secs(30), "SAs and policies removed", || {
-            (xfrm_counts(ns).ok()? == (0, 0)).then_some(())
-        })
-        .unwrap();
-    }
+    s.wait_kernel_empty().unwrap();
 
     // The capture: between the hosts only HIP, ESP (with the reported SPIs) and SIP.
     let pcap = s.stop_capture().unwrap();
@@ -409,12 +403,7 @@ fn a_moved_caller_keeps_its_media_without_a_reinvite() {
     s.bob.ctl(&["hangup", &bob_call]).unwrap();
     wait_calls_ended(&[&s.alice, &s.bob], Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e:#}\n--- alice's log ---\n{}", s.alice.log()));
-    for ns in [s.alice_ns(), s.bob_ns()] {
-        wait_until(Duration::from_secs(30), "SAs and policies removed", || {
-            (xfrm_counts(ns).ok()? == (0, 0)).then_some(())
-        })
-        .unwrap();
-    }
+    s.wait_kernel_empty().unwrap();
 
     // On the wire: HIP UPDATE moved the media; SIP only refreshed the dialog's target (an
     // UPDATE without SDP) and the registration — no re-INVITE, no new offer.

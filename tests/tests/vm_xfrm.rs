@@ -347,6 +347,19 @@ fn udp_between_hits_crosses_only_as_esp_null_hmac_sha256() {
     datapath(EspTransform::NullHmacSha256);
 }
 
+/// `hip-agent xfrm install --spec FILE` in `ns` (reconcile to the file; no agent stays).
+fn install_spec(ns: &NetNs, file: &std::path::Path) -> std::process::Output {
+    run_agent([
+        "--netns",
+        ns.name(),
+        "xfrm",
+        "install",
+        "--spec",
+        file.to_str().unwrap(),
+    ])
+    .unwrap()
+}
+
 fn spec(assocs: &[&AssociationParams]) -> String {
     serde_json::json!({ "associations": assocs, "guard": null }).to_string()
 }
@@ -418,15 +431,7 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
     );
 
     // The restarted agent knows only a1 as live: a2's objects are stale.
-    let out = run_agent([
-        "--netns",
-        ns.name(),
-        "xfrm",
-        "install",
-        "--spec",
-        s1.to_str().unwrap(),
-    ])
-    .unwrap();
+    let out = install_spec(&ns, &s1);
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep["reconcile"]["removed_sas"], 2, "{rep}");
     assert_eq!(rep["reconcile"]["removed_policies"], 4, "{rep}");
@@ -466,15 +471,7 @@ fn sigkill_and_restart_leaves_no_stale_objects_and_spares_foreign_ones() {
 
     // Nothing live: everything of hip's goes, the foreign objects stay byte for byte.
     std::fs::write(&s1, spec(&[])).unwrap();
-    run_agent([
-        "--netns",
-        ns.name(),
-        "xfrm",
-        "install",
-        "--spec",
-        s1.to_str().unwrap(),
-    ])
-    .unwrap();
+    install_spec(&ns, &s1);
     assert_eq!(xfrm_list(&ns, "state"), foreign_sa);
     assert_eq!(xfrm_list(&ns, "policy"), foreign_pol);
     let _ = std::fs::remove_dir_all(&dir);
