@@ -310,7 +310,9 @@ fn trapezoid_through_two_kamailio_proxies_reproduces_f1_to_f12() {
         "user = \"bob\"\ndomain = \"biloxi.com\"\ndisplay_name = \"Bob\"\npassword = \"bob-pw\"\n\
          outbound_proxy = \"udp:192.0.2.3:5060\"\nregister = true\nregister_expires = 300\n\
          listen = [\"udp:192.0.2.4:5060\"]",
-        "[sip.sdp]\nform = \"k\"\n",
+        // Bob rings before he answers, as in the draft's flow: with a 200 right behind
+        // the 180, a proxy worker may forward the 200 first and then drop the late 180.
+        "[sip.sdp]\nform = \"k\"\n[sip.answer]\nring_ms = 300\n",
     )
     .unwrap();
     for (who, a) in [("alice", &alice), ("bob", &bob)] {
