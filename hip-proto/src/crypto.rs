@@ -126,13 +126,17 @@ fn modp_public<const L: usize>(hex: &str, x: &U256) -> Vec<u8> {
     g.pow(x).retrieve().to_be_bytes().to_vec()
 }
 
-/// y^x mod p after checking 1 < y < p - 1 (RFC 2631 §2.1.5-style range check).
+/// y^x mod p after checking 1 < y < p - 1 (RFC 2631 §2.1.5-style range check). `peer`
+/// may be shorter than the prime (leading zero octets left out); never longer.
 fn modp_agree<const L: usize>(hex: &str, x: &U256, peer: &[u8]) -> Option<Vec<u8>> {
-    if peer.len() != L * 8 {
+    if peer.is_empty() || peer.len() > Uint::<L>::BYTES {
         return None;
     }
     let params = modp_params::<L>(hex);
-    let y = Uint::<L>::from_be_slice(peer);
+    // `from_be_slice` wants exactly the full width: left-pad the value.
+    let mut full = vec![0u8; Uint::<L>::BYTES];
+    full[Uint::<L>::BYTES - peer.len()..].copy_from_slice(peer);
+    let y = Uint::<L>::from_be_slice(&full);
     let pm1 = params.modulus().get().wrapping_sub(&Uint::<L>::ONE);
     if y <= Uint::<L>::ONE || y >= pm1 {
         return None;
@@ -144,6 +148,23 @@ fn modp_agree<const L: usize>(hex: &str, x: &U256, peer: &[u8]) -> Option<Vec<u8
             .to_be_bytes()
             .to_vec(),
     )
+}
+
+/// The SEC1 uncompressed point (0x04 ‖ x ‖ y) for an ECDH public value received as
+/// `x ‖ y` (RFC 5903 §7) or already as 0x04 ‖ x ‖ y; `None` for any other length or
+/// prefix (compressed points included). `field` is the coordinate size in octets. The
+/// curve check is the caller's (`PublicKey::from_sec1_bytes`).
+fn ecdh_sec1_point(peer: &[u8], field: usize) -> Option<Vec<u8>> {
+    if peer.len() == 2 * field {
+        let mut v = Vec::with_capacity(1 + 2 * field);
+        v.push(0x04);
+        v.extend_from_slice(peer);
+        Some(v)
+    } else if peer.len() == 2 * field + 1 && peer[0] == 0x04 {
+        Some(peer.to_vec())
+    } else {
+        None
+    }
 }
 
 /// A local DH key pair. One pair may be reused across exchanges (R1 precomputation,
@@ -205,31 +226,52 @@ impl DhSecret {
         }
     }
 
-    /// The public value as carried in DIFFIE_HELLMAN: for ECDH groups the SEC1 uncompressed
-    /// point (0x04 ‖ x ‖ y), for MODP groups the big-endian value padded to the prime's
-    /// length (RFC 7401 §5.2.7).
+    /// The public value as carried in DIFFIE_HELLMAN (RFC 7401 §5.2.7):
+    ///
+    /// * ECDH (groups 7, 8): `x ‖ y`, each coordinate big-endian and zero-padded to the
+    ///   field size (32 / 48 octets), **without** the SEC1 0x04 prefix. RFC 7401 §5.2.7
+    ///   defines these groups by reference to RFC 5903, whose §7 ("ECP Key Exchange Data
+    ///   Formats") specifies exactly this concatenation; HIPL's HIPv2 code and cutehip
+    ///   send it too. (Until issue 10, hip sent 0x04 ‖ x ‖ y; [`DhSecret::agree`] still
+    ///   takes that form.)
+    /// * MODP: the big-endian value padded to the prime's length.
     pub fn public_value(&self) -> Vec<u8> {
         match self {
-            DhSecret::P256(k) => k.public_key().to_sec1_bytes().to_vec(),
-            DhSecret::P384(k) => k.public_key().to_sec1_bytes().to_vec(),
+            // `to_sec1_bytes` is uncompressed for these curves (no point compression by
+            // default): 0x04 ‖ x ‖ y, of which the coordinates are sent.
+            DhSecret::P256(k) => k.public_key().to_sec1_bytes()[1..].to_vec(),
+            DhSecret::P384(k) => k.public_key().to_sec1_bytes()[1..].to_vec(),
             DhSecret::Modp { public, .. } => public.clone(),
         }
     }
 
     /// Computes the shared secret Kij with the peer's public value: the x-coordinate for
-    /// ECDH, g^xy mod p (full length) for MODP.
+    /// ECDH (RFC 5903 §7: the x value of the common point, always the full field size),
+    /// g^xy mod p padded to the prime's length for MODP. Never shortened by leading
+    /// zeros: Kij is the HIP-KDF input, and a stripped value would give other keys.
+    ///
+    /// Accepted encodings of the peer's value, told apart by their length alone:
+    ///
+    /// * ECDH: `x ‖ y` (2 × field size, RFC 5903 §7, what RFC 7401 specifies) or the SEC1
+    ///   uncompressed point `0x04 ‖ x ‖ y` (2 × field size + 1, what hip sent before).
+    ///   Compressed points, the point at infinity and points off the curve are refused.
+    /// * MODP: up to the prime's length, big-endian; a shorter value is the same integer
+    ///   without its leading zero octets (RFC 7401 does not require the padding) and is
+    ///   taken as such. The value must lie in 2..=p-2 either way.
     pub fn agree(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let g = self.group().id();
         let bad = || CryptoError::BadDhPublic(g);
         match self {
             DhSecret::P256(k) => {
-                let pk = p256::PublicKey::from_sec1_bytes(peer).map_err(|_| bad())?;
+                let sec1 = ecdh_sec1_point(peer, 32).ok_or_else(bad)?;
+                let pk = p256::PublicKey::from_sec1_bytes(&sec1).map_err(|_| bad())?;
                 Ok(Zeroizing::new(
                     k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
                 ))
             }
             DhSecret::P384(k) => {
-                let pk = p384::PublicKey::from_sec1_bytes(peer).map_err(|_| bad())?;
+                let sec1 = ecdh_sec1_point(peer, 48).ok_or_else(bad)?;
+                let pk = p384::PublicKey::from_sec1_bytes(&sec1).map_err(|_| bad())?;
                 Ok(Zeroizing::new(
                     k.diffie_hellman(&pk).raw_secret_bytes().to_vec(),
                 ))
@@ -588,8 +630,8 @@ mod tests {
             let kb = b.agree(&a.public_value()).unwrap();
             assert_eq!(ka, kb, "{g:?}");
             let expect_len = match g {
-                DhGroup::NistP256 => 65,
-                DhGroup::NistP384 => 97,
+                DhGroup::NistP256 => 64,
+                DhGroup::NistP384 => 96,
                 DhGroup::Modp1536 => 192,
                 DhGroup::Modp2048 => 256,
                 DhGroup::Modp3072 => 384,
@@ -599,8 +641,12 @@ mod tests {
             bad[5] ^= 1;
             if matches!(g, DhGroup::NistP256 | DhGroup::NistP384) {
                 assert!(a.agree(&bad).is_err());
+                assert!(a.agree(&bad[..10]).is_err());
             }
-            assert!(a.agree(&bad[..10]).is_err());
+            // (A short MODP value is a smaller integer: see the test below.)
+            let mut over = vec![0u8];
+            over.extend_from_slice(&b.public_value());
+            assert!(a.agree(&over).is_err());
         }
         let m = DhSecret::generate(DhGroup::Modp3072, &mut rng);
         let mut one = vec![0u8; 384];
@@ -610,6 +656,155 @@ mod tests {
             m.agree(&[0xff; 384]).unwrap_err(),
             CryptoError::BadDhPublic(4)
         );
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        hex::decode(s.replace([' ', '\n'], "")).unwrap()
+    }
+
+    /// RFC 5903 §8.1 and §8.2 (the IKEv2 ECP test vectors; RFC 7401 §5.2.7 defines
+    /// groups 7 and 8 by reference to RFC 5903): private i and r, public g^i and g^r as
+    /// x ‖ y, shared secret the x coordinate of g^ir.
+    #[test]
+    fn ecdh_matches_rfc5903_vectors() {
+        struct V {
+            group: DhGroup,
+            i: &'static str,
+            gi: &'static str,
+            r: &'static str,
+            gr: &'static str,
+            girx: &'static str,
+        }
+        let vectors = [
+            V {
+                group: DhGroup::NistP256,
+                i: "C88F01F5 10D9AC3F 70A292DA A2316DE5 44E9AAB8 AFE84049 C62A9C57 862D1433",
+                gi: "DAD0B653 94221CF9 B051E1FE CA5787D0 98DFE637 FC90B9EF 945D0C37 72581180
+                     5271A046 1CDB8252 D61F1C45 6FA3E59A B1F45B33 ACCF5F58 389E0577 B8990BB3",
+                r: "C6EF9C5D 78AE012A 011164AC B397CE20 88685D8F 06BF9BE0 B283AB46 476BEE53",
+                gr: "D12DFB52 89C8D4F8 1208B702 70398C34 2296970A 0BCCB74C 736FC755 4494BF63
+                     56FBF3CA 366CC23E 8157854C 13C58D6A AC23F046 ADA30F83 53E74F33 039872AB",
+                girx: "D6840F6B 42F6EDAF D13116E0 E1256520 2FEF8E9E CE7DCE03 812464D0 4B9442DE",
+            },
+            V {
+                group: DhGroup::NistP384,
+                i: "099F3C70 34D4A2C6 99884D73 A375A67F 7624EF7C 6B3C0F16 0647B674 14DCE655
+                    E35B5380 41E649EE 3FAEF896 783AB194",
+                gi: "667842D7 D180AC2C DE6F74F3 7551F557 55C7645C 20EF73E3 1634FE72 B4C55EE6
+                     DE3AC808 ACB4BDB4 C88732AE E95F41AA 9482ED1F C0EEB9CA FC498462 5CCFC23F
+                     65032149 E0E144AD A0241815 35A0F38E EB9FCFF3 C2C947DA E69B4C63 4573A81C",
+                r: "41CB0779 B4BDB85D 47846725 FBEC3C94 30FAB46C C8DC5060 855CC9BD A0AA2942
+                    E0308312 916B8ED2 960E4BD5 5A7448FC",
+                gr: "E558DBEF 53EECDE3 D3FCCFC1 AEA08A89 A987475D 12FD950D 83CFA417 32BC509D
+                     0D1AC43A 0336DEF9 6FDA41D0 774A3571 DCFBEC7A ACF31964 72169E83 8430367F
+                     66EEBE3C 6E70C416 DD5F0C68 759DD1FF F83FA401 42209DFF 5EAAD96D B9E6386C",
+                girx: "11187331 C279962D 93D60424 3FD592CB 9D0A926F 422E4718 7521287E 7156C5C4
+                       D6031355 69B9E9D0 9CF5D4A2 70F59746",
+            },
+        ];
+        for v in vectors {
+            let secret = |hex: &str| match v.group {
+                DhGroup::NistP256 => {
+                    DhSecret::P256(p256::SecretKey::from_slice(&unhex(hex)).unwrap())
+                }
+                _ => DhSecret::P384(p384::SecretKey::from_slice(&unhex(hex)).unwrap()),
+            };
+            let (i, r) = (secret(v.i), secret(v.r));
+            // What goes on the wire is RFC 5903's x ‖ y.
+            assert_eq!(i.public_value(), unhex(v.gi), "{:?} g^i", v.group);
+            assert_eq!(r.public_value(), unhex(v.gr), "{:?} g^r", v.group);
+            // Kij is the x coordinate, from either encoding of the peer's value.
+            let want = unhex(v.girx);
+            assert_eq!(&i.agree(&unhex(v.gr)).unwrap()[..], &want[..]);
+            let mut sec1 = vec![0x04];
+            sec1.extend_from_slice(&unhex(v.gr));
+            assert_eq!(&i.agree(&sec1).unwrap()[..], &want[..]);
+            assert_eq!(&r.agree(&unhex(v.gi)).unwrap()[..], &want[..]);
+        }
+    }
+
+    #[test]
+    fn ecdh_encodings_told_apart_by_length_others_refused() {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        for (g, field) in [(DhGroup::NistP256, 32), (DhGroup::NistP384, 48)] {
+            let a = DhSecret::generate(g, &mut rng);
+            let b = DhSecret::generate(g, &mut rng);
+            let xy = b.public_value();
+            assert_eq!(xy.len(), 2 * field);
+            let mut sec1 = vec![0x04];
+            sec1.extend_from_slice(&xy);
+            let k = a.agree(&xy).unwrap();
+            assert_eq!(a.agree(&sec1).unwrap(), k, "{g:?}: both encodings, one point");
+            // SEC1 compressed form (0x02/0x03 ‖ x), a wrong prefix on the long form, the
+            // point at infinity (0x00), truncated and over-long values: all refused.
+            let bad = CryptoError::BadDhPublic(g.id());
+            let y_odd = xy[2 * field - 1] & 1;
+            let mut compressed = vec![0x02 | y_odd];
+            compressed.extend_from_slice(&xy[..field]);
+            let mut wrong_prefix = sec1.clone();
+            wrong_prefix[0] = 0x06;
+            let mut long = sec1.clone();
+            long.push(0);
+            for v in [
+                compressed,
+                wrong_prefix,
+                vec![0x00],
+                xy[..2 * field - 1].to_vec(),
+                long,
+            ] {
+                assert_eq!(a.agree(&v).unwrap_err(), bad, "{g:?}: {} octets", v.len());
+            }
+            // x ‖ y of a point that is not on the curve.
+            let mut off = xy.clone();
+            off[2 * field - 1] ^= 1;
+            assert_eq!(a.agree(&off).unwrap_err(), bad);
+        }
+    }
+
+    /// Kij keeps its leading zero octets (RFC 5903 §7: the x value at full field size).
+    /// A peer that strips them (cutehip does, see tests/data/cutehip) derives other keys
+    /// in 1 of 256 exchanges: that is its bug, never matched here.
+    #[test]
+    fn shared_secret_is_never_shortened() {
+        for (g, len) in [
+            (DhGroup::NistP256, 32),
+            (DhGroup::NistP384, 48),
+            (DhGroup::Modp1536, 192),
+        ] {
+            let mut rng = ChaCha20Rng::seed_from_u64(12);
+            let a = DhSecret::generate(g, &mut rng);
+            let found = (0..4000).find_map(|_| {
+                let b = DhSecret::generate(g, &mut rng);
+                let k = a.agree(&b.public_value()).unwrap();
+                (k[0] == 0).then_some(k)
+            });
+            let k = found.expect("a secret with a leading zero octet within 4000 tries");
+            assert_eq!(k.len(), len, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn modp_public_value_may_omit_leading_zeros() {
+        let mut rng = ChaCha20Rng::seed_from_u64(13);
+        let a = DhSecret::generate(DhGroup::Modp1536, &mut rng);
+        let b = DhSecret::generate(DhGroup::Modp1536, &mut rng);
+        let k = a.agree(&b.public_value()).unwrap();
+        // 2^1024 mod p = 2^1024 itself: a value with 63 leading zero octets.
+        let mut small = vec![0u8; 192];
+        small[192 - 129] = 1;
+        let short = &small[192 - 129..];
+        assert_eq!(
+            a.agree(&small).unwrap(),
+            a.agree(short).unwrap(),
+            "padded and unpadded encodings of one integer"
+        );
+        assert_ne!(a.agree(&small).unwrap(), k);
+        // Longer than the prime: refused, even with a zero in front.
+        let mut long = vec![0u8];
+        long.extend_from_slice(&b.public_value());
+        assert_eq!(a.agree(&long).unwrap_err(), CryptoError::BadDhPublic(3));
+        // The range check applies to short values too.
+        assert_eq!(a.agree(&[1]).unwrap_err(), CryptoError::BadDhPublic(3));
     }
 
     #[test]

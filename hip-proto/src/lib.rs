@@ -14,9 +14,13 @@
 //!
 //! Written down so that interoperability questions have one place to look:
 //!
-//! * ECDSA Host Identities (RFC 7401 §5.2.9, "octet-string format" of RFC 6090) and ECDH
-//!   public values (§5.2.7) are SEC1 uncompressed points, 0x04 ‖ x ‖ y, as the HIPL and
-//!   hip-python implementations send them.
+//! * ECDSA Host Identities (RFC 7401 §5.2.9, "octet-string format" of RFC 6090) are SEC1
+//!   uncompressed points, 0x04 ‖ x ‖ y, as HIPL and cutehip send them.
+//! * ECDH public values (§5.2.7) are `x ‖ y` without a prefix: §5.2.7 defines groups 7
+//!   and 8 by reference to RFC 5903, whose §7 specifies that concatenation (HIPL's HIPv2
+//!   code and cutehip send it). 0x04 ‖ x ‖ y, what hip sent before, is still accepted;
+//!   the two are told apart by their length. Kij is the x coordinate at full field size
+//!   (RFC 5903 §7), MODP Kij is padded to the prime's length: never shortened.
 //! * HI Length in HOST_ID counts the Host Identity field only, not the Algorithm field.
 //! * EdDSA (RFC 9374): the HI is curve ID ‖ RFC 8032 public key; the ORCHID hash is
 //!   cSHAKE128 with the HIP context ID as customization over Prefix ‖ OGA ‖ HI, read for 96
