@@ -332,14 +332,40 @@ fn raw<'p, 'a>(pkt: &'p Packet<'a>, t: u16) -> Result<&'p RawParam<'a>, Protocol
 fn verify_hmac(pkt: &Packet, t: u16, k: &SessionKeys) -> Result<(), ProtocolError> {
     let p = raw(pkt, t)?;
     let covered = pkt.covered_prefix(p.offset);
-    if k.rhash.verify_hmac(&k.hmac_in, &covered, p.contents) {
+    check_mac(k, &covered, p.contents)
+}
+
+/// Checks a HIP_MAC / HIP_MAC_2 with the peer's integrity key (`hmac_in`), and only that
+/// key. On failure, one more HMAC tells whether the peer used *our* key, the key of the
+/// other direction (cutehip's bug): still refused, but reported as such. (This second
+/// computation happens after the DH and, for I2, the decryption, so it adds nothing
+/// that matters to the cost of a bogus packet.)
+fn check_mac(k: &SessionKeys, covered: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
+    if k.rhash.verify_hmac(&k.hmac_in, covered, tag) {
         Ok(())
+    } else if k.rhash.verify_hmac(&k.hmac_out, covered, tag) {
+        Err(ProtocolError::HmacWrongDirection)
     } else {
         Err(ProtocolError::BadHmac)
     }
 }
 
 fn verify_signature(pkt: &Packet, t: u16, hi: &HostId) -> Result<(), ProtocolError> {
+    let other = if t == ty::HIP_SIGNATURE {
+        ty::HIP_SIGNATURE_2
+    } else {
+        ty::HIP_SIGNATURE
+    };
+    if pkt.find(t).is_none() && pkt.find(other).is_some() {
+        // RFC 7401 §5.3: the packet type fixes the signature parameter. The other one
+        // signs another image (HIP_SIGNATURE_2 zeroes the receiver HIT and #I), so it
+        // is never taken instead, even if it verifies.
+        return Err(ProtocolError::WrongSignatureParameter {
+            packet: pkt.header.packet_type,
+            expected: wire::param_name(t),
+            found: wire::param_name(other),
+        });
+    }
     let p = raw(pkt, t)?;
     let (alg, sig) = match p.parse()? {
         Param::Signature {
@@ -1031,9 +1057,7 @@ impl Endpoint {
         };
         let mac2 = raw(pkt, ty::HMAC_2)?;
         let img = hmac2_image(pkt, mac2.offset, &a.peer_host_id_tlv);
-        if !keys.rhash.verify_hmac(&keys.hmac_in, &img, mac2.contents) {
-            return Err(ProtocolError::BadHmac);
-        }
+        check_mac(keys, &img, mac2.contents)?;
         verify_signature(pkt, ty::HIP_SIGNATURE, hi)?;
         let Param::EspInfo { new_spi, .. } = pkt.required(ty::ESP_INFO)? else {
             unreachable!()

@@ -97,6 +97,26 @@ pub enum ProtocolError {
     /// A HIP_MAC or HIP_MAC_2 that does not verify.
     #[error("bad HMAC")]
     BadHmac,
+    /// A HIP_MAC or HIP_MAC_2 computed with the integrity key of the other direction (the
+    /// key that protects what *we* send, RFC 7401 §6.5), as cutehip does. Refused like
+    /// any bad MAC; told apart only so that the log names the peer's bug.
+    #[error(
+        "HMAC computed with the key of the other direction (the peer used our outgoing \
+         HIP-gl/lg integrity key, RFC 7401 §6.5)"
+    )]
+    HmacWrongDirection,
+    /// The packet carries the other signature parameter than its type requires (RFC 7401
+    /// §5.3: HIP_SIGNATURE_2 in R1 only, HIP_SIGNATURE in I2, R2 and later packets), e.g.
+    /// an R2 signed with HIP_SIGNATURE_2. Never accepted: the two sign different images.
+    #[error("{packet:?} carries {found} where RFC 7401 §5.3 requires {expected}")]
+    WrongSignatureParameter {
+        /// The packet type.
+        packet: PacketType,
+        /// The parameter required.
+        expected: &'static str,
+        /// The parameter found instead.
+        found: &'static str,
+    },
     /// The puzzle's #I was not issued by this responder, or has expired.
     #[error("puzzle not issued by us or expired")]
     BadPuzzle,
@@ -199,8 +219,25 @@ pub struct Config {
     pub max_puzzle_difficulty: u8,
     /// Bound on RHASH computations when solving one puzzle.
     pub puzzle_max_attempts: u64,
-    /// Send the initiator's HOST_ID inside ENCRYPTED (RFC 7401 §5.3.3 allows either).
+    /// Send the Initiator's HOST_ID inside ENCRYPTED in I2 instead of in the clear (RFC
+    /// 7401 §5.3.3 allows either; a Responder here accepts both).
+    ///
+    /// Default `false`, for interoperability: cutehip looks for HOST_ID in the clear and
+    /// drops an I2 without it. Nothing is given away that matters here: the HI is a
+    /// public key, its hash (our HIT) is in the header of every packet, the agent puts
+    /// the HIT (and optionally the HI) into SDP, and the HOST_ID is covered by HIP_MAC
+    /// and HIP_SIGNATURE either way. ENCRYPTED only hides the key from a passive observer
+    /// of the I2.
     pub encrypt_host_id: bool,
+    /// Put R1_COUNTER into our R1s (RFC 7401 §5.2.3; optional in R1, §5.3.2).
+    ///
+    /// Default `false`, for interoperability: cutehip crashes echoing it. Nothing is lost:
+    /// this Responder never reads the echoed counter — it finds the R1 generation an I2
+    /// answers by recomputing #I (an HMAC under each live generation's secret, see the
+    /// R1 pool), which is a stronger check than a counter the Initiator copies; and an
+    /// Initiator gets nothing from the counter that the signed R1 does not give it.
+    /// As Initiator we echo an R1_COUNTER whenever a Responder sends one (§5.3.3).
+    pub send_r1_counter: bool,
     /// Signed R1s kept per DH group.
     pub r1_pool_size: usize,
     /// Lifetime of an R1 generation (DH keys, puzzle secret); I2s answering the previous
@@ -247,7 +284,8 @@ impl Default for Config {
             puzzle_lifetime: 37,
             max_puzzle_difficulty: 28,
             puzzle_max_attempts: 1 << 26,
-            encrypt_host_id: true,
+            encrypt_host_id: false,
+            send_r1_counter: false,
             r1_pool_size: 1,
             r1_generation_lifetime: Duration::from_secs(600),
             rto_initial: Duration::from_secs(1),
@@ -564,7 +602,8 @@ impl Endpoint {
         self.assocs.get(peer).map(|a| a.initiator)
     }
 
-    /// The current R1 generation counter (sent in R1_COUNTER).
+    /// The current R1 generation counter (sent in R1_COUNTER with
+    /// [`Config::send_r1_counter`]).
     pub fn r1_generation(&self) -> u64 {
         self.pool.counter()
     }

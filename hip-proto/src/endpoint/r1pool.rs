@@ -65,7 +65,9 @@ impl Generation {
             for _ in 0..config.r1_pool_size {
                 let dh = DhSecret::generate(g, rng);
                 let mut b = PacketBuilder::new(PacketType::R1, 0, id.hit(), Hit::ZERO);
-                b.push(&Param::R1Counter(counter))?;
+                if config.send_r1_counter {
+                    b.push(&Param::R1Counter(counter))?;
+                }
                 let puzzle_off = b.covered().len();
                 b.push(&Param::Puzzle {
                     k: config.puzzle_difficulty,

@@ -314,35 +314,51 @@ fn base_exchange_over_a_lossy_link() {
 
 #[test]
 fn the_wire_carries_the_four_packets_in_order() {
-    let mut s = pair(
-        Algorithm::EcdsaP256,
-        Algorithm::EcdsaP256,
-        fast_config(),
-        fast_config(),
-        PERFECT,
-        5,
-    );
-    let hb = s.b.hit();
-    let now = s.now;
-    s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
-    assert!(s.run_until(Duration::from_secs(5), Sim::both_established));
-    let types: Vec<_> = s
-        .wire
-        .iter()
-        .map(|(_, t)| t.packet_type().unwrap())
-        .collect();
-    use crate::wire::PacketType::*;
-    assert_eq!(types, vec![I1, R1, I2, R2]);
-    for (_, t) in &s.wire {
-        assert!(crate::wire::verify_checksum(&t.payload, t.src, t.dst));
-        let p = crate::wire::Packet::parse(&t.payload).unwrap();
-        for r in &p.params {
-            r.parse().unwrap();
+    // The defaults (HOST_ID in the clear, no R1_COUNTER), then the other choice of both.
+    for (encrypt, counter) in [(false, false), (true, true)] {
+        let cfg = Config {
+            encrypt_host_id: encrypt,
+            send_r1_counter: counter,
+            ..fast_config()
+        };
+        let mut s = pair(
+            Algorithm::EcdsaP256,
+            Algorithm::EcdsaP256,
+            cfg.clone(),
+            cfg,
+            PERFECT,
+            5,
+        );
+        let hb = s.b.hit();
+        let now = s.now;
+        s.a.initiate(now, loc(LOC_A), loc(LOC_B), Some(hb)).unwrap();
+        assert!(s.run_until(Duration::from_secs(5), Sim::both_established));
+        let types: Vec<_> = s
+            .wire
+            .iter()
+            .map(|(_, t)| t.packet_type().unwrap())
+            .collect();
+        use crate::wire::PacketType::*;
+        assert_eq!(types, vec![I1, R1, I2, R2]);
+        for (_, t) in &s.wire {
+            assert!(crate::wire::verify_checksum(&t.payload, t.src, t.dst));
+            let p = crate::wire::Packet::parse(&t.payload).unwrap();
+            for r in &p.params {
+                r.parse().unwrap();
+            }
         }
+        let r1 = crate::wire::Packet::parse(&s.wire[1].1.payload).unwrap();
+        let i2 = crate::wire::Packet::parse(&s.wire[2].1.payload).unwrap();
+        // The HI goes encrypted or in the clear, never both.
+        assert_eq!(i2.find(ty::ENCRYPTED).is_some(), encrypt);
+        assert_eq!(i2.find(ty::HOST_ID).is_some(), !encrypt);
+        // R1_COUNTER only when configured, and then echoed in I2.
+        assert_eq!(r1.find(ty::R1_COUNTER).is_some(), counter);
+        assert_eq!(
+            i2.find(ty::R1_COUNTER).map(|r| r.contents),
+            r1.find(ty::R1_COUNTER).map(|r| r.contents)
+        );
     }
-    // I2 carries the HI encrypted, not in the clear.
-    let i2 = crate::wire::Packet::parse(&s.wire[2].1.payload).unwrap();
-    assert!(i2.find(ty::ENCRYPTED).is_some() && i2.find(ty::HOST_ID).is_none());
 }
 
 #[test]
