@@ -734,7 +734,11 @@ mod tests {
             let mut sec1 = vec![0x04];
             sec1.extend_from_slice(&xy);
             let k = a.agree(&xy).unwrap();
-            assert_eq!(a.agree(&sec1).unwrap(), k, "{g:?}: both encodings, one point");
+            assert_eq!(
+                a.agree(&sec1).unwrap(),
+                k,
+                "{g:?}: both encodings, one point"
+            );
             // SEC1 compressed form (0x02/0x03 ‖ x), a wrong prefix on the long form, the
             // point at infinity (0x00), truncated and over-long values: all refused.
             let bad = CryptoError::BadDhPublic(g.id());

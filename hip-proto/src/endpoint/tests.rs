@@ -1473,3 +1473,6 @@ fn a_late_old_update_is_acknowledged_not_reprocessed() {
     assert_eq!(rekeyed(&s.events_b).len(), n, "not processed again");
     assert_eq!(s.a.state(&hb), Some(State::Established));
 }
+
+/// Strictness kept against interoperability pressure (issue 10).
+mod strict;
