@@ -107,6 +107,30 @@ pub struct Common {
     /// First inbound SPI handed out (until the kernel allocates SPIs).
     #[arg(long, default_value_t = 0x1000_0000)]
     first_spi: u32,
+    /// Where our HOST_ID goes in I2 (as `[hip] host_id_in_i2`).
+    #[arg(long, value_enum, default_value_t = HostIdPlace::Clear)]
+    host_id_in_i2: HostIdPlace,
+    /// Put R1_COUNTER into our R1s (as `[hip] r1_counter`).
+    #[arg(long)]
+    r1_counter: bool,
+    /// Puzzle difficulty K in our R1s (as `[hip] puzzle_difficulty`).
+    #[arg(long)]
+    puzzle_difficulty: Option<u8>,
+    /// TEST VECTORS ONLY: draw every DH key, puzzle secret and #J from a ChaCha20 stream
+    /// seeded with this number instead of the OS, so that a recorded exchange can be
+    /// replayed byte for byte (hip-proto/tests/data/cutehip). Anyone who knows the seed
+    /// knows the session keys.
+    #[arg(long, hide = true)]
+    insecure_rng_seed: Option<u64>,
+}
+
+/// `--host-id-in-i2`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HostIdPlace {
+    /// In the clear.
+    Clear,
+    /// Inside ENCRYPTED.
+    Encrypted,
 }
 
 fn fingerprint(k: &[u8]) -> String {
@@ -170,7 +194,19 @@ fn endpoint(c: &Common) -> Result<Endpoint> {
             .map(|s| EspSuite::from_name(s).with_context(|| format!("unknown ESP transform {s:?}")))
             .collect::<Result<_>>()?;
     }
-    let mut ep = Endpoint::new(config, id, os_rng()?, std::time::Instant::now())?;
+    config.encrypt_host_id = c.host_id_in_i2 == HostIdPlace::Encrypted;
+    config.send_r1_counter = c.r1_counter;
+    if let Some(k) = c.puzzle_difficulty {
+        config.puzzle_difficulty = k;
+    }
+    let rng: hip_proto::endpoint::BoxRng = match c.insecure_rng_seed {
+        Some(seed) => {
+            eprintln!("warning: --insecure-rng-seed {seed}: session keys are predictable");
+            Box::new(<rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::seed_from_u64(seed))
+        }
+        None => os_rng()?,
+    };
+    let mut ep = Endpoint::new(config, id, rng, std::time::Instant::now())?;
     ep.set_spi_allocator(Box::new(SequentialSpis(c.first_spi)));
     Ok(ep)
 }

@@ -322,6 +322,35 @@ pub struct HipSection {
     /// Puzzle difficulty K put in our R1s.
     #[serde(default)]
     pub puzzle_difficulty: Option<u8>,
+    /// Where our HOST_ID goes in I2 when we initiate (RFC 7401 §5.3.3 allows both):
+    /// `clear` (default) or `encrypted` (inside ENCRYPTED, under the negotiated
+    /// HIP_CIPHER). As responder we accept either.
+    ///
+    /// `clear` by default because independent implementations expect it (cutehip drops
+    /// an I2 without a clear HOST_ID), and it weakens nothing the agent relies on: the HI
+    /// is a public key, its hash is our HIT in every packet header (and in our SDP), and
+    /// HIP_MAC and HIP_SIGNATURE protect the HOST_ID either way. `encrypted` only hides
+    /// the key from a passive observer of the I2.
+    #[serde(default)]
+    pub host_id_in_i2: HostIdInI2,
+    /// Put R1_COUNTER into our R1s (RFC 7401 §5.2.3, optional). Default `false`: cutehip
+    /// crashes echoing it, and our responder never uses the echo — it finds the R1
+    /// generation an I2 answers from the puzzle's #I, an HMAC under that generation's
+    /// secret, which an initiator cannot forge. As initiator we echo an R1_COUNTER
+    /// whenever a responder sends one.
+    #[serde(default)]
+    pub r1_counter: bool,
+}
+
+/// See [`HipSection::host_id_in_i2`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostIdInI2 {
+    /// HOST_ID in the clear.
+    #[default]
+    Clear,
+    /// HOST_ID inside ENCRYPTED.
+    Encrypted,
 }
 
 impl Default for HipSection {
@@ -334,6 +363,8 @@ impl Default for HipSection {
             i1_to_null_hit: true,
             on_failure: FailureAction::default(),
             puzzle_difficulty: None,
+            host_id_in_i2: HostIdInI2::default(),
+            r1_counter: false,
         }
     }
 }
@@ -914,6 +945,9 @@ mod tests {
         assert_eq!(c.sip.sdp.identity(), IdentityPolicy::default());
         assert_eq!(c.contact_host(), Some("192.0.2.1".parse().unwrap()));
         assert_eq!(c.sip.timers, TimerConfig::default());
+        // The interoperable choices of RFC 7401 (issue 10).
+        assert_eq!(c.hip.host_id_in_i2, HostIdInI2::Clear);
+        assert!(!c.hip.r1_counter);
     }
 
     #[test]
@@ -927,6 +961,7 @@ mod tests {
              [sip.answer]\nmode = \"manual\"\nring_ms = 200\n\
              [sip.sdp]\nform = \"k\"\nhit_format = \"ipv6\"\nsend_hi = true\nper_media = false\nrtp_port = 4000\n\
              [hip]\naccept = \"opportunistic\"\nesp_transforms = [\"aes-128-cbc-hmac-sha256\"]\non_failure = \"keep\"\n\
+             host_id_in_i2 = \"encrypted\"\nr1_counter = true\n\
              [kernel]\nfail_closed = \"guard\"\nsoft_lifetime_secs = 50\nhard_lifetime_secs = 60\n\
              [datapath]\ninterfaces = [\"eth0\"]\nmedia_ports = \"20000-20099\"\n",
         )
@@ -934,6 +969,8 @@ mod tests {
         assert!(c.hip_enabled() && c.kernel_enabled() && c.datapath_enabled());
         assert_eq!(c.hip.accept, AcceptPolicy::Opportunistic);
         assert_eq!(c.hip.on_failure, FailureAction::Keep);
+        assert_eq!(c.hip.host_id_in_i2, HostIdInI2::Encrypted);
+        assert!(c.hip.r1_counter);
         assert_eq!(c.kernel.fail_closed, hip_kernel::FailClosed::Guard);
         assert_eq!(c.kernel.lifetimes().soft_secs, 50);
         assert_eq!(c.datapath.port_range().unwrap(), 20000..=20099);
@@ -1023,6 +1060,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("foo"), "{e}");
+        for (bad, word) in [
+            ("host_id_in_i2 = \"plain\"\n", "plain"),
+            ("host_id_in_i2 = true\n", "host_id_in_i2"),
+            ("r1_counter = \"yes\"\n", "r1_counter"),
+        ] {
+            let e = parse(&format!("{MIN}[hip]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{bad}: {e}");
+        }
         let e = parse(&format!("{MIN}[sip.sdp]\nform = \"z\"\n"))
             .unwrap_err()
             .to_string();

@@ -26,7 +26,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    config::{AcceptPolicy, Config},
+    config::{AcceptPolicy, Config, HostIdInI2},
     hip_driver::{self, DriverError, HipDriver, Sockets},
     offload::{Installed, Offload, OffloadError},
 };
@@ -223,6 +223,8 @@ impl Security {
         if let Some(k) = cfg.hip.puzzle_difficulty {
             ecfg.puzzle_difficulty = k;
         }
+        ecfg.encrypt_host_id = cfg.hip.host_id_in_i2 == HostIdInI2::Encrypted;
+        ecfg.send_r1_counter = cfg.hip.r1_counter;
         ecfg.opportunistic = true;
         let mut ep = Endpoint::new(
             ecfg,
