@@ -56,6 +56,10 @@ pub enum HipCmd {
         /// Finally close the association (CLOSE / CLOSE_ACK).
         #[arg(long)]
         close: bool,
+        /// Send the I1 to the null HIT and check --peer-hit on R1 (what the agent does
+        /// for calls, `[hip] i1_to_null_hit`).
+        #[arg(long, requires = "peer_hit")]
+        i1_to_null_hit: bool,
     },
 }
 
@@ -274,6 +278,7 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                 rekey,
                 move_to,
                 close,
+                i1_to_null_hit,
             } => {
                 let mut steps: Vec<Step> = [
                     rekey.then_some(Step::Rekey),
@@ -285,7 +290,10 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                 .collect();
                 let ep = endpoint(&common)?;
                 let mut d = HipDriver::spawn(ep, Sockets::open()?);
-                d.initiate(local, locator, peer_hit).await?;
+                match peer_hit {
+                    Some(h) if i1_to_null_hit => d.initiate_expecting(local, locator, h).await?,
+                    _ => d.initiate(local, locator, peer_hit).await?,
+                }
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(common.timeout);
                 let mut established: Option<Hit> = None;
                 loop {

@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod interop;
 mod setup;
 mod test;
 mod util;
@@ -38,6 +39,9 @@ enum Task {
     Demo,
     /// Run the benchmarks and print ratios against their baselines.
     Bench,
+    /// Developer tool, not in CI: live base exchanges against a local cutehip checkout
+    /// (every HI × DH group, both directions, unpatched and with cutehip-fixes.patch).
+    Interop(interop::InteropArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Task::Test(a) => test::run(&a),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Bench => setup::run().and_then(|()| bench::run()),
+        Task::Interop(a) => interop::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
