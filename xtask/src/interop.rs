@@ -222,7 +222,9 @@ struct Keys {
 
 pub fn run(a: &InteropArgs) -> Result<()> {
     util::require_root("cargo xtask interop (network namespaces, raw sockets)")?;
-    for tool in ["ip", "tcpdump", "tshark", "git", "openssl", "python3", "ifconfig"] {
+    for tool in [
+        "ip", "tcpdump", "tshark", "git", "openssl", "python3", "ifconfig",
+    ] {
         if !util::ok(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
             bail!(
                 "`{tool}` is missing (cutehip needs ifconfig from net-tools; the rest comes with `cargo xtask setup`)"
@@ -232,18 +234,25 @@ pub fn run(a: &InteropArgs) -> Result<()> {
     let src = fs::canonicalize(&a.cutehip)
         .with_context(|| format!("cutehip checkout {}", a.cutehip.display()))?;
     if !src.join("cutehipd.py").is_file() {
-        bail!("{} has no cutehipd.py: not a cutehip checkout", src.display());
+        bail!(
+            "{} has no cutehipd.py: not a cutehip checkout",
+            src.display()
+        );
     }
-    let commit = util::output(Command::new("git").arg("-C").arg(&src).args(["rev-parse", "HEAD"]))
-        .context("reading the checkout's commit")?
-        .trim()
-        .to_owned();
-    let dirty = !util::output(
+    let commit = util::output(
         Command::new("git")
             .arg("-C")
             .arg(&src)
-            .args(["status", "--porcelain", "--untracked-files=no"]),
-    )?
+            .args(["rev-parse", "HEAD"]),
+    )
+    .context("reading the checkout's commit")?
+    .trim()
+    .to_owned();
+    let dirty = !util::output(Command::new("git").arg("-C").arg(&src).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))?
     .trim()
     .is_empty();
 
@@ -408,7 +417,9 @@ fn make_keys(agent: &Path, dir: &Path, hi: Hi) -> Result<Keys> {
                 .arg(&path),
         )?;
         let v: Value = serde_json::from_str(&util::output(
-            Command::new(agent).args(["hi", "show", "--json"]).arg(&path),
+            Command::new(agent)
+                .args(["hi", "show", "--json"])
+                .arg(&path),
         )?)?;
         let hit = v["hit"].as_str().context("hi show: no hit")?.to_owned();
         Ok((path, hit))
@@ -501,8 +512,18 @@ impl Netns {
             util::output(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
         }
         util::output(Command::new("ip").args([
-            "link", "add", &n.veth_hip, "netns", &n.hip, "type", "veth", "peer", "name",
-            &veth_c, "netns", &n.cutehip,
+            "link",
+            "add",
+            &n.veth_hip,
+            "netns",
+            &n.hip,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth_c,
+            "netns",
+            &n.cutehip,
         ]))?;
         for (ns, dev, addr) in [
             (&n.hip, &n.veth_hip, HIP_ADDR),
@@ -520,9 +541,9 @@ impl Netns {
             util::output(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
         }
         // cutehip takes its source address from the default route's interface.
-        util::output(Command::new("ip").args([
-            "-n", &n.cutehip, "route", "add", "default", "via", HIP_ADDR,
-        ]))?;
+        util::output(
+            Command::new("ip").args(["-n", &n.cutehip, "route", "add", "default", "via", HIP_ADDR]),
+        )?;
         Ok(n)
     }
 
@@ -653,12 +674,45 @@ fn frames(pcap: &Path) -> Result<Vec<Frame>> {
         .collect())
 }
 
+/// The HIP packets of a capture, one line each — `TYPE SRC DST HEX` — as tshark (the
+/// independent decoder) delimits them: the form the replay tests read
+/// (hip-proto/tests/cutehip.rs), so that no test has to parse pcap.
+fn hip_packets(pcap: &Path) -> Result<String> {
+    let out = util::output(
+        Command::new("tshark")
+            .arg("-r")
+            .arg(pcap)
+            .args(["-Y", "hip", "-T", "json", "-x"]),
+    )?;
+    let v: Value = serde_json::from_str(&out).context("tshark -T json")?;
+    let mut s = String::new();
+    for p in v.as_array().context("tshark -T json: not a list")? {
+        let l = &p["_source"]["layers"];
+        let ty: u8 = l["hip"]["hip.packet_type"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .context("hip.packet_type")?;
+        let hex = l["hip_raw"][0].as_str().context("hip_raw")?;
+        writeln!(
+            s,
+            "{} {} {} {hex}",
+            type_name(ty),
+            l["ip"]["ip.src"].as_str().context("ip.src")?,
+            l["ip"]["ip.dst"].as_str().context("ip.dst")?
+        )?;
+    }
+    Ok(s)
+}
+
 fn malformed(pcap: &Path) -> Result<usize> {
-    Ok(
-        util::output(Command::new("tshark").arg("-r").arg(pcap).args(["-Y", "_ws.malformed"]))?
-            .lines()
-            .count(),
-    )
+    Ok(util::output(
+        Command::new("tshark")
+            .arg("-r")
+            .arg(pcap)
+            .args(["-Y", "_ws.malformed"]),
+    )?
+    .lines()
+    .count())
 }
 
 fn type_name(t: u8) -> &'static str {
@@ -717,26 +771,28 @@ const DEFECTS: &[(&str, &str, &str)] = &[
 /// Which defect a piece of evidence points at.
 fn defect_of(evidence: &str) -> Option<&'static str> {
     let e = evidence;
-    Some(if e.contains("key of the other direction") || e.contains("Invalid HMAC") {
-        "b"
-    } else if e.contains("HIP_SIGNATURE_2 where") || e.contains("Missing signature parameter") {
-        // (cutehip's "missing" signature in R2 is our HIP_SIGNATURE: it wants _2.)
-        "c"
-    } else if e.contains("Puzzle was not solved") || e.contains("wrong puzzle solution") {
-        // (hip's "wrong puzzle solution" for cutehip's I2 to a puzzle with K > 0.)
-        "a"
-    } else if e.contains("concat") && e.contains("list") {
-        // The TypeError of `list + bytearray`, in the words of the Python version.
-        "e"
-    } else if e.contains("Unknwon hash algorithm") || e.contains("Blocked by firewall") {
-        // (sic: cutehip's message, raised on the null HIT's OGA; its firewall rules, which
-        // allow both HITs here, do not match the null HIT either.)
-        "f"
-    } else if e.contains("Missing HI parameter") {
-        "g"
-    } else {
-        return None;
-    })
+    Some(
+        if e.contains("key of the other direction") || e.contains("Invalid HMAC") {
+            "b"
+        } else if e.contains("HIP_SIGNATURE_2 where") || e.contains("Missing signature parameter") {
+            // (cutehip's "missing" signature in R2 is our HIP_SIGNATURE: it wants _2.)
+            "c"
+        } else if e.contains("Puzzle was not solved") || e.contains("wrong puzzle solution") {
+            // (hip's "wrong puzzle solution" for cutehip's I2 to a puzzle with K > 0.)
+            "a"
+        } else if e.contains("concat") && e.contains("list") {
+            // The TypeError of `list + bytearray`, in the words of the Python version.
+            "e"
+        } else if e.contains("Unknwon hash algorithm") || e.contains("Blocked by firewall") {
+            // (sic: cutehip's message, raised on the null HIT's OGA; its firewall rules, which
+            // allow both HITs here, do not match the null HIT either.)
+            "f"
+        } else if e.contains("Missing HI parameter") {
+            "g"
+        } else {
+            return None;
+        },
+    )
 }
 
 struct Outcome {
@@ -759,7 +815,10 @@ fn run_case(env: &Env, copy: &Path, c: &Case, i: usize) -> Result<Outcome> {
         cutehip_hit_form(&keys.cutehip_hit)?,
     );
     fs::write(cfg.join("hosts"), format!("{oh} {HIP_ADDR}\n"))?;
-    fs::write(cfg.join("rules"), format!("{oh} {ch} allow\n{ch} {oh} allow\n"))?;
+    fs::write(
+        cfg.join("rules"),
+        format!("{oh} {ch} allow\n{ch} {oh} allow\n"),
+    )?;
     let _ = fs::remove_file(copy.join("hip.log"));
 
     let ns = Netns::new(i)?;
@@ -779,7 +838,9 @@ fn run_case(env: &Env, copy: &Path, c: &Case, i: usize) -> Result<Outcome> {
         &dir.join("tcpdump.err"),
     )?;
     wait_for(Duration::from_secs(10), || {
-        read(&dir.join("tcpdump.err")).contains("listening on").then_some(())
+        read(&dir.join("tcpdump.err"))
+            .contains("listening on")
+            .then_some(())
     })
     .context("tcpdump did not start")?;
 
@@ -900,6 +961,7 @@ fn run_case(env: &Env, copy: &Path, c: &Case, i: usize) -> Result<Outcome> {
     fs::write(dir.join("commands.txt"), format!("{hip_cmd}\n"))?;
     let o = judge(&dir, &pcap, &sa_log)?;
     if let Some(r) = &env.record {
+        fs::write(dir.join("packets.txt"), hip_packets(&pcap)?)?;
         copy_dir(&dir, &r.join(c.tag()))?;
         fs::write(
             r.join(c.tag()).join("run.json"),
@@ -990,7 +1052,9 @@ fn judge(dir: &Path, pcap: &Path, sa_log: &Path) -> Result<Outcome> {
     }
     let mut ok = false;
     if let Some(e) = &ours {
-        let out = sas.iter().find(|s| s["source"].as_str().is_some_and(|x| x.contains(':')));
+        let out = sas
+            .iter()
+            .find(|s| s["source"].as_str().is_some_and(|x| x.contains(':')));
         // cutehip keys its inbound SA by (sender IP, receiver IP), its outbound one by HITs.
         let inb = sas.iter().find(|s| s["source"].as_str() == Some(HIP_ADDR));
         match (out, inb) {
@@ -1066,7 +1130,11 @@ fn table(env: &Env, patched: bool, dirty: bool, results: &[(Case, Outcome)]) -> 
     writeln!(
         s,
         "\n### cutehip {short}{}, {}: {ok}/{} established on both sides\n",
-        if dirty { " (checkout has local changes)" } else { "" },
+        if dirty {
+            " (checkout has local changes)"
+        } else {
+            ""
+        },
         if patched {
             "with xtask/interop/cutehip-fixes.patch"
         } else {
@@ -1078,7 +1146,10 @@ fn table(env: &Env, patched: bool, dirty: bool, results: &[(Case, Outcome)]) -> 
     writeln!(s, "| HI | DH | hip initiates | cutehip initiates |").unwrap();
     writeln!(s, "| --- | --- | --- | --- |").unwrap();
     let mut rows: BTreeMap<(Hi, Dh), [String; 2]> = BTreeMap::new();
-    for (c, o) in results.iter().filter(|(c, _)| c.variant == Variant::Default) {
+    for (c, o) in results
+        .iter()
+        .filter(|(c, _)| c.variant == Variant::Default)
+    {
         rows.entry((c.hi, c.dh)).or_default()[usize::from(!c.hip_initiates)] = o.cell.clone();
     }
     for ((hi, dh), [a, b]) in &rows {
@@ -1103,7 +1174,10 @@ fn table(env: &Env, patched: bool, dirty: bool, results: &[(Case, Outcome)]) -> 
             .unwrap();
         }
     }
-    let mut used: Vec<&str> = results.iter().flat_map(|(_, o)| o.defects.clone()).collect();
+    let mut used: Vec<&str> = results
+        .iter()
+        .flat_map(|(_, o)| o.defects.clone())
+        .collect();
     used.sort();
     used.dedup();
     if !used.is_empty() {
