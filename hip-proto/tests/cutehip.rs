@@ -130,7 +130,7 @@ impl Vector {
     fn cutehip_hit(&self) -> Hit {
         self.s("cutehip_hit").parse().unwrap()
     }
-    fn from_hip(&self, p: &Pkt) -> bool {
+    fn sent_by_hip(&self, p: &Pkt) -> bool {
         p.src == self.hip_loc()
     }
     /// The first recorded packet of type `ty`.
@@ -226,14 +226,12 @@ fn every_recorded_packet_parses_checksums_and_verifies() {
                     }
                     responder_hi = Some(hi);
                 }
-                "I2" => {
-                    if p.find(ty::HOST_ID).is_some() {
-                        let hi = host_id(&p);
-                        assert_eq!(hi.hit(), p.header.sender, "{what}");
-                        let (off, sig) = signature(&p, ty::HIP_SIGNATURE);
-                        hi.verify(&p.covered_prefix(off), &sig)
-                            .unwrap_or_else(|e| panic!("{what}: {e}"));
-                    }
+                "I2" if p.find(ty::HOST_ID).is_some() => {
+                    let hi = host_id(&p);
+                    assert_eq!(hi.hit(), p.header.sender, "{what}");
+                    let (off, sig) = signature(&p, ty::HIP_SIGNATURE);
+                    hi.verify(&p.covered_prefix(off), &sig)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
                 }
                 "R2" => {
                     let hi = responder_hi.as_ref().expect("R1 before R2");
@@ -559,6 +557,6 @@ fn unpatched_cutehip_r1_gets_an_rfc_order_solution() {
     assert!(
         v.packets
             .iter()
-            .all(|p| v.from_hip(p) == (p.ty == "I1" || p.ty == "I2"))
+            .all(|p| v.sent_by_hip(p) == (p.ty == "I1" || p.ty == "I2"))
     );
 }

@@ -170,7 +170,8 @@ fn static_neighbours(p: &VethPair) -> Result<()> {
 }
 
 /// One base exchange (and CLOSE) over `family` between fresh namespaces, captured on the
-/// initiator's veth.
+/// initiator's veth; `options` go to both ends' command lines.
+#[allow(clippy::too_many_arguments)]
 fn exchange(
     tag: &str,
     init_alg: &str,
