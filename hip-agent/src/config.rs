@@ -204,6 +204,115 @@ pub struct Config {
     /// How SIP protects the HITs in SDP (the draft's §4): SIP Identity keys, SIPS trust.
     #[serde(default)]
     pub security: SecuritySection,
+    /// Caps that keep the agent's state and output bounded under unauthenticated load.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: what an unauthenticated sender can make the agent hold or send. Every cap
+/// has a counter in `status` (`limits`), so an operator sees when one bites.
+///
+/// The defaults suit a host with a few phones or a small PBX; raise them for a busy
+/// trunk. A refused INVITE gets one stateless `503 Service Unavailable` with
+/// `Retry-After` (no transaction, no retransmission).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Incoming calls not yet confirmed by an ACK, at once (a forged source never ACKs,
+    /// so these are the calls an attacker can hold).
+    #[serde(default = "default_pending_calls")]
+    pub max_pending_incoming_calls: usize,
+    /// Calls in every state, at once.
+    #[serde(default = "default_max_calls")]
+    pub max_calls: usize,
+    /// New INVITEs admitted per second from one source address (sustained).
+    #[serde(default = "default_invite_rate")]
+    pub invites_per_source_per_sec: u32,
+    /// Burst of new INVITEs from one source address.
+    #[serde(default = "default_invite_burst")]
+    pub invite_burst_per_source: u32,
+    /// HIP associations held at once, in every state (the responder refuses new peers
+    /// beyond it before any state or SPI exists for them).
+    #[serde(default = "default_max_assocs")]
+    pub max_associations: usize,
+    /// TCP/TLS connections at once, accepted and opened.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Accepted TCP/TLS connections at once from one source address.
+    #[serde(default = "default_max_conns_per_source")]
+    pub max_connections_per_source: usize,
+    /// A TCP/TLS connection with no byte received for this long is closed (RFC 5626
+    /// keep-alives every 30 s or so keep a registered phone's connection open).
+    #[serde(default = "default_idle_secs")]
+    pub connection_idle_secs: u64,
+    /// A SIP message begun on a connection must be complete within this time.
+    #[serde(default = "default_message_secs")]
+    pub message_timeout_secs: u64,
+    /// Largest SIP message accepted on a connection (headers and body).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+}
+
+fn default_pending_calls() -> usize {
+    64
+}
+fn default_max_calls() -> usize {
+    1024
+}
+fn default_invite_rate() -> u32 {
+    10
+}
+fn default_invite_burst() -> u32 {
+    20
+}
+fn default_max_assocs() -> usize {
+    1024
+}
+fn default_max_conns() -> usize {
+    256
+}
+fn default_max_conns_per_source() -> usize {
+    16
+}
+fn default_idle_secs() -> u64 {
+    300
+}
+fn default_message_secs() -> u64 {
+    10
+}
+fn default_max_message() -> usize {
+    64 * 1024
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_pending_incoming_calls: default_pending_calls(),
+            max_calls: default_max_calls(),
+            invites_per_source_per_sec: default_invite_rate(),
+            invite_burst_per_source: default_invite_burst(),
+            max_associations: default_max_assocs(),
+            max_connections: default_max_conns(),
+            max_connections_per_source: default_max_conns_per_source(),
+            connection_idle_secs: default_idle_secs(),
+            message_timeout_secs: default_message_secs(),
+            max_message_bytes: default_max_message(),
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The SIP core's part.
+    pub fn sip(&self) -> hip_sip::sip::Limits {
+        hip_sip::sip::Limits {
+            max_pending_incoming: self.max_pending_incoming_calls,
+            max_calls: self.max_calls,
+            invites_per_source: self.invites_per_source_per_sec,
+            invite_burst_per_source: self.invite_burst_per_source,
+            max_message_bytes: self.max_message_bytes,
+            stream_message_timeout: std::time::Duration::from_secs(self.message_timeout_secs),
+        }
+    }
 }
 
 /// `[security]`: the draft's §4 — what vouches for the HIT each side put in its SDP.
@@ -322,6 +431,12 @@ pub struct HipSection {
     /// Puzzle difficulty K put in our R1s.
     #[serde(default)]
     pub puzzle_difficulty: Option<u8>,
+    /// Dead peer detection: an established association whose inbound ESP has been silent
+    /// this long (per the eBPF per-SPI counters) is checked with a liveness probe (UPDATE
+    /// with ECHO_REQUEST_SIGNED); unanswered, it is removed and its calls are told. A
+    /// new call to a peer we already hold an association with is always probed first.
+    #[serde(default = "default_dpd_idle")]
+    pub dead_peer_idle_secs: u64,
     /// Where our HOST_ID goes in I2 when we initiate (RFC 7401 §5.3.3 allows both):
     /// `clear` (default) or `encrypted` (inside ENCRYPTED, under the negotiated
     /// HIP_CIPHER). As responder we accept either.
@@ -340,6 +455,10 @@ pub struct HipSection {
     /// whenever a responder sends one.
     #[serde(default)]
     pub r1_counter: bool,
+}
+
+fn default_dpd_idle() -> u64 {
+    30
 }
 
 /// See [`HipSection::host_id_in_i2`].
@@ -365,6 +484,7 @@ impl Default for HipSection {
             puzzle_difficulty: None,
             host_id_in_i2: HostIdInI2::default(),
             r1_counter: false,
+            dead_peer_idle_secs: default_dpd_idle(),
         }
     }
 }
@@ -826,6 +946,36 @@ impl Config {
         }
         if self.hip.esp_transforms.is_empty() {
             return invalid("[hip] esp_transforms is empty".into());
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_pending_incoming_calls", l.max_pending_incoming_calls),
+            ("max_calls", l.max_calls),
+            ("max_associations", l.max_associations),
+            ("max_connections", l.max_connections),
+            ("max_connections_per_source", l.max_connections_per_source),
+            (
+                "invite_burst_per_source",
+                l.invite_burst_per_source as usize,
+            ),
+            (
+                "invites_per_source_per_sec",
+                l.invites_per_source_per_sec as usize,
+            ),
+            ("connection_idle_secs", l.connection_idle_secs as usize),
+            ("message_timeout_secs", l.message_timeout_secs as usize),
+        ] {
+            if v == 0 {
+                return invalid(format!("[limits] {name} must be at least 1"));
+            }
+        }
+        if l.max_message_bytes < 4096 {
+            return invalid(
+                "[limits] max_message_bytes below 4096 would refuse ordinary SIP messages".into(),
+            );
+        }
+        if self.hip.dead_peer_idle_secs == 0 {
+            return invalid("[hip] dead_peer_idle_secs must be at least 1".into());
         }
         if self.kernel.replay_window > hip_kernel::MAX_REPLAY_WINDOW {
             return invalid(format!(

@@ -42,7 +42,7 @@ use std::{
 use bytes::Bytes;
 use hip_sip::{
     identity,
-    sdp::{self, Form, Hit, HostIdentity as SdpIdentity, IdentityEntry, Scope, Sdp, SdpError},
+    sdp::{self, Form, Hit, HostIdentity as SdpIdentity, IdentityEntry, Sdp, SdpError},
     sip::{
         CallHandle, CallInfo, Direction, EndReason, Event, RequestAuth, Transport, UaConfig,
         UserAgent,
@@ -348,6 +348,8 @@ struct CallSecurity {
     failure: Option<String>,
     /// Set when `[security] require_verified_peer` refused the call: why.
     refused: Option<String>,
+    /// Set when its established association ended on its own (dead peer, kernel refusal).
+    association_lost: Option<String>,
     /// The peer's HITs as signalling last carried them (answer, offer or UPDATE), kept
     /// apart from `peer_hits` (HIP's view, updated asynchronously) to compare with a
     /// signed UPDATE.
@@ -385,28 +387,7 @@ pub fn uri_host(uri: &str) -> Option<IpAddr> {
 
 /// The connection address and port of the first accepted audio stream of an SDP body.
 fn media_of(body: &[u8]) -> Option<(String, u16)> {
-    let text = std::str::from_utf8(body).ok()?;
-    let mut addr = None;
-    let mut port = None;
-    let mut in_media = false;
-    for line in text.lines() {
-        let line = line.trim_end();
-        if let Some(c) = line.strip_prefix("c=") {
-            if addr.is_none() || in_media {
-                addr = c.split_whitespace().nth(2).map(str::to_owned);
-            }
-        } else if let Some(m) = line.strip_prefix("m=") {
-            if port.is_some() {
-                break;
-            }
-            in_media = true;
-            let mut f = m.split_whitespace();
-            if f.next() == Some("audio") {
-                port = f.next().and_then(|p| p.parse().ok()).filter(|p| *p != 0);
-            }
-        }
-    }
-    Some((addr?, port?))
+    sdp::offer::audio_target(&Sdp::parse_bytes(body).ok()?)
 }
 
 impl Daemon {
@@ -426,6 +407,10 @@ impl Daemon {
             None
         };
         let pool = Pool::open(&cfg.pool)?;
+        if let Some(s) = &security {
+            // Known peers' I1s get their own lane under a flood (RFC 7401 §4.1.1).
+            s.expect(pool.entries().flat_map(|e| e.hits()).map(proto_hit));
+        }
         let (svc, inbound) = SipService::bind(&cfg).await?;
         let host = cfg
             .contact_host()
@@ -440,6 +425,7 @@ impl Daemon {
         uc.registrar = cfg.sip.registrar.map(|t| (t.transport, t.addr));
         uc.register_expires = cfg.sip.register_expires;
         uc.timers = cfg.sip.timers;
+        uc.limits = cfg.limits.sip();
         uc.seed = rand::random();
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
@@ -531,7 +517,15 @@ impl Daemon {
                     let _ = reply.send(v);
                 }
                 () = sleep => self.on_timers(),
-                _ = flush.tick() => self.flush_pool(),
+                _ = flush.tick() => {
+                    self.flush_pool();
+                    // A message begun on a connection and not finished in time (a drip,
+                    // or a request half-sent and abandoned) costs the connection.
+                    for conn in self.ua.expired_streams(Instant::now()) {
+                        tracing::info!(?conn, "closing a connection: its SIP message did not complete in time");
+                        self.svc.close(conn);
+                    }
+                }
                 input = async {
                     match &mut self.security {
                         Some(s) => s.wait().await,
@@ -544,7 +538,7 @@ impl Daemon {
                     }
                     if let Some(s) = &mut self.security {
                         let out = s.handle(input).await;
-                        self.on_security(out);
+                        self.on_security(out).await;
                     }
                 }
                 () = &mut shutdown => break,
@@ -717,83 +711,40 @@ impl Daemon {
         }
     }
 
-    /// Our SDP: an offer, or an answer with one `m=` per offered stream (RFC 3264 §6), audio
-    /// accepted on our RTP port and other media refused with port 0; our identity per
-    /// accepted stream or at session level, in the configured or mirrored form.
+    /// Our SDP: an offer, or an answer to `offer` (`hip_sip::sdp::offer`: one `m=` per
+    /// offered stream, audio accepted on our RTP port), with our identity in the
+    /// configured or mirrored form. With HIP, media goes HIT to HIT: the addresses are our
+    /// HIT, and the kernel carries it through the BEET SAs (the draft's §3.2 discussion:
+    /// HITs in `c=` lines survive address changes without a re-INVITE).
     fn local_sdp(&mut self, offer: Option<&Sdp>, offer_form: Option<Form>) -> Bytes {
-        let host = self
-            .cfg
-            .contact_host()
-            .map(|h| h.to_string())
-            .unwrap_or_default();
-        // With HIP, media goes HIT to HIT: the SDP's addresses are our HIT, and the kernel
-        // carries it through the BEET SAs (the draft's §3.2 discussion: HITs in `c=` lines
-        // survive address changes without a re-INVITE).
         let host = match &self.security {
             Some(s) => s.local_hit().to_string(),
-            None => host,
+            None => self
+                .cfg
+                .contact_host()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
         };
-        let ip = if host.contains(':') { "IP6" } else { "IP4" };
         self.sdp_version += 1;
-        let mut text = format!(
-            "v=0\r\no={} {} {} IN {ip} {host}\r\ns=hip-agent\r\nc=IN {ip} {host}\r\nt=0 0\r\n",
-            self.cfg.sip.user, self.sdp_version, self.sdp_version
-        );
-        let mut accepted = Vec::new();
-        let streams: Vec<Vec<String>> = match offer {
-            Some(o) => (0..o.media_count())
-                .filter_map(|i| o.media_line(i))
-                .map(|l| l.split_whitespace().map(str::to_owned).collect())
-                .collect(),
-            None => vec![vec![
-                "audio".into(),
-                "0".into(),
-                "RTP/AVP".into(),
-                "0".into(),
-            ]],
-        };
-        for (i, m) in streams.iter().enumerate() {
-            let (media, proto, fmt) = (
-                m.first().map_or("audio", String::as_str),
-                m.get(2).map_or("RTP/AVP", String::as_str),
-                m.get(3).map_or("0", String::as_str),
-            );
-            if media == "audio" && accepted.is_empty() {
-                text.push_str(&format!(
-                    "m=audio {} {proto} {fmt}\r\n",
-                    self.cfg.sip.sdp.rtp_port
-                ));
-                if fmt == "0" {
-                    text.push_str("a=rtpmap:0 PCMU/8000\r\n");
-                }
-                accepted.push(i);
-            } else {
-                text.push_str(&format!("m={media} 0 {proto} {fmt}\r\n"));
-            }
-        }
-        let policy = self.cfg.sip.sdp.identity();
-        let form = match offer_form {
-            Some(f) if offer.is_some() && policy.mirror_offer_form => f,
-            _ => policy.form,
-        };
         let id = SdpIdentity {
             hit: self.own.hit,
-            hi: if policy.send_hi {
-                self.own.hi.clone()
-            } else {
-                None
-            },
+            hi: self.own.hi.clone(),
         };
-        let mut s = Sdp::parse(&text).expect("our own SDP parses");
-        let scopes: Vec<Scope> = if policy.per_media {
-            accepted.iter().map(|i| Scope::Media(*i)).collect()
-        } else {
-            vec![Scope::Session]
+        let local = sdp::offer::LocalMedia {
+            user: &self.cfg.sip.user,
+            version: self.sdp_version,
+            address: &host,
+            rtp_port: self.cfg.sip.sdp.rtp_port,
+            identity: Some((&id, self.cfg.sip.sdp.identity())),
         };
-        for scope in scopes {
-            let _ = sdp::insert_identity(&mut s, scope, form, policy.hit_format, &id);
+        match sdp::offer::build(&local, offer, offer_form) {
+            Ok(s) => Bytes::from(s.emit()),
+            Err(e) => {
+                // Our own lines always parse; an identity that cannot be inserted is a bug.
+                tracing::error!("building our SDP: {e}");
+                Bytes::new()
+            }
         }
-        Bytes::from(s.emit())
     }
 
     fn answer(&mut self, h: CallHandle) {
@@ -1073,6 +1024,9 @@ impl Daemon {
         }
         self.pool
             .learn(pool::entry_from_sdp(&call.remote_uri, &call.call_id, &ids));
+        if let Some(s) = &self.security {
+            s.expect(ids.iter().map(|i| proto_hit(i.hit)));
+        }
         tracing::info!(
             call = %call.handle,
             peer = %call.remote_uri,
@@ -1133,10 +1087,10 @@ impl Daemon {
                     tracing::warn!(%call, ?peer_contact, "no IP address in the peer's Contact: no HIP locator");
                     return;
                 };
-                for h in hits {
-                    if let Err(e) = sec.initiate(locator, h).await {
-                        tracing::error!(%call, peer = %h, "HIP initiate: {e}");
-                    }
+                // One exchange for all the HITs the SDP carried: the responder proves one
+                // of them (a wrong HIT listed first costs nothing).
+                if let Err(e) = sec.initiate(locator, &hits).await {
+                    tracing::error!(%call, "HIP initiate: {e}");
                 }
             }
             AgentEvent::CallEnded {
@@ -1151,6 +1105,9 @@ impl Daemon {
                     .values()
                     .flat_map(|c| c.peer_hits.iter().copied())
                     .collect();
+                // The record of the call as it ended, before its association goes: the
+                // level it shows is the one it earned while it lasted.
+                let mut summary = self.call_json(call, &cs);
                 let mut flows = Vec::new();
                 if let Some(sec) = &mut self.security {
                     for h in &cs.peer_hits {
@@ -1161,11 +1118,10 @@ impl Daemon {
                     }
                     for h in &cs.peer_hits {
                         if !still_used.contains(h) {
-                            sec.close(*h).await;
+                            sec.release(*h).await;
                         }
                     }
                 }
-                let mut summary = self.call_json(call, &cs);
                 summary["remote_uri"] = json!(peer_uri);
                 summary["end_reason"] = json!(reason);
                 summary["flows"] = json!(flows);
@@ -1178,14 +1134,26 @@ impl Daemon {
     }
 
     /// What HIP reported.
-    fn on_security(&mut self, out: Outcome) {
-        let Outcome::Failed {
-            peer,
-            error,
-            mismatch,
-        } = out
-        else {
-            return;
+    async fn on_security(&mut self, out: Outcome) {
+        let (peer, error, mismatch) = match out {
+            Outcome::Failed {
+                peer,
+                error,
+                mismatch,
+            } => (peer, error, mismatch),
+            Outcome::Closed { peer } => {
+                if !self.call_sec.values().any(|c| c.peer_hits.contains(&peer))
+                    && let Some(s) = &mut self.security
+                {
+                    s.forget_if_over(peer);
+                }
+                return;
+            }
+            Outcome::Lost { peer, reason } => {
+                self.association_lost(peer, reason).await;
+                return;
+            }
+            Outcome::Established { .. } | Outcome::Nothing => return,
         };
         let calls: Vec<CallHandle> = self
             .call_sec
@@ -1204,6 +1172,43 @@ impl Daemon {
         }
     }
 
+    /// An established association with `peer` ended on its own (dead peer, kernel
+    /// refusal). Each call that still needs it is told (`association_lost` in `status`);
+    /// a call we placed runs a new exchange at once — a peer that restarted answers it,
+    /// and its media resumes — while a call we answered waits for the caller's.
+    async fn association_lost(&mut self, peer: hip_proto::Hit, reason: String) {
+        let calls: Vec<CallHandle> = self
+            .call_sec
+            .iter()
+            .filter(|(_, c)| c.peer_hits.contains(&peer))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in calls {
+            let Some(info) = self.ua.call_info(h) else {
+                continue;
+            };
+            let Some(cs) = self.call_sec.get_mut(&h) else {
+                continue;
+            };
+            cs.association_lost = Some(reason.clone());
+            tracing::warn!(call = %h, %peer, "the call's HIP association was lost: {reason}");
+            if info.direction != Direction::Outgoing
+                || info.state != hip_sip::sip::CallState::Confirmed
+            {
+                continue;
+            }
+            let hits = cs.peer_hits.clone();
+            let Some(locator) = info.remote_target.as_deref().and_then(uri_host) else {
+                continue;
+            };
+            if let Some(sec) = &mut self.security
+                && let Err(e) = sec.initiate(locator, &hits).await
+            {
+                tracing::error!(call = %h, "HIP re-initiate after the loss: {e}");
+            }
+        }
+    }
+
     /// A call's security as `status` shows it.
     fn security_json(&self, cs: &CallSecurity) -> Value {
         let sec = self.security.as_ref();
@@ -1213,15 +1218,15 @@ impl Daemon {
             .filter_map(|h| sec.and_then(|s| s.get(h)))
             .map(|r| json!(r))
             .collect();
-        let state = cs
-            .peer_hits
-            .iter()
-            .filter_map(|h| sec.and_then(|s| s.get(h)).map(|r| r.state))
-            .next();
+        let best = secure::best_record(
+            cs.peer_hits
+                .iter()
+                .filter_map(|h| sec.and_then(|s| s.get(h))),
+        );
         let level = if cs.failure.is_some() {
             Verification::Failed
         } else {
-            secure::verification(state, &cs.sip)
+            secure::verification(best, &cs.sip)
         };
         let sas = match (sec, cs.peer_hits.first()) {
             (Some(s), Some(p)) => Some(secure::short_auth_string(s.local_hit(), *p)),
@@ -1239,6 +1244,7 @@ impl Daemon {
             "sip_assurance": &cs.sip,
             "failure": cs.failure,
             "refused": cs.refused,
+            "association_lost": cs.association_lost,
             "associations": assocs,
             "remote_media": cs.remote_media.as_ref().map(|(a, p)| json!({"address": a, "port": p})),
             "flows": flows,
@@ -1504,6 +1510,14 @@ impl Daemon {
                 })),
                 "stats": self.stats,
                 "pool_entries": self.pool.entries().count(),
+                "limits": {
+                    "sip": self.ua.admission_stats(),
+                    "connections": self.svc.conn_stats(),
+                    "calls": self.ua.calls().len(),
+                    "pending_incoming_calls": self.ua.calls().iter().filter(|c| c.direction == Direction::Incoming && c.state != hip_sip::sip::CallState::Confirmed).count(),
+                    "association_records": self.security.as_ref().map_or(0, |s| s.records().count()),
+                    "hip": match &self.security { Some(s) => s.stats().await.map(|st| json!(st)), None => None },
+                },
             }),
             Request::Hits => json!({
                 "ok": true,

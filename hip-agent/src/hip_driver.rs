@@ -13,15 +13,16 @@
 //! address the checksum was computed for is pinned with `IP_PKTINFO` / `IPV6_PKTINFO`.
 
 use std::{
+    collections::BTreeMap,
     io::{self, IoSlice, IoSliceMut},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use hip_proto::{
     Hit,
-    endpoint::{BoxRng, Endpoint, Event, ProtocolError, Transmit},
+    endpoint::{self, BoxRng, Endpoint, Event, ProtocolError, Transmit},
     wire::IPPROTO_HIP,
 };
 use nix::sys::socket::{
@@ -29,6 +30,7 @@ use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt,
 };
 use rand_core::SeedableRng;
+use serde::Serialize;
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, oneshot},
@@ -231,14 +233,114 @@ impl Sockets {
     }
 }
 
+/// What the driver counted: the endpoint's refusals and every dropped packet by reason.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DriverStats {
+    /// Datagrams received on the raw sockets.
+    pub received: u64,
+    /// Datagrams the endpoint dropped, by reason ([`ProtocolError::kind`]).
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// Times a receive burst hit the batch limit and yielded to timers and commands.
+    pub batches_cut: u64,
+    /// R1 lanes, capacity and NOTIFY counters from the endpoint.
+    pub r1_sent_expected: u64,
+    /// See [`endpoint::Stats`].
+    pub r1_sent_unexpected: u64,
+    /// See [`endpoint::Stats`].
+    pub r1_rate_limited_address: u64,
+    /// See [`endpoint::Stats`].
+    pub r1_rate_limited_unexpected: u64,
+    /// See [`endpoint::Stats`].
+    pub r1_rate_limited_expected: u64,
+    /// See [`endpoint::Stats`].
+    pub refused_at_capacity: u64,
+    /// See [`endpoint::Stats`].
+    pub unverified_notify: u64,
+    /// Associations the endpoint holds (every state).
+    pub associations: usize,
+}
+
+impl DriverStats {
+    fn absorb(&mut self, e: endpoint::Stats, associations: usize) {
+        self.r1_sent_expected = e.r1_sent_expected;
+        self.r1_sent_unexpected = e.r1_sent_unexpected;
+        self.r1_rate_limited_address = e.r1_rate_limited_address;
+        self.r1_rate_limited_unexpected = e.r1_rate_limited_unexpected;
+        self.r1_rate_limited_expected = e.r1_rate_limited_expected;
+        self.refused_at_capacity = e.refused_at_capacity;
+        self.unverified_notify = e.unverified_notify;
+        self.associations = associations;
+    }
+}
+
+/// Datagrams handled per socket wake-up before timers, commands and the other socket get
+/// their turn (a flood must not delay retransmissions).
+const RECEIVE_BATCH: usize = 64;
+
+/// Dropped packets are logged as one summary per interval, not one line each (a flood
+/// at debug level would write hundreds of thousands of lines).
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct DropLog {
+    stats: DriverStats,
+    since: BTreeMap<&'static str, u64>,
+    last: Option<Instant>,
+}
+
+impl DropLog {
+    fn dropped(&mut self, now: Instant, src: IpAddr, e: &ProtocolError) {
+        let k = e.kind();
+        *self.stats.dropped.entry(k).or_insert(0) += 1;
+        *self.since.entry(k).or_insert(0) += 1;
+        match self.last {
+            // The first drop after a quiet interval is logged with its detail.
+            None => {
+                tracing::debug!(%src, "HIP packet dropped: {e}");
+                self.last = Some(now);
+                self.since.clear();
+            }
+            Some(t) if now.saturating_duration_since(t) >= DROP_LOG_INTERVAL => {
+                let summary: Vec<String> =
+                    self.since.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                tracing::debug!(
+                    "HIP packets dropped in the last {:?}: {}",
+                    now.saturating_duration_since(t),
+                    summary.join(", ")
+                );
+                self.last = Some(now);
+                self.since.clear();
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 enum Command {
     Initiate {
         local: Option<IpAddr>,
         peer: IpAddr,
-        expected: Option<Hit>,
-        /// I1 to the null HIT, `expected` checked on R1 ([`Endpoint::initiate_expecting`]).
+        expected: Vec<Hit>,
+        /// I1 to the null HIT, `expected` checked on R1
+        /// ([`Endpoint::initiate_expecting_any`]).
         via_null: bool,
         reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    Abandon {
+        peer: Option<Hit>,
+        locator: Option<IpAddr>,
+        reply: oneshot::Sender<bool>,
+    },
+    Abort {
+        peer: Hit,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    Probe {
+        peer: Hit,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
+    Stats {
+        reply: oneshot::Sender<DriverStats>,
     },
     Close {
         peer: Hit,
@@ -291,7 +393,8 @@ impl HipDriver {
         peer: IpAddr,
         expected: Option<Hit>,
     ) -> Result<(), DriverError> {
-        self.send_initiate(local, peer, expected, false).await
+        self.send_initiate(local, peer, expected.into_iter().collect(), false)
+            .await
     }
 
     /// Starts a base exchange whose I1 goes to the null HIT, failing on R1 with
@@ -303,14 +406,75 @@ impl HipDriver {
         peer: IpAddr,
         expected: Hit,
     ) -> Result<(), DriverError> {
-        self.send_initiate(local, peer, Some(expected), true).await
+        self.send_initiate(local, peer, vec![expected], true).await
+    }
+
+    /// Like [`HipDriver::initiate_expecting`], accepting a responder that proves any of
+    /// `expected` (see [`Endpoint::initiate_expecting_any`]).
+    pub async fn initiate_expecting_any(
+        &self,
+        local: Option<IpAddr>,
+        peer: IpAddr,
+        expected: Vec<Hit>,
+    ) -> Result<(), DriverError> {
+        self.send_initiate(local, peer, expected, true).await
+    }
+
+    /// Abandons an exchange we initiated that has not completed (see
+    /// [`Endpoint::abandon_initiation`]); `true` when there was one.
+    pub async fn abandon(&self, peer: Option<Hit>, locator: Option<IpAddr>) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Abandon {
+                peer,
+                locator,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Forgets the association with `peer` at once, sending nothing (see
+    /// [`Endpoint::abort`]).
+    pub async fn abort(&self, peer: Hit) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Abort { peer, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// Checks that `peer` still holds the association (see [`Endpoint::probe`]).
+    pub async fn probe(&self, peer: Hit) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Probe { peer, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// What the driver and the endpoint counted.
+    pub async fn stats(&self) -> Result<DriverStats, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Stats { reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)
     }
 
     async fn send_initiate(
         &self,
         local: Option<IpAddr>,
         peer: IpAddr,
-        expected: Option<Hit>,
+        expected: Vec<Hit>,
         via_null: bool,
     ) -> Result<(), DriverError> {
         let (reply, rx) = oneshot::channel();
@@ -406,26 +570,37 @@ fn flush(ep: &mut Endpoint, socks: &Sockets, events: &mpsc::UnboundedSender<Even
     }
 }
 
-fn receive(ep: &mut Endpoint, s: &RawSocket, buf: &mut [u8]) -> io::Result<()> {
-    loop {
+/// Handles up to [`RECEIVE_BATCH`] datagrams; `Ok(true)` when the socket may hold more
+/// (its readiness is then kept, so the loop comes back to it after the other inputs).
+fn receive(
+    ep: &mut Endpoint,
+    s: &RawSocket,
+    buf: &mut [u8],
+    log: &mut DropLog,
+) -> io::Result<bool> {
+    for _ in 0..RECEIVE_BATCH {
         match s.try_recv(buf) {
             Ok((start, end, src, dst)) => {
-                if let Err(e) = ep.handle_packet(Instant::now(), src, dst, &buf[start..end]) {
-                    tracing::debug!(%src, "HIP packet dropped: {e}");
+                log.stats.received += 1;
+                let now = Instant::now();
+                if let Err(e) = ep.handle_packet(now, src, dst, &buf[start..end]) {
+                    log.dropped(now, src, &e);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Other => {
-                tracing::debug!("unusable datagram: {e}");
+                tracing::trace!("unusable datagram: {e}");
             }
             // Errors queued on the socket (ICMP reports and the like) concern one
             // datagram, not the socket: log, and wait for readiness again.
             Err(e) => {
                 tracing::debug!("raw socket receive: {e}");
-                return Ok(());
+                return Ok(false);
             }
         }
     }
+    log.stats.batches_cut += 1;
+    Ok(true)
 }
 
 async fn run(
@@ -435,34 +610,55 @@ async fn run(
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<(), DriverError> {
     let mut buf = vec![0u8; 65536];
+    let mut log = DropLog::default();
     loop {
         flush(&mut ep, &socks, &events);
         let deadline = ep.poll_timeout();
+        // Timers first when due: a receive burst must not hold back retransmissions.
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            ep.handle_timeout(Instant::now());
+            continue;
+        }
         tokio::select! {
             g = readable(&socks.v4) => {
                 let mut g = g?;
                 let s = socks.v4.as_ref().expect("readable only when present");
-                receive(&mut ep, s, &mut buf)?;
-                g.clear_ready();
+                if !receive(&mut ep, s, &mut buf, &mut log)? {
+                    g.clear_ready();
+                }
             }
             g = readable(&socks.v6) => {
                 let mut g = g?;
                 let s = socks.v6.as_ref().expect("readable only when present");
-                receive(&mut ep, s, &mut buf)?;
-                g.clear_ready();
+                if !receive(&mut ep, s, &mut buf, &mut log)? {
+                    g.clear_ready();
+                }
             }
             c = commands.recv() => match c {
                 None => return Ok(()),
                 Some(Command::Initiate { local, peer, expected, via_null, reply }) => {
                     let r = match local.map(Ok).unwrap_or_else(|| source_for(peer)) {
-                        Ok(local) => match (via_null, expected) {
-                            (true, Some(x)) => ep.initiate_expecting(Instant::now(), local, peer, x),
-                            _ => ep.initiate(Instant::now(), local, peer, expected),
+                        Ok(local) => match (via_null, expected.as_slice()) {
+                            (true, [_, ..]) => ep.initiate_expecting_any(Instant::now(), local, peer, &expected),
+                            _ => ep.initiate(Instant::now(), local, peer, expected.first().copied()),
                         }
                         .map_err(DriverError::from),
                         Err(e) => Err(e.into()),
                     };
                     let _ = reply.send(r);
+                }
+                Some(Command::Abandon { peer, locator, reply }) => {
+                    let _ = reply.send(ep.abandon_initiation(peer, locator));
+                }
+                Some(Command::Abort { peer, reply }) => {
+                    let _ = reply.send(ep.abort(peer).map_err(Into::into));
+                }
+                Some(Command::Probe { peer, reply }) => {
+                    let _ = reply.send(ep.probe(Instant::now(), peer).map_err(Into::into));
+                }
+                Some(Command::Stats { reply }) => {
+                    log.stats.absorb(ep.stats(), ep.association_count());
+                    let _ = reply.send(log.stats.clone());
                 }
                 Some(Command::Close { peer, reply }) => {
                     let _ = reply.send(ep.close(Instant::now(), peer).map_err(Into::into));

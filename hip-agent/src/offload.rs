@@ -302,8 +302,39 @@ impl Offload {
             return Err(err.into());
         }
         let info = installed(&params);
-        self.installed.insert(e.peer_hit, params);
+        if let Some(old) = self.installed.insert(e.peer_hit, params) {
+            // A new base exchange replaced the association (the peer restarted, RFC 7401
+            // §6.9, or we re-established after losing it): the policies now point at the
+            // new reqid and SAs; the old SA pair and its reqid go. The route and the
+            // datapath entry were updated in place above.
+            self.pending_rekey.remove(&e.peer_hit);
+            for sa in [old.sa_in().id(), old.sa_out().id()] {
+                if let Err(err) = self.xfrm.del_sa(&sa).await {
+                    tracing::warn!(peer = %e.peer_hit, %sa, "removing the replaced SA: {err}");
+                }
+            }
+            self.reqids.lock().expect("reqid pool").release(old.reqid);
+            tracing::info!(peer = %e.peer_hit, old_spi_in = format_args!("{:#x}", old.spi_in), "association replaced by a new base exchange; old SAs removed");
+        }
         Ok(info)
+    }
+
+    /// When inbound ESP last arrived from each installed peer, as CLOCK_MONOTONIC
+    /// nanoseconds (the datapath's per-SPI counters; 0: never). `None` without a datapath.
+    pub fn inbound_last_seen(&self) -> Option<HashMap<Hit, u64>> {
+        let dp = self.datapath.as_ref()?;
+        let counters = dp.spi_counters().ok()?;
+        let by_spi: HashMap<u32, u64> = counters
+            .iter()
+            .filter(|c| c.direction == "in")
+            .map(|c| (c.spi, c.last_seen_ns))
+            .collect();
+        Some(
+            self.installed
+                .iter()
+                .map(|(h, p)| (*h, by_spi.get(&p.spi_in).copied().unwrap_or(0)))
+                .collect(),
+        )
     }
 
     /// Removes everything of the association with `peer`; returns its final flows (from

@@ -12,7 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use hip_kernel::{AddressEvent, AddressEvents, KernelEvent};
@@ -78,6 +78,12 @@ pub struct AssocRecord {
     pub local_hit: String,
     /// State.
     pub state: AssocState,
+    /// Whether this association reached ESTABLISHED with this HIT proved (its HI hashed
+    /// to it and it signed the exchange). A verification level rests on this alone: a
+    /// record that merely ends `closed` proves nothing.
+    pub reached_established: bool,
+    /// Why an established association ended on its own (dead peer, kernel refusal).
+    pub lost: Option<String>,
     /// Whether we sent I1.
     pub initiator: bool,
     /// The peer's locator.
@@ -135,6 +141,14 @@ pub enum Outcome {
         /// The peer.
         peer: Hit,
     },
+    /// An established association ended on its own (see [`AssocRecord::lost`]); a call
+    /// that still needs it must run a new exchange.
+    Lost {
+        /// The peer.
+        peer: Hit,
+        /// Why.
+        reason: String,
+    },
     /// Nothing the daemon needs to act on.
     Nothing,
 }
@@ -148,29 +162,102 @@ pub enum Input {
     Kernel(KernelEvent),
     /// The host's addresses changed.
     Address(AddressEvent),
+    /// Time for dead peer detection.
+    Tick,
 }
 
-/// The HITs a responder accepts I2s from: the HITs offered in calls we answered, counted
-/// per call (two calls with the same peer host share its HIT).
+/// The HITs a responder accepts I2s from — the HITs offered in calls we answered, counted
+/// per call (two calls with the same peer host share its HIT) — and the HITs whose I1s are
+/// expected (those, and every HIT the known-HITs pool binds to a SIP URI): they get R1s
+/// in a lane of their own under a flood (see `hip_proto::endpoint::PeerPolicy::expected`).
+#[derive(Default)]
+struct Known {
+    /// HIT → calls we answered that offered it.
+    authorized: HashMap<Hit, u32>,
+    /// HITs bound to a SIP URI in the pool.
+    pooled: HashSet<Hit>,
+}
+
 #[derive(Clone, Default)]
-struct Authorized(Arc<Mutex<HashMap<Hit, u32>>>);
+struct Authorized(Arc<Mutex<Known>>);
 
 impl Authorized {
     fn add(&self, h: Hit) {
-        *self.0.lock().expect("authorized").entry(h).or_insert(0) += 1;
+        *self
+            .0
+            .lock()
+            .expect("authorized")
+            .authorized
+            .entry(h)
+            .or_insert(0) += 1;
     }
     fn remove(&self, h: Hit) {
-        let mut m = self.0.lock().expect("authorized");
-        if let Some(n) = m.get_mut(&h) {
+        let mut g = self.0.lock().expect("authorized");
+        if let Some(n) = g.authorized.get_mut(&h) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&h);
+                g.authorized.remove(&h);
             }
         }
     }
     fn contains(&self, h: &Hit) -> bool {
-        self.0.lock().expect("authorized").contains_key(h)
+        self.0
+            .lock()
+            .expect("authorized")
+            .authorized
+            .contains_key(h)
     }
+    fn expect(&self, h: Hit) {
+        self.0.lock().expect("authorized").pooled.insert(h);
+    }
+    fn expected(&self, h: &Hit) -> bool {
+        let g = self.0.lock().expect("authorized");
+        g.authorized.contains_key(h) || g.pooled.contains(h)
+    }
+}
+
+/// The responder's policy ([`AcceptPolicy`]) and the expected-initiator lane.
+struct Policy {
+    authorized: Authorized,
+    known_only: bool,
+}
+
+impl endpoint::PeerPolicy for Policy {
+    fn accept(&self, h: &Hit, _: &HostId) -> bool {
+        let ok = !self.known_only || self.authorized.contains(h);
+        if !ok {
+            tracing::warn!(peer = %h, "refusing I2: HIT not offered in a call we answered (known-HITs pool)");
+        }
+        ok
+    }
+    fn expected(&self, h: &Hit) -> bool {
+        self.authorized.expected(h)
+    }
+}
+
+/// How often established associations are checked for ESP silence (dead peers).
+const DPD_TICK: Duration = Duration::from_secs(5);
+
+/// Dead peer detection state of one association.
+#[derive(Clone, Copy, Debug, Default)]
+struct Liveness {
+    /// CLOCK_MONOTONIC ns when it was established (silence is counted from there).
+    since_ns: u64,
+    /// CLOCK_MONOTONIC ns of our last probe.
+    probed_ns: Option<u64>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the datapath's per-SPI `last_seen_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) only writes the timespec we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// HIP and its kernel offload for the daemon.
@@ -182,12 +269,17 @@ pub struct Security {
     local_hit: Hit,
     local_locator: Option<IpAddr>,
     i1_to_null: bool,
-    /// Opportunistic I1s (null HIT) sent, keyed by peer locator → the HIT SIP told us.
-    expected_at: HashMap<IpAddr, Hit>,
+    /// Base exchanges we started, keyed by peer locator → the HITs SIP told us (any of
+    /// them may answer; with `i1_to_null_hit = false`, the ones still to try in order).
+    expected_at: HashMap<IpAddr, Vec<Hit>>,
     /// The host's address changes (RFC 8046 mobility); `None` with a fixed `[hip] locator`.
     addrs: Option<AddressEvents>,
     /// Locator moves announced (UPDATE sent) and not yet confirmed, per peer.
     moving: HashMap<Hit, IpAddr>,
+    /// Dead peer detection: per established peer, and the silence that triggers a probe.
+    liveness: HashMap<Hit, Liveness>,
+    dpd_idle_ns: u64,
+    dpd_tick: tokio::time::Interval,
 }
 
 impl Security {
@@ -218,6 +310,7 @@ impl Security {
                 .iter()
                 .filter_map(|c| EspSuite::from_id(c.suite_id()))
                 .collect(),
+            max_associations: cfg.limits.max_associations,
             ..endpoint::Config::default()
         };
         if let Some(k) = cfg.hip.puzzle_difficulty {
@@ -236,16 +329,10 @@ impl Security {
             ep.set_spi_allocator(Box::new(o.spi_allocator()));
         }
         let authorized = Authorized::default();
-        if cfg.hip.accept == AcceptPolicy::Known {
-            let a = authorized.clone();
-            ep.set_policy(Box::new(move |h: &Hit, _: &HostId| {
-                let ok = a.contains(h);
-                if !ok {
-                    tracing::warn!(peer = %h, "refusing I2: HIT not offered in a call we answered (known-HITs pool)");
-                }
-                ok
-            }));
-        }
+        ep.set_policy(Box::new(Policy {
+            authorized: authorized.clone(),
+            known_only: cfg.hip.accept == AcceptPolicy::Known,
+        }));
         let driver = HipDriver::spawn(ep, Sockets::open()?);
         // With a configured locator there is nothing to follow; otherwise an address
         // monitor lets associations move when the host's address changes.
@@ -259,6 +346,8 @@ impl Security {
                 }
             },
         };
+        let mut dpd_tick = tokio::time::interval(DPD_TICK);
+        dpd_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(hit = %local_hit, offload = offload.is_some(), "HIP ready");
         Ok(Self {
             driver,
@@ -271,6 +360,9 @@ impl Security {
             expected_at: HashMap::new(),
             addrs,
             moving: HashMap::new(),
+            liveness: HashMap::new(),
+            dpd_idle_ns: cfg.hip.dead_peer_idle_secs.saturating_mul(1_000_000_000),
+            dpd_tick,
         })
     }
 
@@ -290,12 +382,14 @@ impl Security {
             peer_hit: peer.to_string(),
             local_hit: local.to_string(),
             state: AssocState::Exchanging,
+            reached_established: false,
             initiator,
             peer_locator: locator,
             local_locator: None,
             esp_transform: None,
             kernel: None,
             error: None,
+            lost: None,
             actual_peer_hit: None,
             established_at: None,
             timing_ms: Timing {
@@ -306,35 +400,78 @@ impl Security {
         })
     }
 
-    /// Starts a base exchange with the host at `locator`, which must prove it holds the
-    /// key behind `expected` (the HIT its SDP carried).
-    pub async fn initiate(&mut self, locator: IpAddr, expected: Hit) -> Result<(), String> {
-        if matches!(
-            self.records.get(&expected).map(|r| r.state),
-            Some(AssocState::Established | AssocState::Exchanging)
-        ) {
-            return Ok(());
+    /// Marks HITs as expected initiators (the known-HITs pool): their I1s are answered in
+    /// their own lane under a flood. It does not authorize them.
+    pub fn expect(&self, hits: impl IntoIterator<Item = Hit>) {
+        for h in hits {
+            self.authorized.expect(h);
         }
-        self.records.remove(&expected);
-        self.record(expected, true, Some(locator));
+    }
+
+    /// Starts a base exchange with the host at `locator`, which must prove it holds the
+    /// key behind one of `expected` (the HITs its SDP carried, in order).
+    ///
+    /// * An association already established with one of them is reused, after a
+    ///   liveness probe: a peer that lost its state (restarted) does not answer it, and
+    ///   the association is then replaced by a new exchange ([`Outcome::Lost`]).
+    /// * One in progress is left to finish; one closing is cut short (a new call must not
+    ///   wait for the last call's CLOSE to time out).
+    /// * With `i1_to_null_hit` one I1 goes to the null HIT and an R1 proving any of the
+    ///   HITs is accepted; without, they are tried one after the other.
+    pub async fn initiate(&mut self, locator: IpAddr, expected: &[Hit]) -> Result<(), String> {
+        if expected.is_empty() {
+            return Err("no peer HIT to expect".into());
+        }
+        for h in expected {
+            match self.records.get(h).map(|r| r.state) {
+                Some(AssocState::Established) => {
+                    tracing::info!(peer = %h, "reusing the established association; checking that the peer still holds it");
+                    if let Err(e) = self.driver.probe(*h).await {
+                        tracing::warn!(peer = %h, "liveness probe: {e}");
+                    }
+                    return Ok(());
+                }
+                Some(AssocState::Exchanging) if self.records[h].initiator => return Ok(()),
+                Some(AssocState::Closing) => {
+                    tracing::info!(peer = %h, "a new call needs the association being closed: dropping it now");
+                    let _ = self.driver.abort(*h).await;
+                    self.remove_kernel_state(*h).await;
+                    self.records.remove(h);
+                }
+                _ => {}
+            }
+        }
+        for h in expected {
+            if !matches!(
+                self.records.get(h).map(|r| r.state),
+                Some(AssocState::Exchanging)
+            ) {
+                self.records.remove(h);
+            }
+            let r = self.record(*h, true, Some(locator));
+            r.initiator = true;
+            r.peer_locator = Some(locator);
+        }
         // With `i1_to_null_hit`, the I1 goes to the null HIT and the endpoint checks the
         // responder's HI against `expected` on R1 (a mismatch fails before any I2).
-        tracing::info!(peer = %expected, %locator, via_null = self.i1_to_null, "starting HIP base exchange");
+        tracing::info!(peers = ?expected.iter().map(Hit::to_string).collect::<Vec<_>>(), %locator, via_null = self.i1_to_null, "starting HIP base exchange");
+        self.expected_at.insert(locator, expected.to_vec());
         let r = if self.i1_to_null {
-            self.expected_at.insert(locator, expected);
             self.driver
-                .initiate_expecting(self.local_locator, locator, expected)
+                .initiate_expecting_any(self.local_locator, locator, expected.to_vec())
                 .await
         } else {
             self.driver
-                .initiate(self.local_locator, locator, Some(expected))
+                .initiate(self.local_locator, locator, Some(expected[0]))
                 .await
         };
         if let Err(e) = r {
             self.expected_at.remove(&locator);
-            let rec = self.record(expected, true, Some(locator));
-            rec.state = AssocState::Failed;
-            rec.error = Some(e.to_string());
+            for h in expected {
+                let rec = self.record(*h, true, Some(locator));
+                rec.state = AssocState::Failed;
+                rec.error = Some(e.to_string());
+            }
             return Err(e.to_string());
         }
         Ok(())
@@ -344,6 +481,13 @@ impl Security {
     pub fn authorize(&mut self, hits: &[Hit]) {
         for h in hits {
             self.authorized.add(*h);
+            if matches!(
+                self.records.get(h).map(|r| r.state),
+                Some(AssocState::Closed | AssocState::Failed)
+            ) {
+                // A record of an earlier call must not lend its state to this one.
+                self.records.remove(h);
+            }
             self.record(*h, false, None);
         }
     }
@@ -355,38 +499,102 @@ impl Security {
         }
     }
 
-    /// Ends the association with `peer` (CLOSE; the kernel objects go when it is closed,
-    /// or at once if there was nothing to close).
-    pub async fn close(&mut self, peer: Hit) {
-        let state = self.records.get(&peer).map(|r| r.state);
-        match state {
-            Some(AssocState::Established) => {
+    /// No call uses `peer` any more: the association ends (CLOSE when established; an
+    /// exchange in progress is abandoned at once), and its record is freed — at once, or
+    /// when the CLOSE completes.
+    pub async fn release(&mut self, peer: Hit) {
+        let Some(rec) = self.records.get(&peer) else {
+            return;
+        };
+        match rec.state {
+            AssocState::Established => {
                 if let Err(e) = self.driver.close(peer).await {
                     tracing::warn!(%peer, "CLOSE: {e}; removing the kernel state directly");
-                    self.closed(peer).await;
+                    let _ = self.driver.abort(peer).await;
+                    self.remove_kernel_state(peer).await;
+                    self.records.remove(&peer);
                 } else if let Some(r) = self.records.get_mut(&peer) {
                     r.state = AssocState::Closing;
                 }
             }
-            Some(AssocState::Exchanging) => {
-                let _ = self.driver.close(peer).await;
-                self.closed(peer).await;
+            AssocState::Closing => {}
+            AssocState::Exchanging => {
+                let (initiator, locator) = (rec.initiator, rec.peer_locator);
+                if initiator {
+                    // Hanging up abandons the exchange: retransmissions stop and the next
+                    // call to this peer can start at once.
+                    if self.driver.abandon(Some(peer), locator).await {
+                        tracing::info!(%peer, "base exchange abandoned: its call ended");
+                    }
+                    if let Some(l) = locator
+                        && let Some(c) = self.expected_at.get_mut(&l)
+                    {
+                        c.retain(|h| *h != peer);
+                        if c.is_empty() {
+                            self.expected_at.remove(&l);
+                        }
+                    }
+                } else {
+                    // A responder that got as far as R2 holds state: CLOSE it.
+                    let _ = self.driver.close(peer).await;
+                }
+                self.remove_kernel_state(peer).await;
+                self.records.remove(&peer);
             }
-            _ => {}
+            AssocState::Closed | AssocState::Failed => {
+                self.records.remove(&peer);
+            }
+        }
+        self.liveness.remove(&peer);
+    }
+
+    /// Frees the record of `peer` if its association is over (closed or failed): for a
+    /// peer no call uses, e.g. one that closed an association opened opportunistically.
+    pub fn forget_if_over(&mut self, peer: Hit) {
+        if matches!(
+            self.records.get(&peer).map(|r| r.state),
+            Some(AssocState::Closed | AssocState::Failed)
+        ) {
+            self.records.remove(&peer);
         }
     }
 
-    async fn closed(&mut self, peer: Hit) {
+    async fn remove_kernel_state(&mut self, peer: Hit) {
         if let Some(o) = &mut self.offload
             && let Err(e) = o.remove(peer).await
         {
             tracing::error!(%peer, "removing the association from the kernel: {e}");
         }
+    }
+
+    async fn closed(&mut self, peer: Hit) {
+        self.remove_kernel_state(peer).await;
+        self.liveness.remove(&peer);
         if let Some(r) = self.records.get_mut(&peer)
             && r.state != AssocState::Failed
         {
             r.state = AssocState::Closed;
         }
+    }
+
+    /// The association ended for a reason of its own (dead peer, the kernel refused a
+    /// rekey or a move): everything of it goes, the record says why, and the calls are
+    /// told ([`Outcome::Lost`]). It keeps `reached_established`: what it proved stays
+    /// proved.
+    async fn lost(&mut self, peer: Hit, why: String, tell_peer: bool) -> Outcome {
+        tracing::error!(%peer, "HIP association lost: {why}");
+        if tell_peer {
+            let _ = self.driver.close(peer).await;
+        }
+        let _ = self.driver.abort(peer).await;
+        self.remove_kernel_state(peer).await;
+        self.liveness.remove(&peer);
+        if let Some(r) = self.records.get_mut(&peer) {
+            r.state = AssocState::Closed;
+            r.lost = Some(why.clone());
+            r.kernel = None;
+        }
+        Outcome::Lost { peer, reason: why }
     }
 
     /// The record of the association with `peer`.
@@ -397,6 +605,11 @@ impl Security {
     /// Every association record.
     pub fn records(&self) -> impl Iterator<Item = &AssocRecord> {
         self.records.values()
+    }
+
+    /// What the HIP driver counted (drops by reason, R1 lanes, capacity).
+    pub async fn stats(&self) -> Option<hip_driver::DriverStats> {
+        self.driver.stats().await.ok()
     }
 
     /// The datapath's RTP flows with `peer`.
@@ -438,6 +651,7 @@ impl Security {
                 }
             },
             kev = kernel => Input::Kernel(kev),
+            _ = self.dpd_tick.tick() => Input::Tick,
         }
     }
 
@@ -452,6 +666,39 @@ impl Security {
             Input::Address(a) => {
                 self.on_address_change(a).await;
                 Outcome::Nothing
+            }
+            Input::Tick => {
+                self.check_liveness().await;
+                Outcome::Nothing
+            }
+        }
+    }
+
+    /// Dead peer detection: an established association whose inbound ESP has been silent
+    /// for `[hip] dead_peer_idle_secs` (eBPF per-SPI last-seen times) gets a liveness
+    /// probe, once per such interval; an unanswered probe ends it
+    /// ([`Event::PeerUnreachable`]). Without the datapath there is no silence to measure
+    /// and only new calls probe.
+    async fn check_liveness(&mut self) {
+        let Some(seen) = self.offload.as_ref().and_then(Offload::inbound_last_seen) else {
+            return;
+        };
+        let now = monotonic_ns();
+        let idle = self.dpd_idle_ns;
+        let mut probe = Vec::new();
+        for (peer, l) in &mut self.liveness {
+            let last = seen.get(peer).copied().unwrap_or(0).max(l.since_ns);
+            let quiet = now.saturating_sub(last) >= idle;
+            let probed_recently = l.probed_ns.is_some_and(|p| now.saturating_sub(p) < idle);
+            if quiet && !probed_recently {
+                l.probed_ns = Some(now);
+                probe.push(*peer);
+            }
+        }
+        for peer in probe {
+            tracing::info!(%peer, "no ESP from the peer for a while: liveness probe");
+            if let Err(e) = self.driver.probe(peer).await {
+                tracing::debug!(%peer, "liveness probe: {e}");
             }
         }
     }
@@ -489,7 +736,17 @@ impl Security {
             Event::Established(e) => {
                 let peer = e.peer_hit;
                 if e.initiator {
-                    self.expected_at.remove(&e.peer_locator);
+                    // The other HITs the signalling offered for this locator were not the
+                    // responder's: their records go (they were never tried on their own).
+                    if let Some(cands) = self.expected_at.remove(&e.peer_locator) {
+                        for h in cands.into_iter().filter(|h| *h != peer) {
+                            if self.records.get(&h).is_some_and(|r| {
+                                r.state == AssocState::Exchanging && r.initiator
+                            }) {
+                                self.records.remove(&h);
+                            }
+                        }
+                    }
                 }
                 let established_ms = crate::daemon::unix_ms();
                 let kernel = match &mut self.offload {
@@ -512,19 +769,28 @@ impl Security {
                 };
                 let r = self.record(peer, e.initiator, Some(e.peer_locator));
                 r.state = AssocState::Established;
+                r.reached_established = true;
                 r.initiator = e.initiator;
                 r.peer_locator = Some(e.peer_locator);
                 r.local_locator = Some(e.local_locator);
                 r.esp_transform = Some(format!("{:?}", e.esp_suite));
                 r.kernel = kernel;
                 r.error = None;
+                r.lost = None;
                 r.timing_ms.established = Some(established_ms);
                 r.timing_ms.offloaded = r.kernel.as_ref().map(|_| crate::daemon::unix_ms());
                 r.established_at = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()
                     .map(|d| d.as_secs());
-                tracing::info!(%peer, locator = %e.peer_locator, spi_in = format_args!("{:#x}", e.spi_inbound), spi_out = format_args!("{:#x}", e.spi_outbound), "HIP association established");
+                self.liveness.insert(
+                    peer,
+                    Liveness {
+                        since_ns: monotonic_ns(),
+                        probed_ns: None,
+                    },
+                );
+                tracing::info!(%peer, locator = %e.peer_locator, spi_in = format_args!("{:#x}", e.spi_inbound), spi_out = format_args!("{:#x}", e.spi_outbound), replaced = e.replaced_spis.is_some(), "HIP association established");
                 Outcome::Established { peer }
             }
             Event::Failed {
@@ -532,27 +798,42 @@ impl Security {
                 peer_locator,
                 error,
             } => {
-                let expected = self.expected_at.remove(&peer_locator);
-                let peer = match (expected, peer_hit) {
-                    (Some(x), _) => x,
-                    (None, Some(p)) => p,
-                    (None, None) => return Outcome::Nothing,
-                };
                 let mismatch = matches!(error, ProtocolError::HitMismatch { .. });
                 let text = if mismatch {
                     format!("HIT mismatch (the peer is not who its SDP said): {error}")
                 } else {
                     error.to_string()
                 };
-                let r = self.record(peer, true, Some(peer_locator));
-                r.state = AssocState::Failed;
-                r.error = Some(text.clone());
-                if let ProtocolError::HitMismatch { actual, .. } = &error {
-                    r.actual_peer_hit = Some(actual.to_string());
+                let candidates = self.expected_at.remove(&peer_locator);
+                let failed: Vec<Hit> = match (candidates, peer_hit) {
+                    (Some(c), _) if self.i1_to_null => c,
+                    (Some(mut c), _) => {
+                        // Tried one at a time: the next one gets its turn.
+                        let first = c.remove(0);
+                        if !c.is_empty() {
+                            tracing::info!(peer = %first, %peer_locator, "HIP exchange failed ({text}); trying the next HIT the signalling offered");
+                            self.records.remove(&first);
+                            if let Err(e) = self.initiate(peer_locator, &c).await {
+                                tracing::error!("HIP initiate: {e}");
+                            }
+                            return Outcome::Nothing;
+                        }
+                        vec![first]
+                    }
+                    (None, Some(p)) => vec![p],
+                    (None, None) => return Outcome::Nothing,
+                };
+                for peer in &failed {
+                    let r = self.record(*peer, true, Some(peer_locator));
+                    r.state = AssocState::Failed;
+                    r.error = Some(text.clone());
+                    if let ProtocolError::HitMismatch { actual, .. } = &error {
+                        r.actual_peer_hit = Some(actual.to_string());
+                    }
                 }
-                tracing::error!(%peer, %peer_locator, "HIP exchange failed: {text}");
+                tracing::error!(peers = ?failed.iter().map(Hit::to_string).collect::<Vec<_>>(), %peer_locator, "HIP exchange failed: {text}");
                 Outcome::Failed {
-                    peer,
+                    peer: failed[0],
                     error: text,
                     mismatch,
                 }
@@ -562,32 +843,53 @@ impl Security {
                 self.closed(peer_hit).await;
                 Outcome::Closed { peer: peer_hit }
             }
+            Event::PeerUnreachable { peer_hit } => {
+                self.lost(
+                    peer_hit,
+                    "the peer did not answer a liveness check (its HIP state is gone, or it is down)".into(),
+                    false,
+                )
+                .await
+            }
             Event::Rekeyed(r) => {
-                if let Some(o) = &mut self.offload {
-                    match o.rekeyed(&r).await {
-                        Ok(i) => {
-                            if let Some(rec) = self.records.get_mut(&r.peer_hit) {
-                                rec.kernel = Some(i);
-                            }
+                let Some(o) = &mut self.offload else {
+                    return Outcome::Nothing;
+                };
+                match o.rekeyed(&r).await {
+                    Ok(i) => {
+                        if let Some(rec) = self.records.get_mut(&r.peer_hit) {
+                            rec.kernel = Some(i);
                         }
-                        Err(e) => tracing::error!(peer = %r.peer_hit, "rekey in the kernel: {e}"),
+                        Outcome::Nothing
+                    }
+                    // HIP and the kernel would diverge (the peer already uses the new
+                    // SPIs): close, so that the next call starts clean.
+                    Err(e) => {
+                        self.lost(r.peer_hit, format!("the kernel refused the rekey: {e}"), true)
+                            .await
                     }
                 }
-                Outcome::Nothing
             }
             Event::RekeyCompleted {
                 peer_hit,
                 old_spi_inbound,
                 ..
             } => {
-                if let Some(o) = &mut self.offload {
-                    if let Err(e) = o.rekey_completed(peer_hit, old_spi_inbound).await {
-                        tracing::error!(peer = %peer_hit, "completing the rekey in the kernel: {e}");
-                    }
-                    if let Some(rec) = self.records.get_mut(&peer_hit) {
-                        rec.kernel = o.get(&peer_hit);
-                        rec.rekeys += 1;
-                    }
+                let Some(o) = &mut self.offload else {
+                    return Outcome::Nothing;
+                };
+                if let Err(e) = o.rekey_completed(peer_hit, old_spi_inbound).await {
+                    return self
+                        .lost(
+                            peer_hit,
+                            format!("the kernel refused to complete the rekey: {e}"),
+                            true,
+                        )
+                        .await;
+                }
+                if let Some(rec) = self.records.get_mut(&peer_hit) {
+                    rec.kernel = o.get(&peer_hit);
+                    rec.rekeys += 1;
                 }
                 tracing::info!(peer = %peer_hit, "ESP SAs rekeyed");
                 Outcome::Nothing
@@ -609,13 +911,27 @@ impl Security {
                                 rec.kernel = Some(i);
                             }
                         }
-                        Err(e) => tracing::error!(peer = %peer_hit, "moving the SAs: {e}"),
+                        Err(e) => {
+                            return self
+                                .lost(
+                                    peer_hit,
+                                    format!("the kernel refused to move the SAs: {e}"),
+                                    true,
+                                )
+                                .await;
+                        }
                     }
                 }
                 if let Some(rec) = self.records.get_mut(&peer_hit) {
                     rec.local_locator = Some(local_locator);
                     rec.peer_locator = Some(peer_locator);
                 }
+                Outcome::Nothing
+            }
+            Event::UpdateFailed { peer_hit, .. } => {
+                // Its SPI, if any, is already back with the allocator (and the kernel).
+                tracing::warn!(peer = %peer_hit, "an UPDATE got no answer and was given up");
+                self.moving.remove(&peer_hit);
                 Outcome::Nothing
             }
             other => {
@@ -639,7 +955,19 @@ impl Security {
                 }
             }
             KernelEvent::Expire { sa, hard: true, .. } => {
-                tracing::error!(%sa, "hard lifetime reached: the kernel deleted the SA; the peer HIT stays blocked until a new exchange");
+                let peer = self.offload.as_ref().and_then(|o| o.peer_of_sa(&sa));
+                match peer {
+                    Some(peer) => {
+                        let _ = self
+                            .lost(
+                                peer,
+                                format!("the kernel deleted SA {sa} at its hard lifetime"),
+                                true,
+                            )
+                            .await;
+                    }
+                    None => tracing::debug!(%sa, "hard expiry of an SA no association uses"),
+                }
             }
             other => tracing::debug!("kernel event: {other:?}"),
         }
@@ -793,19 +1121,41 @@ impl SipAssurance {
     }
 }
 
-/// The verification level of a call from its HIP state and its SIP assurance.
-pub fn verification(hip: Option<AssocState>, sip: &SipAssurance) -> Verification {
+/// The verification level of a call from its HIP record and its SIP assurance.
+///
+/// A level other than `pending` and `failed` rests only on an association that reached
+/// ESTABLISHED with the checked HIT ([`AssocRecord::reached_established`]); closing it
+/// later keeps what it proved, and a record that is merely `closed` — an exchange
+/// abandoned or never answered — proves nothing and stays `pending`.
+pub fn verification(hip: Option<&AssocRecord>, sip: &SipAssurance) -> Verification {
     match hip {
-        Some(AssocState::Failed) => Verification::Failed,
-        Some(AssocState::Established | AssocState::Closing | AssocState::Closed) => {
-            match (sip.peer_authenticated, sip.own_protected) {
-                (true, true) => Verification::Mutual,
-                (true, false) | (false, true) => Verification::SingleSided,
-                (false, false) => Verification::Unverified,
-            }
-        }
+        Some(r) if r.state == AssocState::Failed => Verification::Failed,
+        Some(r) if r.reached_established => match (sip.peer_authenticated, sip.own_protected) {
+            (true, true) => Verification::Mutual,
+            (true, false) | (false, true) => Verification::SingleSided,
+            (false, false) => Verification::Unverified,
+        },
         _ => Verification::Pending,
     }
+}
+
+/// The record a call's level rests on, among those of its peer HITs: one that proved its
+/// HIT, else a failed one, else any.
+pub fn best_record<'a>(
+    records: impl IntoIterator<Item = &'a AssocRecord>,
+) -> Option<&'a AssocRecord> {
+    let mut best: Option<&AssocRecord> = None;
+    for r in records {
+        let rank = |r: &AssocRecord| match (r.reached_established, r.state) {
+            (true, _) => 2,
+            (false, AssocState::Failed) => 1,
+            _ => 0,
+        };
+        if best.is_none_or(|b| rank(r) > rank(b)) {
+            best = Some(r);
+        }
+    }
+    best
 }
 
 /// The distinct HITs of a call's SDP identities, in order.
@@ -832,6 +1182,26 @@ mod tests {
         assert!(s.chars().all(|ch| ch.is_ascii_digit() || ch == ' '));
     }
 
+    fn rec(state: AssocState, reached: bool) -> AssocRecord {
+        AssocRecord {
+            peer_hit: "2001:20::b".into(),
+            local_hit: "2001:20::a".into(),
+            state,
+            reached_established: reached,
+            lost: None,
+            initiator: true,
+            peer_locator: None,
+            local_locator: None,
+            esp_transform: None,
+            kernel: None,
+            error: None,
+            actual_peer_hit: None,
+            established_at: None,
+            timing_ms: Timing::default(),
+            rekeys: 0,
+        }
+    }
+
     #[test]
     fn verification_levels_follow_the_drafts_section_4() {
         let mut both = SipAssurance::default();
@@ -843,7 +1213,8 @@ mod tests {
         // ...the caller only knows its own HIT went out signed.
         let mut caller = SipAssurance::default();
         caller.own_by(Mechanism::Identity, "INVITE signed".into());
-        let est = Some(AssocState::Established);
+        let est = rec(AssocState::Established, true);
+        let est = Some(&est);
         assert_eq!(verification(est, &both), Verification::Mutual);
         assert_eq!(verification(est, &callee), Verification::SingleSided);
         assert_eq!(verification(est, &caller), Verification::SingleSided);
@@ -852,19 +1223,47 @@ mod tests {
             Verification::Unverified
         );
         // A closed association keeps the level it reached.
+        let closed = rec(AssocState::Closed, true);
+        assert_eq!(verification(Some(&closed), &both), Verification::Mutual);
         assert_eq!(
-            verification(Some(AssocState::Closed), &both),
-            Verification::Mutual
-        );
-        assert_eq!(
-            verification(Some(AssocState::Failed), &both),
+            verification(Some(&rec(AssocState::Failed, false)), &both),
             Verification::Failed
         );
         assert_eq!(
-            verification(Some(AssocState::Exchanging), &both),
+            verification(Some(&rec(AssocState::Exchanging, false)), &both),
             Verification::Pending
         );
         assert_eq!(verification(None, &both), Verification::Pending);
+    }
+
+    #[test]
+    fn a_closed_record_that_never_reached_established_proves_nothing() {
+        // Regression (reliability issue, finding 1): an exchange that was abandoned or
+        // never answered ends `closed`; with both Identities verified it used to read
+        // `mutual`. It stays `pending`, live and after the call, whatever SIP says.
+        let mut both = SipAssurance::default();
+        both.peer_by(Mechanism::Identity, "INVITE signed".into());
+        both.own_by(Mechanism::Identity, "UPDATE signed".into());
+        for state in [
+            AssocState::Closed,
+            AssocState::Closing,
+            AssocState::Exchanging,
+        ] {
+            assert_eq!(
+                verification(Some(&rec(state, false)), &both),
+                Verification::Pending,
+                "{state:?}"
+            );
+        }
+        // The record a call's level rests on: the one that proved its HIT.
+        let (a, b, c) = (
+            rec(AssocState::Closed, false),
+            rec(AssocState::Established, true),
+            rec(AssocState::Failed, false),
+        );
+        assert!(std::ptr::eq(best_record([&a, &b, &c]).unwrap(), &b));
+        assert!(std::ptr::eq(best_record([&a, &c]).unwrap(), &c));
+        assert!(best_record(std::iter::empty()).is_none());
     }
 
     #[test]
@@ -873,10 +1272,8 @@ mod tests {
         a.peer_by(Mechanism::Sips, "sips over TLS".into());
         a.own_by(Mechanism::Sips, "sips over TLS".into());
         assert_eq!(a.caveat.as_deref(), Some(SIPS_CAVEAT));
-        assert_eq!(
-            verification(Some(AssocState::Established), &a),
-            Verification::Mutual
-        );
+        let est = rec(AssocState::Established, true);
+        assert_eq!(verification(Some(&est), &a), Verification::Mutual);
         // A verified Identity replaces SIPS for the peer; SIPS does not replace Identity.
         a.peer_by(Mechanism::Identity, "signed".into());
         a.peer_by(Mechanism::Sips, "sips".into());
@@ -899,9 +1296,6 @@ mod tests {
         b.peer_not("HITs changed in an unsigned UPDATE".into());
         assert!(!b.peer_authenticated);
         assert_eq!(b.peer_via, None);
-        assert_eq!(
-            verification(Some(AssocState::Established), &b),
-            Verification::Unverified
-        );
+        assert_eq!(verification(Some(&est), &b), Verification::Unverified);
     }
 }

@@ -11,9 +11,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use hip_sip::sip::{ConnId, Transmit, Transport};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::mpsc,
+    sync::{Notify, mpsc},
     task::JoinHandle,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, rustls};
@@ -67,6 +68,8 @@ pub enum Inbound {
         peer: SocketAddr,
         /// Where bytes for it go.
         writer: mpsc::UnboundedSender<Bytes>,
+        /// Notified to drop the connection at once.
+        kill: Arc<Notify>,
     },
     /// Bytes from a stream connection.
     Stream {
@@ -90,6 +93,86 @@ struct Conn {
     transport: Transport,
     peer: SocketAddr,
     writer: mpsc::UnboundedSender<Bytes>,
+    kill: Arc<Notify>,
+}
+
+/// Counters of the connection limits (`status` → `limits`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ConnStats {
+    /// Connections open now.
+    pub open: u64,
+    /// Accepted connections closed at once: the total or the per-source cap was reached.
+    pub refused: u64,
+    /// Connections closed after `[limits] connection_idle_secs` without a byte.
+    pub idle_closed: u64,
+}
+
+/// The caps on stream connections, shared by the listeners and the connections: a
+/// connection holds a [`Permit`] for its whole life.
+#[derive(Clone)]
+struct Gate {
+    inner: Arc<Mutex<GateState>>,
+    max_total: usize,
+    max_per_source: usize,
+    idle: Duration,
+}
+
+#[derive(Default)]
+struct GateState {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+    refused: u64,
+    idle_closed: u64,
+}
+
+struct Permit {
+    gate: Gate,
+    source: Option<IpAddr>,
+}
+
+impl Gate {
+    /// A place for a connection; `source` is counted against the per-source cap (accepted
+    /// connections; ours to the next hop are not).
+    fn enter(&self, source: Option<IpAddr>) -> Option<Permit> {
+        let mut g = self.inner.lock().expect("gate");
+        let from_source = source.map_or(0, |s| g.per_source.get(&s).copied().unwrap_or(0));
+        if g.total >= self.max_total || (source.is_some() && from_source >= self.max_per_source) {
+            g.refused += 1;
+            return None;
+        }
+        g.total += 1;
+        if let Some(s) = source {
+            *g.per_source.entry(s).or_insert(0) += 1;
+        }
+        Some(Permit {
+            gate: self.clone(),
+            source,
+        })
+    }
+
+    fn stats(&self) -> ConnStats {
+        let g = self.inner.lock().expect("gate");
+        ConnStats {
+            open: g.total as u64,
+            refused: g.refused,
+            idle_closed: g.idle_closed,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut g = self.gate.inner.lock().expect("gate");
+        g.total -= 1;
+        if let Some(s) = self.source
+            && let Some(n) = g.per_source.get_mut(&s)
+        {
+            *n -= 1;
+            if *n == 0 {
+                g.per_source.remove(&s);
+            }
+        }
+    }
 }
 
 /// The transports of one agent.
@@ -102,6 +185,7 @@ pub struct SipService {
     by_peer: HashMap<(Transport, SocketAddr), ConnId>,
     next_conn: Arc<AtomicU64>,
     tls_connector: Option<(TlsConnector, Option<String>)>,
+    gate: Gate,
     /// Local addresses actually bound (port 0 resolved).
     pub local: Vec<(Transport, SocketAddr)>,
 }
@@ -173,6 +257,12 @@ impl SipService {
     pub async fn bind(cfg: &Config) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
         let (tx, rx) = mpsc::channel(4096);
         let next_conn = Arc::new(AtomicU64::new(1));
+        let gate = Gate {
+            inner: Arc::default(),
+            max_total: cfg.limits.max_connections,
+            max_per_source: cfg.limits.max_connections_per_source,
+            idle: Duration::from_secs(cfg.limits.connection_idle_secs),
+        };
         let mut svc = Self {
             udp: None,
             udp_reader: None,
@@ -184,6 +274,7 @@ impl SipService {
                 Some(t) => tls_connector(t)?,
                 None => None,
             },
+            gate: gate.clone(),
             local: Vec::new(),
         };
         for l in &cfg.sip.listen {
@@ -217,9 +308,15 @@ impl SipService {
                     let tx = tx.clone();
                     let ids = next_conn.clone();
                     let transport = l.transport;
+                    let gate = gate.clone();
                     tokio::spawn(async move {
                         loop {
                             let Ok((sock, peer)) = listener.accept().await else {
+                                continue;
+                            };
+                            // Over a cap the socket is dropped (closed) at once.
+                            let Some(permit) = gate.enter(Some(peer.ip())) else {
+                                tracing::debug!(%peer, "connection refused: [limits] connection cap");
                                 continue;
                             };
                             let _ = sock.set_nodelay(true);
@@ -227,12 +324,28 @@ impl SipService {
                             let tx = tx.clone();
                             let acceptor = acceptor.clone();
                             tokio::spawn(async move {
+                                let c = ConnCtx {
+                                    conn,
+                                    transport,
+                                    peer,
+                                    tx,
+                                    permit,
+                                };
                                 match acceptor {
-                                    Some(a) => match a.accept(sock).await {
-                                        Ok(s) => run_conn(s, conn, transport, peer, tx, None).await,
-                                        Err(e) => tracing::info!("TLS accept from {peer}: {e}"),
-                                    },
-                                    None => run_conn(sock, conn, transport, peer, tx, None).await,
+                                    Some(a) => {
+                                        // The handshake too must finish in time.
+                                        let idle = c.permit.gate.idle;
+                                        match tokio::time::timeout(idle, a.accept(sock)).await {
+                                            Ok(Ok(s)) => run_conn(s, c, None).await,
+                                            Ok(Err(e)) => {
+                                                tracing::info!("TLS accept from {peer}: {e}")
+                                            }
+                                            Err(_) => {
+                                                tracing::info!("TLS accept from {peer}: timed out")
+                                            }
+                                        }
+                                    }
+                                    None => run_conn(sock, c, None).await,
                                 }
                             });
                         }
@@ -286,6 +399,7 @@ impl SipService {
                 transport,
                 peer,
                 writer,
+                kill,
             } => {
                 self.conns.insert(
                     *conn,
@@ -293,6 +407,7 @@ impl SipService {
                         transport: *transport,
                         peer: *peer,
                         writer: writer.clone(),
+                        kill: kill.clone(),
                     },
                 );
                 self.by_peer.entry((*transport, *peer)).or_insert(*conn);
@@ -308,9 +423,18 @@ impl SipService {
         }
     }
 
-    /// Drops a connection whose framing is lost (RFC 3261 §18.3): its writer closes.
+    /// Drops a connection (framing lost, RFC 3261 §18.3, or a message not completed in
+    /// time): its reader and writer stop and the socket closes.
     pub fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.kill.notify_one();
+        }
         self.observe(&Inbound::Closed { conn });
+    }
+
+    /// The connection counters.
+    pub fn conn_stats(&self) -> ConnStats {
+        self.gate.stats()
     }
 
     /// Puts one message on the wire.
@@ -342,20 +466,33 @@ impl SipService {
 
     /// Opens a connection to `peer` with `first` queued on it.
     fn connect(&mut self, transport: Transport, peer: SocketAddr, first: Bytes) {
+        let Some(permit) = self.gate.enter(None) else {
+            tracing::warn!(%peer, "not connecting: [limits] max_connections reached");
+            return;
+        };
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (wtx, wrx) = mpsc::unbounded_channel();
         let _ = wtx.send(first);
+        let kill = Arc::new(Notify::new());
         self.conns.insert(
             conn,
             Conn {
                 transport,
                 peer,
                 writer: wtx.clone(),
+                kill: kill.clone(),
             },
         );
         self.by_peer.insert((transport, peer), conn);
         let tx = self.inbound.clone();
         let tls = self.tls_connector.clone();
+        let c = ConnCtx {
+            conn,
+            transport,
+            peer,
+            tx: tx.clone(),
+            permit,
+        };
         tokio::spawn(async move {
             let sock = match TcpStream::connect(peer).await {
                 Ok(s) => s,
@@ -378,40 +515,60 @@ impl SipService {
                     return;
                 };
                 match connector.connect(server_name, sock).await {
-                    Ok(s) => run_conn(s, conn, transport, peer, tx, Some((wtx, wrx))).await,
+                    Ok(s) => run_conn(s, c, Some((wtx, wrx, kill))).await,
                     Err(e) => {
                         tracing::info!("TLS to {peer} ({name}): {e}");
                         let _ = tx.send(Inbound::Closed { conn }).await;
                     }
                 }
             } else {
-                run_conn(sock, conn, transport, peer, tx, Some((wtx, wrx))).await;
+                run_conn(sock, c, Some((wtx, wrx, kill))).await;
             }
         });
     }
 }
 
-type Writer = (mpsc::UnboundedSender<Bytes>, mpsc::UnboundedReceiver<Bytes>);
+type Writer = (
+    mpsc::UnboundedSender<Bytes>,
+    mpsc::UnboundedReceiver<Bytes>,
+    Arc<Notify>,
+);
 
-/// Runs one connection: announces it, pumps reads into the inbound channel and the writer
-/// channel into the socket, and reports the close.
-async fn run_conn<S>(
-    stream: S,
+/// What a connection task owns besides its stream.
+struct ConnCtx {
     conn: ConnId,
     transport: Transport,
     peer: SocketAddr,
     tx: mpsc::Sender<Inbound>,
-    writer: Option<Writer>,
-) where
+    /// Its place under the connection caps, given back when the task ends.
+    permit: Permit,
+}
+
+/// Runs one connection: announces it, pumps reads into the inbound channel and the writer
+/// channel into the socket, and reports the close. It ends when the peer closes, when
+/// nothing arrives for `[limits] connection_idle_secs`, or when the daemon drops it.
+async fn run_conn<S>(stream: S, c: ConnCtx, writer: Option<Writer>)
+where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (wtx, mut wrx) = writer.unwrap_or_else(mpsc::unbounded_channel);
+    let ConnCtx {
+        conn,
+        transport,
+        peer,
+        tx,
+        permit,
+    } = c;
+    let (wtx, mut wrx, kill) = writer.unwrap_or_else(|| {
+        let (a, b) = mpsc::unbounded_channel();
+        (a, b, Arc::new(Notify::new()))
+    });
     if tx
         .send(Inbound::Opened {
             conn,
             transport,
             peer,
             writer: wtx,
+            kill: kill.clone(),
         })
         .await
         .is_err()
@@ -427,23 +584,33 @@ async fn run_conn<S>(
         }
         let _ = w.shutdown().await;
     });
+    let idle = permit.gate.idle;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let ev = Inbound::Stream {
-                    conn,
-                    transport,
-                    peer,
-                    data: buf[..n].to_vec(),
-                };
-                if tx.send(ev).await.is_err() {
+        tokio::select! {
+            read = tokio::time::timeout(idle, r.read(&mut buf)) => match read {
+                Err(_) => {
+                    permit.gate.inner.lock().expect("gate").idle_closed += 1;
+                    tracing::debug!(%peer, "closing an idle connection");
                     break;
                 }
-            }
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => {
+                    let ev = Inbound::Stream {
+                        conn,
+                        transport,
+                        peer,
+                        data: buf[..n].to_vec(),
+                    };
+                    if tx.send(ev).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            () = kill.notified() => break,
         }
     }
     write_task.abort();
+    drop(permit);
     let _ = tx.send(Inbound::Closed { conn }).await;
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::{NetNs, agent_bin, wait_until};
+use crate::{HostIdentityFile, NetNs, VethPair, agent_bin, new_host_identity, wait_until};
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -201,7 +201,7 @@ impl Agent {
 
     fn wait_ready(&mut self) -> Result<()> {
         // Under TCG (the VM tests) start-up with the eBPF load takes seconds.
-        wait_until(
+        let r = wait_until(
             Duration::from_secs(60),
             "the agent's control socket",
             || {
@@ -210,7 +210,14 @@ impl Agent {
                 }
                 self.ctl(&["status", "--json"]).ok()
             },
-        )?;
+        );
+        if let Err(e) = r {
+            // What the agent was doing is the only clue to why it did not come up.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("{e}; the agent's log ends with:\n{}", tail.join("\n"));
+        }
         Ok(())
     }
 
@@ -484,4 +491,68 @@ pub fn kamailio(ns: &NetNs, dir: &Path, vars: &[(&str, &str)]) -> Result<()> {
         bail!("kamailio in {} failed: {st}", ns.name());
     }
     Ok(())
+}
+
+/// A HIP identity key (so that the agent runs HIP).
+pub fn hip_key(dir: &Path, name: &str) -> HostIdentityFile {
+    new_host_identity(dir, name, "ecdsa-p256").unwrap()
+}
+
+/// The `[security]` table: our signing key (with its `info` URI) and whom we trust.
+pub fn security_table(
+    sign: Option<(&Path, &str)>,
+    trusted: &[(&str, &Path)],
+    sips: bool,
+) -> String {
+    let mut t = String::from("[security]\n");
+    if let Some((key, domain)) = sign {
+        t.push_str(&format!(
+            "identity_key = \"{}\"\nidentity_info = \"https://{domain}/passport.pem\"\n",
+            key.display()
+        ));
+    }
+    let trusted: Vec<String> = trusted
+        .iter()
+        .map(|(d, p)| format!("\"{d}\" = \"{}\"", p.display()))
+        .collect();
+    t.push_str(&format!(
+        "trusted_identities = {{ {} }}\ntrust_sips_proxies = {sips}\n",
+        trusted.join(", ")
+    ));
+    t
+}
+
+/// HIP on, no kernel offload (the host has no ESP).
+pub const NO_OFFLOAD: &str = "[kernel]\nenabled = false\n";
+
+/// Two agents: alice@atlanta.com at `.1`, bob@biloxi.com at `.2` of `net`, alice's calls
+/// going straight to bob (bob's address as her outbound proxy, so that she can dial
+/// `sip:bob@biloxi.com`, the identity bob signs for).
+pub fn agent_pair(
+    tag: &str,
+    net: &str,
+    alice_extra: &str,
+    bob_extra: &str,
+) -> (VethPair, Agent, Agent) {
+    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
+    let p = VethPair::new(tag, &[&format!("{a_ip}/24")], &[&format!("{b_ip}/24")]).unwrap();
+    let dir = scratch(tag);
+    let alice = Agent::start(
+        &p.a,
+        hip_key(&dir, "alice").path.to_str().unwrap(),
+        &format!(
+            "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:{a_ip}:5060\"]\n\
+             outbound_proxy = \"udp:{b_ip}:5060\""
+        ),
+        &format!("{NO_OFFLOAD}{alice_extra}"),
+    )
+    .unwrap();
+    let bob = Agent::start(
+        &p.b,
+        hip_key(&dir, "bob").path.to_str().unwrap(),
+        &format!("user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:{b_ip}:5060\"]"),
+        &format!("{NO_OFFLOAD}{bob_extra}"),
+    )
+    .unwrap();
+    (p, alice, bob)
 }

@@ -28,69 +28,17 @@ use std::{
 };
 
 use hip_tests::{
-    HostIdentityFile, NetNs, VethPair, new_host_identity,
-    sip::{self, Agent, scratch, wait_calls_ended},
+    NetNs, VethPair,
+    sip::{
+        self, Agent, NO_OFFLOAD, agent_pair as pair, hip_key, scratch, security_table as security,
+        wait_calls_ended,
+    },
 };
 use serde_json::Value;
 
 /// An ES256 key pair written by openssl: (private PKCS#8 PEM, public SPKI PEM).
 fn es256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     sip::es256_key(dir, name).unwrap()
-}
-
-/// A HIP identity key (so that the agent runs HIP).
-fn hip_key(dir: &Path, name: &str) -> HostIdentityFile {
-    new_host_identity(dir, name, "ecdsa-p256").unwrap()
-}
-
-/// The `[security]` table: our signing key (with its `info` URI) and whom we trust.
-fn security(sign: Option<(&Path, &str)>, trusted: &[(&str, &Path)], sips: bool) -> String {
-    let mut t = String::from("[security]\n");
-    if let Some((key, domain)) = sign {
-        t.push_str(&format!(
-            "identity_key = \"{}\"\nidentity_info = \"https://{domain}/passport.pem\"\n",
-            key.display()
-        ));
-    }
-    let trusted: Vec<String> = trusted
-        .iter()
-        .map(|(d, p)| format!("\"{d}\" = \"{}\"", p.display()))
-        .collect();
-    t.push_str(&format!(
-        "trusted_identities = {{ {} }}\ntrust_sips_proxies = {sips}\n",
-        trusted.join(", ")
-    ));
-    t
-}
-
-/// HIP on, no kernel offload (the host has no ESP).
-const NO_OFFLOAD: &str = "[kernel]\nenabled = false\n";
-
-/// Two agents: alice@atlanta.com at `.1`, bob@biloxi.com at `.2` of `net`, alice's calls
-/// going straight to bob (bob's address as her outbound proxy, so that she can dial
-/// `sip:bob@biloxi.com`, the identity bob signs for).
-fn pair(tag: &str, net: &str, alice_extra: &str, bob_extra: &str) -> (VethPair, Agent, Agent) {
-    let (a_ip, b_ip) = (format!("{net}.1"), format!("{net}.2"));
-    let p = VethPair::new(tag, &[&format!("{a_ip}/24")], &[&format!("{b_ip}/24")]).unwrap();
-    let dir = scratch(tag);
-    let alice = Agent::start(
-        &p.a,
-        hip_key(&dir, "alice").path.to_str().unwrap(),
-        &format!(
-            "user = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:{a_ip}:5060\"]\n\
-             outbound_proxy = \"udp:{b_ip}:5060\""
-        ),
-        &format!("{NO_OFFLOAD}{alice_extra}"),
-    )
-    .unwrap();
-    let bob = Agent::start(
-        &p.b,
-        hip_key(&dir, "bob").path.to_str().unwrap(),
-        &format!("user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:{b_ip}:5060\"]"),
-        &format!("{NO_OFFLOAD}{bob_extra}"),
-    )
-    .unwrap();
-    (p, alice, bob)
 }
 
 /// The security block of `agent`'s call once `pred` holds on it.

@@ -132,7 +132,8 @@ pub(super) struct Assoc {
     pub state: State,
     pub local_hit: Hit,
     pub peer_hit: Hit,
-    pub expected: Option<Hit>,
+    /// HITs the responder must prove (any of them); empty: none expected.
+    pub expected: Vec<Hit>,
     pub local_loc: IpAddr,
     pub peer_loc: IpAddr,
     pub initiator: bool,
@@ -166,7 +167,7 @@ impl Assoc {
             state: State::I1Sent,
             local_hit,
             peer_hit: expected.unwrap_or(Hit::ZERO),
-            expected,
+            expected: expected.into_iter().collect(),
             local_loc,
             peer_loc,
             initiator: true,
@@ -267,6 +268,7 @@ impl Assoc {
         config: &Config,
         out: &mut VecDeque<Transmit>,
         events: &mut VecDeque<Event>,
+        release: &mut Vec<u32>,
     ) -> bool {
         match self.state {
             State::I1Sent | State::I2Sent | State::Closing => {
@@ -315,7 +317,7 @@ impl Assoc {
             }
             State::Closed | State::EFailed | State::Unassociated => true,
             State::Established => {
-                self.on_update_timer(now, config, out, events);
+                self.on_update_timer(now, config, out, events, release);
                 false
             }
         }
@@ -526,18 +528,45 @@ impl Endpoint {
             .copied()
             .find(|g| list.contains(&g.id()))
             .unwrap_or(self.config.dh_groups[0]);
-        if !self.r1_limiter.allow(
-            now,
-            src,
-            self.config.r1_rate_per_address,
-            self.config.r1_burst_per_address,
-        ) {
-            return Err(ProtocolError::RateLimited(src));
+        // Two lanes (RFC 7401 §6.7 rate limiting, §4.1.1 on prioritising under load): an
+        // initiator we expect has a bucket of its own, keyed by its HIT, that I1s from
+        // other HITs cannot drain, even from its own (spoofed) address; everyone else
+        // shares a per-address bucket and one global budget.
+        let c = &self.config;
+        let expected = self.policy.expected(&hit_i);
+        if expected {
+            if !self
+                .r1_expected
+                .allow(now, hit_i, c.r1_rate_expected, c.r1_burst_expected)
+            {
+                self.stats.r1_rate_limited_expected += 1;
+                return Err(ProtocolError::RateLimited(src));
+            }
+        } else {
+            if !self
+                .r1_limiter
+                .allow(now, src, c.r1_rate_per_address, c.r1_burst_per_address)
+            {
+                self.stats.r1_rate_limited_address += 1;
+                return Err(ProtocolError::RateLimited(src));
+            }
+            if !self
+                .r1_unexpected
+                .allow(now, (), c.r1_rate_unexpected, c.r1_burst_unexpected)
+            {
+                self.stats.r1_rate_limited_unexpected += 1;
+                return Err(ProtocolError::RateLimited(src));
+            }
         }
         let t = self
             .pool
             .respond(group, hit_i, dst, src)
             .ok_or(ProtocolError::NoCommonDhGroup)?;
+        if expected {
+            self.stats.r1_sent_expected += 1;
+        } else {
+            self.stats.r1_sent_unexpected += 1;
+        }
         self.transmits.push_back(t);
         Ok(())
     }
@@ -583,7 +612,7 @@ impl Endpoint {
         };
         let (expected, i1_groups, local_loc) = {
             let a = self.assoc_mut(&key).expect("found above");
-            (a.expected, a.i1_groups.clone(), a.local_loc)
+            (a.expected.clone(), a.i1_groups.clone(), a.local_loc)
         };
 
         // Identity and signature first: nothing below is trusted before this.
@@ -594,14 +623,14 @@ impl Endpoint {
         };
         verify_signature(pkt, ty::HIP_SIGNATURE_2, &hid)?;
         let actual = hid.hit();
-        if let Some(exp) = expected
-            && exp != actual
+        if let Some(&first) = expected.first()
+            && !expected.contains(&actual)
         {
             return Err(self.fail(
                 now,
                 &key,
                 ProtocolError::HitMismatch {
-                    expected: exp,
+                    expected: first,
                     actual,
                 },
             ));
@@ -738,36 +767,40 @@ impl Endpoint {
             Err(e) => return Err(self.fail(now, &key, ProtocolError::SpiAllocation(e))),
         };
 
-        // I2 (RFC 7401 §5.3.3, RFC 7402 §4.1).
-        let mut b = PacketBuilder::new(PacketType::I2, 0, local_hit, sender);
-        b.push(&Param::EspInfo {
-            keymat_index: keys.esp_index as u16,
-            old_spi: 0,
-            new_spi: spi_in,
-        })?;
-        if let Some(c) = &r1_counter {
-            b.push(c)?;
-        }
-        b.push(&Param::Solution {
-            k,
-            opaque,
-            random_i: random_i.clone(),
-            solution_j: j,
-        })?;
-        b.push(&Param::DiffieHellman {
-            group,
-            public: dh.public_value(),
-        })?;
-        b.push(&Param::HipCipher(vec![cipher.id()]))?;
-        if self.config.encrypt_host_id {
-            let plain = self.hi_param.to_bytes();
-            let ct = cipher.encrypt(&keys.enc_out, &plain, &mut *self.rng);
-            b.push(&Param::Encrypted(ct))?;
-        } else {
-            b.push(&self.hi_param)?;
-        }
-        b.push(&Param::TransportFormatList(vec![ty::ESP_TRANSFORM]))?;
-        b.push(&Param::EspTransform(vec![esp.id()]))?;
+        // I2 (RFC 7401 §5.3.3, RFC 7402 §4.1). From here on an error gives the SPI back:
+        // it is reserved in the kernel.
+        let built = (|| -> Result<PacketBuilder, ProtocolError> {
+            let mut b = PacketBuilder::new(PacketType::I2, 0, local_hit, sender);
+            b.push(&Param::EspInfo {
+                keymat_index: keys.esp_index as u16,
+                old_spi: 0,
+                new_spi: spi_in,
+            })?;
+            if let Some(c) = &r1_counter {
+                b.push(c)?;
+            }
+            b.push(&Param::Solution {
+                k,
+                opaque,
+                random_i: random_i.clone(),
+                solution_j: j,
+            })?;
+            b.push(&Param::DiffieHellman {
+                group,
+                public: dh.public_value(),
+            })?;
+            b.push(&Param::HipCipher(vec![cipher.id()]))?;
+            if self.config.encrypt_host_id {
+                let plain = self.hi_param.to_bytes();
+                let ct = cipher.encrypt(&keys.enc_out, &plain, &mut *self.rng);
+                b.push(&Param::Encrypted(ct))?;
+            } else {
+                b.push(&self.hi_param)?;
+            }
+            b.push(&Param::TransportFormatList(vec![ty::ESP_TRANSFORM]))?;
+            b.push(&Param::EspTransform(vec![esp.id()]))?;
+            Ok(b)
+        })();
 
         let id = &self.identity;
         let a = match &key {
@@ -775,10 +808,18 @@ impl Endpoint {
             R1Key::Opportunistic(l) => self.opportunistic.get_mut(l),
         }
         .expect("found above");
-        a.keys = Some(keys);
+        let previous_keys = a.keys.replace(keys);
+        let t = match built.and_then(|b| a.finish_authenticated(b, id)) {
+            Ok(t) => t,
+            Err(e) => {
+                // Dropped: the association is as it was, and the SPI is free again.
+                a.keys = previous_keys;
+                self.spis.release(spi_in);
+                return Err(e);
+            }
+        };
         a.peer_hit = sender;
         a.peer_host_id_tlv = host_id_tlv;
-        let t = a.finish_authenticated(b, id)?;
         a.peer_hi = Some(hid);
         a.spi_in = Some(spi_in);
         a.state = State::I2Sent;
@@ -942,33 +983,51 @@ impl Endpoint {
             self.send_notify(dst, src, hit_i, notify::BLOCKED_BY_POLICY, vec![])?;
             return Err(ProtocolError::BlockedByPolicy(hit_i));
         }
+        // State is bounded: a new peer beyond the cap is refused before anything is
+        // reserved (a peer we already hold state for may replace it, RFC 7401 §6.9).
+        if !self.assocs.contains_key(&hit_i)
+            && self.association_count() >= self.config.max_associations
+        {
+            self.stats.refused_at_capacity += 1;
+            return Err(ProtocolError::AtCapacity);
+        }
         let spi_in = self
             .spis
             .allocate(local_hit, hit_i, src)
             .map_err(ProtocolError::SpiAllocation)?;
-        let (keys_in, keys_out, next) =
-            draw_esp_keys(&keys.keymat, keys.esp_index, esp, local_hit, hit_i)?;
+        // From here on an error gives the SPI back: it is reserved in the kernel.
+        let built = (|| -> Result<_, ProtocolError> {
+            let (keys_in, keys_out, next) =
+                draw_esp_keys(&keys.keymat, keys.esp_index, esp, local_hit, hit_i)?;
 
-        // R2 (RFC 7401 §5.3.4): ESP_INFO, HIP_MAC_2 (over the packet plus our HOST_ID),
-        // HIP_SIGNATURE.
-        let mut b = PacketBuilder::new(PacketType::R2, 0, local_hit, hit_i);
-        b.push(&Param::EspInfo {
-            keymat_index: keys.esp_index as u16,
-            old_spi: 0,
-            new_spi: spi_in,
-        })?;
-        let img = {
-            let tmp = b.clone().finish();
-            let p = Packet::parse(&tmp)?;
-            hmac2_image(&p, tmp.len(), &self.hi_param.to_bytes())
+            // R2 (RFC 7401 §5.3.4): ESP_INFO, HIP_MAC_2 (over the packet plus our
+            // HOST_ID), HIP_SIGNATURE.
+            let mut b = PacketBuilder::new(PacketType::R2, 0, local_hit, hit_i);
+            b.push(&Param::EspInfo {
+                keymat_index: keys.esp_index as u16,
+                old_spi: 0,
+                new_spi: spi_in,
+            })?;
+            let img = {
+                let tmp = b.clone().finish();
+                let p = Packet::parse(&tmp)?;
+                hmac2_image(&p, tmp.len(), &self.hi_param.to_bytes())
+            };
+            b.push(&Param::Hmac2(keys.rhash.hmac(&keys.hmac_out, &img)))?;
+            let sig = self.identity.sign(b.covered())?;
+            b.push(&Param::Signature {
+                algorithm: self.identity.host_id().algorithm() as u16,
+                signature: sig,
+            })?;
+            Ok((keys_in, keys_out, next, b.finish()))
+        })();
+        let (keys_in, keys_out, next, mut r2) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                self.spis.release(spi_in);
+                return Err(e);
+            }
         };
-        b.push(&Param::Hmac2(keys.rhash.hmac(&keys.hmac_out, &img)))?;
-        let sig = self.identity.sign(b.covered())?;
-        b.push(&Param::Signature {
-            algorithm: self.identity.host_id().algorithm() as u16,
-            signature: sig,
-        })?;
-        let mut r2 = b.finish();
         wire::set_checksum(&mut r2, dst, src);
         let t = Transmit {
             src: dst,
@@ -1012,7 +1071,7 @@ impl Endpoint {
             state: State::R2Sent,
             local_hit,
             peer_hit: hit_i,
-            expected: None,
+            expected: Vec::new(),
             local_loc: dst,
             peer_loc: src,
             initiator: false,
@@ -1102,16 +1161,18 @@ impl Endpoint {
         let Param::Notification { msg_type, data } = pkt.required(ty::NOTIFICATION)? else {
             unreachable!()
         };
-        let mut verified = false;
-        if let Some(hi) = self.assocs.get(&peer).and_then(|a| a.peer_hi.as_ref()) {
-            verify_signature(pkt, ty::HIP_SIGNATURE, hi)?;
-            verified = true;
-        }
+        // Only a NOTIFY we can verify (its sender's HI is known from an exchange) raises
+        // an event: an unauthenticated sender must not make us do work per packet.
+        let Some(hi) = self.assocs.get(&peer).and_then(|a| a.peer_hi.as_ref()) else {
+            self.stats.unverified_notify += 1;
+            return Err(ProtocolError::UnverifiedNotify);
+        };
+        verify_signature(pkt, ty::HIP_SIGNATURE, hi)?;
         self.events.push_back(Event::Notified {
             peer_hit: peer,
             msg_type,
             data,
-            verified,
+            verified: true,
         });
         // RFC 7401 §6.13: NOTIFY is informational; no state changes on it alone (the
         // owner may act on the event, e.g. abort).

@@ -189,6 +189,59 @@ pub enum ProtocolError {
     /// Configuration is not usable.
     #[error("configuration: {0}")]
     Config(String),
+    /// The association table is full ([`Config::max_associations`]): a new peer is
+    /// refused before any state or SPI exists for it.
+    #[error("association table full")]
+    AtCapacity,
+    /// A NOTIFY whose signature could not be checked (no HI known for its sender):
+    /// counted, no event (an unauthenticated sender must not make us do work per packet).
+    #[error("unverifiable NOTIFY")]
+    UnverifiedNotify,
+}
+
+impl ProtocolError {
+    /// A short, stable name for the reason (drop counters, rate-limited logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::Wire(WireError::BadChecksum) => "bad-checksum",
+            ProtocolError::Wire(_) => "malformed",
+            ProtocolError::Identity(_) => "bad-host-identity",
+            ProtocolError::Crypto(_) => "crypto",
+            ProtocolError::NotForUs(_) => "not-for-us",
+            ProtocolError::Unexpected { .. } => "unexpected-in-state",
+            ProtocolError::NoAssociation(_) => "no-association",
+            ProtocolError::HitMismatch { .. } => "hit-mismatch",
+            ProtocolError::InvalidHit { .. } => "invalid-hit",
+            ProtocolError::BadSignature => "bad-signature",
+            ProtocolError::BadHmac => "bad-hmac",
+            ProtocolError::HmacWrongDirection => "hmac-wrong-direction",
+            ProtocolError::WrongSignatureParameter { .. } => "wrong-signature-parameter",
+            ProtocolError::BadPuzzle => "bad-puzzle",
+            ProtocolError::BadSolution => "bad-solution",
+            ProtocolError::PuzzleTooHard(_) => "puzzle-too-hard",
+            ProtocolError::PuzzleUnsolved => "puzzle-unsolved",
+            ProtocolError::ReplayedI2 => "replayed-i2",
+            ProtocolError::NoCommonDhGroup => "no-common-dh-group",
+            ProtocolError::DhDowngrade { .. } => "dh-downgrade",
+            ProtocolError::NoCommonCipher => "no-common-cipher",
+            ProtocolError::InvalidCipherChosen(_) => "invalid-cipher",
+            ProtocolError::NoCommonEspTransform => "no-common-esp-transform",
+            ProtocolError::InvalidEspTransformChosen(_) => "invalid-esp-transform",
+            ProtocolError::UnsupportedHitSuite(_) => "unsupported-hit-suite",
+            ProtocolError::BlockedByPolicy(_) => "blocked-by-policy",
+            ProtocolError::SpiAllocation(_) => "spi-allocation",
+            ProtocolError::RateLimited(_) => "r1-rate-limited",
+            ProtocolError::Timeout(_) => "timeout",
+            ProtocolError::OpportunisticDisabled => "opportunistic-disabled",
+            ProtocolError::AlreadyAssociated(_) => "already-associated",
+            ProtocolError::BadEncrypted => "bad-encrypted",
+            ProtocolError::UpdateInProgress(_) => "update-in-progress",
+            ProtocolError::BadEcho => "bad-echo",
+            ProtocolError::Config(_) => "config",
+            ProtocolError::AtCapacity => "at-capacity",
+            ProtocolError::UnverifiedNotify => "unverified-notify",
+        }
+    }
 }
 
 impl From<IdentityError> for ProtocolError {
@@ -255,6 +308,9 @@ pub struct Config {
     pub close_retries: u32,
     /// Retransmissions of an UPDATE before giving up.
     pub update_retries: u32,
+    /// Retransmissions of a liveness probe ([`Endpoint::probe`]) before the peer is
+    /// declared unreachable.
+    pub probe_retries: u32,
     /// Time in R2-SENT before moving to ESTABLISHED without further packets.
     pub r2_sent_timeout: Duration,
     /// Time an association stays in CLOSED or E-FAILED before it is forgotten.
@@ -266,6 +322,20 @@ pub struct Config {
     pub r1_rate_per_address: u32,
     /// Burst of R1s one address may receive before the rate applies.
     pub r1_burst_per_address: u32,
+    /// R1s per second answered, in all, to I1s from initiators we do not expect (a
+    /// budget a flood from spoofed addresses cannot exceed).
+    pub r1_rate_unexpected: u32,
+    /// Burst of that budget.
+    pub r1_burst_unexpected: u32,
+    /// R1s per second answered to one initiator HIT we expect ([`PeerPolicy::expected`]):
+    /// their own lane, which spoofed I1s from other HITs cannot drain (a flood that
+    /// forges the expected caller's address as well only makes us answer the caller).
+    pub r1_rate_expected: u32,
+    /// Burst of that lane.
+    pub r1_burst_expected: u32,
+    /// Associations held at once, in every state: a new peer beyond it is refused
+    /// ([`ProtocolError::AtCapacity`]) before any SPI or state exists for it.
+    pub max_associations: usize,
 }
 
 impl Default for Config {
@@ -294,11 +364,17 @@ impl Default for Config {
             i2_retries: 5,
             close_retries: 5,
             update_retries: 5,
+            probe_retries: 3,
             r2_sent_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(30),
             opportunistic: true,
             r1_rate_per_address: 10,
             r1_burst_per_address: 20,
+            r1_rate_unexpected: 500,
+            r1_burst_unexpected: 1000,
+            r1_rate_expected: 10,
+            r1_burst_expected: 20,
+            max_associations: 4096,
         }
     }
 }
@@ -320,6 +396,9 @@ impl Config {
         }
         if self.r1_pool_size == 0 || self.r1_pool_size > 256 {
             return bad("r1_pool_size must be 1..=256");
+        }
+        if self.max_associations == 0 {
+            return bad("max_associations must be at least 1");
         }
         Ok(())
     }
@@ -433,8 +512,16 @@ pub enum Event {
     UpdateFailed {
         /// The peer.
         peer_hit: Hit,
-        /// The new inbound SPI of an abandoned rekey (to free in the kernel).
+        /// The new inbound SPI of an abandoned rekey (already given back to the
+        /// [`SpiAllocator`]).
         abandoned_spi: Option<u32>,
+    },
+    /// A liveness check ([`Endpoint::probe`]) went unanswered: the peer lost its state
+    /// or is gone. The association is forgotten (nothing is sent); its SAs are to be
+    /// removed, and a new base exchange is needed to talk to the peer again.
+    PeerUnreachable {
+        /// The peer.
+        peer_hit: Hit,
     },
     /// A NOTIFY arrived.
     Notified {
@@ -485,6 +572,12 @@ impl SpiAllocator for SequentialSpis {
 pub trait PeerPolicy: Send {
     /// `true` to accept.
     fn accept(&self, peer_hit: &Hit, peer_hi: &HostId) -> bool;
+    /// Whether I1s from `peer_hit` are expected (a call we answered, a known peer): they
+    /// are answered in a lane of their own, ahead of unexpected initiators, so that a
+    /// flood of I1s cannot starve them (RFC 7401 §4.1.1 leaves the means to the host).
+    fn expected(&self, _peer_hit: &Hit) -> bool {
+        false
+    }
 }
 
 /// Accepts every initiator (opportunistic).
@@ -503,6 +596,25 @@ impl<F: Fn(&Hit, &HostId) -> bool + Send> PeerPolicy for F {
     }
 }
 
+/// Counters of what the endpoint refused or dropped without an error to a caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// I1s not answered: the per-address R1 rate was exceeded.
+    pub r1_rate_limited_address: u64,
+    /// I1s not answered: the budget for unexpected initiators was spent.
+    pub r1_rate_limited_unexpected: u64,
+    /// I1s not answered: an expected initiator's own lane was exceeded.
+    pub r1_rate_limited_expected: u64,
+    /// R1s sent to expected initiators.
+    pub r1_sent_expected: u64,
+    /// R1s sent to other initiators.
+    pub r1_sent_unexpected: u64,
+    /// New peers refused because the association table was full.
+    pub refused_at_capacity: u64,
+    /// NOTIFYs dropped because nothing could verify them.
+    pub unverified_notify: u64,
+}
+
 /// A boxed RNG.
 pub type BoxRng = Box<dyn CryptoRng + Send>;
 
@@ -518,7 +630,10 @@ pub struct Endpoint {
     /// Opportunistic initiations (peer HIT unknown until R1), keyed by peer locator.
     opportunistic: HashMap<IpAddr, Assoc>,
     pool: R1Pool,
-    r1_limiter: ratelimit::Limiter,
+    r1_limiter: ratelimit::Limiter<IpAddr>,
+    r1_expected: ratelimit::Limiter<Hit>,
+    r1_unexpected: ratelimit::Limiter<()>,
+    stats: Stats,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -562,6 +677,9 @@ impl Endpoint {
             opportunistic: HashMap::new(),
             pool,
             r1_limiter: ratelimit::Limiter::default(),
+            r1_expected: ratelimit::Limiter::default(),
+            r1_unexpected: ratelimit::Limiter::default(),
+            stats: Stats::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -613,6 +731,19 @@ impl Endpoint {
         self.assocs.len() + self.opportunistic.len()
     }
 
+    /// What was refused or dropped so far (see [`Stats`]).
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    fn check_capacity(&mut self) -> Result<(), ProtocolError> {
+        if self.association_count() >= self.config.max_associations {
+            self.stats.refused_at_capacity += 1;
+            return Err(ProtocolError::AtCapacity);
+        }
+        Ok(())
+    }
+
     /// Starts a base exchange with the host at `peer_locator`, sending I1 from
     /// `local_locator`. With `expected_peer_hit`, the I1 is addressed to that HIT and the
     /// exchange aborts with [`ProtocolError::HitMismatch`] unless the responder's HI
@@ -632,6 +763,9 @@ impl Endpoint {
             }
         } else if self.opportunistic.contains_key(&peer_locator) {
             return Err(ProtocolError::AlreadyAssociated(Hit::ZERO));
+        }
+        if expected_peer_hit.is_none_or(|h| !self.assocs.contains_key(&h)) {
+            self.check_capacity()?;
         }
         let mut a = Assoc::new_initiator(
             &self.config,
@@ -666,27 +800,84 @@ impl Endpoint {
         peer_locator: IpAddr,
         expected_peer_hit: Hit,
     ) -> Result<(), ProtocolError> {
-        if let Some(a) = self.assocs.get(&expected_peer_hit)
-            && !matches!(a.state, State::Closed | State::EFailed)
-        {
-            return Err(ProtocolError::AlreadyAssociated(expected_peer_hit));
+        self.initiate_expecting_any(now, local_locator, peer_locator, &[expected_peer_hit])
+    }
+
+    /// [`Endpoint::initiate_expecting`] for a peer whose signalling named several HITs (an
+    /// SDP may carry more than one): one I1 to the null HIT, and the R1 is accepted if the
+    /// responder's HI hashes to any of `expected`. A wrong HIT placed before the real one
+    /// thus costs nothing, and no second exchange has to wait for the first to fail.
+    pub fn initiate_expecting_any(
+        &mut self,
+        now: Instant,
+        local_locator: IpAddr,
+        peer_locator: IpAddr,
+        expected: &[Hit],
+    ) -> Result<(), ProtocolError> {
+        let Some(&first) = expected.first() else {
+            return Err(ProtocolError::Config("no expected peer HIT".into()));
+        };
+        for h in expected {
+            if let Some(a) = self.assocs.get(h)
+                && !matches!(a.state, State::Closed | State::EFailed)
+            {
+                return Err(ProtocolError::AlreadyAssociated(*h));
+            }
         }
-        if self.opportunistic.contains_key(&peer_locator) {
-            return Err(ProtocolError::AlreadyAssociated(Hit::ZERO));
+        // A failed or closed opportunistic attempt at this locator only lingers: a new
+        // initiation replaces it (it must not wedge the locator for the linger time).
+        if let Some(a) = self.opportunistic.get(&peer_locator) {
+            if !matches!(a.state, State::Closed | State::EFailed) {
+                return Err(ProtocolError::AlreadyAssociated(Hit::ZERO));
+            }
+            self.opportunistic.remove(&peer_locator);
         }
+        self.check_capacity()?;
         let mut a = Assoc::new_initiator(
             &self.config,
             self.hit(),
-            Some(expected_peer_hit),
+            Some(first),
             local_locator,
             peer_locator,
         );
+        a.expected = expected.to_vec();
         // Addressed to the null HIT; `expected` stays set for the R1 check.
         a.peer_hit = Hit::ZERO;
         let i1 = a.build_i1(&self.config);
         a.send_reliably(now, &self.config, i1, &mut self.transmits);
         self.opportunistic.insert(peer_locator, a);
         Ok(())
+    }
+
+    /// Abandons a base exchange we initiated that has not completed (I1-SENT or
+    /// I2-SENT), with `peer` or, for an I1 sent to the null HIT, towards `peer_locator`:
+    /// nothing is sent (the peer holds no state for us before R2), retransmissions stop,
+    /// and the inbound SPI goes back to the allocator. Returns whether anything was
+    /// abandoned. A call that is hung up while its exchange runs uses this, so that the
+    /// next call to the same peer does not find it "already associated".
+    pub fn abandon_initiation(&mut self, peer: Option<Hit>, peer_locator: Option<IpAddr>) -> bool {
+        let in_progress =
+            |a: &Assoc| a.initiator && matches!(a.state, State::I1Sent | State::I2Sent);
+        let mut done = false;
+        if let Some(h) = peer
+            && self.assocs.get(&h).is_some_and(in_progress)
+            && let Some(mut a) = self.assocs.remove(&h)
+        {
+            if let Some(spi) = a.spi_in.take() {
+                self.spis.release(spi);
+            }
+            done = true;
+        }
+        if let Some(l) = peer_locator
+            && self
+                .opportunistic
+                .get(&l)
+                .is_some_and(|a| in_progress(a) && peer.is_none_or(|h| a.expected.contains(&h)))
+        {
+            self.opportunistic.remove(&l);
+            done = true;
+        }
+        done
     }
 
     /// Closes the association with `peer` (CLOSE, RFC 7401 §5.3.7).
@@ -766,9 +957,16 @@ impl Endpoint {
             );
         }
         let mut gone = Vec::new();
+        let mut release = Vec::new();
         for (k, a) in self.assocs.iter_mut() {
             if a.timer.is_some_and(|t| t <= now)
-                && a.on_timer(now, &self.config, &mut self.transmits, &mut self.events)
+                && a.on_timer(
+                    now,
+                    &self.config,
+                    &mut self.transmits,
+                    &mut self.events,
+                    &mut release,
+                )
             {
                 gone.push(*k);
             }
@@ -784,13 +982,23 @@ impl Endpoint {
         let mut gone = Vec::new();
         for (k, a) in self.opportunistic.iter_mut() {
             if a.timer.is_some_and(|t| t <= now)
-                && a.on_timer(now, &self.config, &mut self.transmits, &mut self.events)
+                && a.on_timer(
+                    now,
+                    &self.config,
+                    &mut self.transmits,
+                    &mut self.events,
+                    &mut release,
+                )
             {
                 gone.push(*k);
             }
         }
         for k in gone {
             self.opportunistic.remove(&k);
+        }
+        // SPIs of abandoned rekeys: reserved in the kernel, never to be used.
+        for spi in release {
+            self.spis.release(spi);
         }
     }
 

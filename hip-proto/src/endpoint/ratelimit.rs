@@ -1,10 +1,11 @@
-//! Per-address token buckets for R1 answers (RFC 7401 §6.7: "An R1 packet sender MUST
-//! have a mechanism to rate-limit R1 packets sent to an address").
+//! Token buckets for R1 answers (RFC 7401 §6.7: "An R1 packet sender MUST have a
+//! mechanism to rate-limit R1 packets sent to an address"), keyed by address, by
+//! initiator HIT (the lane for peers we expect), or by nothing (a global budget).
 //!
 //! Bounded memory: at most [`MAX_ADDRESSES`] buckets; when full, buckets that have
 //! refilled completely (and so carry no information) are dropped first, then the oldest.
 
-use std::{collections::HashMap, net::IpAddr, time::Instant};
+use std::{collections::HashMap, hash::Hash, time::Instant};
 
 /// Addresses tracked at once.
 pub(super) const MAX_ADDRESSES: usize = 4096;
@@ -15,14 +16,22 @@ struct Bucket {
     last: Instant,
 }
 
-#[derive(Default, Debug)]
-pub(super) struct Limiter {
-    buckets: HashMap<IpAddr, Bucket>,
+#[derive(Debug)]
+pub(super) struct Limiter<K> {
+    buckets: HashMap<K, Bucket>,
 }
 
-impl Limiter {
+impl<K> Default for Limiter<K> {
+    fn default() -> Self {
+        Self {
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy> Limiter<K> {
     /// Takes one token for `addr`; `false` when its bucket is empty.
-    pub fn allow(&mut self, now: Instant, addr: IpAddr, rate: u32, burst: u32) -> bool {
+    pub fn allow(&mut self, now: Instant, addr: K, rate: u32, burst: u32) -> bool {
         let (rate, burst) = (rate as f64, burst.max(1) as f64);
         if !self.buckets.contains_key(&addr) && self.buckets.len() >= MAX_ADDRESSES {
             self.buckets.retain(|_, b| {
@@ -57,11 +66,11 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::{net::IpAddr, time::Duration};
 
     #[test]
     fn burst_then_rate_per_address() {
-        let mut l = Limiter::default();
+        let mut l = Limiter::<IpAddr>::default();
         let t0 = Instant::now();
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let b: IpAddr = "2001:db8::2".parse().unwrap();
@@ -76,7 +85,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let mut l = Limiter::default();
+        let mut l = Limiter::<IpAddr>::default();
         let t0 = Instant::now();
         for i in 0..(MAX_ADDRESSES as u32 + 100) {
             let a = IpAddr::from(std::net::Ipv4Addr::from(i));

@@ -44,6 +44,8 @@ pub(super) enum Pending {
         seq: u32,
         old_spis: Option<(u32, u32)>,
     },
+    /// A liveness check: the peer must echo `nonce` (RFC 7401 §5.2.20).
+    Probe { seq: u32, nonce: Vec<u8> },
 }
 
 impl Pending {
@@ -52,7 +54,8 @@ impl Pending {
             Pending::Rekey { seq, .. }
             | Pending::Locator { seq }
             | Pending::Verify { seq, .. }
-            | Pending::Ack { seq, .. } => *seq,
+            | Pending::Ack { seq, .. }
+            | Pending::Probe { seq, .. } => *seq,
         }
     }
 }
@@ -125,36 +128,58 @@ impl Assoc {
         Ok(t)
     }
 
-    /// Retransmits the pending UPDATE, or gives it up.
+    /// Retransmits the pending UPDATE, or gives it up. The SPI of an abandoned rekey goes
+    /// into `release`; an unanswered probe leaves the association E-FAILED (forgotten
+    /// after the linger time) and reports [`Event::PeerUnreachable`].
     pub(super) fn on_update_timer(
         &mut self,
         now: Instant,
         config: &Config,
         out: &mut VecDeque<Transmit>,
         events: &mut VecDeque<Event>,
+        release: &mut Vec<u32>,
     ) {
-        if self.upd.pending.is_none() {
+        let Some(pending) = &self.upd.pending else {
             self.timer = None;
             return;
-        }
-        if self.retries < config.update_retries {
+        };
+        let max = match pending {
+            Pending::Probe { .. } => config.probe_retries,
+            _ => config.update_retries,
+        };
+        if self.retries < max {
             self.retries += 1;
             self.rto = (self.rto * 2).min(config.rto_max);
             self.timer = Some(now + self.rto);
             if let Some(t) = &self.last {
                 out.push_back(t.clone());
             }
-        } else {
-            self.timer = None;
-            self.last = None;
-            let p = self.upd.pending.take();
-            events.push_back(Event::UpdateFailed {
-                peer_hit: self.peer_hit,
-                abandoned_spi: match p {
+            return;
+        }
+        self.timer = None;
+        self.last = None;
+        match self.upd.pending.take() {
+            Some(Pending::Probe { .. }) => {
+                // Its SAs are installed: the owner removes them on the event; the SPI
+                // is not the allocator's to give out again.
+                self.spi_in = None;
+                self.state = State::EFailed;
+                self.timer = Some(now + config.linger);
+                events.push_back(Event::PeerUnreachable {
+                    peer_hit: self.peer_hit,
+                });
+            }
+            p => {
+                let abandoned_spi = match p {
                     Some(Pending::Rekey { new_spi_in, .. }) => Some(new_spi_in),
                     _ => None,
-                },
-            });
+                };
+                release.extend(abandoned_spi);
+                events.push_back(Event::UpdateFailed {
+                    peer_hit: self.peer_hit,
+                    abandoned_spi,
+                });
+            }
         }
     }
 }
@@ -225,13 +250,42 @@ impl Endpoint {
                 public: d.public_value(),
             });
         }
-        let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+        let t = match a.update_packet(&self.identity, &params, a.peer_loc) {
+            Ok(t) => t,
+            Err(e) => {
+                // The SPI is reserved in the kernel: give it back.
+                self.spis.release(new_spi_in);
+                return Err(e);
+            }
+        };
         a.upd.pending = Some(Pending::Rekey {
             seq,
             new_spi_in,
             index,
             dh,
         });
+        a.send_reliably(now, &self.config, t, &mut self.transmits);
+        Ok(())
+    }
+
+    /// Checks that `peer` still holds the association (dead peer detection): an UPDATE
+    /// with SEQ and ECHO_REQUEST_SIGNED (RFC 7401 §5.3.5), which a live peer acknowledges
+    /// with ECHO_RESPONSE_SIGNED. Unanswered after [`Config::probe_retries`]
+    /// retransmissions, it reports [`Event::PeerUnreachable`]. While another UPDATE is
+    /// outstanding that one serves as the probe, and this does nothing.
+    pub fn probe(&mut self, now: Instant, peer: Hit) -> Result<(), ProtocolError> {
+        match self.established_mut(peer) {
+            Ok(_) => {}
+            Err(ProtocolError::UpdateInProgress(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let mut nonce = vec![0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let a = self.assocs.get_mut(&peer).expect("checked above");
+        let seq = a.next_seq();
+        let params = [Param::Seq(seq), Param::EchoRequestSigned(nonce.clone())];
+        let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+        a.upd.pending = Some(Pending::Probe { seq, nonce });
         a.send_reliably(now, &self.config, t, &mut self.transmits);
         Ok(())
     }
@@ -438,6 +492,11 @@ impl Endpoint {
                         return Err(ProtocolError::BadEcho);
                     }
                 }
+                Pending::Probe { nonce, .. } => {
+                    if echo_resp.as_deref() != Some(&nonce[..]) {
+                        return Err(ProtocolError::BadEcho);
+                    }
+                }
                 Pending::Ack { old_spis, .. } => {
                     if let Some((i, o)) = old_spis {
                         events.push(Event::RekeyCompleted {
@@ -464,43 +523,56 @@ impl Endpoint {
                     .allocate(local_hit, peer, peer_loc)
                     .map_err(ProtocolError::SpiAllocation)?;
                 let a = self.assocs.get_mut(&peer).expect("found above");
-                // With a DIFFIE_HELLMAN, answer with ours and make a new KEYMAT
-                // (RFC 7402 §4.1.3: "the reply packet MUST also contain" one).
-                let mut my_dh = None;
-                let mut keymat = None;
-                if let Some((g, public)) = &peer_dh {
-                    let group = a.keys.as_ref().expect("established").dh_group;
-                    if *g != group.id() {
-                        return Err(crate::crypto::CryptoError::UnsupportedDhGroup(*g).into());
+                // From here on an error gives the new SPI back (reserved in the kernel).
+                let answered = (|| -> Result<_, ProtocolError> {
+                    // With a DIFFIE_HELLMAN, answer with ours and make a new KEYMAT
+                    // (RFC 7402 §4.1.3: "the reply packet MUST also contain" one).
+                    let mut my_dh = None;
+                    let mut keymat = None;
+                    if let Some((g, public)) = &peer_dh {
+                        let group = a.keys.as_ref().expect("established").dh_group;
+                        if *g != group.id() {
+                            return Err(crate::crypto::CryptoError::UnsupportedDhGroup(*g).into());
+                        }
+                        let d = DhSecret::generate(group, &mut *self.rng);
+                        let kij = d.agree(public)?;
+                        keymat = Some(new_keymat(a, local_hit, &kij));
+                        my_dh = Some(d);
                     }
-                    let d = DhSecret::generate(group, &mut *self.rng);
-                    let kij = d.agree(public)?;
-                    keymat = Some(new_keymat(a, local_hit, &kij));
-                    my_dh = Some(d);
-                }
-                let index = if keymat.is_some() {
-                    0
-                } else {
-                    a.upd.esp_next.max(peer_index)
+                    let index = if keymat.is_some() {
+                        0
+                    } else {
+                        a.upd.esp_next.max(peer_index)
+                    };
+                    let my_seq = a.upd.next_seq;
+                    let mut params = vec![
+                        Param::EspInfo {
+                            keymat_index: index as u16,
+                            old_spi: a.spi_in.unwrap_or(0),
+                            new_spi: new_in,
+                        },
+                        Param::Seq(my_seq),
+                        ack,
+                    ];
+                    if let Some(d) = &my_dh {
+                        params.push(Param::DiffieHellman {
+                            group: d.group().id(),
+                            public: d.public_value(),
+                        });
+                    }
+                    let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
+                    let ev =
+                        complete_rekey(a, local_hit, (new_in, peer_new), index, keymat, false)?;
+                    a.next_seq();
+                    Ok((t, ev, my_seq))
+                })();
+                let (t, ev, my_seq) = match answered {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.spis.release(new_in);
+                        return Err(e);
+                    }
                 };
-                let my_seq = a.next_seq();
-                let mut params = vec![
-                    Param::EspInfo {
-                        keymat_index: index as u16,
-                        old_spi: a.spi_in.unwrap_or(0),
-                        new_spi: new_in,
-                    },
-                    Param::Seq(my_seq),
-                    ack,
-                ];
-                if let Some(d) = &my_dh {
-                    params.push(Param::DiffieHellman {
-                        group: d.group().id(),
-                        public: d.public_value(),
-                    });
-                }
-                let t = a.update_packet(&self.identity, &params, a.peer_loc)?;
-                let ev = complete_rekey(a, local_hit, (new_in, peer_new), index, keymat, false)?;
                 a.upd.pending = Some(Pending::Ack {
                     seq: my_seq,
                     old_spis: Some((ev.old_spi_inbound, ev.old_spi_outbound)),

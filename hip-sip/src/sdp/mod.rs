@@ -15,6 +15,7 @@
 //! is the identity on every accepted input, byte for byte.
 
 mod hostid;
+pub mod offer;
 
 pub use hostid::{
     Form, Hit, HitFormat, HitParseError, HostIdentity, IdentityEntry, IdentityPolicy, Kind, Scope,

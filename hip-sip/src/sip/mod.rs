@@ -18,6 +18,7 @@
 //! driver resolves configured proxy names once); loose routing only (`;lr`, RFC 3261 §16.12);
 //! no 100rel/PRACK; no forking of our own INVITEs.
 
+mod admission;
 mod digest;
 mod malformed;
 mod timers;
@@ -31,6 +32,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use admission::{AdmissionStats, Limits};
 pub use digest::{DigestAlgorithm, DigestChallenge, digest_response};
 pub use ua::UserAgent;
 
@@ -370,6 +372,8 @@ pub struct UaConfig {
     pub user_agent: String,
     /// Seed for tags, branches and Call-IDs (the driver passes OS randomness; tests a constant).
     pub seed: u64,
+    /// Caps on what unauthenticated requests may make us hold and send.
+    pub limits: Limits,
 }
 
 impl UaConfig {
@@ -389,6 +393,7 @@ impl UaConfig {
             timers: TimerConfig::default(),
             user_agent: concat!("hip-agent/", env!("CARGO_PKG_VERSION")).into(),
             seed: 0,
+            limits: Limits::default(),
         }
     }
 }

@@ -1519,3 +1519,5 @@ fn a_request_that_no_response_could_echo_is_refused_up_front() {
     assert_eq!(sent[0].first_line(), "SIP/2.0 400 Bad Request");
     assert!(sim.nodes[0].ua.calls().is_empty());
 }
+
+mod floods;

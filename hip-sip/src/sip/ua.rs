@@ -17,9 +17,13 @@ use sipx_sip::{
 };
 
 use super::{
-    CallHandle, CallInfo, CallState, ConnId, Dest, Direction, EndReason, Event, RequestAuth,
-    SipError, Transmit, Transport, UaConfig, digest, malformed,
+    AdmissionStats, CallHandle, CallInfo, CallState, ConnId, Dest, Direction, EndReason, Event,
+    RequestAuth, SipError, Transmit, Transport, UaConfig, admission, digest, malformed,
 };
+
+/// Server nonces whose nonce-count we remember (RFC 7616 §3.4: one per nonce in use;
+/// older nonces are forgotten, a server that reuses one just sees nc restart).
+const NONCES_KEPT: usize = 16;
 
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE";
 
@@ -145,8 +149,13 @@ pub struct UserAgent {
     dialogs: HashMap<(String, String), CallHandle>,
     next_handle: u64,
     registration: Option<Registration>,
-    nonce_counts: HashMap<String, u32>,
-    stream_parsers: HashMap<ConnId, StreamParser>,
+    /// nonce → nonce-count, oldest first, at most [`NONCES_KEPT`].
+    nonce_counts: VecDeque<(String, u32)>,
+    /// Each stream connection's parser, and since when it holds an incomplete message.
+    stream_parsers: HashMap<ConnId, (StreamParser, Option<Instant>)>,
+    /// New-INVITE rate per source.
+    invite_buckets: admission::Buckets,
+    admission: AdmissionStats,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -245,8 +254,10 @@ impl UserAgent {
             dialogs: HashMap::new(),
             next_handle: 1,
             registration: None,
-            nonce_counts: HashMap::new(),
+            nonce_counts: VecDeque::new(),
             stream_parsers: HashMap::new(),
+            invite_buckets: admission::Buckets::default(),
+            admission: AdmissionStats::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -307,6 +318,12 @@ impl UserAgent {
     /// Transactions in flight as (client, server): a leak shows up here first.
     pub fn transaction_count(&self) -> (usize, usize) {
         self.layer.len()
+    }
+
+    /// Server nonces whose nonce-count is remembered (bounded: a leak check like
+    /// [`UserAgent::transaction_count`]).
+    pub fn nonces_remembered(&self) -> usize {
+        self.nonce_counts.len()
     }
 
     /// Timers armed.
@@ -372,12 +389,26 @@ impl UserAgent {
             addr: peer,
             conn: Some(conn),
         };
-        let parser = self
-            .stream_parsers
-            .entry(conn)
-            .or_insert_with(|| StreamParser::new(Limits::stream()));
+        let max = self.cfg.limits.max_message_bytes;
+        let (parser, partial_since) = self.stream_parsers.entry(conn).or_insert_with(|| {
+            (
+                StreamParser::new(Limits {
+                    max_message_bytes: max,
+                    max_body_bytes: max,
+                    ..Limits::stream()
+                }),
+                None,
+            )
+        });
         match parser.push(data) {
             Ok(msgs) => {
+                // The clock for a message starts with its first byte and stops when the
+                // buffer is empty again (see `expired_streams`).
+                if parser.pending() == 0 {
+                    *partial_since = None;
+                } else if !msgs.is_empty() || partial_since.is_none() {
+                    *partial_since = Some(now);
+                }
                 for m in msgs {
                     self.handle_message(now, src, m);
                 }
@@ -394,6 +425,55 @@ impl UserAgent {
     /// The driver closed a stream connection.
     pub fn connection_closed(&mut self, conn: ConnId) {
         self.stream_parsers.remove(&conn);
+    }
+
+    /// Stream connections holding a message begun more than
+    /// [`super::Limits::stream_message_timeout`] ago and still incomplete: the driver
+    /// closes them (a request dripped byte by byte, or half-sent and abandoned, must not
+    /// hold a connection for ever). Their parsers are dropped here.
+    pub fn expired_streams(&mut self, now: Instant) -> Vec<ConnId> {
+        let max = self.cfg.limits.stream_message_timeout;
+        let v: Vec<ConnId> = self
+            .stream_parsers
+            .iter()
+            .filter(|(_, (_, since))| {
+                since.is_some_and(|t| now.saturating_duration_since(t) >= max)
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &v {
+            self.stream_parsers.remove(c);
+        }
+        self.admission.stream_timeouts += v.len() as u64;
+        v
+    }
+
+    /// What admission control refused so far.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.admission
+    }
+
+    /// Admission of a new INVITE (see [`super::Limits`]): `Err` with the reason when it
+    /// must be refused.
+    fn admit(&mut self, now: Instant, src: std::net::IpAddr) -> Result<(), &'static str> {
+        let l = self.cfg.limits;
+        let pending = self
+            .calls
+            .values()
+            .filter(|c| c.direction == Direction::Incoming && c.state != CallState::Confirmed)
+            .count();
+        if pending >= l.max_pending_incoming || self.calls.len() >= l.max_calls {
+            self.admission.refused_busy += 1;
+            return Err("too many calls in progress");
+        }
+        if !self
+            .invite_buckets
+            .allow(now, src, l.invites_per_source, l.invite_burst_per_source)
+        {
+            self.admission.refused_rate += 1;
+            return Err("too many new calls from this address");
+        }
+        Ok(())
     }
 
     fn unparseable(&mut self, src: Dest, data: &[u8], why: &str) {
@@ -514,6 +594,37 @@ impl UserAgent {
         if let Err((status, reason, why)) = Self::validate(&msg) {
             self.bad_request(src, &msg, status, reason, &why);
             return;
+        }
+        // A new INVITE (no To tag, a Call-ID we do not know: not a retransmission) is
+        // admitted first; refused, it gets one stateless 503 and leaves nothing behind.
+        if let Message::Request(r) = &msg
+            && r.method == Method::Invite
+            && to_tag(&r.headers).is_none()
+        {
+            let call_id = hval(&r.headers, &HeaderName::CallId).unwrap_or_default();
+            if !self.calls.values().any(|c| c.call_id == call_id)
+                && let Err(why) = self.admit(now, src.addr.ip())
+            {
+                let tag = self.token(10);
+                let extra = [
+                    (HeaderName::RetryAfter, "5".to_owned()),
+                    (HeaderName::Warning, format!("399 hip-agent \"{why}\"")),
+                ];
+                if let Ok(resp) =
+                    self.response(r, 503, "Service Unavailable", Some(&tag), &extra, None)
+                {
+                    self.transmits.push_back(Transmit {
+                        dest: src,
+                        data: Message::Response(resp).to_bytes(),
+                    });
+                }
+                self.events.push_back(Event::BadInput {
+                    peer: src.addr,
+                    answered: Some(503),
+                    reason: why.to_owned(),
+                });
+                return;
+            }
         }
         let reliability = if src.transport.is_reliable() {
             sx::Reliability::Reliable
@@ -1250,9 +1361,19 @@ impl UserAgent {
             .map(|h| h.value().to_vec())
             .collect();
         let ch = digest::pick(values.iter().map(Vec::as_slice), proxy)?;
-        let nc = self.nonce_counts.entry(ch.nonce.clone()).or_insert(0);
-        *nc += 1;
-        let nc = *nc;
+        let nc = match self.nonce_counts.iter_mut().find(|(n, _)| *n == ch.nonce) {
+            Some((_, c)) => {
+                *c += 1;
+                *c
+            }
+            None => {
+                if self.nonce_counts.len() >= NONCES_KEPT {
+                    self.nonce_counts.pop_front();
+                }
+                self.nonce_counts.push_back((ch.nonce.clone(), 1));
+                1
+            }
+        };
         let cnonce = self.token(16);
         let user = self
             .cfg
