@@ -992,10 +992,16 @@ impl Config {
         if sec.require_verified_peer && sec.peer_verify_timeout_ms == 0 {
             return invalid("[security] peer_verify_timeout_ms must be above 0".into());
         }
-        if sec.require_verified_peer && sec.trusted_identities.is_empty() && !sec.trust_sips_proxies
+        let dns_vouches = self.dns.as_ref().is_some_and(|d| {
+            d.trust_anchor.is_some() && (!d.peers.is_empty() || d.peer_name_template.is_some())
+        });
+        if sec.require_verified_peer
+            && sec.trusted_identities.is_empty()
+            && !sec.trust_sips_proxies
+            && !dns_vouches
         {
             return invalid(
-                "[security] require_verified_peer would refuse every call: no trusted_identities and trust_sips_proxies is off"
+                "[security] require_verified_peer would refuse every call: no trusted_identities, trust_sips_proxies is off, and no [dns] peers with a trust_anchor"
                     .into(),
             );
         }

@@ -275,12 +275,24 @@ impl DnsVerifier {
                 .push(Waiting { call, event });
             self.start_lookup(&n);
         }
+        // Our own record: until a secure answer with our HIT is cached (it may still have
+        // been unsigned when we looked right after publishing), ask again, and let this
+        // call take the answer.
         if let Some(own) = self.own_name.clone()
-            && self.fresh(&own).is_none()
+            && !self.own_secure(&own)
         {
+            self.waiting
+                .entry(own.clone())
+                .or_default()
+                .push(Waiting { call, event: None });
             self.start_lookup(&own);
         }
         Some(n)
+    }
+
+    fn own_secure(&self, own: &Name) -> bool {
+        self.fresh(own)
+            .is_some_and(|c| c.validation == Validation::Secure && c.hits.contains(&self.own_hit))
     }
 
     fn fresh(&self, n: &Name) -> Option<&Checked> {
@@ -315,7 +327,10 @@ impl DnsVerifier {
     pub fn answered(&mut self, a: Answer) -> Vec<(CallHandle, Option<AgentEvent>)> {
         self.inflight.remove(&a.name);
         let (checked, ttl) = match a.result {
-            Ok((c, ttl)) => (c, ttl.min(CACHE_TTL_MAX)),
+            // Only a secure answer is kept for its TTL: one that is not (yet) signed is
+            // asked again soon.
+            Ok((c, ttl)) if c.validation == Validation::Secure => (c, ttl.min(CACHE_TTL_MAX)),
+            Ok((c, _)) => (c, NEGATIVE_TTL),
             Err(e) => (
                 Checked {
                     validation: Validation::Indeterminate,

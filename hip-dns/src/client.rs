@@ -68,7 +68,7 @@ pub enum DnsError {
         reason: String,
     },
     /// The server refused the update; nothing changed (RFC 2136 §3: an update is atomic).
-    #[error("DNS update of {name} refused by {server}: {rcode}{tsig} — {cause}")]
+    #[error("DNS update of {name} refused by {server}: {}{tsig} — {cause}", rcode_name(*.rcode))]
     Refused {
         /// The name updated.
         name: String,
@@ -261,6 +261,24 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The RFC mnemonic of a response code (`NOTAUTH`), with its text.
+fn rcode_name(r: ResponseCode) -> String {
+    let m = match r {
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::YXDomain => "YXDOMAIN",
+        ResponseCode::YXRRSet => "YXRRSET",
+        ResponseCode::NXRRSet => "NXRRSET",
+        ResponseCode::NotAuth => "NOTAUTH",
+        ResponseCode::NotZone => "NOTZONE",
+        _ => return r.to_string(),
+    };
+    format!("{m} ({r})")
 }
 
 fn refusal_cause(rcode: ResponseCode, tsig: Option<&TsigError>) -> &'static str {
@@ -506,7 +524,7 @@ pub struct Lookup {
     pub validation: Validation,
     /// A and AAAA addresses.
     pub addresses: Vec<IpAddr>,
-    /// Validation state of the address RRsets (the weakest of the two).
+    /// Validation state of the address RRsets (the weakest of the non-empty ones).
     pub addresses_validation: Validation,
 }
 
@@ -621,12 +639,19 @@ impl Resolver {
                 };
                 if rank(x) <= rank(y) { x } else { y }
             };
+            // An empty RRset (no AAAA, say) says nothing about the addresses there are.
+            let addresses_validation = match (a.is_empty(), aaaa.is_empty()) {
+                (false, false) => weakest(va, vaaaa),
+                (false, true) => va,
+                (true, false) => vaaaa,
+                (true, true) => Validation::Indeterminate,
+            };
             Ok(Lookup {
                 name: name.clone(),
                 hip: hip_answers,
                 validation,
                 addresses,
-                addresses_validation: weakest(va, vaaaa),
+                addresses_validation,
             })
         };
         tokio::time::timeout(timeout, work)

@@ -83,7 +83,7 @@ fn cli_config(dir: &Path, file: &str, id: &HostIdentityFile, dns: &str) -> PathB
     std::fs::write(
         &path,
         format!(
-            "identity = \"{}\"\n[sip]\nuser = \"x\"\ndomain = \"example.com\"\nlisten = [\"udp:127.0.0.1:5060\"]\n{dns}",
+            "identity = \"{}\"\n[sip]\nuser = \"x\"\ndomain = \"example.com\"\nlisten = [\"udp:127.0.0.1:5060\"]\n{NO_OFFLOAD}{dns}",
             id.path.display()
         ),
     )
@@ -288,7 +288,18 @@ fn tampered_or_stripped_answers_are_never_secure() {
     for (port, tamper) in [(5301, Tamper::ReplaceHip), (5302, Tamper::StripSignatures)] {
         let listen: SocketAddr = format!("{n}.1:{port}").parse().unwrap();
         let _mitm = Mitm::start(&p.a, listen, b.addr, tamper, replacement.clone()).unwrap();
-        let v = lookup(a, &name, listen, &anchor);
+        let (ok, out, err) = cli(
+            a,
+            &["dns", "lookup", &name, "--server", &listen.to_string(), "--trust-anchor", anchor.to_str().unwrap(), "--timeout-ms", "3000", "--json"],
+        );
+        if !ok {
+            // The validator may keep asking for the missing proofs until the deadline:
+            // a failed lookup, never a secure one.
+            assert_eq!(tamper, Tamper::StripSignatures, "{err}");
+            assert!(err.contains("did not answer within") || err.contains("lookup"), "{err}");
+            continue;
+        }
+        let v: Value = serde_json::from_str(&out).unwrap();
         assert_ne!(v["validation"], "secure", "{tamper:?}: {v}");
         if tamper == Tamper::ReplaceHip {
             // The forgery did arrive (so the test tests something): a well-formed record
@@ -450,7 +461,7 @@ fn a_tampered_answer_in_a_call_never_raises_the_level() {
         established(s)
             && s["sip_assurance"]["peer_detail"]
                 .as_str()
-                .is_some_and(|d| d.contains("not DNSSEC-validated"))
+                .is_some_and(|d| d.contains("dns:") && d.contains("not used"))
     });
     assert_ne!(a["sip_assurance"]["peer_via"], "dns", "{a}");
     assert_eq!(a["sip_assurance"]["peer_authenticated"], false, "{a}");
