@@ -158,7 +158,10 @@ fn print_lookup(l: &Lookup) {
         }
     }
     for a in &l.addresses {
-        println!("  address {a} (DNSSEC: {})", l.addresses_validation.as_str());
+        println!(
+            "  address {a} (DNSSEC: {})",
+            l.addresses_validation.as_str()
+        );
     }
 }
 
@@ -185,7 +188,12 @@ pub fn run(cmd: DnsCmd) -> Result<()> {
                 let name = dns_verify::name(dns.name.as_deref().context("[dns] name is not set")?)
                     .map_err(anyhow::Error::msg)?;
                 client::publish(&target, &name, dns.ttl, &rd).await?;
-                println!("published {} {} IN HIP {}", name.to_ascii(), dns.ttl, rd.to_presentation());
+                println!(
+                    "published {} {} IN HIP {}",
+                    name.to_ascii(),
+                    dns.ttl,
+                    rd.to_presentation()
+                );
             }
             DnsCmd::Withdraw { config } => {
                 let (_, dns) = load(&config)?;
@@ -225,7 +233,12 @@ pub fn run(cmd: DnsCmd) -> Result<()> {
                     );
                 } else {
                     if let Some(o) = &ours {
-                        println!("our record: {} {} IN HIP {}", name.to_ascii(), dns.ttl, o.to_presentation());
+                        println!(
+                            "our record: {} {} IN HIP {}",
+                            name.to_ascii(),
+                            dns.ttl,
+                            o.to_presentation()
+                        );
                     }
                     match &now {
                         Ok(l) => {

@@ -324,7 +324,9 @@ impl DnsSection {
                 return Err("[dns] publishing needs `name`, `zone` and `tsig_key`".into());
             };
             if self.tsig_key.is_none() {
-                return Err("[dns] publishing needs `tsig_key` (RFC 2136 updates are TSIG-signed)".into());
+                return Err(
+                    "[dns] publishing needs `tsig_key` (RFC 2136 updates are TSIG-signed)".into(),
+                );
             }
             let (n, z) = (
                 hip_dns::Name::from_ascii(name).map_err(|e| e.to_string())?,

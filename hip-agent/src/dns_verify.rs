@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use hip_dns::client::{self, load_trust_anchor};
 use hip_dns::{HipRdata, Lookup, Name, Resolver, TsigKey, UpdateTarget, Validation};
-use hip_proto::{HostId, Hit};
+use hip_proto::{Hit, HostId};
 use hip_sip::sip::CallHandle;
 use tokio::sync::mpsc;
 
@@ -203,7 +203,9 @@ impl DnsVerifier {
             rx,
         };
         let publish = if cfg.publishes() {
-            let hi = hi.ok_or("[dns] publishing needs an `identity` key file (the record carries the HI)")?;
+            let hi = hi.ok_or(
+                "[dns] publishing needs an `identity` key file (the record carries the HI)",
+            )?;
             let target = update_target(cfg)?;
             let rd = own_record(cfg, hi)?;
             let n = v.own_name.clone().ok_or("[dns] publishing needs `name`")?;
@@ -220,7 +222,9 @@ impl DnsVerifier {
         tokio::spawn(async move {
             if let Some((target, n, rd)) = publish {
                 match client::publish(&target, &n, ttl, &rd).await {
-                    Ok(()) => tracing::info!(name = %n, hit = %hex::encode(&rd.hit), "published our HIP RR"),
+                    Ok(()) => {
+                        tracing::info!(name = %n, hit = %hex::encode(&rd.hit), "published our HIP RR")
+                    }
                     Err(e) => tracing::error!("publishing our HIP RR: {e}"),
                 }
             }
@@ -266,7 +270,12 @@ impl DnsVerifier {
     /// peer; the lookup starts now unless a fresh answer is cached (then [`Self::apply`]
     /// can be called at once). `event` is re-dispatched by the daemon when the answer
     /// authenticates the peer of a waiting caller.
-    pub fn want(&mut self, call: CallHandle, peer_uri: &str, event: Option<AgentEvent>) -> Option<Name> {
+    pub fn want(
+        &mut self,
+        call: CallHandle,
+        peer_uri: &str,
+        event: Option<AgentEvent>,
+    ) -> Option<Name> {
         let n = self.peer_name(peer_uri)?;
         if self.fresh(&n).is_none() {
             self.waiting
@@ -374,7 +383,12 @@ impl DnsVerifier {
 
     /// Applies the cached answers for a call to its assurance. Returns a failure reason
     /// when a validated record contradicts SIP (the call is `failed`).
-    pub fn apply(&self, peer_uri: &str, peer_hits: &[Hit], sip: &mut SipAssurance) -> Option<String> {
+    pub fn apply(
+        &self,
+        peer_uri: &str,
+        peer_hits: &[Hit],
+        sip: &mut SipAssurance,
+    ) -> Option<String> {
         let mut failure = None;
         match self.verdict(peer_uri, peer_hits) {
             Some(Verdict::Match(d)) => {
@@ -450,7 +464,10 @@ fn verdict(n: &Name, c: &Checked, peer_hits: &[Hit]) -> Verdict {
 async fn lookup(res: &Resolver, n: &Name) -> Result<(Checked, Duration), String> {
     let l = res.lookup(n).await.map_err(|e| e.to_string())?;
     let ttl = l.hip.iter().map(|a| a.ttl).min().unwrap_or(60);
-    Ok((Checked::from_lookup(&l), Duration::from_secs(u64::from(ttl))))
+    Ok((
+        Checked::from_lookup(&l),
+        Duration::from_secs(u64::from(ttl)),
+    ))
 }
 
 #[cfg(test)]
@@ -463,7 +480,10 @@ mod tests {
 
     #[test]
     fn aor_drops_everything_but_user_and_host() {
-        assert_eq!(aor("<sip:bob@Biloxi.com:5060;transport=udp>;tag=x"), "sip:bob@biloxi.com");
+        assert_eq!(
+            aor("<sip:bob@Biloxi.com:5060;transport=udp>;tag=x"),
+            "sip:bob@biloxi.com"
+        );
         assert_eq!(aor("sips:bob@biloxi.com"), "sip:bob@biloxi.com");
         assert_eq!(aor("sip:[2001:db8::1]:5060"), "sip:[2001:db8::1]");
     }
@@ -480,10 +500,20 @@ mod tests {
         };
         assert!(matches!(verdict(&n, &c, &[a]), Verdict::Match(_)));
         assert!(matches!(verdict(&n, &c, &[b]), Verdict::Mismatch(_)));
-        for v in [Validation::Bogus, Validation::Insecure, Validation::Indeterminate] {
+        for v in [
+            Validation::Bogus,
+            Validation::Insecure,
+            Validation::Indeterminate,
+        ] {
             c.validation = v;
-            assert!(matches!(verdict(&n, &c, &[a]), Verdict::NotUsed(_)), "{v:?}");
-            assert!(matches!(verdict(&n, &c, &[b]), Verdict::NotUsed(_)), "{v:?}");
+            assert!(
+                matches!(verdict(&n, &c, &[a]), Verdict::NotUsed(_)),
+                "{v:?}"
+            );
+            assert!(
+                matches!(verdict(&n, &c, &[b]), Verdict::NotUsed(_)),
+                "{v:?}"
+            );
         }
         c.validation = Validation::Secure;
         c.error = Some("timeout".into());

@@ -184,7 +184,11 @@ impl TsigKey {
             a if a.eq_ignore_ascii_case("hmac-sha256") => TsigAlgorithm::HmacSha256,
             a if a.eq_ignore_ascii_case("hmac-sha384") => TsigAlgorithm::HmacSha384,
             a if a.eq_ignore_ascii_case("hmac-sha512") => TsigAlgorithm::HmacSha512,
-            a => return Err(format!("algorithm {a} not supported (hmac-sha256/384/512 are)")),
+            a => {
+                return Err(format!(
+                    "algorithm {a} not supported (hmac-sha256/384/512 are)"
+                ));
+            }
         };
         use base64::Engine as _;
         let secret = base64::engine::general_purpose::STANDARD
@@ -283,7 +287,9 @@ fn rcode_name(r: ResponseCode) -> String {
 
 fn refusal_cause(rcode: ResponseCode, tsig: Option<&TsigError>) -> &'static str {
     match (rcode, tsig) {
-        (_, Some(TsigError::BadKey)) => "the server does not know this TSIG key (key name or algorithm)",
+        (_, Some(TsigError::BadKey)) => {
+            "the server does not know this TSIG key (key name or algorithm)"
+        }
         (_, Some(TsigError::BadSig)) => "the TSIG secret does not match the server's",
         (_, Some(TsigError::BadTime)) => "the clocks of this host and the server differ",
         (ResponseCode::NotAuth, _) => {
@@ -366,6 +372,9 @@ fn rand_id() -> u16 {
 async fn exchange(server: SocketAddr, msg: &[u8], timeout: Duration) -> Result<Vec<u8>, DnsError> {
     let io = |source| DnsError::Io { server, source };
     let work = async {
+        if msg.len() > 1232 {
+            return tcp_exchange(server, msg).await;
+        }
         let bind: SocketAddr = if server.is_ipv4() {
             "0.0.0.0:0".parse().expect("literal")
         } else {
@@ -386,18 +395,27 @@ async fn exchange(server: SocketAddr, msg: &[u8], timeout: Duration) -> Result<V
             }
             return Ok(buf[..n].to_vec());
         }
-        let mut tcp = tokio::net::TcpStream::connect(server).await.map_err(io)?;
-        let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(msg);
-        tcp.write_all(&framed).await.map_err(io)?;
-        let len = tcp.read_u16().await.map_err(io)? as usize;
-        let mut out = vec![0u8; len];
-        tcp.read_exact(&mut out).await.map_err(io)?;
-        Ok(out)
+        tcp_exchange(server, msg).await
     };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| DnsError::Timeout { server, timeout })?
+}
+
+/// RFC 1035 §4.2.2 / RFC 7766: one message over TCP, two-octet length prefix. Large
+/// updates (more than fits a 1232-octet datagram, RFC 9715) go this way directly.
+async fn tcp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Vec<u8>, DnsError> {
+    let io = |source| DnsError::Io { server, source };
+    let len = u16::try_from(msg.len())
+        .map_err(|_| DnsError::Proto("message over 65535 octets".into()))?;
+    let mut tcp = tokio::net::TcpStream::connect(server).await.map_err(io)?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(msg);
+    tcp.write_all(&framed).await.map_err(io)?;
+    let len = tcp.read_u16().await.map_err(io)? as usize;
+    let mut out = vec![0u8; len];
+    tcp.read_exact(&mut out).await.map_err(io)?;
+    Ok(out)
 }
 
 fn hip_record(name: &Name, ttl: u32, rdata: &HipRdata) -> Result<Record, DnsError> {
@@ -560,9 +578,7 @@ impl Resolver {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 // A denial (NXDOMAIN/NODATA) is an answer, not a failure.
-                if let hickory_net::NetError::Dns(hickory_net::DnsError::NoRecordsFound(nr)) =
-                    &e
-                {
+                if let hickory_net::NetError::Dns(hickory_net::DnsError::NoRecordsFound(nr)) = &e {
                     let proof = nr
                         .authorities
                         .as_ref()
@@ -607,12 +623,11 @@ impl Resolver {
             let mut hip_answers = Vec::new();
             for r in hip {
                 if let RData::Unknown { rdata, .. } = &r.data {
-                    let rd = HipRdata::decode(&rdata.anything).map_err(|source| {
-                        DnsError::Rdata {
+                    let rd =
+                        HipRdata::decode(&rdata.anything).map_err(|source| DnsError::Rdata {
                             name: name.to_string(),
                             source,
-                        }
-                    })?;
+                        })?;
                     hip_answers.push(HipAnswer {
                         verified: rd.verified(),
                         rdata: rd,
@@ -670,4 +685,3 @@ fn rtype_name(t: RecordType) -> String {
         t.to_string()
     }
 }
-

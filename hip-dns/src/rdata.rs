@@ -25,7 +25,7 @@
 
 use hickory_proto::rr::Name;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
-use hip_proto::{HostId, Hit};
+use hip_proto::{Hit, HostId};
 
 /// The HIP RR type code (RFC 8005 §8).
 pub const HIP_RR_TYPE: u16 = 55;
@@ -116,7 +116,9 @@ impl HipRdata {
         let bytes = hi.to_hi_bytes();
         let (pk_algorithm, public_key) = match hi {
             // HIP's HI: curve id (2) ‖ 0x04 ‖ x ‖ y; RFC 6605: x ‖ y.
-            HostId::EcdsaP256(_) | HostId::EcdsaP384(_) => (PkAlgorithm::Ecdsa, bytes[3..].to_vec()),
+            HostId::EcdsaP256(_) | HostId::EcdsaP384(_) => {
+                (PkAlgorithm::Ecdsa, bytes[3..].to_vec())
+            }
             // HIP's RSA HI is already RFC 3110.
             HostId::Rsa { .. } => (PkAlgorithm::Rsa, bytes),
             // HIP's HI: curve id (2) ‖ key; RFC 8080: key.
@@ -321,9 +323,10 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
-        let rd = HipRdata::from_host_id(identity(Algorithm::Ed25519).host_id(), vec![
-            Name::from_ascii("a.b.").unwrap(),
-        ]);
+        let rd = HipRdata::from_host_id(
+            identity(Algorithm::Ed25519).host_id(),
+            vec![Name::from_ascii("a.b.").unwrap()],
+        );
         let wire = rd.encode().unwrap();
         for n in 0..wire.len() {
             // Every prefix either fails cleanly or (when it ends on a name boundary) decodes.
@@ -333,11 +336,17 @@ mod tests {
             HipRdata::decode(&wire[..10]),
             Err(RdataError::Truncated { .. })
         ));
-        assert_eq!(HipRdata::decode(&[0, 2, 0, 1, 0]), Err(RdataError::EmptyHit));
+        assert_eq!(
+            HipRdata::decode(&[0, 2, 0, 1, 0]),
+            Err(RdataError::EmptyHit)
+        );
         assert_eq!(HipRdata::decode(&[16, 2, 0, 0]), Err(RdataError::EmptyKey));
         let mut junk = wire.clone();
         junk.push(0xc0); // a compression pointer with no target
-        assert!(matches!(HipRdata::decode(&junk), Err(RdataError::BadName(_))));
+        assert!(matches!(
+            HipRdata::decode(&junk),
+            Err(RdataError::BadName(_))
+        ));
         let mut dsa = rd.clone();
         dsa.pk_algorithm = 1;
         assert_eq!(dsa.host_id(), Err(RdataError::UnsupportedAlgorithm(1)));

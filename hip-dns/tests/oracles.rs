@@ -50,7 +50,11 @@ fn dnspython_builds_the_same_wire_from_our_presentation_form() {
         let hex = python(&format!(
             "import dns.rdata\nr = dns.rdata.from_text('IN', 'HIP', {text:?})\nprint(r.to_wire().hex())"
         ));
-        assert_eq!(hex.trim(), hex::encode(rd.encode().unwrap()), "{alg:?}: {text}");
+        assert_eq!(
+            hex.trim(),
+            hex::encode(rd.encode().unwrap()),
+            "{alg:?}: {text}"
+        );
     }
 }
 
@@ -75,7 +79,11 @@ fn dnspython_parses_our_wire_into_the_same_fields() {
             "{alg:?}"
         );
         let ours: Vec<String> = rd.rendezvous_servers.iter().map(|n| n.to_ascii()).collect();
-        assert_eq!(lines.get(3).copied().unwrap_or(""), ours.join(" "), "{alg:?}");
+        assert_eq!(
+            lines.get(3).copied().unwrap_or(""),
+            ours.join(" "),
+            "{alg:?}"
+        );
         // And the decoded record is the one we built.
         assert_eq!(HipRdata::decode(&rd.encode().unwrap()).unwrap(), rd);
     }
@@ -104,14 +112,22 @@ fn bind_reads_our_wire_as_the_record_we_meant() {
         .arg(&path)
         .output()
         .expect("named-compilezone (bind9-utils, installed by cargo xtask setup)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     for (i, (alg, rd)) in recs.iter().enumerate() {
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("h{i}.hip.test.")))
             .unwrap_or_else(|| panic!("h{i} missing in {text}"));
-        let rdata = line.split("HIP").nth(1).expect("BIND printed it as HIP").trim();
+        let rdata = line
+            .split("HIP")
+            .nth(1)
+            .expect("BIND printed it as HIP")
+            .trim();
         let bind: Vec<String> = rdata.split_whitespace().map(str::to_string).collect();
         let ours: Vec<String> = rd
             .to_presentation()
@@ -120,7 +136,10 @@ fn bind_reads_our_wire_as_the_record_we_meant() {
             .collect();
         assert_eq!(bind.len(), ours.len(), "{alg:?}: {line}");
         assert_eq!(bind[0], ours[0], "{alg:?} PK algorithm");
-        assert!(bind[1].eq_ignore_ascii_case(&ours[1]), "{alg:?} HIT: {line}");
+        assert!(
+            bind[1].eq_ignore_ascii_case(&ours[1]),
+            "{alg:?} HIT: {line}"
+        );
         assert_eq!(bind[2], ours[2], "{alg:?} key");
         for (b, o) in bind[3..].iter().zip(&ours[3..]) {
             assert!(b.eq_ignore_ascii_case(o), "{alg:?} rvs: {line}");

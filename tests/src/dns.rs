@@ -1,5 +1,6 @@
 //! A real BIND 9 (`named`) in a network namespace, serving a zone signed by `dnssec-policy`
-//! (inline signing) with an `update-policy` that lets each agent's TSIG key change only its
+//! (a dynamic zone: BIND signs each update as it applies it; with `inline-signing yes` 9.18
+//! left batched updates unsigned, "receive_secure_serial: unchanged") with an `update-policy` that lets each agent's TSIG key change only its
 //! own name; plus a DNS man in the middle that tampers with answers.
 
 use std::{
@@ -67,9 +68,7 @@ impl Bind {
                 Some(sub) => policy.push_str(&format!(
                     "        grant {key} subdomain {sub}. HIP A AAAA;\n"
                 )),
-                None => policy.push_str(&format!(
-                    "        grant {key} name {name}. HIP A AAAA;\n"
-                )),
+                None => policy.push_str(&format!("        grant {key} name {name}. HIP A AAAA;\n")),
             }
         }
         let rndc = tsig_key(dir, "rndc-key")?;
@@ -107,7 +106,6 @@ zone "{ZONE}" {{
     file "{d}/{ZONE}.db";
     key-directory "{d}/keys";
     dnssec-policy "hiptest";
-    inline-signing yes;
     update-policy {{
 {policy}    }};
 }};
@@ -153,7 +151,13 @@ logging {{
     /// `dig @named ARGS…` from inside its namespace.
     pub fn dig(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "dig", &format!("@{}", self.addr.ip())])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "dig",
+                &format!("@{}", self.addr.ip()),
+            ])
             .args(args)
             .output()?;
         if !out.status.success() {
@@ -260,7 +264,8 @@ impl Mitm {
                     continue;
                 }
                 let Ok(m) = up.recv(&mut ans) else { continue };
-                let out = tamper_message(&ans[..m], tamper, &replacement).unwrap_or_else(|| ans[..m].to_vec());
+                let out = tamper_message(&ans[..m], tamper, &replacement)
+                    .unwrap_or_else(|| ans[..m].to_vec());
                 let _ = sock.send_to(&out, from);
             }
         });

@@ -1,5 +1,5 @@
 //! Host Identities in DNS (RFC 8005) against a real BIND 9.18 in a namespace, its zone
-//! signed by `dnssec-policy` (inline signing), updates allowed per TSIG key by its
+//! signed by `dnssec-policy`, updates allowed per TSIG key by its
 //! `update-policy`:
 //!
 //! * `hip-agent dns publish` / `lookup` / `withdraw` for every HI algorithm, the answer
@@ -61,8 +61,17 @@ fn bind(p: &VethPair, net: &str, dir: &Path, extra: &str) -> Bind {
 }
 
 /// A `[dns]` table.
-fn dns_table(b: &Bind, name: &str, key: &Path, peers: &[(&str, &str)], resolver: Option<SocketAddr>) -> String {
-    let peers: Vec<String> = peers.iter().map(|(u, n)| format!("\"{u}\" = \"{n}\"")).collect();
+fn dns_table(
+    b: &Bind,
+    name: &str,
+    key: &Path,
+    peers: &[(&str, &str)],
+    resolver: Option<SocketAddr>,
+) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(u, n)| format!("\"{u}\" = \"{n}\""))
+        .collect();
     let mut t = format!(
         "[dns]\nserver = \"{}\"\nzone = \"{ZONE}.\"\nname = \"{name}\"\ntsig_key = \"{}\"\n\
          trust_anchor = \"{}\"\nrendezvous_servers = [\"rvs.{ZONE}.\"]\ntimeout_ms = 3000\npeers = {{ {} }}\n",
@@ -132,17 +141,25 @@ fn lookup(ns: &str, name: &str, server: SocketAddr, anchor: &Path) -> Value {
 fn hits(v: &Value) -> Vec<String> {
     v["hip"]
         .as_array()
-        .map(|a| a.iter().map(|r| r["hit"].as_str().unwrap().to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|r| r["hit"].as_str().unwrap().to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Waits until `name` has a `secure` HIP RR with `hit` (inline signing has signed the
 /// update).
 fn wait_secure(ns: &str, name: &str, server: SocketAddr, anchor: &Path, hit: &str) -> Value {
-    wait_until(Duration::from_secs(20), &format!("{name} secure with {hit}"), || {
-        let v = lookup(ns, name, server, anchor);
-        (v["validation"] == "secure" && hits(&v) == [hit.to_owned()]).then_some(v)
-    })
+    wait_until(
+        Duration::from_secs(20),
+        &format!("{name} secure with {hit}"),
+        || {
+            let v = lookup(ns, name, server, anchor);
+            (v["validation"] == "secure" && hits(&v) == [hit.to_owned()]).then_some(v)
+        },
+    )
     .unwrap()
 }
 
@@ -156,7 +173,12 @@ fn publish_lookup_withdraw_for_every_algorithm() {
     let a = p.a.name();
     // Alice's own name, with her address from the zone file.
     let id = new_host_identity(&dir, "alice", "ecdsa-p256").unwrap();
-    let cfg = cli_config(&dir, "alice.toml", &id, &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None));
+    let cfg = cli_config(
+        &dir,
+        "alice.toml",
+        &id,
+        &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None),
+    );
     let (ok, out) = publish(a, &cfg);
     assert!(ok, "{out}\n{}", b.log());
     let v = wait_secure(a, &format!("alice.{ZONE}."), b.addr, &anchor, &id.hit);
@@ -164,14 +186,21 @@ fn publish_lookup_withdraw_for_every_algorithm() {
     assert_eq!(r["hit_matches_hi"], true, "{v}");
     assert_eq!(r["pk_algorithm"], 3, "{v}");
     assert_eq!(r["hi_algorithm"], "ecdsa-p256", "{v}");
-    assert_eq!(r["rendezvous_servers"], serde_json::json!([format!("rvs.{ZONE}.")]), "{v}");
+    assert_eq!(
+        r["rendezvous_servers"],
+        serde_json::json!([format!("rvs.{ZONE}.")]),
+        "{v}"
+    );
     assert_eq!(v["addresses"], serde_json::json!([format!("{n}.1")]), "{v}");
     assert_eq!(v["addresses_validation"], "secure", "{v}");
     // BIND itself serves it as a HIP RR with our HIT (an independent reading of the update).
     let dig = b.dig(&["+short", "HIP", &format!("alice.{ZONE}")]).unwrap();
     assert!(dig.to_uppercase().contains(&id.hit_hex), "{dig}");
     // `show` compares what DNS has with what we would publish.
-    let (ok, out, err) = cli(a, &["dns", "show", "--config", cfg.to_str().unwrap(), "--json"]);
+    let (ok, out, err) = cli(
+        a,
+        &["dns", "show", "--config", cfg.to_str().unwrap(), "--json"],
+    );
     assert!(ok, "{err}");
     let show: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(show["published"], true, "{show}");
@@ -180,7 +209,12 @@ fn publish_lookup_withdraw_for_every_algorithm() {
     for (alg, pk) in [("ecdsa-p384", 3), ("ed25519", 4), ("rsa", 2)] {
         let idx = new_host_identity(&dir, alg, alg).unwrap();
         let name = format!("{alg}.bench.{ZONE}.");
-        let c = cli_config(&dir, &format!("{alg}.toml"), &idx, &dns_table(&b, &name, &b.key("bench"), &[], None));
+        let c = cli_config(
+            &dir,
+            &format!("{alg}.toml"),
+            &idx,
+            &dns_table(&b, &name, &b.key("bench"), &[], None),
+        );
         let (ok, out) = publish(a, &c);
         assert!(ok, "{alg}: {out}");
         let v = wait_secure(a, &name, b.addr, &anchor, &idx.hit);
@@ -191,7 +225,12 @@ fn publish_lookup_withdraw_for_every_algorithm() {
 
     // A new identity replaces the record (one atomic update: never two HIP RRs).
     let id2 = new_host_identity(&dir, "alice2", "ed25519").unwrap();
-    let cfg2 = cli_config(&dir, "alice2.toml", &id2, &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None));
+    let cfg2 = cli_config(
+        &dir,
+        "alice2.toml",
+        &id2,
+        &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None),
+    );
     assert!(publish(a, &cfg2).0);
     wait_secure(a, &format!("alice.{ZONE}."), b.addr, &anchor, &id2.hit);
 
@@ -217,7 +256,12 @@ fn refused_updates_name_the_cause_and_leave_the_old_record() {
     let name = format!("alice.{ZONE}.");
     let old = new_host_identity(&dir, "old", "ecdsa-p256").unwrap();
     let new = new_host_identity(&dir, "new", "ecdsa-p256").unwrap();
-    let good = cli_config(&dir, "good.toml", &old, &dns_table(&b, &name, &b.key("alice"), &[], None));
+    let good = cli_config(
+        &dir,
+        "good.toml",
+        &old,
+        &dns_table(&b, &name, &b.key("alice"), &[], None),
+    );
     assert!(publish(a, &good).0);
     wait_secure(a, &name, b.addr, &anchor, &old.hit);
 
@@ -229,9 +273,21 @@ fn refused_updates_name_the_cause_and_leave_the_old_record() {
     // The right key name with another secret.
     let wrong = hip_tests::dns::tsig_key(&keys, "alice").unwrap();
     let cases: Vec<(&str, String, &[&str])> = vec![
-        ("unknown key", dns_table(&b, &name, &unknown, &[], None), &["NOTAUTH", "BADKEY", "does not know this TSIG key"]),
-        ("wrong secret", dns_table(&b, &name, &wrong, &[], None), &["NOTAUTH", "BADSIG", "secret does not match"]),
-        ("bob's key for alice's name", dns_table(&b, &name, &b.key("bob"), &[], None), &["REFUSED", "update policy"]),
+        (
+            "unknown key",
+            dns_table(&b, &name, &unknown, &[], None),
+            &["NOTAUTH", "BADKEY", "does not know this TSIG key"],
+        ),
+        (
+            "wrong secret",
+            dns_table(&b, &name, &wrong, &[], None),
+            &["NOTAUTH", "BADSIG", "secret does not match"],
+        ),
+        (
+            "bob's key for alice's name",
+            dns_table(&b, &name, &b.key("bob"), &[], None),
+            &["REFUSED", "update policy"],
+        ),
         (
             "a zone the server does not serve",
             dns_table(&b, &name, &b.key("alice"), &[], None)
@@ -251,7 +307,12 @@ fn refused_updates_name_the_cause_and_leave_the_old_record() {
     }
     // A frozen zone takes no updates.
     b.rndc(&["freeze", ZONE]).unwrap();
-    let cfg = cli_config(&dir, "frozen.toml", &new, &dns_table(&b, &name, &b.key("alice"), &[], None));
+    let cfg = cli_config(
+        &dir,
+        "frozen.toml",
+        &new,
+        &dns_table(&b, &name, &b.key("alice"), &[], None),
+    );
     let (ok, out) = publish(a, &cfg);
     assert!(!ok, "frozen: {out}");
     assert!(out.contains("REFUSED") || out.contains("SERVFAIL"), "{out}");
@@ -281,7 +342,12 @@ fn tampered_or_stripped_answers_are_never_secure() {
     let a = p.a.name();
     let name = format!("alice.{ZONE}.");
     let id = new_host_identity(&dir, "alice", "ecdsa-p256").unwrap();
-    let cfg = cli_config(&dir, "alice.toml", &id, &dns_table(&b, &name, &b.key("alice"), &[], None));
+    let cfg = cli_config(
+        &dir,
+        "alice.toml",
+        &id,
+        &dns_table(&b, &name, &b.key("alice"), &[], None),
+    );
     assert!(publish(a, &cfg).0);
     wait_secure(a, &name, b.addr, &anchor, &id.hit);
     let (m, replacement) = mallory_rdata(&dir);
@@ -290,13 +356,27 @@ fn tampered_or_stripped_answers_are_never_secure() {
         let _mitm = Mitm::start(&p.a, listen, b.addr, tamper, replacement.clone()).unwrap();
         let (ok, out, err) = cli(
             a,
-            &["dns", "lookup", &name, "--server", &listen.to_string(), "--trust-anchor", anchor.to_str().unwrap(), "--timeout-ms", "3000", "--json"],
+            &[
+                "dns",
+                "lookup",
+                &name,
+                "--server",
+                &listen.to_string(),
+                "--trust-anchor",
+                anchor.to_str().unwrap(),
+                "--timeout-ms",
+                "3000",
+                "--json",
+            ],
         );
         if !ok {
             // The validator may keep asking for the missing proofs until the deadline:
             // a failed lookup, never a secure one.
             assert_eq!(tamper, Tamper::StripSignatures, "{err}");
-            assert!(err.contains("did not answer within") || err.contains("lookup"), "{err}");
+            assert!(
+                err.contains("did not answer within") || err.contains("lookup"),
+                "{err}"
+            );
             continue;
         }
         let v: Value = serde_json::from_str(&out).unwrap();
@@ -311,7 +391,17 @@ fn tampered_or_stripped_answers_are_never_secure() {
         }
     }
     // Without a trust anchor nothing is ever `secure` either.
-    let (ok, out, _) = cli(a, &["dns", "lookup", &name, "--server", &b.addr.to_string(), "--json"]);
+    let (ok, out, _) = cli(
+        a,
+        &[
+            "dns",
+            "lookup",
+            &name,
+            "--server",
+            &b.addr.to_string(),
+            "--json",
+        ],
+    );
     assert!(ok);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["validation"], "indeterminate", "{v}");
@@ -327,7 +417,15 @@ struct Pair {
     ids: (HostIdentityFile, HostIdentityFile),
 }
 
-fn pair(tag: &str, n: &str, alice_peers: &[(&str, &str)], alice_resolver: Option<SocketAddr>, alice_extra: &str, extra_records: &str, before: impl FnOnce(&VethPair, &Bind, &Path)) -> Pair {
+fn pair(
+    tag: &str,
+    n: &str,
+    alice_peers: &[(&str, &str)],
+    alice_resolver: Option<SocketAddr>,
+    alice_extra: &str,
+    extra_records: &str,
+    before: impl FnOnce(&VethPair, &Bind, &Path),
+) -> Pair {
     let p = net(tag, n);
     let dir = scratch(tag);
     let b = bind(&p, n, &dir, extra_records);
@@ -352,15 +450,40 @@ fn pair(tag: &str, n: &str, alice_peers: &[(&str, &str)], alice_resolver: Option
         &format!("user = \"bob\"\ndomain = \"biloxi.com\"\nlisten = [\"udp:{n}.2:5060\"]"),
         &format!(
             "{NO_OFFLOAD}{}",
-            dns_table(&b, &format!("bob.{ZONE}."), &b.key("bob"), &[("sip:alice@atlanta.com", &format!("alice.{ZONE}."))], None)
+            dns_table(
+                &b,
+                &format!("bob.{ZONE}."),
+                &b.key("bob"),
+                &[("sip:alice@atlanta.com", &format!("alice.{ZONE}."))],
+                None
+            )
         ),
     )
     .unwrap();
     let anchor = b.trust_anchor().unwrap();
     // Both agents published at start-up.
-    wait_secure(p.a.name(), &format!("alice.{ZONE}."), b.addr, &anchor, &ia.hit);
-    wait_secure(p.a.name(), &format!("bob.{ZONE}."), b.addr, &anchor, &ib.hit);
-    Pair { _p: p, bind: b, alice, bob, dir, ids: (ia, ib) }
+    wait_secure(
+        p.a.name(),
+        &format!("alice.{ZONE}."),
+        b.addr,
+        &anchor,
+        &ia.hit,
+    );
+    wait_secure(
+        p.a.name(),
+        &format!("bob.{ZONE}."),
+        b.addr,
+        &anchor,
+        &ib.hit,
+    );
+    Pair {
+        _p: p,
+        bind: b,
+        alice,
+        bob,
+        dir,
+        ids: (ia, ib),
+    }
 }
 
 fn wait_security(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -396,7 +519,13 @@ fn dns_alone_makes_a_call_mutual_on_both_sides() {
         let sa = &s["sip_assurance"];
         assert_eq!(sa["peer_via"], "dns", "{who}: {s}");
         assert_eq!(sa["own_via"], "dns", "{who}: {s}");
-        assert!(sa["peer_detail"].as_str().unwrap().contains("DNSSEC-validated"), "{who}: {s}");
+        assert!(
+            sa["peer_detail"]
+                .as_str()
+                .unwrap()
+                .contains("DNSSEC-validated"),
+            "{who}: {s}"
+        );
         assert!(s["failure"].is_null(), "{who}: {s}");
     }
     assert_eq!(a["peer_hits"], serde_json::json!([t.ids.1.hit]), "{a}");
@@ -420,10 +549,21 @@ fn a_validated_record_with_another_hit_fails_the_call() {
         "",
         |p, b, dir| {
             let ic = new_host_identity(dir, "carol", "ecdsa-p256").unwrap();
-            let cfg = cli_config(dir, "carol.toml", &ic, &dns_table(b, &carol, &b.key("carol"), &[], None));
+            let cfg = cli_config(
+                dir,
+                "carol.toml",
+                &ic,
+                &dns_table(b, &carol, &b.key("carol"), &[], None),
+            );
             let (ok, out) = publish(p.a.name(), &cfg);
             assert!(ok, "{out}");
-            wait_secure(p.a.name(), &carol, b.addr, &b.trust_anchor().unwrap(), &ic.hit);
+            wait_secure(
+                p.a.name(),
+                &carol,
+                b.addr,
+                &b.trust_anchor().unwrap(),
+                &ic.hit,
+            );
         },
     );
     t.alice.ctl(&["call", "sip:bob@biloxi.com"]).unwrap();
@@ -465,7 +605,10 @@ fn a_tampered_answer_in_a_call_never_raises_the_level() {
     });
     assert_ne!(a["sip_assurance"]["peer_via"], "dns", "{a}");
     assert_eq!(a["sip_assurance"]["peer_authenticated"], false, "{a}");
-    assert!(a["failure"].is_null(), "a forged answer is not proof of tampering: {a}");
+    assert!(
+        a["failure"].is_null(),
+        "a forged answer is not proof of tampering: {a}"
+    );
     assert_ne!(a["verification"], "mutual", "{a}");
     t.alice.ctl(&["hangup", call.trim()]).unwrap();
     wait_calls_ended(&[&t.alice, &t.bob], Duration::from_secs(15)).unwrap();
@@ -482,11 +625,24 @@ fn hip_connect_by_name_uses_the_hit_from_dns() {
     let ib = new_host_identity(&dir, "bob", "ecdsa-p256").unwrap();
     let ia = new_host_identity(&dir, "alice", "ecdsa-p256").unwrap();
     let bob_name = format!("bob.{ZONE}.");
-    let cfg_b = cli_config(&dir, "bob.toml", &ib, &dns_table(&b, &bob_name, &b.key("bob"), &[], None));
+    let cfg_b = cli_config(
+        &dir,
+        "bob.toml",
+        &ib,
+        &dns_table(&b, &bob_name, &b.key("bob"), &[], None),
+    );
     assert!(publish(p.b.name(), &cfg_b).0);
     wait_secure(p.a.name(), &bob_name, b.addr, &anchor, &ib.hit);
     let mut listener = Command::new(agent_bin())
-        .args(["--netns", p.b.name(), "hip", "listen", "--count", "1", "--key"])
+        .args([
+            "--netns",
+            p.b.name(),
+            "hip",
+            "listen",
+            "--count",
+            "1",
+            "--key",
+        ])
         .arg(&ib.path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -501,10 +657,17 @@ fn hip_connect_by_name_uses_the_hit_from_dns() {
         }
     });
     wait_until(Duration::from_secs(20), "the listener", || {
-        rx.try_iter().any(|l| l.contains("listening as")).then_some(())
+        rx.try_iter()
+            .any(|l| l.contains("listening as"))
+            .then_some(())
     })
     .unwrap();
-    let cfg_a = cli_config(&dir, "alice.toml", &ia, &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None));
+    let cfg_a = cli_config(
+        &dir,
+        "alice.toml",
+        &ia,
+        &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None),
+    );
     let out = Command::new(agent_bin())
         .args(["--netns", p.a.name(), "hip", "connect", &bob_name, "--key"])
         .arg(&ia.path)
@@ -513,7 +676,11 @@ fn hip_connect_by_name_uses_the_hit_from_dns() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ev: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(ev["event"], "established", "{ev}");
     assert_eq!(ev["peer_hit"], ib.hit, "{ev}");
@@ -521,9 +688,27 @@ fn hip_connect_by_name_uses_the_hit_from_dns() {
     let st = listener.wait().unwrap();
     assert!(st.success());
     // Without DNSSEC (no trust anchor) the CLI refuses to use the record.
-    let no_anchor = cli_config(&dir, "alice-na.toml", &ia, &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None).lines().filter(|l| !l.starts_with("trust_anchor")).collect::<Vec<_>>().join("\n"));
+    let no_anchor = cli_config(
+        &dir,
+        "alice-na.toml",
+        &ia,
+        &dns_table(&b, &format!("alice.{ZONE}."), &b.key("alice"), &[], None)
+            .lines()
+            .filter(|l| !l.starts_with("trust_anchor"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
     let out = Command::new(agent_bin())
-        .args(["--netns", p.a.name(), "hip", "connect", &bob_name, "--timeout", "5", "--key"])
+        .args([
+            "--netns",
+            p.a.name(),
+            "hip",
+            "connect",
+            &bob_name,
+            "--timeout",
+            "5",
+            "--key",
+        ])
         .arg(&ia.path)
         .arg("--config")
         .arg(&no_anchor)
