@@ -333,7 +333,7 @@ async fn send_update(
     let bytes = msg.to_vec().map_err(|e| DnsError::Proto(e.to_string()))?;
     let resp_bytes = exchange(target.server, &bytes, target.timeout).await?;
     let resp = Message::from_vec(&resp_bytes).map_err(|e| DnsError::Proto(e.to_string()))?;
-    let tsig_err = resp.signature().and_then(|s| s.data.error.clone());
+    let tsig_err = resp.signature().and_then(|s| s.data.error);
     let rcode = resp.metadata.response_code;
     if rcode != ResponseCode::NoError || tsig_err.is_some() {
         return Err(DnsError::Refused {

@@ -157,7 +157,7 @@ fn wait_secure(ns: &str, name: &str, server: SocketAddr, anchor: &Path, hit: &st
         &format!("{name} secure with {hit}"),
         || {
             let v = lookup(ns, name, server, anchor);
-            (v["validation"] == "secure" && hits(&v) == [hit.to_owned()]).then_some(v)
+            (v["validation"] == "secure" && hits(&v) == vec![hit.to_owned()]).then_some(v)
         },
     )
     .unwrap()
@@ -303,7 +303,7 @@ fn refused_updates_name_the_cause_and_leave_the_old_record() {
             assert!(out.contains(needle), "{what}: {needle:?} not in: {out}");
         }
         let v = lookup(a, &name, b.addr, &anchor);
-        assert_eq!(hits(&v), [old.hit.clone()], "{what}: {v}");
+        assert_eq!(hits(&v), vec![old.hit.clone()], "{what}: {v}");
     }
     // A frozen zone takes no updates.
     b.rndc(&["freeze", ZONE]).unwrap();
@@ -318,7 +318,7 @@ fn refused_updates_name_the_cause_and_leave_the_old_record() {
     assert!(out.contains("REFUSED") || out.contains("SERVFAIL"), "{out}");
     b.rndc(&["thaw", ZONE]).unwrap();
     let v = lookup(a, &name, b.addr, &anchor);
-    assert_eq!(hits(&v), [old.hit.clone()], "frozen: {v}");
+    assert_eq!(hits(&v), vec![old.hit.clone()], "frozen: {v}");
     // And the good key still works afterwards.
     assert!(publish(a, &cfg).0);
     wait_secure(a, &name, b.addr, &anchor, &new.hit);
@@ -384,10 +384,10 @@ fn tampered_or_stripped_answers_are_never_secure() {
         if tamper == Tamper::ReplaceHip {
             // The forgery did arrive (so the test tests something): a well-formed record
             // whose HIT matches its own key, just not signed by the zone.
-            assert_eq!(hits(&v), [m.hit.clone()], "{v}");
+            assert_eq!(hits(&v), vec![m.hit.clone()], "{v}");
             assert_eq!(v["hip"][0]["hit_matches_hi"], true, "{v}");
         } else {
-            assert_eq!(hits(&v), [id.hit.clone()], "{v}");
+            assert_eq!(hits(&v), vec![id.hit.clone()], "{v}");
         }
     }
     // Without a trust anchor nothing is ever `secure` either.

@@ -132,10 +132,10 @@ fn body(bind: &Bind, ids: &[HipRdata], n: usize, base_n: usize) -> Result<()> {
                 });
                 next += 1;
             }
-            if let Some(res) = set.join_next().await {
-                if res?? {
-                    found += 1;
-                }
+            if let Some(res) = set.join_next().await
+                && res??
+            {
+                found += 1;
             }
         }
         anyhow::Ok(found)
