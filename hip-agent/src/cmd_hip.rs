@@ -33,16 +33,25 @@ pub enum HipCmd {
         #[arg(long)]
         wait_close: bool,
     },
-    /// Run one base exchange with the peer at --locator; print it as a JSON line.
+    /// Run one base exchange with the peer at --locator, or with the host NAME's HIP RR
+    /// and address (RFC 8005, DNSSEC-validated); print it as a JSON line.
     Connect {
         #[command(flatten)]
         common: Common,
+        /// The peer's DNS name: its HIP RR gives the HIT, its A/AAAA the locator.
+        #[arg(conflicts_with_all = ["peer_hit", "locator"])]
+        name: Option<String>,
+        #[command(flatten)]
+        dns: crate::cmd_dns::DnsOpts,
+        /// Accept a HIP RR that is not DNSSEC-validated (with NAME).
+        #[arg(long)]
+        insecure: bool,
         /// The HIT the responder must prove (omit for opportunistic mode).
         #[arg(long)]
         peer_hit: Option<Hit>,
         /// The peer's IP address.
-        #[arg(long)]
-        locator: IpAddr,
+        #[arg(long, required_unless_present = "name")]
+        locator: Option<IpAddr>,
         /// Our source address (default: the routed one).
         #[arg(long)]
         local: Option<IpAddr>,
@@ -272,6 +281,9 @@ pub fn run(cmd: HipCmd) -> Result<()> {
             }
             HipCmd::Connect {
                 common,
+                name,
+                dns,
+                insecure,
                 peer_hit,
                 locator,
                 local,
@@ -288,6 +300,13 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                 .into_iter()
                 .flatten()
                 .collect();
+                let (peer_hit, locator) = match &name {
+                    Some(n) => {
+                        let (h, a) = crate::cmd_dns::resolve_peer(&dns, n, insecure).await?;
+                        (Some(h), a)
+                    }
+                    None => (peer_hit, locator.context("--locator or NAME is needed")?),
+                };
                 let ep = endpoint(&common)?;
                 let mut d = HipDriver::spawn(ep, Sockets::open()?);
                 match peer_hit {

@@ -29,6 +29,14 @@
 //! identity_info = "https://atlanta.com/cert.pem"
 //! trusted_identities = { "biloxi.com" = "/etc/hip/biloxi.com-es256.pub.pem" }
 //! trust_sips_proxies = false
+//!
+//! [dns]                # Host Identities in DNS (RFC 8005), see `DnsSection`
+//! server = "192.0.2.53:53"
+//! zone = "hip.example."
+//! name = "alice.hip.example."
+//! tsig_key = "/etc/hip/alice.tsig"
+//! trust_anchor = "/etc/hip/hip.example.dnskey"
+//! peers = { "sip:bob@biloxi.com" = "bob.hip.example." }
 //! ```
 
 use std::{
@@ -204,6 +212,9 @@ pub struct Config {
     /// How SIP protects the HITs in SDP (the draft's §4): SIP Identity keys, SIPS trust.
     #[serde(default)]
     pub security: SecuritySection,
+    /// Host Identities in DNS (RFC 8005): publishing ours, checking peers' (absent: off).
+    #[serde(default)]
+    pub dns: Option<DnsSection>,
     /// Caps that keep the agent's state and output bounded under unauthenticated load.
     #[serde(default)]
     pub limits: LimitsSection,
@@ -312,6 +323,138 @@ impl LimitsSection {
             max_message_bytes: self.max_message_bytes,
             stream_message_timeout: std::time::Duration::from_secs(self.message_timeout_secs),
         }
+    }
+}
+
+/// `[dns]`: Host Identities in DNS (RFC 8005).
+///
+/// * **Publishing**: with `name` and `tsig_key`, the agent publishes its HIP RR (HIT, HI,
+///   `rendezvous_servers`) at `name` when it starts, by one RFC 2136 update to `server`
+///   signed with the TSIG key, which replaces whatever HIP RRset was there (so a new
+///   identity or new rendezvous servers replace the old record at the next start; a
+///   refused update changes nothing and is logged with its cause). `hip-agent dns publish`,
+///   `withdraw` and `show` do the same by hand.
+/// * **Checking peers**: the peer's DNS name comes from `peers` (its SIP URI → name) or
+///   else from `peer_name_template` — both derived from the identity the call is with, never
+///   from Contact or Record-Route, which whoever can rewrite the SDP can rewrite too (they
+///   would point us at a name whose record they control). Its HIP RRset is looked up at
+///   `resolver` (default `server`) in a task of its own, within `timeout_ms`, and validated
+///   with DNSSEC from `trust_anchor`. Only a `secure` answer counts: its HITs containing the
+///   HIT SIP carried make `dns` the mechanism that authenticated the peer; a secure record
+///   with other HITs makes the call `failed`; `insecure`, `bogus` or `indeterminate` answers
+///   (and timeouts) are noted in `status` and change nothing. Our own HIT counts as
+///   protected through DNS when our own name's record is `secure` and carries our HIT.
+/// * Lookups never hold a call up: HIP runs meanwhile; only a caller with `[security]
+///   require_verified_peer` waits for a verification, for at most `peer_verify_timeout_ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// The zone's primary server (`address:port`): updates go here, and lookups unless
+    /// `resolver` is set.
+    pub server: SocketAddr,
+    /// Where lookups go (a validating setup needs a server that returns RRSIGs: the zone's
+    /// authoritative server, or a recursive resolver).
+    #[serde(default)]
+    pub resolver: Option<SocketAddr>,
+    /// The zone that `name` is in (the RFC 2136 zone section).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Our DNS name; publishing needs it and `tsig_key`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// TSIG key file in BIND's syntax (`tsig-keygen NAME`), hmac-sha256/384/512.
+    #[serde(default)]
+    pub tsig_key: Option<PathBuf>,
+    /// TTL of the published record, seconds.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: u32,
+    /// Rendezvous servers put in our record (RFC 8005 §5.4), in order of preference.
+    #[serde(default)]
+    pub rendezvous_servers: Vec<String>,
+    /// Publish at start-up (default: when `name` and `tsig_key` are set).
+    #[serde(default)]
+    pub publish: Option<bool>,
+    /// DNSSEC trust anchor: a file of DNSKEY records (the zone's KSK, as BIND's `K….key`
+    /// file has it). Without it no answer is `secure`, so DNS never raises a level.
+    #[serde(default)]
+    pub trust_anchor: Option<PathBuf>,
+    /// Deadline of one lookup (all its queries and the validation), milliseconds.
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_ms: u64,
+    /// Peer SIP URI (`sip:user@domain`, no parameters) → DNS name of its HIP RR.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+    /// For peers not in `peers`: a name made from the peer's URI, `{user}` and `{host}`
+    /// replaced (e.g. `"{user}.hip.{host}."`). Unset: only `peers` are checked.
+    #[serde(default)]
+    pub peer_name_template: Option<String>,
+}
+
+fn default_dns_ttl() -> u32 {
+    300
+}
+
+fn default_dns_timeout() -> u64 {
+    2000
+}
+
+impl DnsSection {
+    /// Publishing is on.
+    pub fn publishes(&self) -> bool {
+        self.publish
+            .unwrap_or(self.name.is_some() && self.tsig_key.is_some())
+    }
+
+    /// Where lookups go.
+    pub fn lookup_server(&self) -> SocketAddr {
+        self.resolver.unwrap_or(self.server)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let name_ok = |what: &str, n: &str| {
+            hip_dns::Name::from_ascii(n)
+                .map(|_| ())
+                .map_err(|e| format!("[dns] {what} {n:?} is not a DNS name: {e}"))
+        };
+        if let Some(n) = &self.name {
+            name_ok("name", n)?;
+        }
+        if let Some(z) = &self.zone {
+            name_ok("zone", z)?;
+        }
+        for r in &self.rendezvous_servers {
+            name_ok("rendezvous_servers entry", r)?;
+        }
+        for (uri, n) in &self.peers {
+            name_ok(&format!("peers[{uri:?}]"), n)?;
+        }
+        if self.publishes() {
+            let (Some(name), Some(zone)) = (&self.name, &self.zone) else {
+                return Err("[dns] publishing needs `name`, `zone` and `tsig_key`".into());
+            };
+            if self.tsig_key.is_none() {
+                return Err(
+                    "[dns] publishing needs `tsig_key` (RFC 2136 updates are TSIG-signed)".into(),
+                );
+            }
+            let (n, z) = (
+                hip_dns::Name::from_ascii(name).map_err(|e| e.to_string())?,
+                hip_dns::Name::from_ascii(zone).map_err(|e| e.to_string())?,
+            );
+            if !z.zone_of(&n) {
+                return Err(format!("[dns] name {name} is not inside zone {zone}"));
+            }
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 30_000 {
+            return Err("[dns] timeout_ms must be 1..=30000".into());
+        }
+        if let Some(t) = &self.peer_name_template
+            && !t.contains("{user}")
+            && !t.contains("{host}")
+        {
+            return Err("[dns] peer_name_template has neither {user} nor {host}".into());
+        }
+        Ok(())
     }
 }
 
@@ -944,6 +1087,11 @@ impl Config {
         if self.hip.enabled == Some(true) && self.identity.is_none() {
             return invalid("[hip] enabled = true needs an `identity` key file (a bare `hit` cannot sign HIP packets)".into());
         }
+        if let Some(d) = &self.dns
+            && let Err(m) = d.validate()
+        {
+            return invalid(m);
+        }
         if self.hip.esp_transforms.is_empty() {
             return invalid("[hip] esp_transforms is empty".into());
         }
@@ -1027,10 +1175,16 @@ impl Config {
         if sec.require_verified_peer && sec.peer_verify_timeout_ms == 0 {
             return invalid("[security] peer_verify_timeout_ms must be above 0".into());
         }
-        if sec.require_verified_peer && sec.trusted_identities.is_empty() && !sec.trust_sips_proxies
+        let dns_vouches = self.dns.as_ref().is_some_and(|d| {
+            d.trust_anchor.is_some() && (!d.peers.is_empty() || d.peer_name_template.is_some())
+        });
+        if sec.require_verified_peer
+            && sec.trusted_identities.is_empty()
+            && !sec.trust_sips_proxies
+            && !dns_vouches
         {
             return invalid(
-                "[security] require_verified_peer would refuse every call: no trusted_identities and trust_sips_proxies is off"
+                "[security] require_verified_peer would refuse every call: no trusted_identities, trust_sips_proxies is off, and no [dns] peers with a trust_anchor"
                     .into(),
             );
         }

@@ -66,6 +66,9 @@ pub enum DaemonError {
     /// Our identity could not be loaded or does not match the configured HIT.
     #[error("identity: {0}")]
     Identity(String),
+    /// `[dns]` could not be set up (trust anchor, TSIG key, identity).
+    #[error("[dns] {0}")]
+    Dns(String),
     /// The pool file is unusable.
     #[error(transparent)]
     Pool(#[from] pool::PoolError),
@@ -328,6 +331,8 @@ pub struct Daemon {
     hip_todo: VecDeque<AgentEvent>,
     /// SIP Identity keys and SIPS trust (the draft's §4).
     sipsec: SipSecurity,
+    /// Host Identities in DNS (`[dns]`), when configured.
+    dns: Option<crate::dns_verify::DnsVerifier>,
 }
 
 /// How many ended calls `status` keeps.
@@ -428,6 +433,7 @@ impl Daemon {
         uc.limits = cfg.limits.sip();
         uc.seed = rand::random();
         let (events, _) = broadcast::channel(1024);
+        let dns = crate::dns_verify::start(&cfg, &own)?;
         Ok(Self {
             ua: UserAgent::new(uc),
             own,
@@ -447,6 +453,7 @@ impl Daemon {
             history: VecDeque::new(),
             hip_todo: VecDeque::new(),
             sipsec,
+            dns,
             cfg,
         })
     }
@@ -526,6 +533,12 @@ impl Daemon {
                         self.svc.close(conn);
                     }
                 }
+                answer = async {
+                    match &mut self.dns {
+                        Some(d) => d.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_dns(answer),
                 input = async {
                     match &mut self.security {
                         Some(s) => s.wait().await,
@@ -1057,8 +1070,9 @@ impl Daemon {
             AgentEvent::PeerHitsLearned {
                 call,
                 direction,
-                peer_contact,
-                identities,
+                ref peer_uri,
+                ref peer_contact,
+                ref identities,
                 ..
             } => {
                 let hits = secure::distinct(identities.iter().map(|i| proto_hit(i.hit)));
@@ -1071,6 +1085,17 @@ impl Daemon {
                 cs.confirmed_ms.get_or_insert_with(unix_ms);
                 cs.peer_hits = hits.clone();
                 cs.remote_media = media;
+                if let Some(d) = &mut self.dns
+                    && d.want(call, peer_uri, Some(ev.clone())).is_some()
+                    && let Some(f) = d.apply(peer_uri, &cs.peer_hits, &mut cs.sip)
+                {
+                    tracing::error!(%call, peer = %peer_uri, "call flagged: {f}");
+                    cs.failure = Some(f);
+                    if self.cfg.hip.on_failure == FailureAction::Hangup {
+                        let _ = self.ua.hangup(Instant::now(), call);
+                        return;
+                    }
+                }
                 let Some(sec) = &mut self.security else {
                     return;
                 };
@@ -1129,6 +1154,34 @@ impl Daemon {
                 while self.history.len() > HISTORY {
                     self.history.pop_front();
                 }
+            }
+        }
+    }
+
+    /// A DNS lookup finished: the calls that waited for it take its verdict; a caller that
+    /// waits for a verified peer (`require_verified_peer`) now starts HIP.
+    fn on_dns(&mut self, answer: crate::dns_verify::Answer) {
+        let Some(d) = &mut self.dns else { return };
+        for (call, event) in d.answered(answer) {
+            let Some(cs) = self.call_sec.get_mut(&call) else {
+                continue;
+            };
+            let Some(uri) = self.ua.call_info(call).map(|i| i.remote_uri) else {
+                continue;
+            };
+            let was = cs.sip.peer_authenticated;
+            if let Some(f) = d.apply(&uri, &cs.peer_hits, &mut cs.sip) {
+                tracing::error!(%call, peer = %uri, "call flagged: {f}");
+                cs.failure = Some(f);
+                if self.cfg.hip.on_failure == FailureAction::Hangup {
+                    let _ = self.ua.hangup(Instant::now(), call);
+                }
+            } else if !was
+                && cs.sip.peer_authenticated
+                && self.cfg.security.require_verified_peer
+                && let Some(ev) = event
+            {
+                self.hip_todo.push_back(ev);
             }
         }
     }

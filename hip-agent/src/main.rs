@@ -1,5 +1,6 @@
 //! `hip-agent`: the root agent and its operator CLI.
 
+mod cmd_dns;
 mod cmd_flows;
 mod cmd_hi;
 mod cmd_hip;
@@ -57,6 +58,9 @@ enum Cmd {
     /// HIP base exchanges over raw sockets (listen / connect).
     #[command(subcommand)]
     Hip(cmd_hip::HipCmd),
+    /// Host Identities in DNS (RFC 8005): publish, withdraw, show, lookup.
+    #[command(subcommand)]
+    Dns(cmd_dns::DnsCmd),
 }
 
 #[derive(Subcommand)]
@@ -144,6 +148,7 @@ fn main() -> Result<()> {
         Cmd::Sip(c) => cmd_sip::run(c)?,
         Cmd::Hi(c) => cmd_hi::run(c)?,
         Cmd::Hip(c) => cmd_hip::run(c)?,
+        Cmd::Dns(c) => cmd_dns::run(c)?,
         Cmd::Datapath(DatapathCmd::Run {
             iface,
             pin_dir,

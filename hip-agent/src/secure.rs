@@ -1035,6 +1035,9 @@ pub enum Mechanism {
     Identity,
     /// SIPS: TLS on every hop (RFC 3261 §26.2.2), every proxy trusted (draft §4.2).
     Sips,
+    /// The HIT is in the DNSSEC-validated HIP RR (RFC 8005) at the name configured for the
+    /// SIP identity (`[dns]`, see `dns_verify`).
+    Dns,
 }
 
 /// The caveat of SIPS (draft §4.2), shown wherever it is relied upon.

@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod call;
+pub mod dns;
 pub mod relay;
 pub mod sip;
 pub mod xfrm;

@@ -8,6 +8,7 @@
 //! | `hip-datapath-bench` | eBPF ns/packet (kernel accounting), veth UDP rate | empty program; programs detached |
 //! | `xfrm_bench` (host, policies) and (VM, SAs + policies) | installing N associations | one `ip xfrm` per object |
 //! | `tests/sipp/bench.sh` | calls/s with the agent as UAS | SIPp's own UAS |
+//! | `hip-dns-bench` | publish + look up 10,000 HIP RRs on BIND (batched TSIG updates, concurrent lookups) | one `nsupdate` / `dig` process per record |
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
 //!
 //! Everything is printed and also written to `target/bench/report.txt`.
@@ -115,6 +116,11 @@ pub fn run() -> Result<()> {
         util::cmd("bash")
             .arg(root.join("tests/sipp/bench.sh"))
             .env("HIP_AGENT_BIN", rel.join("hip-agent")),
+    );
+
+    r.run(
+        "DNS (RFC 8005): publish + look up 10,000 HIP RRs on BIND with hip-dns vs one nsupdate/dig process per record (sampled on 300)",
+        util::cmd(rel.join("hip-dns-bench").to_str().unwrap()).args(["10000", "300"]),
     );
 
     // One VM boot for what needs ESP.

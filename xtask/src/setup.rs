@@ -26,6 +26,22 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("strongswan", "reference IKE daemon programming XFRM"),
     ("python3-pip", "installing virtme-ng"),
     ("openssl", "test certificates for SIPS (TLS)"),
+    (
+        "bind9",
+        "named: the authoritative server of the HIP RR tests and bench (RFC 8005)",
+    ),
+    (
+        "bind9-utils",
+        "named-compilezone, tsig-keygen, dnssec tools: a zone for the DNS tests",
+    ),
+    (
+        "dnsutils",
+        "nsupdate and dig: the one-process-per-record baseline of the DNS bench",
+    ),
+    (
+        "python3-dnspython",
+        "independent oracle for the HIP RR wire format",
+    ),
 ];
 
 /// virtme-ng (PyPI), verified here.
