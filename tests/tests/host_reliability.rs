@@ -621,8 +621,15 @@ fn a_hip_barrage_is_counted_and_logged_in_summaries() {
             let mut bad = i1.finish();
             hip_proto::wire::set_checksum(&mut bad, a.into(), b.into());
             bad[4] ^= 0xff;
-            for _ in 0..20_000 {
+            // Paced in bursts, so that most of it fits the receiver's socket buffer.
+            let pace = |i: usize| {
+                if i % 200 == 199 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            };
+            for i in 0..20_000 {
                 send(&bad);
+                pace(i);
             }
             let mut notify = hip_proto::wire::PacketBuilder::new(
                 hip_proto::wire::PacketType::Notify,
@@ -638,21 +645,43 @@ fn a_hip_barrage_is_counted_and_logged_in_summaries() {
                 .unwrap();
             let mut notify = notify.finish();
             hip_proto::wire::set_checksum(&mut notify, a.into(), b.into());
-            for _ in 0..2_000 {
+            for i in 0..2_000 {
                 send(&notify);
+                pace(i);
             }
             // SAFETY: our descriptor.
             unsafe { libc::close(fd) };
         })
         .unwrap();
-    let st = wait_until(Duration::from_secs(20), "bob to count the barrage", || {
+    // Under load the raw socket's buffer overflows and some of the barrage never reaches
+    // the agent; what does is counted, and the count stops growing when it is over.
+    let count = || {
         let st = n.bob.status();
-        let d = &st["limits"]["hip"]["dropped"];
-        (d["bad-checksum"].as_u64().unwrap_or(0) >= 10_000
-            && d["unverified-notify"].as_u64().unwrap_or(0) >= 1_000)
-            .then_some(st)
+        let d = st["limits"]["hip"]["dropped"].clone();
+        (
+            d["bad-checksum"].as_u64().unwrap_or(0),
+            d["unverified-notify"].as_u64().unwrap_or(0),
+            st,
+        )
+    };
+    let mut last = (0, 0);
+    let st = wait_until(Duration::from_secs(20), "bob to count the barrage", || {
+        let (bad, notify, st) = count();
+        let settled = (bad, notify) == last && bad >= 1_000 && notify >= 200;
+        last = (bad, notify);
+        std::thread::sleep(Duration::from_millis(200));
+        settled.then_some(st)
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", n.bob.status()));
+    let hip = &st["limits"]["hip"];
+    // Nothing else arrived: every datagram received was dropped and counted by reason.
+    let dropped: u64 = hip["dropped"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, hip["received"].as_u64().unwrap(), "{st}");
     let log = n.bob.log();
     let drop_lines = log
         .lines()
