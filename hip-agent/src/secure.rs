@@ -4,7 +4,7 @@
 //!
 //! The daemon's loop owns one [`Security`] and calls it from [`crate::daemon`]'s
 //! `dispatch`: [`Security::initiate`] when a call we placed is answered,
-//! [`Security::authorize`] when we answer one, [`Security::close`] when a call ends; it
+//! [`Security::authorize`] when we answer one, [`Security::release`] when no call uses a peer any more; it
 //! waits on [`Security::wait`] and passes what arrives to [`Security::handle`] for what happened (an association established, refused,
 //! closed) and updates the calls it shows.
 
