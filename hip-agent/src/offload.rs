@@ -212,6 +212,9 @@ impl Offload {
                 DatapathError::ObjectMissing => OffloadError::KernelCheck(
                     "this hip-agent build has no eBPF object: build it with `cargo xtask build-ebpf`, or set [datapath] enabled = false".into(),
                 ),
+                e @ DatapathError::ObjectStale(_) => OffloadError::KernelCheck(format!(
+                    "{e}; or set [datapath] enabled = false"
+                )),
                 e => OffloadError::KernelCheck(format!(
                     "loading the eBPF datapath failed ({e}): the kernel needs BPF and tc (clsact/tcx) support and the agent CAP_BPF + CAP_NET_ADMIN"
                 )),

@@ -26,6 +26,11 @@ use hip_common::{PROG_TC_EGRESS, PROG_TC_INGRESS};
 pub mod bench;
 pub mod events;
 pub mod maps;
+#[cfg(test)]
+#[path = "../stale.rs"]
+mod stale;
+#[cfg(test)]
+mod stale_tests;
 
 /// The shared map types (`hip-common`), for users that need the raw layouts.
 pub use hip_common as common;
@@ -46,6 +51,12 @@ pub enum DatapathError {
     /// The agent was built without its eBPF object.
     #[error("this build has no eBPF object embedded: run `cargo xtask build-ebpf` and rebuild")]
     ObjectMissing,
+    /// The object `cargo xtask build-ebpf` left is older than a source of it (the path
+    /// named), so it was not embedded.
+    #[error(
+        "this build's eBPF object was older than {0}, so it was not embedded: run `cargo xtask build-ebpf` and rebuild"
+    )]
+    ObjectStale(&'static str),
     /// The kernel refused the object, a program or a map.
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -116,7 +127,9 @@ pub enum DatapathError {
 
 /// Returns the embedded eBPF object, or an error if this build has none.
 pub fn object() -> Result<&'static [u8], DatapathError> {
-    if cfg!(hip_ebpf_missing) || OBJECT.is_empty() {
+    if cfg!(hip_ebpf_stale) {
+        Err(DatapathError::ObjectStale(env!("HIP_EBPF_STALE_BY")))
+    } else if cfg!(hip_ebpf_missing) || OBJECT.is_empty() {
         Err(DatapathError::ObjectMissing)
     } else {
         Ok(OBJECT)

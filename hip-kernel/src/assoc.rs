@@ -220,13 +220,13 @@ pub async fn install_association<K: KernelIpsec>(
     a: &AssociationParams,
 ) -> Result<(), XfrmError> {
     a.check()?;
+    let sa_in = a.sa_in();
     let mut done = Vec::new();
     let r = async {
         for p in a.block_policies() {
             done.push(Done::Policy(p.id));
             k.add_policy(&p).await?;
         }
-        let sa_in = a.sa_in();
         // Pushed before the attempt: a failed add must still remove the larval SA.
         done.push(Done::Sa(sa_in.id()));
         k.add_sa(&sa_in).await?;
@@ -242,13 +242,20 @@ pub async fn install_association<K: KernelIpsec>(
     .await;
     match r {
         Ok(()) => Ok(()),
-        Err(e) => match undo(k, done).await {
-            Ok(()) => Err(e),
-            Err(rb) => Err(XfrmError::RollbackFailed {
-                source: Box::new(e),
-                rollback: Box::new(rb),
-            }),
-        },
+        Err(e) => {
+            // A block policy refused: the larval SA that ALLOCSPI left for `spi_in` goes
+            // too (first, before the block policies; deleting an absent SA is fine).
+            if !done.iter().any(|d| matches!(d, Done::Sa(_))) {
+                done.push(Done::Sa(sa_in.id()));
+            }
+            match undo(k, done).await {
+                Ok(()) => Err(e),
+                Err(rb) => Err(XfrmError::RollbackFailed {
+                    source: Box::new(e),
+                    rollback: Box::new(rb),
+                }),
+            }
+        }
     }
 }
 

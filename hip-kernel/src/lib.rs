@@ -13,6 +13,8 @@
 //!   [`reconcile`]: the unit the agent works with, one HIP association at a time, ordered
 //!   so that no clear-text window opens ([`FailClosed`]);
 //! * [`HitRoutes`]: rtnetlink helpers that put local HITs on `lo` and route peer HITs;
+//! * `memory` (feature `memory`): an in-memory [`KernelIpsec`] that logs operations and
+//!   injects failures, so the sequences above are tested without a kernel;
 //! * [`owner`]: how hip's objects are recognised (reqid and priority ranges), so that
 //!   installs are upserts, a restart reconciles, and foreign objects are never touched.
 //!
@@ -31,6 +33,10 @@ mod addrs;
 mod assoc;
 pub mod bench;
 mod error;
+#[cfg(any(test, feature = "memory"))]
+pub mod memory;
+#[cfg(test)]
+mod memory_tests;
 mod msg;
 mod netlink;
 pub mod owner;
