@@ -17,7 +17,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use hip_tests::{
     NetNs,
-    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, kamailio, scratch, sipp, sipp_dir},
+    phone::md5_proxies,
+    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, scratch, sipp, sipp_dir},
     wait_until,
 };
 use serde_json::Value;
@@ -33,45 +34,6 @@ fn edge_agent(ns: &NetNs, dir: &Path, user: &str, domain: &str, ip: &str, hop: &
         ),
     )
     .unwrap()
-}
-
-/// Both proxies of the trapezoid, MD5 digest (SIPp answers MD5 challenges only).
-fn proxies(t: &Trapezoid, dir: &Path) {
-    for (ns, ip, domain, user, pw, peer_domain, peer_ip) in [
-        (
-            &t.hosts[1],
-            "192.0.2.2",
-            "atlanta.com",
-            "alice",
-            "alice-pw",
-            "biloxi.com",
-            "192.0.2.3",
-        ),
-        (
-            &t.hosts[2],
-            "192.0.2.3",
-            "biloxi.com",
-            "bob",
-            "bob-pw",
-            "atlanta.com",
-            "192.0.2.2",
-        ),
-    ] {
-        kamailio(
-            ns,
-            dir,
-            &[
-                ("IP", ip),
-                ("DOMAIN", domain),
-                ("USER", user),
-                ("PASSWORD", pw),
-                ("ALGORITHM", "MD5"),
-                ("PEER_DOMAIN", peer_domain),
-                ("PEER_IP", peer_ip),
-            ],
-        )
-        .unwrap();
-    }
 }
 
 fn scenario(name: &str) -> String {
@@ -187,7 +149,7 @@ fn ended_call(a: &Agent) -> Option<Value> {
 fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
     let t = Trapezoid::new().unwrap();
     let dir = scratch("edge");
-    proxies(&t, &dir);
+    md5_proxies(&t, &dir).unwrap();
     let alice = edge_agent(
         &t.hosts[0],
         &dir,
