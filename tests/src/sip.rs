@@ -200,9 +200,10 @@ impl Agent {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        // Under TCG (the VM tests) start-up with the eBPF load takes seconds.
+        // Under TCG (the VM tests) start-up with the eBPF load takes seconds, and
+        // minutes on a loaded host.
         let r = wait_until(
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             "the agent's control socket",
             || {
                 if let Ok(Some(st)) = self.child.try_wait() {

@@ -113,7 +113,7 @@ fn baresip_calls_baresip_through_the_edges_with_the_tone_both_ways() {
         &phone("bob", "biloxi.com", &b_tone, true),
     )
     .unwrap();
-    wait_until(Duration::from_secs(60), "bob's phone registered", || {
+    wait_until(Duration::from_secs(120), "bob's phone registered", || {
         bp.log().contains("200 OK (kamailio").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", bp.log(), bob.log()));

@@ -542,3 +542,57 @@ fn networks_parse_and_match() {
     let all: Net = "0.0.0.0/0".parse().unwrap();
     assert!(all.contains("203.0.113.1".parse().unwrap()));
 }
+
+#[test]
+fn a_re_invite_for_hold_is_rewritten_like_the_first_offer_and_follows_the_route() {
+    let mut p = EdgeProxy::new(cfg());
+    let now = Instant::now();
+    p.handle_datagram(
+        now,
+        local(),
+        sa(PHONE),
+        invite_from_phone(PHONE_SDP).as_bytes(),
+    );
+    let fwd = sent(&mut p).remove(0).1;
+    let ok = answer(
+        &fwd,
+        "200 OK",
+        "Contact: <sip:bob@192.0.2.9:5062>\r\n",
+        Some(&peer_sdp()),
+    );
+    p.handle_datagram(now, local(), sa(HOP), ok.as_bytes());
+    let _ = sent(&mut p);
+    let _ = events(&mut p);
+    // The phone puts the call on hold: its route set is our entry then the far edge's.
+    let hold = PHONE_SDP
+        .replace("a=sendrecv", "a=sendonly")
+        .replace("11 22", "11 23");
+    let reinvite = with_body(
+        "INVITE sip:bob@192.0.2.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.4:5062;branch=z9hG4bKph2\r\n\
+         Max-Forwards: 70\r\nRoute: <sip:192.0.2.4:5070;transport=udp;lr;hip-edge>, <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\n\
+         From: <sip:alice@atlanta.com>;tag=a1\r\nTo: <sip:bob@biloxi.com>;tag=b1\r\nCall-ID: call-1\r\n\
+         CSeq: 4 INVITE\r\nContact: <sip:alice@192.0.2.4:5062>\r\n",
+        &hold,
+    );
+    p.handle_datagram(now, local(), sa(PHONE), reinvite.as_bytes());
+    let out = sent(&mut p);
+    assert_eq!(
+        out[0].0,
+        sa("192.0.2.1:5070"),
+        "along the route set: {out:?}"
+    );
+    assert_eq!(
+        header(&out[0].1, "Route"),
+        vec!["<sip:192.0.2.1:5070;transport=udp;lr;hip-edge>"]
+    );
+    assert!(
+        header(&out[0].1, "Record-Route").is_empty(),
+        "not dialog-creating"
+    );
+    let b = body(&out[0].1);
+    assert!(
+        b.contains(&format!("c=IN IP6 {OWN_HIT}\r\n")) && b.contains("a=sendonly\r\n"),
+        "{b}"
+    );
+    assert!(p.call("call-1").is_some(), "the call goes on");
+}
