@@ -17,8 +17,9 @@ use crate::{
 };
 
 /// Both proxies of the trapezoid with MD5 digest (what SIPp and baresip answer), and
-/// RFC 3327 Path: atlanta.com for alice (`alice-pw`), biloxi.com for bob (`bob-pw`).
-pub fn md5_proxies(t: &Trapezoid, dir: &Path) -> Result<()> {
+/// RFC 3327 Path: atlanta.com for alice (`alice-pw`), biloxi.com for bob (`bob-pw`);
+/// `biloxi_reply_route` is Kamailio script for biloxi.com's replies (or empty).
+pub fn md5_proxies(t: &Trapezoid, dir: &Path, biloxi_reply_route: &str) -> Result<()> {
     for (ns, ip, domain, user, pw, peer_domain, peer_ip) in [
         (
             &t.hosts[1],
@@ -50,6 +51,14 @@ pub fn md5_proxies(t: &Trapezoid, dir: &Path) -> Result<()> {
                 ("ALGORITHM", "MD5"),
                 ("PEER_DOMAIN", peer_domain),
                 ("PEER_IP", peer_ip),
+                (
+                    "REPLY_ROUTE",
+                    if domain == "biloxi.com" {
+                        biloxi_reply_route
+                    } else {
+                        ""
+                    },
+                ),
             ],
         )?;
     }

@@ -9,7 +9,7 @@
 
 use std::{
     net::UdpSocket,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -23,10 +23,10 @@ use hip_tests::{
 };
 use serde_json::Value;
 
-fn edge_agent(ns: &NetNs, dir: &Path, user: &str, domain: &str, ip: &str, hop: &str) -> Agent {
+fn edge_agent(ns: &NetNs, key: &str, user: &str, domain: &str, ip: &str, hop: &str) -> Agent {
     Agent::start(
         ns,
-        hip_key(dir, user).path.to_str().unwrap(),
+        key,
         &format!("user = \"{user}\"\ndomain = \"{domain}\"\nlisten = [\"udp:{ip}:5060\"]"),
         &format!(
             "{NO_OFFLOAD}[edge]\nlisten = [\"udp:{ip}:5070\"]\nclients = [\"{ip}\", \"::1\"]\n\
@@ -145,14 +145,26 @@ fn ended_call(a: &Agent) -> Option<Value> {
         .and_then(|v| v.last().cloned())
 }
 
-#[test]
-fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
+/// The trapezoid with both edges, both phones registered, and one call from alice's
+/// phone to bob's (hung up by alice after 3 s). `edge_key` is bob's HIP key (so that a
+/// test can name his HIT to the proxies), `biloxi_reply_route` Kamailio script for
+/// biloxi.com's replies.
+struct Call {
+    _t: Trapezoid,
+    alice: Agent,
+    bob: Agent,
+    caller_log: String,
+    callee_log: String,
+}
+
+fn call_through_the_edges(biloxi_reply_route: impl Fn(&str) -> String) -> Call {
     let t = Trapezoid::new().unwrap();
     let dir = scratch("edge");
-    md5_proxies(&t, &dir).unwrap();
+    let bob_key = hip_key(&dir, "bob");
+    md5_proxies(&t, &dir, &biloxi_reply_route(&bob_key.hit_hex)).unwrap();
     let alice = edge_agent(
         &t.hosts[0],
-        &dir,
+        hip_key(&dir, "alice").path.to_str().unwrap(),
         "alice",
         "atlanta.com",
         "192.0.2.1",
@@ -160,13 +172,12 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
     );
     let bob = edge_agent(
         &t.hosts[3],
-        &dir,
+        bob_key.path.to_str().unwrap(),
         "bob",
         "biloxi.com",
         "192.0.2.4",
         "192.0.2.3",
     );
-    let (alice_hit, bob_hit) = (own_hit(&alice), own_hit(&bob));
 
     // Digest between each phone and its registrar passes through the edge untouched.
     register(&t.hosts[3], "192.0.2.4", "bob", "biloxi.com", "bob-pw").unwrap();
@@ -217,6 +228,25 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
     let callee_log = callee
         .wait()
         .unwrap_or_else(|e| panic!("{e}\nbob's agent:\n{}", bob.log()));
+    Call {
+        _t: t,
+        alice,
+        bob,
+        caller_log,
+        callee_log,
+    }
+}
+
+#[test]
+fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
+    let Call {
+        _t,
+        alice,
+        bob,
+        caller_log,
+        callee_log,
+    } = call_through_the_edges(|_| String::new());
+    let (alice_hit, bob_hit) = (own_hit(&alice), own_hit(&bob));
 
     // What the far phone received: alice's media on alice's HIT, alice's HIT in the SDP.
     let invite = messages_starting(&callee_log, "INVITE sip:bob@192.0.2.4:5062")
@@ -299,7 +329,7 @@ fn the_edge_refuses_to_relay_for_outsiders() {
     let dir = scratch("edge-relay");
     let _alice = edge_agent(
         &t.hosts[0],
-        &dir,
+        hip_key(&dir, "alice").path.to_str().unwrap(),
         "alice",
         "atlanta.com",
         "192.0.2.1",
@@ -324,4 +354,37 @@ fn the_edge_refuses_to_relay_for_outsiders() {
         .unwrap();
     assert!(reply.starts_with("SIP/2.0 403 Forbidden\r\n"), "{reply}");
     assert!(reply.contains("not a relay"), "{reply}");
+}
+
+#[test]
+fn a_proxy_that_rewrites_the_callees_hit_makes_the_call_fail_visibly_at_the_phone() {
+    // biloxi.com replaces bob's HIT in his answer (the draft's §4 man in the middle).
+    let fake = "20010020000000000000000000000BAD";
+    let Call {
+        _t,
+        alice,
+        caller_log,
+        ..
+    } = call_through_the_edges(|bob_hex| {
+        format!(
+            "onreply_route {{\n    if (has_body(\"application/sdp\")) {{\n        subst_body(\"/{bob_hex}/{fake}/ig\");\n    }}\n}}\n"
+        )
+    });
+    // alice's phone was told, and its media went to the HIT it was given, which no SA
+    // carries (no association was established with it).
+    let msgs = messages_starting(&caller_log, "MESSAGE sip:");
+    let text = msgs
+        .iter()
+        .find(|m| m.contains("verification failed"))
+        .unwrap_or_else(|| panic!("alice's phone was not told:\n{caller_log}\n{}", alice.log()));
+    assert!(text.contains("hip: verification failed"), "{text}");
+    let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+        ended_call(&alice)
+    })
+    .unwrap();
+    assert_eq!(ended["security"]["verification"], "failed", "{ended}");
+    assert!(
+        ended["security"]["sas"].is_null(),
+        "no SAS for a failed call: {ended}"
+    );
 }

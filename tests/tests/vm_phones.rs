@@ -72,7 +72,7 @@ fn baresip_calls_baresip_through_the_edges_with_the_tone_both_ways() {
             .filter(|s| s.contains("listening on"))
     })
     .unwrap();
-    md5_proxies(&t, &dir).unwrap();
+    md5_proxies(&t, &dir, "").unwrap();
     let alice = agent(
         &t.hosts[0],
         &dir,
