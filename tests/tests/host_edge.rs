@@ -327,7 +327,7 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
 fn the_edge_refuses_to_relay_for_outsiders() {
     let t = Trapezoid::new().unwrap();
     let dir = scratch("edge-relay");
-    let _alice = edge_agent(
+    let alice = edge_agent(
         &t.hosts[0],
         hip_key(&dir, "alice").path.to_str().unwrap(),
         "alice",
@@ -354,6 +354,13 @@ fn the_edge_refuses_to_relay_for_outsiders() {
         .unwrap();
     assert!(reply.starts_with("SIP/2.0 403 Forbidden\r\n"), "{reply}");
     assert!(reply.contains("not a relay"), "{reply}");
+    // The operator sees the edge in `status`, and no call was created.
+    let text = alice.ctl(&["status"]).unwrap();
+    assert!(
+        text.contains("edge: listen [\"udp:192.0.2.1:5070\"] next hop udp:192.0.2.2:5060"),
+        "{text}"
+    );
+    assert!(!text.contains("edge call"), "{text}");
 }
 
 #[test]
