@@ -42,6 +42,18 @@ fn scenario(name: &str) -> String {
 
 /// A phone registering through its edge with its digest credentials.
 fn register(ns: &NetNs, ip: &str, user: &str, domain: &str, pw: &str) -> Result<String> {
+    register_at(ns, ip, user, domain, pw, &format!("{ip}:5070"))
+}
+
+/// A phone registering at `target` (its edge, or the registrar itself).
+fn register_at(
+    ns: &NetNs,
+    ip: &str,
+    user: &str,
+    domain: &str,
+    pw: &str,
+    target: &str,
+) -> Result<String> {
     let dir = scratch(&format!("reg-{user}"));
     sipp(
         ns.name(),
@@ -63,7 +75,7 @@ fn register(ns: &NetNs, ip: &str, user: &str, domain: &str, pw: &str) -> Result<
             ip,
             "-p",
             "5062",
-            &format!("{ip}:5070"),
+            target,
             "-m",
             "1",
         ],
@@ -393,5 +405,102 @@ fn a_proxy_that_rewrites_the_callees_hit_makes_the_call_fail_visibly_at_the_phon
     assert!(
         ended["security"]["sas"].is_null(),
         "no SAS for a failed call: {ended}"
+    );
+}
+
+#[test]
+fn a_call_to_a_phone_without_hip_is_refused_with_the_reason_and_the_far_end_hung_up() {
+    let t = Trapezoid::new().unwrap();
+    let dir = scratch("edge-nohit");
+    md5_proxies(&t, &dir, "").unwrap();
+    let alice = edge_agent(
+        &t.hosts[0],
+        hip_key(&dir, "alice").path.to_str().unwrap(),
+        "alice",
+        "atlanta.com",
+        "192.0.2.1",
+        "192.0.2.2",
+    );
+    // bob's phone has no hip: it registers at biloxi.com directly and answers in the clear.
+    register_at(
+        &t.hosts[3],
+        "192.0.2.4",
+        "bob",
+        "biloxi.com",
+        "bob-pw",
+        "192.0.2.3:5060",
+    )
+    .unwrap();
+    register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
+    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob").unwrap();
+    let caller_log = sipp(
+        t.hosts[0].name(),
+        &scratch("uac-refused"),
+        &[
+            "-sf",
+            &scenario("edge_phone_uac_refused.xml"),
+            "-key",
+            "user",
+            "alice",
+            "-key",
+            "domain",
+            "atlanta.com",
+            "-au",
+            "alice",
+            "-ap",
+            "alice-pw",
+            "-key",
+            "callee",
+            "sip:bob@biloxi.com",
+            "-key",
+            "media",
+            "::1",
+            "-i",
+            "192.0.2.1",
+            "-p",
+            "5062",
+            "192.0.2.1:5070",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.log()));
+    // The phone's 488 says why, in the reason phrase and the Warning.
+    let refusal = messages_starting(&caller_log, "SIP/2.0 488")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{caller_log}"));
+    assert!(
+        refusal.starts_with("SIP/2.0 488 Not Acceptable Here: callee has no HIP identity"),
+        "{refusal}"
+    );
+    assert!(
+        refusal.contains("outbound_without_hit = refuse"),
+        "{refusal}"
+    );
+    // bob's phone was acknowledged and hung up by alice's edge (its scenario ends with
+    // the BYE), and alice's edge holds no call.
+    let callee_log = callee
+        .wait()
+        .unwrap_or_else(|e| panic!("{e}\n{}", alice.log()));
+    assert!(
+        !messages_starting(&callee_log, "BYE sip:").is_empty(),
+        "{callee_log}"
+    );
+    let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+        ended_call(&alice)
+    })
+    .unwrap();
+    assert!(
+        ended["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("callee sent no HIP Host Identity")),
+        "{ended}"
+    );
+    assert!(
+        alice.status()["edge"]["calls"]
+            .as_array()
+            .unwrap()
+            .is_empty()
     );
 }
