@@ -83,9 +83,18 @@ fn connection(line: usize, value: &str) -> Result<IpAddr, RewriteError> {
     Ok(ip)
 }
 
+/// `rtcp:<port> <nettype> <addrtype> <address>` (RFC 3605 §2.1) → the port and the
+/// `c=`-like rest; `None` for `a=rtcp:<port>` alone and every other attribute.
+fn rtcp_address(value: &str) -> Option<(&str, &str)> {
+    let rest = value.strip_prefix("rtcp:")?;
+    let (port, addr) = rest.trim().split_once([' ', '\t'])?;
+    Some((port, addr.trim()))
+}
+
 /// Checks that `sdp` can be moved onto one HIT and returns its media host.
 pub fn media_host(sdp: &Sdp) -> Result<Rewritten, RewriteError> {
     let mut session_c: Option<IpAddr> = None;
+    let mut rtcp_hosts: Vec<IpAddr> = Vec::new();
     // Per media: (active, own c=).
     let mut media: Vec<(bool, Option<IpAddr>)> = Vec::new();
     for (line, scope, kind, value) in sdp.typed_lines() {
@@ -112,6 +121,14 @@ pub fn media_host(sdp: &Sdp) -> Result<Rewritten, RewriteError> {
             'a' if value.len() >= 10 && value[..10].eq_ignore_ascii_case("candidate:") => {
                 return Err(RewriteError::Ice(line));
             }
+            'a' if rtcp_address(value).is_some() => {
+                // RFC 3605: RTCP to an explicit address is media on that host too.
+                let (_, addr) = rtcp_address(value).expect("checked");
+                let ip = connection(line, addr)?;
+                if !ip.is_unspecified() && !rtcp_hosts.contains(&ip) {
+                    rtcp_hosts.push(ip);
+                }
+            }
             _ => {}
         }
     }
@@ -124,6 +141,11 @@ pub fn media_host(sdp: &Sdp) -> Result<Rewritten, RewriteError> {
         any_active = true;
         let ip = own.or(session_c).ok_or(RewriteError::NoConnection(i))?;
         if !ip.is_unspecified() && !hosts.contains(&ip) {
+            hosts.push(ip);
+        }
+    }
+    for ip in rtcp_hosts {
+        if !hosts.contains(&ip) {
             hosts.push(ip);
         }
     }
@@ -152,6 +174,12 @@ pub fn move_to(sdp: &mut Sdp, to: Ipv6Addr) -> Result<Rewritten, RewriteError> {
                 let ip = connection(i + 1, l.value())?;
                 if !ip.is_unspecified() {
                     edits.push((i, format!("c=IN IP6 {to}")));
+                }
+            }
+            Some('a') if rtcp_address(l.value()).is_some() => {
+                let (port, addr) = rtcp_address(l.value()).expect("checked");
+                if !connection(i + 1, addr)?.is_unspecified() {
+                    edits.push((i, format!("a=rtcp:{port} IN IP6 {to}")));
                 }
             }
             Some('o') => {
@@ -207,6 +235,29 @@ mod tests {
             s.emit(),
             "v=0\no=alice 1 1 IN IP6 2001:20::a\ns=-\nt=0 0\nm=audio 4000 RTP/AVP 0\nc=IN IP6 2001:20::a\n"
         );
+    }
+
+    #[test]
+    fn an_rtcp_address_moves_with_the_media_and_must_be_the_same_host() {
+        let t = "v=0\r\no=- 1 1 IN IP6 fd00::4\r\ns=-\r\nc=IN IP6 fd00::4\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtcp:4001 IN IP6 fd00::4\r\na=rtcp-mux\r\n";
+        let mut s = Sdp::parse(t).unwrap();
+        move_to(&mut s, hit()).unwrap();
+        assert!(
+            s.emit()
+                .contains("a=rtcp:4001 IN IP6 2001:20::a\r\na=rtcp-mux\r\n"),
+            "{s}"
+        );
+        let other = t.replace("a=rtcp:4001 IN IP6 fd00::4", "a=rtcp:4001 IN IP6 fd00::9");
+        let mut s = Sdp::parse(&other).unwrap();
+        assert_eq!(
+            move_to(&mut s, hit()),
+            Err(RewriteError::SeveralHosts("fd00::4, fd00::9".into()))
+        );
+        // a=rtcp with a port only is kept as it is.
+        let plain = t.replace("a=rtcp:4001 IN IP6 fd00::4", "a=rtcp:4001");
+        let mut s = Sdp::parse(&plain).unwrap();
+        move_to(&mut s, hit()).unwrap();
+        assert!(s.emit().contains("a=rtcp:4001\r\n"));
     }
 
     #[test]
