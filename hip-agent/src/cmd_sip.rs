@@ -170,6 +170,34 @@ pub fn run(cmd: SipCmd) -> Result<()> {
                     );
                     print_security(&c["security"]);
                 }
+                if !v["edge"].is_null() {
+                    println!(
+                        "edge: listen {} next hop {}",
+                        v["edge"]["listen"],
+                        v["edge"]["next_hop"].as_str().unwrap_or("")
+                    );
+                }
+                for c in v["edge"]["calls"].as_array().into_iter().flatten() {
+                    let sec = &c["security"];
+                    println!(
+                        "edge call {} {} {}: {}{}",
+                        if c["phone_is_caller"] == Value::Bool(true) {
+                            "to"
+                        } else {
+                            "from"
+                        },
+                        c["remote_uri"].as_str().unwrap_or(""),
+                        c["call_id"].as_str().unwrap_or(""),
+                        if c["unprotected"] == Value::Bool(true) {
+                            "NOT PROTECTED".to_owned()
+                        } else {
+                            sec["verification"].as_str().unwrap_or("pending").to_owned()
+                        },
+                        sec["sas"]
+                            .as_str()
+                            .map_or(String::new(), |s| format!(", SAS {s}"))
+                    );
+                }
                 let ended = v["ended_calls"].as_array().map_or(0, Vec::len);
                 if ended > 0 {
                     println!("{ended} ended call(s) kept in `status --json`");

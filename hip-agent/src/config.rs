@@ -218,6 +218,91 @@ pub struct Config {
     /// Caps that keep the agent's state and output bounded under unauthenticated load.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Edge mode: the SIP proxy for local phones (absent: off).
+    #[serde(default)]
+    pub edge: Option<EdgeSection>,
+}
+
+/// `[edge]`: the agent as the SIP edge of local user agents (softphones, a PBX trunk),
+/// a transaction-stateful proxy (`hip_sip::sip::edge`, the agent's `edge` module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSection {
+    /// Where the phones (and, through Path and Record-Route, the network) reach the
+    /// edge: `udp:` or `tcp:` addresses, ports given (not those of `[sip] listen`).
+    pub listen: Vec<TransportAddr>,
+    /// The networks whose user agents the edge serves (`192.0.2.4`, `fd00::/64`,
+    /// `127.0.0.0/8`). Requests from elsewhere are forwarded only to these.
+    pub clients: Vec<String>,
+    /// The phones' real outbound proxy or registrar (a name is resolved at start-up).
+    #[serde(deserialize_with = "de_resolved_required")]
+    pub next_hop: TransportAddr,
+    /// A call from a peer whose offer has no HIT: `refuse` (default, 488 with the
+    /// reason) or `clear` (passes unprotected; the phone is told).
+    #[serde(default)]
+    pub inbound_without_hit: hip_sip::sip::edge::NoHitPolicy,
+    /// A call of our phone answered without a HIT: `refuse` (default) or `clear`.
+    #[serde(default)]
+    pub outbound_without_hit: hip_sip::sip::edge::NoHitPolicy,
+    /// Send the phone a SIP MESSAGE with the call's verification level and short
+    /// authentication string when it becomes known (default true).
+    #[serde(default = "yes")]
+    pub notify_phone: bool,
+}
+
+impl EdgeSection {
+    /// The client networks, parsed.
+    pub fn networks(&self) -> Result<Vec<hip_sip::sip::edge::Net>, String> {
+        self.clients.iter().map(|c| c.parse()).collect()
+    }
+
+    fn validate(&self, sip_listen: &[TransportAddr]) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err(
+                "[edge] listen is empty: give the address(es) the phones use as outbound proxy"
+                    .into(),
+            );
+        }
+        for l in &self.listen {
+            if l.transport == Transport::Tls {
+                return Err(format!(
+                    "[edge] listen {l}: TLS is not supported by the edge yet (udp, tcp)"
+                ));
+            }
+            if l.addr.port() == 0 || l.addr.ip().is_unspecified() {
+                return Err(format!(
+                    "[edge] listen {l}: give an address and a port (Record-Route and Path name them)"
+                ));
+            }
+            if sip_listen.iter().any(|s| {
+                s.transport == l.transport
+                    && s.addr.port() == l.addr.port()
+                    && (s.addr.ip() == l.addr.ip() || s.addr.ip().is_unspecified())
+            }) {
+                return Err(format!("[edge] listen {l}: [sip] listen already uses it"));
+            }
+        }
+        let nets = self
+            .networks()
+            .map_err(|e| format!("[edge] clients: {e}"))?;
+        if nets.is_empty() {
+            return Err("[edge] clients is empty: name the phones' addresses or networks".into());
+        }
+        if let Some(n) = nets.iter().find(|n| n.to_string().ends_with("/0")) {
+            return Err(format!(
+                "[edge] clients: {n} would serve everyone: the edge must never be an open relay"
+            ));
+        }
+        if self.next_hop.transport == Transport::Tls {
+            return Err("[edge] next_hop: TLS is not supported by the edge yet (udp, tcp)".into());
+        }
+        Ok(())
+    }
+}
+
+fn de_resolved_required<'de, D: Deserializer<'de>>(d: D) -> Result<TransportAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    TransportAddr::resolve(&s).map_err(serde::de::Error::custom)
 }
 
 /// `[limits]`: what an unauthenticated sender can make the agent hold or send. Every cap
@@ -1197,6 +1282,11 @@ impl Config {
                 "[security] trusted_identities: {d:?} is not a domain"
             ));
         }
+        if let Some(e) = &self.edge
+            && let Err(m) = e.validate(&self.sip.listen)
+        {
+            return invalid(m);
+        }
         if self.datapath_enabled() && self.datapath.interfaces.is_empty() {
             return invalid("[datapath] interfaces is empty: name the interfaces that carry ESP, or set [datapath] enabled = false".into());
         }
@@ -1239,6 +1329,59 @@ mod tests {
     }
 
     const MIN: &str = "hit = \"2001:20::1\"\n[sip]\nuser = \"alice\"\ndomain = \"atlanta.com\"\nlisten = [\"udp:192.0.2.1:5060\"]\n";
+
+    #[test]
+    fn edge_section_is_validated() {
+        let edge = |body: &str| parse(&format!("{MIN}[edge]\n{body}"));
+        let ok = edge(
+            "listen = [\"udp:[::1]:5070\", \"tcp:192.0.2.1:5070\"]\nclients = [\"::1\", \"192.0.2.1\"]\nnext_hop = \"udp:192.0.2.2:5060\"\n",
+        )
+        .unwrap();
+        let e = ok.edge.unwrap();
+        assert_eq!(e.networks().unwrap().len(), 2);
+        assert_eq!(
+            e.inbound_without_hit,
+            hip_sip::sip::edge::NoHitPolicy::Refuse
+        );
+        assert!(e.notify_phone);
+        for (body, want) in [
+            (
+                "listen = []\nclients = [\"::1\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "listen is empty",
+            ),
+            (
+                "listen = [\"udp:[::1]:5070\"]\nclients = []\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "clients is empty",
+            ),
+            (
+                "listen = [\"udp:[::1]:5070\"]\nclients = [\"0.0.0.0/0\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "open relay",
+            ),
+            (
+                "listen = [\"udp:[::1]:5070\"]\nclients = [\"nonsense\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "not an IP address",
+            ),
+            (
+                "listen = [\"udp:192.0.2.1:5060\"]\nclients = [\"::1\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "already uses it",
+            ),
+            (
+                "listen = [\"tls:[::1]:5071\"]\nclients = [\"::1\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "TLS",
+            ),
+            (
+                "listen = [\"udp:0.0.0.0:5070\"]\nclients = [\"::1\"]\nnext_hop = \"udp:192.0.2.2:5060\"",
+                "give an address",
+            ),
+        ] {
+            let err = edge(body).unwrap_err().to_string();
+            assert!(err.contains(want), "{body}: {err}");
+        }
+        let err = edge("listen = [\"udp:[::1]:5070\"]\nclients = [\"::1\"]\nnext_hop = \"udp:192.0.2.2:5060\"\nopen = true")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("open"), "{err}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

@@ -333,6 +333,8 @@ pub struct Daemon {
     sipsec: SipSecurity,
     /// Host Identities in DNS (`[dns]`), when configured.
     dns: Option<crate::dns_verify::DnsVerifier>,
+    /// Edge mode (`[edge]`): the SIP proxy for local phones.
+    edge: Option<crate::edge::Edge>,
 }
 
 /// How many ended calls `status` keeps.
@@ -434,7 +436,9 @@ impl Daemon {
         uc.seed = rand::random();
         let (events, _) = broadcast::channel(1024);
         let dns = crate::dns_verify::start(&cfg, &own)?;
+        let edge = crate::edge::Edge::bind(&cfg, &own).await?;
         Ok(Self {
+            edge,
             ua: UserAgent::new(uc),
             own,
             svc,
@@ -539,6 +543,16 @@ impl Daemon {
                         None => std::future::pending().await,
                     }
                 } => self.on_dns(answer),
+                input = async {
+                    match &mut self.edge {
+                        Some(e) => e.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(e) = &mut self.edge {
+                        e.handle(input, self.security.as_mut(), &mut self.pool).await;
+                    }
+                }
                 input = async {
                     match &mut self.security {
                         Some(s) => s.wait().await,
@@ -1188,6 +1202,9 @@ impl Daemon {
 
     /// What HIP reported.
     async fn on_security(&mut self, out: Outcome) {
+        if let (Some(e), Some(s)) = (&mut self.edge, &self.security) {
+            e.on_security(&out, s).await;
+        }
         let (peer, error, mismatch) = match out {
             Outcome::Failed {
                 peer,
@@ -1562,6 +1579,7 @@ impl Daemon {
                     "kernel_offload": s.offloading(),
                 })),
                 "stats": self.stats,
+                "edge": self.edge.as_ref().map(|e| e.status(self.security.as_ref())),
                 "pool_entries": self.pool.entries().count(),
                 "limits": {
                     "sip": self.ua.admission_stats(),

@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dns_verify;
+pub mod edge;
 pub mod hip_driver;
 pub mod inspect;
 pub mod netns;

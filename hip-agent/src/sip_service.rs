@@ -255,13 +255,22 @@ fn udp_reader(s: Arc<UdpSocket>, tx: mpsc::Sender<Inbound>) -> JoinHandle<()> {
 impl SipService {
     /// Binds every configured listener and starts their reader tasks.
     pub async fn bind(cfg: &Config) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
+        Self::bind_listeners(&cfg.sip.listen, cfg.sip.tls.as_ref(), &cfg.limits).await
+    }
+
+    /// Binds `listen` (at most one UDP socket; the edge makes one service per listener).
+    pub async fn bind_listeners(
+        listen: &[crate::config::TransportAddr],
+        tls: Option<&TlsSection>,
+        limits: &crate::config::LimitsSection,
+    ) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
         let (tx, rx) = mpsc::channel(4096);
         let next_conn = Arc::new(AtomicU64::new(1));
         let gate = Gate {
             inner: Arc::default(),
-            max_total: cfg.limits.max_connections,
-            max_per_source: cfg.limits.max_connections_per_source,
-            idle: Duration::from_secs(cfg.limits.connection_idle_secs),
+            max_total: limits.max_connections,
+            max_per_source: limits.max_connections_per_source,
+            idle: Duration::from_secs(limits.connection_idle_secs),
         };
         let mut svc = Self {
             udp: None,
@@ -270,14 +279,14 @@ impl SipService {
             conns: HashMap::new(),
             by_peer: HashMap::new(),
             next_conn: next_conn.clone(),
-            tls_connector: match &cfg.sip.tls {
+            tls_connector: match tls {
                 Some(t) => tls_connector(t)?,
                 None => None,
             },
             gate: gate.clone(),
             local: Vec::new(),
         };
-        for l in &cfg.sip.listen {
+        for l in listen {
             let bind_err = |source| TransportError::Bind {
                 transport: l.transport,
                 addr: l.addr,
@@ -293,11 +302,7 @@ impl SipService {
                 }
                 Transport::Tcp | Transport::Tls => {
                     let acceptor = if l.transport == Transport::Tls {
-                        let t = cfg
-                            .sip
-                            .tls
-                            .as_ref()
-                            .ok_or_else(|| TransportError::Tls("no [sip.tls]".into()))?;
+                        let t = tls.ok_or_else(|| TransportError::Tls("no [sip.tls]".into()))?;
                         Some(tls_acceptor(t)?)
                     } else {
                         None

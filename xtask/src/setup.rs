@@ -21,6 +21,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tshark", "independent HIP dissector and captures"),
     ("tcpdump", "captures on veths"),
     ("sip-tester", "SIPp, the SIP test peer"),
+    (
+        "baresip-core",
+        "an unmodified softphone behind the edge (issue 15)",
+    ),
     ("kamailio", "the SIP proxies of the trapezoid"),
     ("bpftool", "inspecting eBPF maps and programs"),
     ("strongswan", "reference IKE daemon programming XFRM"),

@@ -16,6 +16,7 @@
 
 mod hostid;
 pub mod offer;
+pub mod rewrite;
 
 pub use hostid::{
     Form, Hit, HitFormat, HitParseError, HostIdentity, IdentityEntry, IdentityPolicy, Kind, Scope,

@@ -20,6 +20,7 @@
 
 mod admission;
 mod digest;
+pub mod edge;
 mod malformed;
 mod timers;
 mod ua;

@@ -209,7 +209,7 @@ fn request_auth(req: &Request, transport: Option<Transport>) -> RequestAuth {
 }
 
 /// Resolves a URI to a next hop: IP literal host only (no RFC 3263 DNS in the core).
-fn uri_dest(uri: &sx::Uri, default_transport: Transport) -> Option<Dest> {
+pub(super) fn uri_dest(uri: &sx::Uri, default_transport: Transport) -> Option<Dest> {
     let ip = match uri.host()? {
         sx::Host::Ip(ip) => *ip,
         sx::Host::Name(_) => return None,

@@ -1,0 +1,372 @@
+//! Edge mode (`[edge]`): the agent as the SIP edge of unmodified local phones.
+//!
+//! The protocol is `hip_sip::sip::edge::EdgeProxy` (sans-IO); this module gives it sockets
+//! (one [`SipService`] per listener, so that each message leaves from the address its
+//! Via, Record-Route and Path name) and connects what it reports to HIP with the same
+//! machinery as the agent's own calls: the peer's HITs go into the pool bound to its URI
+//! and become expected (`Security::expect`); when our phone answers, the caller's HITs
+//! are accepted as Initiators (`Security::authorize`); when the far end answers our
+//! phone, the base exchange starts towards it (`Security::initiate`, the responder must
+//! prove the HIT its SDP carried); the call's end releases the association, which
+//! removes SAs, policies, route and map entries. When the level becomes known the phone
+//! gets a SIP MESSAGE with it and the short authentication string.
+
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
+
+use hip_sip::sip::{
+    Transport,
+    edge::{EdgeConfig, EdgeEvent, EdgeProxy, EdgeTransmit},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Config,
+    daemon::OwnIdentity,
+    pool::{self, Pool},
+    secure::{self, Outcome, Security, SipAssurance, Verification},
+    sip_service::{Inbound, SipService, TransportError},
+};
+
+/// One input of the edge, for the daemon's loop.
+#[derive(Debug)]
+pub struct EdgeInput(Input);
+
+#[derive(Debug)]
+enum Input {
+    /// Something arrived on listener `n`.
+    Net(usize, Inbound),
+    /// A proxy timer is due.
+    Timer,
+}
+
+/// HIP's view of one edge call.
+#[derive(Debug, Clone, Default)]
+struct CallHip {
+    peer_hits: Vec<hip_proto::Hit>,
+    authorized: bool,
+    /// The last level told to the phone.
+    told: Option<Verification>,
+}
+
+/// The edge: proxy core, sockets, and what HIP knows of its calls.
+pub struct Edge {
+    proxy: EdgeProxy,
+    services: Vec<((Transport, SocketAddr), SipService)>,
+    rx: mpsc::Receiver<(usize, Inbound)>,
+    calls: HashMap<String, CallHip>,
+    notify_phone: bool,
+    /// Calls that ended, newest last (for `status`).
+    ended: Vec<Value>,
+}
+
+fn proto_hit(h: hip_sip::sdp::Hit) -> hip_proto::Hit {
+    hip_proto::Hit(h.0)
+}
+
+impl Edge {
+    /// Binds the `[edge]` listeners; `None` when edge mode is off.
+    pub async fn bind(cfg: &Config, own: &OwnIdentity) -> Result<Option<Self>, TransportError> {
+        let Some(e) = &cfg.edge else {
+            return Ok(None);
+        };
+        let (tx, rx) = mpsc::channel(4096);
+        let mut services = Vec::new();
+        for (n, l) in e.listen.iter().enumerate() {
+            let (svc, mut inbound) =
+                SipService::bind_listeners(std::slice::from_ref(l), None, &cfg.limits).await?;
+            let local = svc.local.first().copied().unwrap_or((l.transport, l.addr));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = inbound.recv().await {
+                    if tx.send((n, ev)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            services.push((local, svc));
+        }
+        let ecfg = EdgeConfig {
+            listeners: services.iter().map(|(l, _)| *l).collect(),
+            // Validated with the configuration.
+            clients: e.networks().unwrap_or_default(),
+            next_hop: (e.next_hop.transport, e.next_hop.addr),
+            own: hip_sip::sdp::HostIdentity {
+                hit: own.hit,
+                hi: own.hi.clone(),
+            },
+            policy: cfg.sip.sdp.identity(),
+            inbound_without_hit: e.inbound_without_hit,
+            outbound_without_hit: e.outbound_without_hit,
+            derive: crate::daemon::derive_hit,
+            timers: cfg.sip.timers,
+            max_calls: cfg.limits.max_calls,
+            max_transactions: cfg.limits.max_calls.saturating_mul(4).max(64),
+            seed: rand::random(),
+        };
+        tracing::info!(listen = ?ecfg.listeners, next_hop = %e.next_hop, clients = ?e.clients, "edge mode");
+        Ok(Some(Self {
+            proxy: EdgeProxy::new(ecfg),
+            services,
+            rx,
+            calls: HashMap::new(),
+            notify_phone: e.notify_phone,
+            ended: Vec::new(),
+        }))
+    }
+
+    /// The next input (cancel-safe: a channel receive or a sleep).
+    pub async fn recv(&mut self) -> EdgeInput {
+        let at = self.proxy.poll_timeout();
+        tokio::select! {
+            Some((n, ev)) = self.rx.recv() => EdgeInput(Input::Net(n, ev)),
+            () = async {
+                match at {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => EdgeInput(Input::Timer),
+        }
+    }
+
+    /// Handles one input and everything it causes.
+    pub async fn handle(
+        &mut self,
+        input: EdgeInput,
+        security: Option<&mut Security>,
+        pool: &mut Pool,
+    ) {
+        let now = Instant::now();
+        match input.0 {
+            Input::Timer => self.proxy.handle_timeout(now),
+            Input::Net(n, ev) => {
+                let Some((local, svc)) = self.services.get_mut(n) else {
+                    return;
+                };
+                let local = *local;
+                svc.observe(&ev);
+                match ev {
+                    Inbound::Datagram { peer, data } => {
+                        self.proxy.handle_datagram(now, local, peer, &data)
+                    }
+                    Inbound::Stream {
+                        conn, peer, data, ..
+                    } => {
+                        if !self.proxy.handle_stream(now, local, conn, peer, &data) {
+                            svc.close(conn);
+                        }
+                    }
+                    Inbound::Closed { conn } => self.proxy.connection_closed(conn),
+                    Inbound::Opened { .. } => {}
+                }
+            }
+        }
+        self.drain(security, pool).await;
+    }
+
+    async fn send(&mut self, t: EdgeTransmit) {
+        let Some((_, svc)) = self.services.iter_mut().find(|(l, _)| *l == t.from) else {
+            return;
+        };
+        svc.send(hip_sip::sip::Transmit {
+            dest: t.dest,
+            data: t.data,
+        })
+        .await;
+    }
+
+    async fn drain(&mut self, mut security: Option<&mut Security>, pool: &mut Pool) {
+        loop {
+            let mut did = false;
+            while let Some(t) = self.proxy.poll_transmit() {
+                did = true;
+                self.send(t).await;
+            }
+            while let Some(ev) = self.proxy.poll_event() {
+                did = true;
+                self.on_event(ev, security.as_deref_mut(), pool).await;
+            }
+            if !did {
+                break;
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: EdgeEvent, security: Option<&mut Security>, pool: &mut Pool) {
+        match ev {
+            EdgeEvent::PeerHits {
+                call_id,
+                peer_uri,
+                identities,
+                stage,
+                ..
+            } => {
+                pool.learn(pool::entry_from_sdp(&peer_uri, &call_id, &identities));
+                let hits = secure::distinct(identities.iter().map(|i| proto_hit(i.hit)));
+                if let Some(s) = &security {
+                    s.expect(hits.iter().copied());
+                }
+                tracing::info!(%call_id, peer = %peer_uri, ?stage, hits = ?hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "edge: peer HITs learned");
+                let c = self.calls.entry(call_id).or_default();
+                for h in hits {
+                    if !c.peer_hits.contains(&h) {
+                        c.peer_hits.push(h);
+                    }
+                }
+            }
+            EdgeEvent::PhoneAnswered { call_id } => {
+                let c = self.calls.entry(call_id.clone()).or_default();
+                if let Some(s) = security
+                    && !c.peer_hits.is_empty()
+                {
+                    // The caller may send I1 as soon as the 200 is out.
+                    s.authorize(&c.peer_hits);
+                    c.authorized = true;
+                    tracing::info!(%call_id, "edge: our phone answered; the caller's HITs may initiate HIP");
+                }
+            }
+            EdgeEvent::PeerAnswered { call_id, locator } => {
+                let hits = self
+                    .calls
+                    .get(&call_id)
+                    .map(|c| c.peer_hits.clone())
+                    .unwrap_or_default();
+                let Some(s) = security else { return };
+                match locator {
+                    Some(loc) if !hits.is_empty() => {
+                        tracing::info!(%call_id, %loc, "edge: the far end answered; HIP starts");
+                        if let Err(e) = s.initiate(loc, &hits).await {
+                            tracing::error!(%call_id, "edge: HIP initiate: {e}");
+                        }
+                    }
+                    _ => tracing::warn!(%call_id, ?locator, "edge: no HIT or no locator for HIP"),
+                }
+            }
+            EdgeEvent::Unprotected { call_id, why } => {
+                tracing::warn!(%call_id, "edge: call NOT protected: {why}");
+                if self.notify_phone {
+                    let text = format!("hip: this call is NOT protected: {why}");
+                    if let Err(e) = self.proxy.notify(Instant::now(), &call_id, &text) {
+                        tracing::info!(%call_id, "edge: cannot tell the phone: {e}");
+                    }
+                }
+            }
+            EdgeEvent::Ended { call_id, reason } => {
+                let c = self.calls.remove(&call_id).unwrap_or_default();
+                let mut summary = json!({"call_id": call_id, "end_reason": reason});
+                if let Some(s) = security {
+                    summary["security"] = Self::level_json(s, &c.peer_hits);
+                    if c.authorized {
+                        s.deauthorize(&c.peer_hits);
+                    }
+                    let still: Vec<hip_proto::Hit> = self
+                        .calls
+                        .values()
+                        .flat_map(|o| o.peer_hits.iter().copied())
+                        .collect();
+                    for h in &c.peer_hits {
+                        if !still.contains(h) {
+                            s.release(*h).await;
+                        }
+                    }
+                }
+                tracing::info!(%call_id, %reason, "edge: call ended");
+                self.ended.push(summary);
+                if self.ended.len() > 32 {
+                    self.ended.remove(0);
+                }
+            }
+            EdgeEvent::Refused {
+                peer,
+                status,
+                reason,
+            } => tracing::info!(%peer, ?status, "edge: refused: {reason}"),
+        }
+    }
+
+    fn level(s: &Security, peer_hits: &[hip_proto::Hit]) -> Verification {
+        let rec = secure::best_record(peer_hits.iter().filter_map(|h| s.get(h)));
+        secure::verification(rec, &SipAssurance::default())
+    }
+
+    fn level_json(s: &Security, peer_hits: &[hip_proto::Hit]) -> Value {
+        let rec = secure::best_record(peer_hits.iter().filter_map(|h| s.get(h)));
+        let sas = rec
+            .filter(|r| r.reached_established)
+            .and_then(|r| r.peer_hit.parse::<std::net::Ipv6Addr>().ok())
+            .map(|p| secure::short_auth_string(s.local_hit(), hip_proto::Hit(p.octets())));
+        json!({
+            "verification": Self::level(s, peer_hits),
+            "sas": sas,
+            "association": rec,
+        })
+    }
+
+    /// What HIP reported: the phones of the calls it concerns are told their level.
+    pub async fn on_security(&mut self, out: &Outcome, s: &Security) {
+        let peer = match out {
+            Outcome::Established { peer } | Outcome::Failed { peer, .. } => *peer,
+            Outcome::Lost { peer, .. } => *peer,
+            _ => return,
+        };
+        let mut notes = Vec::new();
+        for (call_id, c) in &mut self.calls {
+            if !c.peer_hits.contains(&peer) {
+                continue;
+            }
+            let level = Self::level(s, &c.peer_hits);
+            if c.told == Some(level) || level == Verification::Pending {
+                continue;
+            }
+            c.told = Some(level);
+            let v = Self::level_json(s, &c.peer_hits);
+            let name = serde_json::to_value(level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let text = match v["sas"].as_str() {
+                Some(sas) if level != Verification::Failed => format!(
+                    "hip: call secured, verification {name}; short authentication string {sas} (compare it by voice)"
+                ),
+                _ => format!(
+                    "hip: verification {name}: {}",
+                    v["association"]["error"]
+                        .as_str()
+                        .unwrap_or("the peer did not prove its HIT; no media is protected")
+                ),
+            };
+            tracing::info!(%call_id, "edge: {text}");
+            notes.push((call_id.clone(), text));
+        }
+        if !self.notify_phone {
+            return;
+        }
+        let now = Instant::now();
+        for (call_id, text) in notes {
+            if let Err(e) = self.proxy.notify(now, &call_id, &text) {
+                tracing::info!(%call_id, "edge: cannot tell the phone: {e}");
+            }
+        }
+        while let Some(t) = self.proxy.poll_transmit() {
+            self.send(t).await;
+        }
+    }
+
+    /// The `edge` block of `status`.
+    pub fn status(&self, security: Option<&Security>) -> Value {
+        json!({
+            "listen": self.proxy.config().listeners.iter().map(|(t, a)| format!("{}:{a}", t.via_token().to_ascii_lowercase())).collect::<Vec<_>>(),
+            "next_hop": format!("{}:{}", self.proxy.config().next_hop.0.via_token().to_ascii_lowercase(), self.proxy.config().next_hop.1),
+            "transactions": self.proxy.transaction_count(),
+            "calls": self.proxy.calls().map(|c| {
+                let mut v = json!(c);
+                if let Some(s) = security {
+                    let hits = self.calls.get(&c.call_id).map(|h| h.peer_hits.clone()).unwrap_or_default();
+                    v["security"] = Self::level_json(s, &hits);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "ended_calls": self.ended,
+        })
+    }
+}

@@ -1,0 +1,506 @@
+//! Edge mode (issue 15) on the host: unmodified phones (SIPp playing the phones, with
+//! their own IPv6 media addresses and digest credentials) register and call through
+//! their local hip agents and the draft's Kamailio trapezoid. HIP runs between the agents
+//! (the host has no ESP: `[kernel] enabled = false`).
+//!
+//! alice's phone and agent: 192.0.2.1 (edge at :5070, phone at :5062); atlanta.com
+//! (192.0.2.2) and biloxi.com (192.0.2.3) are Kamailio with MD5 digest and Path;
+//! bob's phone and agent: 192.0.2.4.
+
+use std::{
+    net::UdpSocket,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use hip_tests::{
+    NetNs,
+    phone::md5_proxies,
+    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, scratch, sipp, sipp_dir},
+    wait_until,
+};
+use serde_json::Value;
+
+fn edge_agent(ns: &NetNs, key: &str, user: &str, domain: &str, ip: &str, hop: &str) -> Agent {
+    Agent::start(
+        ns,
+        key,
+        &format!("user = \"{user}\"\ndomain = \"{domain}\"\nlisten = [\"udp:{ip}:5060\"]"),
+        &format!(
+            "{NO_OFFLOAD}[edge]\nlisten = [\"udp:{ip}:5070\"]\nclients = [\"{ip}\", \"::1\"]\n\
+             next_hop = \"udp:{hop}:5060\"\n"
+        ),
+    )
+    .unwrap()
+}
+
+fn scenario(name: &str) -> String {
+    sipp_dir().join(name).to_str().unwrap().to_owned()
+}
+
+/// A phone registering through its edge with its digest credentials.
+fn register(ns: &NetNs, ip: &str, user: &str, domain: &str, pw: &str) -> Result<String> {
+    register_at(ns, ip, user, domain, pw, &format!("{ip}:5070"))
+}
+
+/// A phone registering at `target` (its edge, or the registrar itself).
+fn register_at(
+    ns: &NetNs,
+    ip: &str,
+    user: &str,
+    domain: &str,
+    pw: &str,
+    target: &str,
+) -> Result<String> {
+    let dir = scratch(&format!("reg-{user}"));
+    sipp(
+        ns.name(),
+        &dir,
+        &[
+            "-sf",
+            &scenario("edge_phone_register.xml"),
+            "-key",
+            "user",
+            user,
+            "-key",
+            "domain",
+            domain,
+            "-au",
+            user,
+            "-ap",
+            pw,
+            "-i",
+            ip,
+            "-p",
+            "5062",
+            target,
+            "-m",
+            "1",
+        ],
+    )
+}
+
+/// A phone answering one call in the background (SIPp as UAS, MESSAGEs answered).
+struct Callee {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Callee {
+    fn start(ns: &NetNs, ip: &str, user: &str) -> Result<Self> {
+        let dir = scratch(&format!("uas-{user}"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "sipp", "-sf"])
+            .arg(scenario("edge_phone_uas.xml"))
+            .args(["-key", "media", "::1", "-key", "user", user])
+            .args(["-i", ip, "-p", "5062", "-m", "1", "-nostdin"])
+            .args(["-trace_msg", "-message_file"])
+            .arg(dir.join("messages.log"))
+            .args(["-trace_err", "-error_file"])
+            .arg(dir.join("errors.log"))
+            .args(["-timeout", "40", "-timeout_error"])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("sipp uas")?;
+        Ok(Self { child, dir })
+    }
+
+    fn messages(&self) -> String {
+        std::fs::read_to_string(self.dir.join("messages.log")).unwrap_or_default()
+    }
+
+    fn wait(&mut self) -> Result<String> {
+        let st = wait_until(Duration::from_secs(45), "the callee's SIPp", || {
+            self.child.try_wait().ok().flatten()
+        })?;
+        if !st.success() {
+            bail!(
+                "callee sipp failed ({st}): {}\nmessages:\n{}",
+                std::fs::read_to_string(self.dir.join("errors.log")).unwrap_or_default(),
+                self.messages()
+            );
+        }
+        Ok(self.messages())
+    }
+}
+
+impl Drop for Callee {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SIP messages of a SIPp message log that start with `first` (a request or status line).
+fn messages_starting<'a>(log: &'a str, first: &str) -> Vec<&'a str> {
+    log.split("\n\n")
+        .flat_map(|chunk| chunk.split("----------------------------------------------"))
+        .filter_map(|m| {
+            let start = m.find(first)?;
+            Some(&m[start..])
+        })
+        .collect()
+}
+
+fn own_hit(a: &Agent) -> String {
+    a.status()["hit"].as_str().unwrap().to_owned()
+}
+
+fn ended_call(a: &Agent) -> Option<Value> {
+    a.status()["edge"]["ended_calls"]
+        .as_array()
+        .and_then(|v| v.last().cloned())
+}
+
+/// The trapezoid with both edges, both phones registered, and one call from alice's
+/// phone to bob's (hung up by alice after 3 s). `edge_key` is bob's HIP key (so that a
+/// test can name his HIT to the proxies), `biloxi_reply_route` Kamailio script for
+/// biloxi.com's replies.
+struct Call {
+    _t: Trapezoid,
+    alice: Agent,
+    bob: Agent,
+    caller_log: String,
+    callee_log: String,
+}
+
+fn call_through_the_edges(biloxi_reply_route: impl Fn(&str) -> String) -> Call {
+    let t = Trapezoid::new().unwrap();
+    let dir = scratch("edge");
+    let bob_key = hip_key(&dir, "bob");
+    md5_proxies(&t, &dir, &biloxi_reply_route(&bob_key.hit_hex)).unwrap();
+    let alice = edge_agent(
+        &t.hosts[0],
+        hip_key(&dir, "alice").path.to_str().unwrap(),
+        "alice",
+        "atlanta.com",
+        "192.0.2.1",
+        "192.0.2.2",
+    );
+    let bob = edge_agent(
+        &t.hosts[3],
+        bob_key.path.to_str().unwrap(),
+        "bob",
+        "biloxi.com",
+        "192.0.2.4",
+        "192.0.2.3",
+    );
+
+    // Digest between each phone and its registrar passes through the edge untouched.
+    register(&t.hosts[3], "192.0.2.4", "bob", "biloxi.com", "bob-pw").unwrap();
+    register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
+
+    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob").unwrap();
+    let caller_dir = scratch("uac-alice");
+    let caller_log = sipp(
+        t.hosts[0].name(),
+        &caller_dir,
+        &[
+            "-sf",
+            &scenario("edge_phone_uac.xml"),
+            "-oocsf",
+            &scenario("edge_phone_ooc.xml"),
+            "-key",
+            "user",
+            "alice",
+            "-key",
+            "domain",
+            "atlanta.com",
+            "-au",
+            "alice",
+            "-ap",
+            "alice-pw",
+            "-key",
+            "callee",
+            "sip:bob@biloxi.com",
+            "-key",
+            "media",
+            "::1",
+            "-i",
+            "192.0.2.1",
+            "-p",
+            "5062",
+            "192.0.2.1:5070",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nalice's agent:\n{}\nbob's agent:\n{}",
+            alice.log(),
+            bob.log()
+        )
+    });
+    let callee_log = callee
+        .wait()
+        .unwrap_or_else(|e| panic!("{e}\nbob's agent:\n{}", bob.log()));
+    Call {
+        _t: t,
+        alice,
+        bob,
+        caller_log,
+        callee_log,
+    }
+}
+
+#[test]
+fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
+    let Call {
+        _t,
+        alice,
+        bob,
+        caller_log,
+        callee_log,
+    } = call_through_the_edges(|_| String::new());
+    let (alice_hit, bob_hit) = (own_hit(&alice), own_hit(&bob));
+
+    // What the far phone received: alice's media on alice's HIT, alice's HIT in the SDP.
+    let invite = messages_starting(&callee_log, "INVITE sip:bob@192.0.2.4:5062")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no INVITE at bob's phone:\n{callee_log}"));
+    assert!(
+        invite.contains(&format!("c=IN IP6 {alice_hit}")),
+        "{invite}"
+    );
+    assert!(
+        invite.contains(&format!("o=phone 1 2 IN IP6 {alice_hit}")),
+        "{invite}"
+    );
+    assert!(
+        invite.contains("m=audio 10000 RTP/AVP 0"),
+        "ports kept: {invite}"
+    );
+    let alice_hex: String = alice.status()["hit_hex"].as_str().unwrap().to_owned();
+    assert!(
+        invite.contains(&format!("a=key-mgmt:host-identity-tag {alice_hex}")),
+        "{invite}"
+    );
+    assert!(
+        !invite.contains("::1"),
+        "the phone's own address is gone: {invite}"
+    );
+    // And alice's phone got bob's media on bob's HIT.
+    let ok = messages_starting(&caller_log, "SIP/2.0 200 OK")
+        .into_iter()
+        .find(|m| m.contains("INVITE"))
+        .unwrap_or_else(|| panic!("no 200 for the INVITE:\n{caller_log}"));
+    assert!(ok.contains(&format!("c=IN IP6 {bob_hit}")), "{ok}");
+    assert!(ok.contains("m=audio 20000 RTP/AVP 0"), "{ok}");
+
+    // HIP ran between the agents; each phone was told the level and the SAS.
+    for (who, log, agent) in [("alice", &caller_log, &alice), ("bob", &callee_log, &bob)] {
+        let msgs = messages_starting(log, "MESSAGE sip:");
+        let text = msgs
+            .iter()
+            .find(|m| m.contains("verification"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{who}'s phone got no MESSAGE with the level:\n{log}\n{}",
+                    agent.log()
+                )
+            });
+        assert!(text.contains("verification unverified"), "{text}");
+        let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+            ended_call(agent)
+        })
+        .unwrap();
+        let sas = ended["security"]["sas"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{ended}"));
+        assert!(text.contains(sas), "{who}: {text} lacks the SAS {sas}");
+        assert_eq!(ended["security"]["verification"], "unverified", "{ended}");
+        assert_eq!(ended["end_reason"], "BYE");
+    }
+
+    // BYE passed both edges and cleaned up: no edge call, no association left.
+    for a in [&alice, &bob] {
+        wait_until(Duration::from_secs(10), "the association released", || {
+            let st = a.status();
+            let assoc = a.json(&["assoc", "--json"]);
+            let live = assoc["associations"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|r| r["state"] == "established"));
+            (st["edge"]["calls"].as_array().is_some_and(Vec::is_empty) && !live).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", a.log()));
+        let txs = a.status()["edge"]["transactions"].as_u64().unwrap();
+        assert!(txs < 16, "{txs} edge transactions held after the call");
+    }
+}
+
+#[test]
+fn the_edge_refuses_to_relay_for_outsiders() {
+    let t = Trapezoid::new().unwrap();
+    let dir = scratch("edge-relay");
+    let alice = edge_agent(
+        &t.hosts[0],
+        hip_key(&dir, "alice").path.to_str().unwrap(),
+        "alice",
+        "atlanta.com",
+        "192.0.2.1",
+        "192.0.2.2",
+    );
+    // From atlanta.com's host (not a client) to a third party through alice's edge.
+    let reply = t.hosts[1]
+        .run_in(|| -> Result<String> {
+            let s = UdpSocket::bind("192.0.2.2:5099")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let inv = "INVITE sip:victim@198.51.100.9 SIP/2.0\r\n\
+                Via: SIP/2.0/UDP 192.0.2.2:5099;branch=z9hG4bKrelay1\r\nMax-Forwards: 70\r\n\
+                From: <sip:spam@192.0.2.2>;tag=s1\r\nTo: <sip:victim@198.51.100.9>\r\n\
+                Call-ID: relay-test\r\nCSeq: 1 INVITE\r\nContact: <sip:spam@192.0.2.2:5099>\r\n\
+                Content-Length: 0\r\n\r\n";
+            s.send_to(inv.as_bytes(), "192.0.2.1:5070")?;
+            let mut buf = [0u8; 4096];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .unwrap()
+        .unwrap();
+    assert!(reply.starts_with("SIP/2.0 403 Forbidden\r\n"), "{reply}");
+    assert!(reply.contains("not a relay"), "{reply}");
+    // The operator sees the edge in `status`, and no call was created.
+    let text = alice.ctl(&["status"]).unwrap();
+    assert!(
+        text.contains("edge: listen [\"udp:192.0.2.1:5070\"] next hop udp:192.0.2.2:5060"),
+        "{text}"
+    );
+    assert!(!text.contains("edge call"), "{text}");
+}
+
+#[test]
+fn a_proxy_that_rewrites_the_callees_hit_makes_the_call_fail_visibly_at_the_phone() {
+    // biloxi.com replaces bob's HIT in his answer (the draft's §4 man in the middle).
+    let fake = "20010020000000000000000000000BAD";
+    let Call {
+        _t,
+        alice,
+        caller_log,
+        ..
+    } = call_through_the_edges(|bob_hex| {
+        format!(
+            "onreply_route {{\n    if (has_body(\"application/sdp\")) {{\n        subst_body(\"/{bob_hex}/{fake}/ig\");\n    }}\n}}\n"
+        )
+    });
+    // alice's phone was told, and its media went to the HIT it was given, which no SA
+    // carries (no association was established with it).
+    let msgs = messages_starting(&caller_log, "MESSAGE sip:");
+    let text = msgs
+        .iter()
+        .find(|m| m.contains("verification failed"))
+        .unwrap_or_else(|| panic!("alice's phone was not told:\n{caller_log}\n{}", alice.log()));
+    assert!(text.contains("hip: verification failed"), "{text}");
+    let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+        ended_call(&alice)
+    })
+    .unwrap();
+    assert_eq!(ended["security"]["verification"], "failed", "{ended}");
+    assert!(
+        ended["security"]["sas"].is_null(),
+        "no SAS for a failed call: {ended}"
+    );
+}
+
+#[test]
+fn a_call_to_a_phone_without_hip_is_refused_with_the_reason_and_the_far_end_hung_up() {
+    let t = Trapezoid::new().unwrap();
+    let dir = scratch("edge-nohit");
+    md5_proxies(&t, &dir, "").unwrap();
+    let alice = edge_agent(
+        &t.hosts[0],
+        hip_key(&dir, "alice").path.to_str().unwrap(),
+        "alice",
+        "atlanta.com",
+        "192.0.2.1",
+        "192.0.2.2",
+    );
+    // bob's phone has no hip: it registers at biloxi.com directly and answers in the clear.
+    register_at(
+        &t.hosts[3],
+        "192.0.2.4",
+        "bob",
+        "biloxi.com",
+        "bob-pw",
+        "192.0.2.3:5060",
+    )
+    .unwrap();
+    register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
+    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob").unwrap();
+    let caller_log = sipp(
+        t.hosts[0].name(),
+        &scratch("uac-refused"),
+        &[
+            "-sf",
+            &scenario("edge_phone_uac_refused.xml"),
+            "-key",
+            "user",
+            "alice",
+            "-key",
+            "domain",
+            "atlanta.com",
+            "-au",
+            "alice",
+            "-ap",
+            "alice-pw",
+            "-key",
+            "callee",
+            "sip:bob@biloxi.com",
+            "-key",
+            "media",
+            "::1",
+            "-i",
+            "192.0.2.1",
+            "-p",
+            "5062",
+            "192.0.2.1:5070",
+            "-m",
+            "1",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", alice.log()));
+    // The phone's 488 says why, in the reason phrase and the Warning.
+    let refusal = messages_starting(&caller_log, "SIP/2.0 488")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{caller_log}"));
+    assert!(
+        refusal.starts_with("SIP/2.0 488 Not Acceptable Here: callee has no HIP identity"),
+        "{refusal}"
+    );
+    assert!(
+        refusal.contains("outbound_without_hit = refuse"),
+        "{refusal}"
+    );
+    // bob's phone was acknowledged and hung up by alice's edge (its scenario ends with
+    // the BYE), and alice's edge holds no call.
+    let callee_log = callee
+        .wait()
+        .unwrap_or_else(|e| panic!("{e}\n{}", alice.log()));
+    assert!(
+        !messages_starting(&callee_log, "BYE sip:").is_empty(),
+        "{callee_log}"
+    );
+    let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+        ended_call(&alice)
+    })
+    .unwrap();
+    assert!(
+        ended["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("callee sent no HIP Host Identity")),
+        "{ended}"
+    );
+    assert!(
+        alice.status()["edge"]["calls"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
