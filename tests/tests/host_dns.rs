@@ -354,6 +354,7 @@ fn tampered_or_stripped_answers_are_never_secure() {
     for (port, tamper) in [(5301, Tamper::ReplaceHip), (5302, Tamper::StripSignatures)] {
         let listen: SocketAddr = format!("{n}.1:{port}").parse().unwrap();
         let _mitm = Mitm::start(&p.a, listen, b.addr, tamper, replacement.clone()).unwrap();
+        let t0 = std::time::Instant::now();
         let (ok, out, err) = cli(
             a,
             &[
@@ -369,18 +370,16 @@ fn tampered_or_stripped_answers_are_never_secure() {
                 "--json",
             ],
         );
-        if !ok {
-            // The validator may keep asking for the missing proofs until the deadline:
-            // a failed lookup, never a secure one.
-            assert_eq!(tamper, Tamper::StripSignatures, "{err}");
-            assert!(
-                err.contains("did not answer within") || err.contains("lookup"),
-                "{err}"
-            );
-            continue;
-        }
+        // An answer, not a timeout: the forgery and the stripped copy both arrived, and
+        // the zone's trust anchor says signatures must be there.
+        assert!(ok, "{tamper:?}: {err}");
+        assert!(
+            t0.elapsed() < Duration::from_millis(2500),
+            "{tamper:?}: took {:?}, deadline 3 s",
+            t0.elapsed()
+        );
         let v: Value = serde_json::from_str(&out).unwrap();
-        assert_ne!(v["validation"], "secure", "{tamper:?}: {v}");
+        assert_eq!(v["validation"], "bogus", "{tamper:?}: {v}");
         if tamper == Tamper::ReplaceHip {
             // The forgery did arrive (so the test tests something): a well-formed record
             // whose HIT matches its own key, just not signed by the zone.
