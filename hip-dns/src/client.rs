@@ -291,7 +291,7 @@ fn rcode_name(r: ResponseCode) -> String {
 fn refusal_cause(rcode: ResponseCode, tsig: Option<&TsigError>) -> &'static str {
     match (rcode, tsig) {
         (_, Some(TsigError::BadKey)) => {
-            "the server does not know this TSIG key (key name or algorithm)"
+            "the server does not know this TSIG key (key name or algorithm), or (Knot) its ACL does not let this key update this name"
         }
         (_, Some(TsigError::BadSig)) => "the TSIG secret does not match the server's",
         (_, Some(TsigError::BadTime)) => "the clocks of this host and the server differ",

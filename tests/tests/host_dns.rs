@@ -15,7 +15,9 @@
 //!   `failed`; a tampered answer leaves the call `unverified`;
 //! * the agent checks its record at the primary and publishes it again when it is gone
 //!   (counting refused updates), or at start-up when it differs;
-//! * `hip-agent hip connect NAME` runs the base exchange against the HIT from DNS.
+//! * `hip-agent hip connect NAME` runs the base exchange against the HIT from DNS;
+//! * Knot 3.2, which has no HIP type, serves a zone whose HIP RRs are in RFC 3597's
+//!   generic form (`TYPE55 \# …`), takes our updates and signs them.
 
 use std::{
     io::{BufRead, BufReader},
@@ -28,7 +30,7 @@ use std::{
 
 use hip_tests::{
     HostIdentityFile, VethPair, agent_bin,
-    dns::{Bind, Mitm, Tamper, ZONE},
+    dns::{Bind, Knot, Mitm, Tamper, ZONE},
     new_host_identity,
     sip::{Agent, scratch, wait_calls_ended},
     wait_until,
@@ -941,4 +943,99 @@ fn the_agent_keeps_its_record_published() {
     })
     .unwrap();
     assert_eq!(hits(&v), vec![id.hit.clone()], "{v}");
+}
+
+fn lower_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn knot_with_a_type55_zone_takes_and_serves_the_generic_form() {
+    let n = "10.83.0";
+    let p = net("dnsn", n);
+    let dir = scratch("dns-knot");
+    // Bob's record is in the zone file as Knot needs it, in RFC 3597's generic form,
+    // written from our encoder.
+    let ib = new_host_identity(&dir, "bob", "ecdsa-p256").unwrap();
+    let hi = hip_proto::keyfile::load(&ib.path).unwrap();
+    let rd = hip_dns::HipRdata::from_host_id(hi.host_id(), vec![])
+        .encode()
+        .unwrap();
+    let records = format!(
+        "bob IN TYPE55 \\# {} {}\nalice IN A {n}.1\n",
+        rd.len(),
+        lower_hex(&rd)
+    );
+    let k = Knot::start(
+        &p.b,
+        &format!("{n}.53"),
+        &dir.join("knot"),
+        &["alice"],
+        &records,
+    )
+    .unwrap();
+    let anchor = k.trust_anchor().unwrap();
+    let a = p.a.name();
+    let v = wait_secure(a, &format!("bob.{ZONE}."), k.addr, &anchor, &ib.hit);
+    assert_eq!(v["hip"][0]["hit_matches_hi"], true, "{v}");
+
+    // Alice publishes by a TSIG-signed update of type 55 and finds it signed by Knot.
+    let ia = new_host_identity(&dir, "alice", "ed25519").unwrap();
+    let table = |name: &str| {
+        format!(
+            "[dns]\nserver = \"{}\"\nzone = \"{ZONE}.\"\nname = \"{name}\"\ntsig_key = \"{}\"\n\
+             trust_anchor = \"{}\"\nrendezvous_servers = [\"rvs.{ZONE}.\"]\n",
+            k.addr,
+            k.key("alice").display(),
+            anchor.display()
+        )
+    };
+    let cfg = cli_config(&dir, "alice.toml", &ia, &table(&format!("alice.{ZONE}.")));
+    let (ok, out) = publish(a, &cfg);
+    assert!(ok, "{out}\n{}", k.log());
+    let v = wait_secure(a, &format!("alice.{ZONE}."), k.addr, &anchor, &ia.hit);
+    assert_eq!(v["hip"][0]["hi_algorithm"], "ed25519", "{v}");
+    assert_eq!(
+        v["hip"][0]["rendezvous_servers"],
+        serde_json::json!([format!("rvs.{ZONE}.")]),
+        "{v}"
+    );
+    assert_eq!(v["addresses"], serde_json::json!([format!("{n}.1")]), "{v}");
+    assert_eq!(v["addresses_validation"], "secure", "{v}");
+    // Knot holds it as opaque type-55 data, and it is our record byte for byte.
+    let ours = hip_dns::HipRdata::from_host_id(
+        hip_proto::keyfile::load(&ia.path).unwrap().host_id(),
+        vec![hip_dns::Name::from_ascii(format!("rvs.{ZONE}.")).unwrap()],
+    )
+    .encode()
+    .unwrap();
+    let zr = k
+        .knotc(&["zone-read", ZONE, &format!("alice.{ZONE}."), "TYPE55"])
+        .unwrap();
+    let flat: String = zr.split_whitespace().collect::<Vec<_>>().join("");
+    assert!(
+        zr.contains("TYPE55") && flat.to_lowercase().contains(&lower_hex(&ours)),
+        "{zr}"
+    );
+    let (ok, out, err) = cli(
+        a,
+        &["dns", "show", "--config", cfg.to_str().unwrap(), "--json"],
+    );
+    assert!(ok, "{err}");
+    let show: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(show["published"], true, "{show}");
+
+    // Alice's key may change alice's name only: bob's record stays. (Knot refuses an
+    // update its ACL does not allow with NOTAUTH and TSIG BADKEY.)
+    let (ok, out) = publish(
+        a,
+        &cli_config(&dir, "alice-bob.toml", &ia, &table(&format!("bob.{ZONE}."))),
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("NOTAUTH") && out.contains("BADKEY") && out.contains("ACL"),
+        "{out}"
+    );
+    let v = lookup(a, &format!("bob.{ZONE}."), k.addr, &anchor);
+    assert_eq!(hits(&v), vec![ib.hit.clone()], "{v}");
 }
