@@ -413,12 +413,14 @@ impl LimitsSection {
 
 /// `[dns]`: Host Identities in DNS (RFC 8005).
 ///
-/// * **Publishing**: with `name` and `tsig_key`, the agent publishes its HIP RR (HIT, HI,
-///   `rendezvous_servers`) at `name` when it starts, by one RFC 2136 update to `server`
-///   signed with the TSIG key, which replaces whatever HIP RRset was there (so a new
-///   identity or new rendezvous servers replace the old record at the next start; a
-///   refused update changes nothing and is logged with its cause). `hip-agent dns publish`,
-///   `withdraw` and `show` do the same by hand.
+/// * **Publishing**: with `name` and `tsig_key`, the agent keeps its HIP RR (HIT, HI,
+///   `rendezvous_servers`) at `name`: when it starts and then every `refresh_secs` it asks
+///   `server` for the HIP RRset there (one plain query), and when that is not exactly its
+///   record (first start, a new identity or new rendezvous servers, deleted or replaced
+///   behind its back) it sends one RFC 2136 update signed with the TSIG key that replaces
+///   the RRset. A refused update changes nothing; it is logged with its cause, counted in
+///   `status` (`dns.publish.failures`, `last_error`) and tried again at the next check.
+///   `hip-agent dns publish`, `withdraw` and `show` do the same by hand.
 /// * **Checking peers**: the peer's DNS name comes from `peers` (its SIP URI → name) or
 ///   else from `peer_name_template` — both derived from the identity the call is with, never
 ///   from Contact or Record-Route, which whoever can rewrite the SDP can rewrite too (they
@@ -429,8 +431,12 @@ impl LimitsSection {
 ///   with other HITs makes the call `failed`; `insecure`, `bogus` or `indeterminate` answers
 ///   (and timeouts) are noted in `status` and change nothing. Our own HIT counts as
 ///   protected through DNS when our own name's record is `secure` and carries our HIT.
-/// * Lookups never hold a call up: HIP runs meanwhile; only a caller with `[security]
-///   require_verified_peer` waits for a verification, for at most `peer_verify_timeout_ms`.
+/// * Lookups never hold a call up: HIP runs meanwhile. With `[security]
+///   require_verified_peer`, a callee whose caller nothing else vouched for holds the
+///   INVITE (no 180 yet) until DNS answers — within `timeout_ms`, and at most
+///   `peer_verify_timeout_ms` — then rings or refuses it (428/438); a caller starts HIP when
+///   DNS (or the callee's signed UPDATE) verified the callee, and hangs up when nothing has
+///   within `peer_verify_timeout_ms` of the answer.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsSection {
@@ -459,6 +465,11 @@ pub struct DnsSection {
     /// Publish at start-up (default: when `name` and `tsig_key` are set).
     #[serde(default)]
     pub publish: Option<bool>,
+    /// How often the agent checks that the primary still holds exactly our record and
+    /// publishes it again if not (deleted or replaced behind our back), seconds. Default:
+    /// half the TTL (at least 1).
+    #[serde(default)]
+    pub refresh_secs: Option<u64>,
     /// DNSSEC trust anchor: a file of DNSKEY records (the zone's KSK, as BIND's `K….key`
     /// file has it). Without it no answer is `secure`, so DNS never raises a level.
     #[serde(default)]
@@ -493,6 +504,14 @@ impl DnsSection {
     /// Where lookups go.
     pub fn lookup_server(&self) -> SocketAddr {
         self.resolver.unwrap_or(self.server)
+    }
+
+    /// The interval of the check-and-republish of our record.
+    pub fn refresh(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.refresh_secs
+                .unwrap_or((u64::from(self.ttl) / 2).max(1)),
+        )
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -532,6 +551,9 @@ impl DnsSection {
         }
         if self.timeout_ms == 0 || self.timeout_ms > 30_000 {
             return Err("[dns] timeout_ms must be 1..=30000".into());
+        }
+        if self.refresh_secs.is_some_and(|r| r == 0 || r > 86_400) {
+            return Err("[dns] refresh_secs must be 1..=86400".into());
         }
         if let Some(t) = &self.peer_name_template
             && !t.contains("{user}")
@@ -1529,6 +1551,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("xyz"), "{e}");
+    }
+
+    #[test]
+    fn dns_refresh_defaults_to_half_the_ttl_and_is_checked() {
+        let dns = |extra: &str| format!("{MIN}[dns]\nserver = \"192.0.2.53:53\"\n{extra}");
+        let c = parse(&dns("")).unwrap();
+        assert_eq!(
+            c.dns.unwrap().refresh(),
+            std::time::Duration::from_secs(150)
+        );
+        let c = parse(&dns("ttl = 1\n")).unwrap();
+        assert_eq!(c.dns.unwrap().refresh(), std::time::Duration::from_secs(1));
+        let c = parse(&dns("refresh_secs = 7\n")).unwrap();
+        assert_eq!(c.dns.unwrap().refresh(), std::time::Duration::from_secs(7));
+        for bad in ["refresh_secs = 0\n", "refresh_secs = 86401\n"] {
+            let e = parse(&dns(bad)).unwrap_err().to_string();
+            assert!(e.contains("refresh_secs"), "{bad}: {e}");
+        }
     }
 
     #[test]

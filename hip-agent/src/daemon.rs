@@ -312,8 +312,8 @@ pub struct Daemon {
     offered: HashMap<CallHandle, (Vec<IdentityEntry>, Option<Form>)>,
     /// Delayed answers (`ring_ms`).
     answer_at: BTreeMap<(Instant, CallHandle), ()>,
-    /// Calls we placed whose callee's HIT must be verified by then
-    /// (`[security] require_verified_peer`).
+    /// Calls we placed whose callee's HIT must be verified by then, and INVITEs held for
+    /// the caller's DNS record (`[security] require_verified_peer`).
     verify_by: BTreeMap<(Instant, CallHandle), ()>,
     /// The address our SIP signalling used went away; it moves when another one reaches
     /// the next hop.
@@ -355,6 +355,9 @@ struct CallSecurity {
     failure: Option<String>,
     /// Set when `[security] require_verified_peer` refused the call: why.
     refused: Option<String>,
+    /// An INVITE held for the caller's DNS record (`require_verified_peer`, nothing else
+    /// vouched): the refusal to send if DNS does not vouch by `verify_by`.
+    dns_hold: Option<(u16, &'static str)>,
     /// Set when its established association ended on its own (dead peer, kernel refusal).
     association_lost: Option<String>,
     /// The peer's HITs as signalling last carried them (answer, offer or UPDATE), kept
@@ -724,6 +727,15 @@ impl Daemon {
             if cs.sip.peer_authenticated {
                 continue;
             }
+            if cs.dns_hold.is_some() {
+                let why = format!(
+                    "the caller's DNS record did not vouch for its HIT within {} ms: {}",
+                    self.cfg.security.peer_verify_timeout_ms,
+                    cs.sip.peer_detail.as_deref().unwrap_or("no answer")
+                );
+                self.refuse_held(h, why);
+                continue;
+            }
             let why = format!(
                 "the callee's HIT was not verified within {} ms of the answer ([security] require_verified_peer): {}",
                 self.cfg.security.peer_verify_timeout_ms,
@@ -772,6 +784,46 @@ impl Daemon {
                 Bytes::new()
             }
         }
+    }
+
+    /// An incoming call passed its checks: ring, answer (or reject) as `[sip] answer` says.
+    fn proceed_incoming(&mut self, h: CallHandle) {
+        let now = Instant::now();
+        match self.cfg.sip.answer.mode {
+            AnswerMode::Reject => {
+                let _ = self
+                    .ua
+                    .reject(now, h, self.cfg.sip.answer.reject_status, "Busy Here");
+            }
+            AnswerMode::Manual => {
+                let _ = self.ua.ring(now, h, 180);
+            }
+            AnswerMode::Auto => {
+                let _ = self.ua.ring(now, h, 180);
+                let delay = self.cfg.sip.answer.ring_ms;
+                if delay == 0 {
+                    self.answer(h);
+                } else {
+                    self.answer_at
+                        .insert((now + Duration::from_millis(delay), h), ());
+                }
+            }
+        }
+    }
+
+    /// A held INVITE (`dns_hold`) that DNS did not vouch for in time, or whose answer did
+    /// not vouch: refused as `require_verified_peer` says.
+    fn refuse_held(&mut self, h: CallHandle, why: String) {
+        let Some(cs) = self.call_sec.get_mut(&h) else {
+            return;
+        };
+        let Some((code, reason)) = cs.dns_hold.take() else {
+            return;
+        };
+        let why = format!("refused with {code} ([security] require_verified_peer): {why}");
+        tracing::warn!(call = %h, "{why}");
+        cs.refused = Some(why);
+        let _ = self.ua.reject(Instant::now(), h, code, reason);
     }
 
     fn answer(&mut self, h: CallHandle) {
@@ -846,8 +898,9 @@ impl Daemon {
     }
 
     /// The callee's view of an INVITE (draft §4): its Identity against the offer's HITs,
-    /// and SIPS. Returns `false` when the call was refused (proven tampering with
-    /// `on_failure = hangup`).
+    /// and SIPS, and (`[dns]`) the caller's HIP RR. Returns `false` when the call was
+    /// refused (proven tampering with `on_failure = hangup`, nothing vouching with
+    /// `require_verified_peer`) or is held until DNS answers (`dns_hold`).
     fn assess_offer(
         &mut self,
         call: &CallInfo,
@@ -890,6 +943,23 @@ impl Daemon {
             "no [security] identity_key: our HIT is not signed".into()
         });
         apply_sips(&self.sipsec, &mut a, auth.sips, auth.transport);
+        // The caller's record: from the cache now, or looked up while we decide (a
+        // lookup started here also serves the check after the ACK).
+        let (mut dns_pending, mut dns_failed) = (false, false);
+        if has_sdp
+            && failure.is_none()
+            && let Some(d) = &mut self.dns
+            && d.want(call.handle, &call.remote_uri, None).is_some()
+        {
+            let phits: Vec<hip_proto::Hit> = hits.iter().map(|h| proto_hit(*h)).collect();
+            match d.verdict(&call.remote_uri, &phits) {
+                None => dns_pending = d.can_vouch(&call.remote_uri),
+                Some(_) => {
+                    failure = d.apply(&call.remote_uri, &phits, &mut a);
+                    dns_failed = failure.is_some();
+                }
+            }
+        }
         let cs = self.call_sec.entry(call.handle).or_default();
         cs.sip = a;
         cs.signalled_hits = hits.to_vec();
@@ -897,10 +967,14 @@ impl Daemon {
             cs.failure = Some(f.clone());
             tracing::error!(call = %call.handle, peer = %call.remote_uri, "call flagged: {f}");
             if self.cfg.hip.on_failure == FailureAction::Hangup {
-                // RFC 8224 §6.2.2: 438 Invalid Identity Header.
-                let _ = self
-                    .ua
-                    .reject(Instant::now(), call.handle, 438, "Invalid Identity Header");
+                // RFC 8224 §6.2.2: 438 Invalid Identity Header; a DNSSEC-validated record
+                // with other HITs: 403.
+                let (code, reason) = if dns_failed {
+                    (403, "Forbidden")
+                } else {
+                    (438, "Invalid Identity Header")
+                };
+                let _ = self.ua.reject(Instant::now(), call.handle, code, reason);
                 return false;
             }
         }
@@ -912,6 +986,16 @@ impl Daemon {
                 (true, false) => (428, "Use Identity Header"),
                 (true, true) => (438, "Invalid Identity Header"),
             };
+            if dns_pending && cs.failure.is_none() {
+                // DNS may still vouch: hold the INVITE until its answer (bounded by the
+                // lookup's own `[dns] timeout_ms`, and by `peer_verify_timeout_ms`).
+                tracing::info!(call = %call.handle, peer = %call.remote_uri, "INVITE held for the caller's DNS record (require_verified_peer)");
+                cs.dns_hold = Some((code, reason));
+                let wait = Duration::from_millis(self.cfg.security.peer_verify_timeout_ms);
+                self.verify_by
+                    .insert((Instant::now() + wait, call.handle), ());
+                return false;
+            }
             let why = format!(
                 "refused with {code} ([security] require_verified_peer): {}",
                 cs.sip
@@ -1173,22 +1257,51 @@ impl Daemon {
     }
 
     /// A DNS lookup finished: the calls that waited for it take its verdict; a caller that
-    /// waits for a verified peer (`require_verified_peer`) now starts HIP.
+    /// waits for a verified peer (`require_verified_peer`) now starts HIP, and a held INVITE
+    /// rings or is refused.
     fn on_dns(&mut self, answer: crate::dns_verify::Answer) {
         let Some(d) = &mut self.dns else { return };
-        for (call, event) in d.answered(answer) {
-            let Some(cs) = self.call_sec.get_mut(&call) else {
+        let answered = d.answered(answer);
+        for (call, event) in answered {
+            let (Some(d), Some(cs)) = (&self.dns, self.call_sec.get_mut(&call)) else {
                 continue;
             };
             let Some(uri) = self.ua.call_info(call).map(|i| i.remote_uri) else {
                 continue;
             };
             let was = cs.sip.peer_authenticated;
-            if let Some(f) = d.apply(&uri, &cs.peer_hits, &mut cs.sip) {
+            // A held INVITE has no HIP view of the call yet: its HITs are the offer's.
+            let hits = if cs.peer_hits.is_empty() {
+                cs.signalled_hits.iter().map(|h| proto_hit(*h)).collect()
+            } else {
+                cs.peer_hits.clone()
+            };
+            let held = cs.dns_hold.is_some();
+            if held && d.verdict(&uri, &hits).is_none() {
+                // Another name's answer (our own record's): the caller's is still to come.
+                continue;
+            }
+            let failure = d.apply(&uri, &hits, &mut cs.sip);
+            if let Some(f) = failure {
                 tracing::error!(%call, peer = %uri, "call flagged: {f}");
-                cs.failure = Some(f);
-                if self.cfg.hip.on_failure == FailureAction::Hangup {
+                cs.failure = Some(f.clone());
+                if held {
+                    self.refuse_held(call, f);
+                } else if self.cfg.hip.on_failure == FailureAction::Hangup {
                     let _ = self.ua.hangup(Instant::now(), call);
+                }
+            } else if held {
+                if cs.sip.peer_authenticated {
+                    cs.dns_hold = None;
+                    self.verify_by.retain(|(_, h), ()| *h != call);
+                    self.proceed_incoming(call);
+                } else {
+                    let why = cs
+                        .sip
+                        .peer_detail
+                        .clone()
+                        .unwrap_or_else(|| "DNS did not vouch for the caller's HIT".into());
+                    self.refuse_held(call, why);
                 }
             } else if !was
                 && cs.sip.peer_authenticated
@@ -1361,28 +1474,8 @@ impl Daemon {
                         }
                     }
                 }
-                if !self.assess_offer(&call, remote_sdp.is_some(), &auth, &hits) {
-                    return;
-                }
-                match self.cfg.sip.answer.mode {
-                    AnswerMode::Reject => {
-                        let _ =
-                            self.ua
-                                .reject(now, h, self.cfg.sip.answer.reject_status, "Busy Here");
-                    }
-                    AnswerMode::Manual => {
-                        let _ = self.ua.ring(now, h, 180);
-                    }
-                    AnswerMode::Auto => {
-                        let _ = self.ua.ring(now, h, 180);
-                        let delay = self.cfg.sip.answer.ring_ms;
-                        if delay == 0 {
-                            self.answer(h);
-                        } else {
-                            self.answer_at
-                                .insert((now + Duration::from_millis(delay), h), ());
-                        }
-                    }
+                if self.assess_offer(&call, remote_sdp.is_some(), &auth, &hits) {
+                    self.proceed_incoming(h);
                 }
             }
             Event::Confirmed { call } => {
@@ -1514,6 +1607,9 @@ impl Daemon {
         let fail = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
         match req {
             Request::Call { uri } => {
+                if let Some(d) = &mut self.dns {
+                    d.prefetch(&uri);
+                }
                 let sdp = self.local_sdp(None, None);
                 let mut own = SipAssurance::default();
                 let signed = match self.sipsec.signer {
@@ -1581,6 +1677,7 @@ impl Daemon {
                 "stats": self.stats,
                 "edge": self.edge.as_ref().map(|e| e.status(self.security.as_ref())),
                 "pool_entries": self.pool.entries().count(),
+                "dns": self.dns.as_ref().map(|d| d.status_json()),
                 "limits": {
                     "sip": self.ua.admission_stats(),
                     "connections": self.svc.conn_stats(),

@@ -11,15 +11,18 @@
 //! host: whoever can rewrite the SDP's HIT on the path can rewrite those headers too, and
 //! would point us at a name whose (validly signed) record carries their own HIT.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hip_dns::client::{self, load_trust_anchor};
 use hip_dns::{HipRdata, Lookup, Name, Resolver, TsigKey, UpdateTarget, Validation};
 use hip_proto::{Hit, HostId};
 use hip_sip::sip::CallHandle;
+use serde::Serialize;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::config::DnsSection;
@@ -107,6 +110,43 @@ pub struct DnsVerifier {
     waiting: HashMap<Name, Vec<Waiting>>,
     tx: mpsc::Sender<Answer>,
     rx: mpsc::Receiver<Answer>,
+    /// Our record's upkeep (`None`: not publishing), written by its task.
+    publish: Option<Arc<Mutex<PublishStatus>>>,
+    /// The task that publishes our record and keeps it there.
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    /// Finished lookups by outcome (`secure`, `insecure`, `bogus`, `indeterminate`,
+    /// `failed`), for `status`.
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+impl Drop for DnsVerifier {
+    fn drop(&mut self) {
+        if let Some(k) = &self.keeper {
+            k.abort();
+        }
+    }
+}
+
+/// How our record fares (`status` → `dns.publish`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PublishStatus {
+    /// The primary held exactly our record at the last check (or took our update).
+    pub in_dns: bool,
+    /// Updates the primary accepted: at start-up when its copy was missing or not ours
+    /// (another identity, other rendezvous servers), and each time a check found it so.
+    pub updates: u64,
+    /// Updates refused or unanswered (`last_error` says why); the next check tries again.
+    pub failures: u64,
+    /// Checks of the primary's copy made.
+    pub checks: u64,
+    /// Checks that got no usable answer (the update is sent anyway).
+    pub check_failures: u64,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the last accepted update was sent, Unix milliseconds.
+    pub last_update_ms: Option<u64>,
+    /// The check interval, seconds.
+    pub refresh_secs: u64,
 }
 
 /// Parses a configured name (validated at config load).
@@ -201,6 +241,9 @@ impl DnsVerifier {
             waiting: HashMap::new(),
             tx,
             rx,
+            publish: None,
+            keeper: None,
+            outcomes: BTreeMap::new(),
         };
         let publish = if cfg.publishes() {
             let hi = hi.ok_or(
@@ -209,31 +252,88 @@ impl DnsVerifier {
             let target = update_target(cfg)?;
             let rd = own_record(cfg, hi)?;
             let n = v.own_name.clone().ok_or("[dns] publishing needs `name`")?;
-            Some((target, n, rd))
+            let st = Arc::new(Mutex::new(PublishStatus {
+                refresh_secs: cfg.refresh().as_secs(),
+                ..PublishStatus::default()
+            }));
+            v.publish = Some(Arc::clone(&st));
+            Some((target, n, rd, st))
         } else {
             None
         };
-        let ttl = cfg.ttl;
+        let (ttl, every) = (cfg.ttl, cfg.refresh());
         let own = v.own_name.clone();
         let (res, txc) = (v.resolver.clone(), v.tx.clone());
         if let Some(n) = &own {
             v.inflight.insert(n.clone());
         }
-        tokio::spawn(async move {
-            if let Some((target, n, rd)) = publish {
-                match client::publish(&target, &n, ttl, &rd).await {
-                    Ok(()) => {
-                        tracing::info!(name = %n, hit = %hex::encode(&rd.hit), "published our HIP RR")
-                    }
-                    Err(e) => tracing::error!("publishing our HIP RR: {e}"),
+        v.keeper = Some(tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                if let Some((target, n, rd, st)) = &publish {
+                    keep_published(target, n, ttl, rd, st).await;
                 }
+                if first && let Some(n) = own.clone() {
+                    let result = lookup(&res, &n).await;
+                    let _ = txc.send(Answer { name: n, result }).await;
+                }
+                first = false;
+                if publish.is_none() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
             }
-            if let Some(n) = own {
-                let result = lookup(&res, &n).await;
-                let _ = txc.send(Answer { name: n, result }).await;
-            }
-        });
+        }));
         Ok(v)
+    }
+}
+
+/// One round of our record's upkeep: is the primary's HIP RRset exactly our record? If
+/// not (first start, a new identity or other rendezvous servers, or deleted or replaced
+/// behind our back), publish it. A check is one unsigned query to the primary, so a
+/// record that is in place costs the zone nothing (no update, no new serial, no
+/// re-signing).
+async fn keep_published(
+    target: &UpdateTarget,
+    n: &Name,
+    ttl: u32,
+    rd: &HipRdata,
+    st: &Mutex<PublishStatus>,
+) {
+    let check = client::published(target.server, n, target.timeout).await;
+    let ours = matches!(&check, Ok(v) if v.len() == 1 && v[0].as_ref() == Ok(rd));
+    {
+        let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+        s.checks += 1;
+        if let Err(e) = &check {
+            s.check_failures += 1;
+            tracing::warn!(name = %n, "checking our HIP RR at the primary: {e}");
+        }
+        if ours {
+            s.in_dns = true;
+            return;
+        }
+    }
+    let why = match &check {
+        Ok(v) if v.is_empty() => "missing",
+        Ok(_) => "not ours",
+        Err(_) => "unknown",
+    };
+    let result = client::publish(target, n, ttl, rd).await;
+    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+    match result {
+        Ok(()) => {
+            tracing::info!(name = %n, hit = %hex::encode(&rd.hit), was = why, "published our HIP RR");
+            s.in_dns = true;
+            s.updates += 1;
+            s.last_update_ms = Some(crate::daemon::unix_ms());
+        }
+        Err(e) => {
+            tracing::error!(name = %n, was = why, "publishing our HIP RR: {e}");
+            s.in_dns = false;
+            s.failures += 1;
+            s.last_error = Some(e.to_string());
+        }
     }
 }
 
@@ -264,6 +364,22 @@ impl DnsVerifier {
         let rest = a.strip_prefix("sip:")?;
         let (user, host) = rest.rsplit_once('@').unwrap_or(("", rest));
         name(&t.replace("{user}", user).replace("{host}", host)).ok()
+    }
+
+    /// Whether DNS can vouch for this peer at all: it has a name, and answers can be
+    /// validated (a trust anchor). Only then is a call worth holding for DNS.
+    pub fn can_vouch(&self, peer_uri: &str) -> bool {
+        self.resolver.trust_anchor.is_some() && self.peer_name(peer_uri).is_some()
+    }
+
+    /// Starts looking the peer's record up now (a call we place), so that its answer is
+    /// likely cached when the callee's HITs arrive.
+    pub fn prefetch(&mut self, peer_uri: &str) {
+        if let Some(n) = self.peer_name(peer_uri)
+            && self.fresh(&n).is_none()
+        {
+            self.start_lookup(&n);
+        }
     }
 
     /// A call learned its peer's HITs: `Some(name)` when DNS has something to say about the
@@ -350,6 +466,11 @@ impl DnsVerifier {
                 NEGATIVE_TTL,
             ),
         };
+        let outcome = match checked.error {
+            Some(_) => "failed",
+            None => checked.validation.as_str(),
+        };
+        *self.outcomes.entry(outcome).or_default() += 1;
         tracing::info!(name = %a.name, validation = checked.validation.as_str(), hits = ?checked.hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(), error = ?checked.error, "DNS HIP RR looked up");
         if self.cache.len() >= CACHE_MAX {
             let now = Instant::now();
@@ -425,6 +546,21 @@ impl DnsVerifier {
     /// Where lookups go (for status).
     pub fn server(&self) -> SocketAddr {
         self.resolver.server
+    }
+
+    /// `status` → `dns`: our record's upkeep, lookups by outcome, the cache.
+    pub fn status_json(&self) -> Value {
+        json!({
+            "name": self.own_name.as_ref().map(|n| n.to_string()),
+            "server": self.cfg.server,
+            "resolver": self.resolver.server,
+            "validating": self.resolver.trust_anchor.is_some(),
+            "publish": self.publish.as_ref().map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            "lookups": self.outcomes,
+            "lookups_in_flight": self.inflight.len(),
+            "cache_entries": self.cache.len(),
+            "calls_waiting": self.waiting.values().map(Vec::len).sum::<usize>(),
+        })
     }
 }
 

@@ -387,3 +387,151 @@ fn expand_rdata(msg: &[u8], rtype: u16, start: usize, len: usize) -> Option<Vec<
     }
     Some(out)
 }
+
+/// A running Knot DNS (`knotd`) in a network namespace serving [`ZONE`], signed by its
+/// automatic DNSSEC (one ECDSA P-256 CSK), with dynamic updates allowed to each TSIG key
+/// for the name equal to the key's own name (`update-owner: key`). Knot 3.2 has no HIP
+/// type: HIP RRs exist for it only in RFC 3597's generic form (`TYPE55 \# …`), in the
+/// zone file and in updates alike. Killed on drop.
+pub struct Knot {
+    child: Child,
+    /// Its directory (config, zone, databases, log).
+    pub dir: PathBuf,
+    /// Where it listens (port 53).
+    pub addr: SocketAddr,
+    /// The namespace it runs in.
+    pub ns: String,
+}
+
+impl Knot {
+    /// Starts `knotd` in `ns` at `ip`:53 with one TSIG key per name of `hosts` (the key's
+    /// name is the host's name in [`ZONE`]; its file is [`Knot::key`]), and `records` in
+    /// the zone file. Returns once the zone is signed.
+    pub fn start(ns: &NetNs, ip: &str, dir: &Path, hosts: &[&str], records: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("db"))?;
+        let d = dir.display();
+        let mut keys = String::from("key:\n");
+        let mut acl_ids = Vec::new();
+        let mut acls = String::from("acl:\n");
+        for h in hosts {
+            let key_name = format!("{h}.{ZONE}.");
+            let path = tsig_key(dir, &key_name)?;
+            let secret = std::fs::read_to_string(&path)?
+                .split('"')
+                .nth(3)
+                .context("tsig-keygen output without a secret")?
+                .to_owned();
+            keys.push_str(&format!(
+                "  - id: {key_name}\n    algorithm: hmac-sha256\n    secret: {secret}\n"
+            ));
+            acls.push_str(&format!(
+                "  - id: update-{h}\n    key: {key_name}\n    action: update\n    update-owner: key\n    update-owner-match: equal\n"
+            ));
+            acl_ids.push(format!("update-{h}"));
+        }
+        std::fs::write(
+            dir.join("knot.conf"),
+            format!(
+                "server:\n    rundir: \"{d}\"\n    listen: {ip}@53\n\
+                 log:\n  - target: \"{d}/knot.log\"\n    any: info\n\
+                 database:\n    storage: \"{d}/db\"\n\
+                 {keys}{acls}\
+                 policy:\n  - id: csk\n    algorithm: ecdsap256sha256\n    single-type-signing: on\n    dnskey-ttl: 300\n    zone-max-ttl: 3600\n\
+                 zone:\n  - domain: {ZONE}\n    file: \"{d}/{ZONE}.zone\"\n    dnssec-signing: on\n    dnssec-policy: csk\n    zonefile-sync: -1\n    acl: [{}]\n",
+                acl_ids.join(", ")
+            ),
+        )?;
+        std::fs::write(
+            dir.join(format!("{ZONE}.zone")),
+            format!(
+                "$TTL 300\n@ IN SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 60\n@ IN NS ns\nns IN A {ip}\n{records}"
+            ),
+        )?;
+        let child = ns
+            .command("knotd")
+            .arg("-c")
+            .arg(dir.join("knot.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("knotd.stderr"))?)
+            .spawn()
+            .context("knotd (knot, installed by cargo xtask setup)")?;
+        let knot = Self {
+            child,
+            dir: dir.to_owned(),
+            addr: SocketAddr::new(ip.parse()?, 53),
+            ns: ns.name().to_owned(),
+        };
+        wait_until(Duration::from_secs(60), "knotd to sign the zone", || {
+            let out = knot.dig(&["DNSKEY", ZONE, "+dnssec", "+norec"]).ok()?;
+            out.contains("RRSIG").then_some(())
+        })
+        .with_context(|| knot.log())?;
+        Ok(knot)
+    }
+
+    /// `dig @knotd ARGS…` from inside its namespace.
+    pub fn dig(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "dig",
+                &format!("@{}", self.addr.ip()),
+            ])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("dig {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `knotc ARGS…` over its control socket.
+    pub fn knotc(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("knotc")
+            .arg("-c")
+            .arg(self.dir.join("knot.conf"))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "knotc {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The trust anchor: the zone's DNSKEY RRset as it serves it (dig's zone-file syntax).
+    pub fn trust_anchor(&self) -> Result<PathBuf> {
+        let out = self.dig(&["+noall", "+answer", "DNSKEY", ZONE])?;
+        if !out.contains("DNSKEY") {
+            bail!("no DNSKEY for {ZONE}: {out}");
+        }
+        let path = self.dir.join(format!("{ZONE}.dnskey"));
+        std::fs::write(&path, out)?;
+        Ok(path)
+    }
+
+    /// The TSIG key file of `host` (made by [`Knot::start`]).
+    pub fn key(&self, host: &str) -> PathBuf {
+        self.dir.join(format!("{host}.{ZONE}..tsig"))
+    }
+
+    /// knotd's log.
+    pub fn log(&self) -> String {
+        let mut s = std::fs::read_to_string(self.dir.join("knot.log")).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(self.dir.join("knotd.stderr")).unwrap_or_default());
+        s
+    }
+}
+
+impl Drop for Knot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

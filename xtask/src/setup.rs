@@ -46,6 +46,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "python3-dnspython",
         "independent oracle for the HIP RR wire format",
     ),
+    (
+        "knot",
+        "knotd: a DNS server without the HIP type (generic TYPE55 form) in the DNS tests",
+    ),
 ];
 
 /// virtme-ng (PyPI), verified here.
