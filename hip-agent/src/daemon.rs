@@ -78,6 +78,9 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The metrics endpoint could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// HIP or its kernel offload could not start (the message says what is missing).
     #[error(transparent)]
     Security(#[from] secure::SecurityError),
@@ -333,6 +336,8 @@ pub struct Daemon {
     sipsec: SipSecurity,
     /// Host Identities in DNS (`[dns]`), when configured.
     dns: Option<crate::dns_verify::DnsVerifier>,
+    /// What the metrics endpoint shows that is observed as it happens.
+    metrics: crate::metrics::Recorder,
 }
 
 /// How many ended calls `status` keeps.
@@ -454,6 +459,7 @@ impl Daemon {
             hip_todo: VecDeque::new(),
             sipsec,
             dns,
+            metrics: crate::metrics::Recorder::default(),
             cfg,
         })
     }
@@ -475,6 +481,13 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let listener = control::bind(&self.cfg.control_socket)?;
         let (ctl_tx, mut ctl_rx) = mpsc::channel::<control::Incoming>(64);
+        let metrics_task = match self.cfg.metrics.listen {
+            Some(addr) => Some(tokio::spawn(crate::metrics::serve(
+                crate::metrics::bind(addr)?,
+                ctl_tx.clone(),
+            ))),
+            None => None,
+        };
         let ctl_task = tokio::spawn(control::serve(listener, ctl_tx));
         let mut inbound = self.inbound.take().expect("run once");
         if self.cfg.sip.register
@@ -558,6 +571,9 @@ impl Daemon {
             }
         }
         ctl_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         if let Some(s) = self.security.take() {
             s.shutdown().await;
         }
@@ -1188,6 +1204,17 @@ impl Daemon {
 
     /// What HIP reported.
     async fn on_security(&mut self, out: Outcome) {
+        match &out {
+            Outcome::Established { peer } => {
+                if let Some(r) = self.security.as_ref().and_then(|s| s.get(peer)) {
+                    self.metrics.established(&r.timing_ms);
+                }
+            }
+            Outcome::Failed { .. } => self.metrics.outcome("failed"),
+            Outcome::Lost { .. } => self.metrics.outcome("lost"),
+            Outcome::Closed { .. } => self.metrics.outcome("closed"),
+            Outcome::Nothing => {}
+        }
         let (peer, error, mismatch) = match out {
             Outcome::Failed {
                 peer,
@@ -1599,7 +1626,54 @@ impl Daemon {
                     Err(e) => fail(&e),
                 }
             }
+            Request::Metrics { openmetrics } => self.metrics_reply(openmetrics).await,
         }
+    }
+
+    /// One scrape of the metrics endpoint, from the state `status`, `assoc`, `xfrm` and
+    /// `flows` show.
+    async fn metrics_reply(&mut self, openmetrics: bool) -> Value {
+        use crate::metrics::{DatapathView, KernelCounts, Snapshot};
+        let status = Box::pin(self.on_control(Request::Status)).await;
+        let sec = self.security.as_ref();
+        let associations: Vec<_> = sec
+            .map(|s| s.records().cloned().collect())
+            .unwrap_or_default();
+        let offload = sec.and_then(|s| s.offload());
+        let kernel = match offload {
+            Some(o) => Some(
+                o.list_owned()
+                    .await
+                    .map(|k| KernelCounts {
+                        sas: k.sas.len(),
+                        policies: k.policies.len(),
+                    })
+                    .map_err(|e| e.to_string()),
+            ),
+            None => None,
+        };
+        let datapath = offload.and_then(|o| o.datapath()).map(|dp| {
+            (|| {
+                Ok::<_, hip_datapath::DatapathError>(DatapathView {
+                    stats: dp.stats()?,
+                    spis: dp.spi_counters()?,
+                    guard: dp.maps().guard_drops()?,
+                    flows: dp.flows()?,
+                })
+            })()
+            .map_err(|e| e.to_string())
+        });
+        let (text, content_type) = crate::metrics::render(
+            &self.metrics,
+            &Snapshot {
+                status: &status,
+                associations: &associations,
+                kernel,
+                datapath,
+            },
+            openmetrics,
+        );
+        json!({"ok": true, "text": text, "content_type": content_type})
     }
 }
 

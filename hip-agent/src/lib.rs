@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dns_verify;
 pub mod hip_driver;
 pub mod inspect;
+pub mod metrics;
 pub mod netns;
 pub mod offload;
 pub mod pool;
