@@ -5,65 +5,25 @@
 //! as an admission refusal; the exchange's latency histogram holds the exchange the
 //! association record timed; OpenMetrics on request; other paths and methods refused.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{TcpStream, UdpSocket},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::UdpSocket, time::Duration};
 
 use hip_tests::{
     NetNs,
+    metrics::{self, get},
     sip::{Agent, agent_pair, wait_calls_ended},
     wait_until,
 };
 use serde_json::Value;
 
 const NET: &str = "10.161.0";
-const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:9464\"\n";
+const METRICS: &str = metrics::CONFIG;
 
-/// One HTTP request to the agent's endpoint, from inside its namespace: (status line,
-/// headers, body).
 fn http(ns: &NetNs, request: &str) -> (String, String, String) {
-    let request = request.to_owned();
-    let raw = ns
-        .run_in(move || {
-            let mut s = TcpStream::connect("127.0.0.1:9464").expect("connect to the endpoint");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(request.as_bytes()).unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_owned(), headers.to_owned(), body.to_owned())
+    metrics::http(ns, request).unwrap()
 }
 
-/// A scrape in the Prometheus text format, as series → value.
 fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
-    let (status, headers, body) = http(ns, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(status, "HTTP/1.1 200 OK", "{headers}\n{body}");
-    assert!(
-        headers.contains("Content-Type: text/plain; version=0.0.4"),
-        "{headers}"
-    );
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
-            (
-                k.to_owned(),
-                v.parse().unwrap_or_else(|e| panic!("{l}: {e}")),
-            )
-        })
-        .collect()
-}
-
-fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
-    *m.get(series)
-        .unwrap_or_else(|| panic!("{series} missing in {m:#?}"))
+    metrics::scrape(ns).unwrap()
 }
 
 fn n(v: &Value) -> f64 {
