@@ -1289,8 +1289,23 @@ impl Daemon {
         }
     }
 
+    /// The datapath's flow table (empty without one), read once for a whole `status`.
+    fn flow_table(&self) -> Vec<hip_datapath::Flow> {
+        self.security
+            .as_ref()
+            .and_then(|s| s.offload()?.flows()?.ok())
+            .unwrap_or_default()
+    }
+
     /// A call's security as `status` shows it.
     fn security_json(&self, cs: &CallSecurity) -> Value {
+        self.security_json_in(cs, &self.flow_table())
+    }
+
+    /// [`Daemon::security_json`] with the flow table already read: `status` reads it once
+    /// for all calls, not once per call (a map dump costs two syscalls per entry, so per
+    /// call it made `status` quadratic in the number of calls).
+    fn security_json_in(&self, cs: &CallSecurity, table: &[hip_datapath::Flow]) -> Value {
         let sec = self.security.as_ref();
         let assocs: Vec<Value> = cs
             .peer_hits
@@ -1312,10 +1327,15 @@ impl Daemon {
             (Some(s), Some(p)) => Some(secure::short_auth_string(s.local_hit(), *p)),
             _ => None,
         };
-        let flows: Vec<hip_datapath::Flow> = cs
+        let flows: Vec<&hip_datapath::Flow> = cs
             .peer_hits
             .iter()
-            .flat_map(|h| sec.map(|s| s.flows_of(h)).unwrap_or_default())
+            .flat_map(|h| {
+                let h = std::net::Ipv6Addr::from(h.0);
+                table
+                    .iter()
+                    .filter(move |f| f.src_hit == h || f.dst_hit == h)
+            })
             .collect();
         json!({
             "peer_hits": cs.peer_hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
@@ -1577,12 +1597,15 @@ impl Daemon {
                 "hit_hex": self.own.hit.to_hex(),
                 "listen": self.svc.local.iter().map(|(t, a)| format!("{}:{a}", t.via_token().to_ascii_lowercase())).collect::<Vec<_>>(),
                 "registration": self.registration,
-                "calls": self.ua.calls().into_iter().map(|c| {
-                    let cs = self.call_sec.get(&c.handle).cloned().unwrap_or_default();
-                    let mut v = json!(c);
-                    v["security"] = self.security_json(&cs);
-                    v
-                }).collect::<Vec<_>>(),
+                "calls": ({
+                    let table = self.flow_table();
+                    self.ua.calls().into_iter().map(|c| {
+                        let cs = self.call_sec.get(&c.handle).cloned().unwrap_or_default();
+                        let mut v = json!(c);
+                        v["security"] = self.security_json_in(&cs, &table);
+                        v
+                    }).collect::<Vec<_>>()
+                }),
                 "ended_calls": self.history,
                 "hip": self.security.as_ref().map(|s| json!({
                     "hit": s.local_hit().to_string(),
