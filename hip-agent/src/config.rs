@@ -221,6 +221,9 @@ pub struct Config {
     /// Edge mode: the SIP proxy for local phones (absent: off).
     #[serde(default)]
     pub edge: Option<EdgeSection>,
+    /// The operator's metrics endpoint (Prometheus/OpenMetrics text; absent: off).
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 /// `[edge]`: the agent as the SIP edge of local user agents (softphones, a PBX trunk),
@@ -303,6 +306,19 @@ impl EdgeSection {
 fn de_resolved_required<'de, D: Deserializer<'de>>(d: D) -> Result<TransportAddr, D::Error> {
     let s = String::deserialize(d)?;
     TransportAddr::resolve(&s).map_err(serde::de::Error::custom)
+}
+
+/// `[metrics]`: an HTTP endpoint serving `GET /metrics` in the Prometheus text format
+/// (OpenMetrics when the scraper asks for it), with what `status`, `assoc`, `xfrm` and
+/// `flows` show. Every metric is documented in `hip-agent/src/metrics.rs`. The endpoint
+/// has no authentication and names peers' HITs: bind it to loopback or a management
+/// address, never a wildcard.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `ADDRESS:PORT` to serve on, e.g. `127.0.0.1:9464` (absent: no endpoint).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[limits]`: what an unauthenticated sender can make the agent hold or send. Every cap
@@ -1232,6 +1248,17 @@ impl Config {
         if self.hip.dead_peer_idle_secs == 0 {
             return invalid("[hip] dead_peer_idle_secs must be at least 1".into());
         }
+        if let Some(a) = self.metrics.listen {
+            if a.ip().is_unspecified() {
+                return invalid(format!(
+                    "[metrics] listen {a}: the endpoint has no authentication and names peers' HITs; \
+                     bind it to a specific address (127.0.0.1 or a management interface's)"
+                ));
+            }
+            if a.port() == 0 {
+                return invalid(format!("[metrics] listen {a}: needs a port"));
+            }
+        }
         if self.kernel.replay_window > hip_kernel::MAX_REPLAY_WINDOW {
             return invalid(format!(
                 "[kernel] replay_window {} is above {}",
@@ -1640,5 +1667,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("[sip.tls]"), "{e}");
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_by_default_and_never_on_a_wildcard() {
+        assert_eq!(parse(MIN).unwrap().metrics.listen, None);
+        let c = parse(&format!("{MIN}[metrics]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        for (listen, word) in [
+            ("0.0.0.0:9464", "no authentication"),
+            ("[::]:9464", "no authentication"),
+            ("127.0.0.1:0", "needs a port"),
+        ] {
+            let e = parse(&format!("{MIN}[metrics]\nlisten = \"{listen}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{listen}: {e}");
+        }
+        let e = parse(&format!("{MIN}[metrics]\nlisten = \"localhost\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = parse(&format!("{MIN}[metrics]\nport = 9464\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
     }
 }

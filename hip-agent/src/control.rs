@@ -3,7 +3,7 @@
 //!
 //! Requests: `{"cmd":"call","uri":"sip:bob@biloxi.com"}`, `{"cmd":"hangup","call":1}`,
 //! `{"cmd":"answer","call":1}`, `{"cmd":"status"}`, `{"cmd":"hits"}`, `{"cmd":"assoc"}`,
-//! `{"cmd":"flows"}`, `{"cmd":"xfrm"}`.
+//! `{"cmd":"flows"}`, `{"cmd":"xfrm"}`, `{"cmd":"metrics"}`.
 //! Replies: `{"ok":true,…}` or `{"ok":false,"error":"…"}`.
 
 use std::{
@@ -79,6 +79,12 @@ pub enum Request {
     Flows,
     /// hip's XFRM SAs and policies, grouped by association, with the peers' SIP URIs.
     Xfrm,
+    /// The metrics endpoint's body (`hip_agent::metrics`): `{"text", "content_type"}`.
+    Metrics {
+        /// OpenMetrics 1.0 instead of the Prometheus text format 0.0.4.
+        #[serde(default)]
+        openmetrics: bool,
+    },
 }
 
 /// One request with the channel its reply goes back on.

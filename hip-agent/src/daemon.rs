@@ -78,6 +78,9 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The metrics endpoint could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// HIP or its kernel offload could not start (the message says what is missing).
     #[error(transparent)]
     Security(#[from] secure::SecurityError),
@@ -335,6 +338,8 @@ pub struct Daemon {
     dns: Option<crate::dns_verify::DnsVerifier>,
     /// Edge mode (`[edge]`): the SIP proxy for local phones.
     edge: Option<crate::edge::Edge>,
+    /// What the metrics endpoint shows that is observed as it happens.
+    metrics: crate::metrics::Recorder,
 }
 
 /// How many ended calls `status` keeps.
@@ -461,6 +466,7 @@ impl Daemon {
             hip_todo: VecDeque::new(),
             sipsec,
             dns,
+            metrics: crate::metrics::Recorder::default(),
             cfg,
         })
     }
@@ -482,6 +488,13 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let listener = control::bind(&self.cfg.control_socket)?;
         let (ctl_tx, mut ctl_rx) = mpsc::channel::<control::Incoming>(64);
+        let metrics_task = match self.cfg.metrics.listen {
+            Some(addr) => Some(tokio::spawn(crate::metrics::serve(
+                crate::metrics::bind(addr)?,
+                ctl_tx.clone(),
+            ))),
+            None => None,
+        };
         let ctl_task = tokio::spawn(control::serve(listener, ctl_tx));
         let mut inbound = self.inbound.take().expect("run once");
         if self.cfg.sip.register
@@ -575,6 +588,9 @@ impl Daemon {
             }
         }
         ctl_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         if let Some(s) = self.security.take() {
             s.shutdown().await;
         }
@@ -1318,6 +1334,17 @@ impl Daemon {
         if let (Some(e), Some(s)) = (&mut self.edge, &self.security) {
             e.on_security(&out, s).await;
         }
+        match &out {
+            Outcome::Established { peer } => {
+                if let Some(r) = self.security.as_ref().and_then(|s| s.get(peer)) {
+                    self.metrics.established(&r.timing_ms);
+                }
+            }
+            Outcome::Failed { .. } => self.metrics.outcome("failed"),
+            Outcome::Lost { .. } => self.metrics.outcome("lost"),
+            Outcome::Closed { .. } => self.metrics.outcome("closed"),
+            Outcome::Nothing => {}
+        }
         let (peer, error, mismatch) = match out {
             Outcome::Failed {
                 peer,
@@ -1392,8 +1419,23 @@ impl Daemon {
         }
     }
 
+    /// The datapath's flow table (empty without one), read once for a whole `status`.
+    fn flow_table(&self) -> Vec<hip_datapath::Flow> {
+        self.security
+            .as_ref()
+            .and_then(|s| s.offload()?.flows()?.ok())
+            .unwrap_or_default()
+    }
+
     /// A call's security as `status` shows it.
     fn security_json(&self, cs: &CallSecurity) -> Value {
+        self.security_json_in(cs, &self.flow_table())
+    }
+
+    /// [`Daemon::security_json`] with the flow table already read: `status` reads it once
+    /// for all calls, not once per call (a map dump costs two syscalls per entry, so per
+    /// call it made `status` quadratic in the number of calls).
+    fn security_json_in(&self, cs: &CallSecurity, table: &[hip_datapath::Flow]) -> Value {
         let sec = self.security.as_ref();
         let assocs: Vec<Value> = cs
             .peer_hits
@@ -1415,10 +1457,15 @@ impl Daemon {
             (Some(s), Some(p)) => Some(secure::short_auth_string(s.local_hit(), *p)),
             _ => None,
         };
-        let flows: Vec<hip_datapath::Flow> = cs
+        let flows: Vec<&hip_datapath::Flow> = cs
             .peer_hits
             .iter()
-            .flat_map(|h| sec.map(|s| s.flows_of(h)).unwrap_or_default())
+            .flat_map(|h| {
+                let h = std::net::Ipv6Addr::from(h.0);
+                table
+                    .iter()
+                    .filter(move |f| f.src_hit == h || f.dst_hit == h)
+            })
             .collect();
         json!({
             "peer_hits": cs.peer_hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
@@ -1663,12 +1710,15 @@ impl Daemon {
                 "hit_hex": self.own.hit.to_hex(),
                 "listen": self.svc.local.iter().map(|(t, a)| format!("{}:{a}", t.via_token().to_ascii_lowercase())).collect::<Vec<_>>(),
                 "registration": self.registration,
-                "calls": self.ua.calls().into_iter().map(|c| {
-                    let cs = self.call_sec.get(&c.handle).cloned().unwrap_or_default();
-                    let mut v = json!(c);
-                    v["security"] = self.security_json(&cs);
-                    v
-                }).collect::<Vec<_>>(),
+                "calls": ({
+                    let table = self.flow_table();
+                    self.ua.calls().into_iter().map(|c| {
+                        let cs = self.call_sec.get(&c.handle).cloned().unwrap_or_default();
+                        let mut v = json!(c);
+                        v["security"] = self.security_json_in(&cs, &table);
+                        v
+                    }).collect::<Vec<_>>()
+                }),
                 "ended_calls": self.history,
                 "hip": self.security.as_ref().map(|s| json!({
                     "hit": s.local_hit().to_string(),
@@ -1714,7 +1764,54 @@ impl Daemon {
                     Err(e) => fail(&e),
                 }
             }
+            Request::Metrics { openmetrics } => self.metrics_reply(openmetrics).await,
         }
+    }
+
+    /// One scrape of the metrics endpoint, from the state `status`, `assoc`, `xfrm` and
+    /// `flows` show.
+    async fn metrics_reply(&mut self, openmetrics: bool) -> Value {
+        use crate::metrics::{DatapathView, KernelCounts, Snapshot};
+        let status = Box::pin(self.on_control(Request::Status)).await;
+        let sec = self.security.as_ref();
+        let associations: Vec<_> = sec
+            .map(|s| s.records().cloned().collect())
+            .unwrap_or_default();
+        let offload = sec.and_then(|s| s.offload());
+        let kernel = match offload {
+            Some(o) => Some(
+                o.list_owned()
+                    .await
+                    .map(|k| KernelCounts {
+                        sas: k.sas.len(),
+                        policies: k.policies.len(),
+                    })
+                    .map_err(|e| e.to_string()),
+            ),
+            None => None,
+        };
+        let datapath = offload.and_then(|o| o.datapath()).map(|dp| {
+            (|| {
+                Ok::<_, hip_datapath::DatapathError>(DatapathView {
+                    stats: dp.stats()?,
+                    spis: dp.spi_counters()?,
+                    guard: dp.maps().guard_drops()?,
+                    flows: dp.flows()?,
+                })
+            })()
+            .map_err(|e| e.to_string())
+        });
+        let (text, content_type) = crate::metrics::render(
+            &self.metrics,
+            &Snapshot {
+                status: &status,
+                associations: &associations,
+                kernel,
+                datapath,
+            },
+            openmetrics,
+        );
+        json!({"ok": true, "text": text, "content_type": content_type})
     }
 }
 

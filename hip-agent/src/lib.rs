@@ -8,6 +8,7 @@ pub mod dns_verify;
 pub mod edge;
 pub mod hip_driver;
 pub mod inspect;
+pub mod metrics;
 pub mod netns;
 pub mod offload;
 pub mod pool;

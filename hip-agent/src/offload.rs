@@ -503,6 +503,11 @@ impl Offload {
             .map(|dp| dp.flows().map_err(OffloadError::from))
     }
 
+    /// The eBPF datapath, when it runs (the metrics endpoint reads its maps).
+    pub fn datapath(&self) -> Option<&Datapath> {
+        self.datapath.as_ref()
+    }
+
     /// hip's SAs and policies as the kernel holds them now.
     pub async fn list_owned(&self) -> Result<hip_kernel::Owned, OffloadError> {
         Ok(self.xfrm.list_owned().await?)

@@ -517,8 +517,14 @@ enum Udp {
 /// bit is set, the extension header word.
 #[inline(always)]
 fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
-    let Some(u) = bytes_at(ctx, ip.l4_off, UDP_HLEN) else {
-        return Udp::Malformed;
+    // One bounds check for the UDP and the fixed RTP header together when the packet
+    // has them (every RTP packet), two otherwise (short or non-RTP datagrams).
+    let (u, r) = match bytes_at(ctx, ip.l4_off, UDP_HLEN + RTP_HLEN) {
+        Some(u) => (u, Some(u.wrapping_add(UDP_HLEN))),
+        None => match bytes_at(ctx, ip.l4_off, UDP_HLEN) {
+            Some(u) => (u, None),
+            None => return Udp::Malformed,
+        },
     };
     let sport = be16(u, 0);
     let dport = be16(u, 2);
@@ -534,7 +540,7 @@ fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
     if payload < RTP_HLEN {
         return Udp::NotRtp;
     }
-    let Some(r) = bytes_at(ctx, ip.l4_off + UDP_HLEN, RTP_HLEN) else {
+    let Some(r) = r else {
         // The UDP length promised these bytes: the packet is truncated.
         return Udp::Malformed;
     };
@@ -782,6 +788,9 @@ fn arrival_units(elapsed_ns: u64, mult: u64) -> u32 {
     (elapsed_ns.wrapping_mul(mult) >> 32) as u32
 }
 
+// `&key`, `&init`: by value, `impl Borrow<K>` makes LLVM copy the 40-byte key twice
+// more on the stack per packet; the borrow is for the code, not the types.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Config) {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -798,7 +807,7 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
         dst_port: rtp.dport,
         ssrc: rtp.ssrc,
     };
-    let (f, new) = match HIP_FLOWS.get_ptr_mut(key) {
+    let (f, new) = match HIP_FLOWS.get_ptr_mut(&key) {
         Some(f) => (f, false),
         None => {
             // A new flow: where it came from is the packet's SA or, without one, the
@@ -831,8 +840,8 @@ fn flow_in(ctx: &TcContext, ip: &Ip, src: Addr, dst: Addr, rtp: &Rtp, cfg: &Conf
                 _pad: [0; 6],
             };
             // NOEXIST: if another CPU created it meanwhile, use theirs.
-            let _ = HIP_FLOWS.insert(key, init, BPF_NOEXIST as u64);
-            match HIP_FLOWS.get_ptr_mut(key) {
+            let _ = HIP_FLOWS.insert(&key, &init, BPF_NOEXIST as u64);
+            match HIP_FLOWS.get_ptr_mut(&key) {
                 Some(f) => (f, true),
                 None => return stat(Stat::FlowInsertFailed),
             }

@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod call;
 pub mod dns;
+pub mod metrics;
 pub mod phone;
 pub mod relay;
 pub mod sip;

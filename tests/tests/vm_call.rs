@@ -12,7 +12,11 @@ use hip_tests::{
 
 #[test]
 fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
-    let mut s = Scenario::start(&Options::default()).unwrap();
+    let mut s = Scenario::start(&Options {
+        extra_config: hip_tests::metrics::CONFIG.into(),
+        ..Options::default()
+    })
+    .unwrap();
     let call = s.call().unwrap();
     let (a, b) = s.wait_established().unwrap();
 
@@ -101,8 +105,43 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
     assert_eq!(same["spi"], flow["spi"]);
     assert!(same["packets"].as_u64() >= Some(u64::from(N)), "{same}");
 
+    // The metrics endpoint shows the same kernel objects, SA counters and flow.
+    let m = hip_tests::metrics::scrape(s.bob_ns()).unwrap();
+    let get = |k: &str| hip_tests::metrics::get(&m, k);
+    assert_eq!(get("hip_kernel_sas"), 2.0);
+    assert_eq!(get("hip_kernel_policies"), 4.0);
+    let spi_in = format!("0x{:08x}", kb["spi_in"].as_u64().unwrap());
+    let esp_in = get(&format!(
+        "hip_esp_packets_total{{spi=\"{spi_in}\",direction=\"in\",peer_hit=\"{}\"}}",
+        s.alice_hit
+    ));
+    assert!(
+        esp_in >= f64::from(N),
+        "{esp_in} ESP packets counted on {spi_in}"
+    );
+    let flow_series = format!(
+        "{{src_hit=\"{}\",dst_hit=\"{}\",src_port=\"{}\",dst_port=\"{}\",ssrc=\"{}\"}}",
+        flow["src_hit"].as_str().unwrap(),
+        flow["dst_hit"].as_str().unwrap(),
+        flow["src_port"],
+        flow["dst_port"],
+        flow["ssrc"]
+    );
+    assert!(get(&format!("hip_rtp_packets_total{flow_series}")) >= f64::from(N));
+    assert_eq!(get(&format!("hip_rtp_lost{flow_series}")), 0.0);
+    assert!(get("hip_datapath_events_total{event=\"rtp_in\"}") >= f64::from(N));
+    assert_eq!(get("hip_associations{state=\"established\"}"), 1.0);
+    assert_eq!(get("hip_kernel_install_seconds_count"), 1.0);
+    assert!(
+        !m.keys().any(|k| k.starts_with("hip_scrape_error")),
+        "{m:#?}"
+    );
+
     s.hangup(&call).unwrap();
     s.wait_kernel_empty().unwrap();
+    let m = hip_tests::metrics::scrape(s.alice_ns()).unwrap();
+    assert_eq!(hip_tests::metrics::get(&m, "hip_kernel_sas"), 0.0);
+    assert_eq!(hip_tests::metrics::get(&m, "hip_kernel_policies"), 0.0);
 
     // The capture: between the hosts only HIP, ESP (with the reported SPIs) and SIP.
     let pcap = s.stop_capture().unwrap();
