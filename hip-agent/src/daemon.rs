@@ -1,5 +1,8 @@
-//! The daemon: one event loop that joins the SIP user agent, the known-HITs pool and the
-//! control socket — and, later, HIP, XFRM and the eBPF datapath.
+//! The daemon: one event loop that joins the SIP user agent (UDP/TCP/TLS), the known-HITs
+//! pool, the control socket, DNS verification of peer HITs, and [`Security`] — the HIP
+//! driver, the XFRM/eBPF offload of each association and the host's address changes. It
+//! applies the draft's §4 call policy (Identity, signed UPDATE, SIPS, the verification
+//! level) and turns call outcomes into HIP actions.
 //!
 //! # The seam for HIP
 //!

@@ -189,8 +189,9 @@ impl Default for DatapathOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
-    /// Kept alive for the programs' lifetime (see ENVIRONMENT.md: dropping it closes
-    /// the `AYA_LOGS` map fd). `None` if the object has no log statements.
+    /// Kept alive for the programs' lifetime (aya-log 0.3: dropping it closes the
+    /// `AYA_LOGS` map fd, and `BPF_PROG_LOAD` then fails with "fd N is not pointing to
+    /// valid bpf_map"). `None` if the object has no log statements.
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pin_dir: PathBuf,
     attached: Vec<(String, &'static str, SchedClassifierLinkId)>,

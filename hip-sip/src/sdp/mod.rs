@@ -5,7 +5,8 @@
 //!
 //! The HIT extension only needs to find and add `k=` and `a=key-mgmt:` lines at session level
 //! and per media description; everything else in a peer's SDP must come back out unchanged.
-//! The SDP crates that were tried do not keep everything (see DEPENDENCIES.md):
+//! The SDP crates that were tried, each on the draft's F1 body and `k=`/`a=key-mgmt:` lines at
+//! session and media level, do not keep everything:
 //! `sdp-types` drops unknown line letters, `ezk-sdp-types` drops `k=`, `webrtc-sdp` rejects it,
 //! `sdp` (webrtc-rs) rejects the draft's own F1 body (`c=` after `t=`), and `sipx-sdp`, which
 //! keeps unknown lines, still normalises typed ones on re-emit (it drops the `/ttl` of a
