@@ -121,7 +121,7 @@ pub fn run() -> Result<()> {
     r.run(
         "HIP: a legitimate base exchange during 10,000 spoofed I1/s forging the caller's address vs without (goal: ratio <= 2)",
         util::cmd(rel.join("hip-i1-flood-bench").to_str().unwrap())
-            .args(["15", "10000"])
+            .args(["40", "10000"])
             .env("HIP_AGENT_BIN", rel.join("hip-agent")),
     );
 

@@ -5,7 +5,7 @@
 //!
 //! Two real agents (`hip-agent`, `$HIP_AGENT_BIN`) in namespaces, HIP over raw sockets,
 //! no kernel offload (the host has no ESP; the exchange is the same). alice calls bob
-//! CALLS times (default 15) with no flood, then CALLS times while a thread in alice's
+//! CALLS times (default 40) with no flood, then CALLS times while a thread in alice's
 //! namespace sends bob I1s from random HITs with alice's own address as source (the
 //! kernel writes it: the forger needs no other host), then CALLS times with no flood
 //! again. The exchange's time is alice's own record of it (`timing_ms`: I1 sent →
@@ -68,17 +68,29 @@ fn median(mut v: Vec<u64>) -> f64 {
     }
 }
 
+fn mean(v: &[u64]) -> f64 {
+    v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
+}
+
 fn series(alice: &Agent, bob: &Agent, n: usize) -> Result<Vec<u64>> {
     (0..n).map(|_| one_call(alice, bob)).collect()
 }
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let calls: usize = args.next().map_or(Ok(15), |a| a.parse())?;
+    let calls: usize = args.next().map_or(Ok(40), |a| a.parse())?;
     let rate: u32 = args.next().map_or(Ok(10_000), |a| a.parse())?;
     hip_tests::on_interrupt(hip_tests::cleanup_own_namespaces);
     let (a_ip, b_ip): (Ipv4Addr, Ipv4Addr) = ("10.121.0.1".parse()?, "10.121.0.2".parse()?);
-    let (p, alice, bob) = agent_pair("i1fb", "10.121.0", "", "");
+    // The calls follow each other as fast as they complete, all from alice's address: bob's
+    // INVITE rate per source is raised so that SIP admission never refuses one (this
+    // measures HIP, and the flood is I1s, not INVITEs).
+    let (p, alice, bob) = agent_pair(
+        "i1fb",
+        "10.121.0",
+        "",
+        "[limits]\ninvites_per_source_per_sec = 10000\ninvite_burst_per_source = 10000\n",
+    );
     let bob_hit = hip_proto::Hit(
         bob.status()["hit"]
             .as_str()
@@ -121,8 +133,8 @@ fn main() -> Result<()> {
             })
             .expect("alice's namespace")
         });
-        // Let the flood reach its rate first.
-        std::thread::sleep(Duration::from_secs(1));
+        // Let the flood run for a while first (buckets drained, queues full).
+        std::thread::sleep(Duration::from_secs(3));
         let during = series(&alice, &bob, calls);
         stop.store(true, Ordering::Relaxed);
         let (n, took) = h.join().expect("flood thread");
@@ -134,6 +146,13 @@ fn main() -> Result<()> {
     let lanes = bob.status()["limits"]["hip"].clone();
     let base: Vec<u64> = before.iter().chain(&after).copied().collect();
     let (m0, m1) = (median(base.clone()), median(during.clone()));
+    // Whole milliseconds, and an exchange takes a few: the median is the measure; the mean
+    // of the exchanges that needed no retransmission (an I1 or I2 resent after the 1 s RTO)
+    // resolves it finer, and the retransmitted ones are counted apart.
+    let quick = |v: &[u64]| v.iter().copied().filter(|t| *t < 500).collect::<Vec<_>>();
+    let slow = |v: &[u64]| v.iter().filter(|t| **t >= 500).count();
+    let (a0, a1) = (mean(&quick(&base)), mean(&quick(&during)));
+    let ratio = m1 / m0.max(1.0);
     let achieved = sent as f64 / took.as_secs_f64();
     println!(
         "spoofed I1 flood forging the caller's address: {sent} I1s in {:.1} s = {achieved:.0}/s (asked {rate}/s)",
@@ -142,8 +161,12 @@ fn main() -> Result<()> {
     println!("  base exchange without flood (ms, before/after): {before:?} / {after:?}");
     println!("  base exchange during flood (ms): {during:?}");
     println!(
-        "  median: {m0:.1} ms without, {m1:.1} ms with: ratio {:.2} (goal <= 2.0)",
-        m1 / m0.max(1.0)
+        "  median: {m0:.1} ms without, {m1:.1} ms with: ratio {ratio:.2} (goal <= 2.0); mean without retransmissions {a0:.2} / {a1:.2} ms (ratio {:.2}); retransmitted: {} of {} without, {} of {} with",
+        a1 / a0.max(0.5),
+        slow(&base),
+        base.len(),
+        slow(&during),
+        during.len()
     );
     println!(
         "  bob's HIP driver: {} datagrams received, R1s sent to expected HITs {}, to others {}, I1s refused per address {}, for the strangers' budget {}, batches cut {}",
@@ -158,8 +181,8 @@ fn main() -> Result<()> {
     if achieved < f64::from(rate) * 0.9 {
         bail!("the flood reached only {achieved:.0}/s of {rate}/s");
     }
-    if m1 / m0.max(1.0) > 2.0 {
-        bail!("goal missed: ratio {:.2} > 2", m1 / m0.max(1.0));
+    if ratio > 2.0 {
+        bail!("goal missed: ratio {ratio:.2} > 2");
     }
     Ok(())
 }
