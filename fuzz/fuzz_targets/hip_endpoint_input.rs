@@ -11,8 +11,8 @@ use std::{
 };
 
 use hip_proto::{
-    Algorithm, HostIdentity,
-    endpoint::{Config, Endpoint},
+    Algorithm, Hit, HostIdentity,
+    endpoint::{Config, Endpoint, Snapshot},
     wire,
 };
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +20,11 @@ use rand_core::SeedableRng;
 
 struct State {
     ep: Endpoint,
+    /// The endpoint right after it was built, to return to (building it again costs
+    /// two key generations and the R1 pool's signatures).
+    snap: Snapshot,
+    peer: Hit,
+    now0: Instant,
     now: Instant,
 }
 
@@ -29,7 +34,7 @@ fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn fresh() -> State {
+fn build() -> State {
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
     let id = HostIdentity::generate(Algorithm::EcdsaP256, &mut rng).unwrap();
     let peer = HostIdentity::generate(Algorithm::EcdsaP256, &mut rng).unwrap();
@@ -40,16 +45,40 @@ fn fresh() -> State {
         puzzle_max_attempts: 1 << 12,
         ..Config::default()
     };
-    let mut ep = Endpoint::new(config, id, Box::new(rng), now).unwrap();
-    ep.initiate(now, addr("2001:db8::1"), addr("2001:db8::2"), Some(peer.hit()))
+    let ep = Endpoint::new(config, id, Box::new(rng), now).unwrap();
+    let snap = ep.snapshot();
+    let mut st = State {
+        ep,
+        snap,
+        peer: peer.hit(),
+        now0: now,
+        now,
+    };
+    fresh(&mut st);
+    st
+}
+
+/// Back to the built endpoint, in I1-SENT towards the peer, at the first instant.
+fn fresh(st: &mut State) {
+    st.ep.reset(
+        &st.snap,
+        Box::new(rand_chacha::ChaCha20Rng::seed_from_u64(2)),
+    );
+    st.now = st.now0;
+    st.ep
+        .initiate(
+            st.now,
+            addr("2001:db8::1"),
+            addr("2001:db8::2"),
+            Some(st.peer),
+        )
         .unwrap();
-    while ep.poll_transmit().is_some() {}
-    State { ep, now }
+    while st.ep.poll_transmit().is_some() {}
 }
 
 fuzz_target!(|data: &[u8]| {
     let mut guard = STATE.lock().unwrap();
-    let st = guard.get_or_insert_with(fresh);
+    let st = guard.get_or_insert_with(build);
     let (src, dst) = if data.first().is_some_and(|b| b & 1 == 1) {
         (addr("192.0.2.2"), addr("192.0.2.1"))
     } else {
@@ -68,6 +97,6 @@ fuzz_target!(|data: &[u8]| {
     st.ep.handle_timeout(now);
     // Start over now and then so that the I1-SENT association is there again.
     if st.ep.association_count() == 0 || data.len() % 251 == 0 {
-        *guard = Some(fresh());
+        fresh(st);
     }
 });

@@ -15,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
                 let bytes = p.to_bytes();
                 assert_eq!(bytes.len() % 8, 0);
                 let len = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
-                let again = Param::parse(p.ty(), &bytes[4..4 + len]).expect("emitted parameter parses");
+                let again =
+                    Param::parse(p.ty(), &bytes[4..4 + len]).expect("emitted parameter parses");
                 assert_eq!(again, p);
             }
             let _ = pkt.covered_prefix(raw.offset);

@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod attack;
 pub mod call;
 pub mod dns;
 pub mod metrics;

@@ -15,6 +15,7 @@ use std::{
 
 use hip_tests::{
     HostIdentityFile, VethPair,
+    attack::{RawHip, bad_checksum_i1, flood_invite, rss_kb, unverified_notify},
     relay::{Relay, Rules},
     sip::{Agent, NO_OFFLOAD, es256_key, hip_key, scratch, security_table, wait_calls_ended},
     wait_until,
@@ -361,35 +362,6 @@ fn a_peer_that_lost_its_state_is_noticed_and_the_next_call_works() {
     eprintln!("a restarted peer was reached again after {took:?}");
 }
 
-/// An INVITE with a fresh random HIT in its SDP, from `src`, never to be ACKed.
-fn flood_invite(src: SocketAddr, dst: &str, n: u32) -> String {
-    let hit = format!(
-        "2001002{:025X}",
-        u128::from(n) * 0x9E37_79B9_7F4A_7C15 % (1u128 << 100)
-    );
-    let body = format!(
-        "v=0\r\no=- {n} {n} IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
-         m=audio 4000 RTP/AVP 0\r\na=key-mgmt:host-identity-tag {hit}\r\n",
-        ip = src.ip()
-    );
-    format!(
-        "INVITE sip:bob@{dst} SIP/2.0\r\nVia: SIP/2.0/UDP {src};branch=z9hG4bKfl{n}\r\n\
-         Max-Forwards: 70\r\nTo: <sip:bob@biloxi.com>\r\nFrom: <sip:x{n}@evil.test>;tag=f{n}\r\n\
-         Call-ID: flood-{n}@evil.test\r\nCSeq: 1 INVITE\r\nContact: <sip:x@{src}>\r\n\
-         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-fn vm_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn an_invite_flood_keeps_calls_records_and_replies_bounded() {
     // Finding 3: 3,000 well-formed INVITEs with fresh HITs, never ACKed, from 100
@@ -416,7 +388,7 @@ fn an_invite_flood_keeps_calls_records_and_replies_bounded() {
         .ip(["route", "add", "10.97.1.0/24", "dev", &n.p.if_b])
         .unwrap();
     let dst = format!("{}:5060", n.b_ip);
-    let before = vm_rss_kb(n.bob.child.id());
+    let before = rss_kb(n.bob.child.id());
     let (replies, peak_rss, peak_pending) =
         n.p.a
             .run_in(|| {
@@ -436,7 +408,7 @@ fn an_invite_flood_keeps_calls_records_and_replies_bounded() {
                     let msg = flood_invite(sources[i], &dst, k);
                     socks[i].send_to(msg.as_bytes(), &dst).unwrap();
                     if k % 100 == 99 {
-                        peak_rss = peak_rss.max(vm_rss_kb(n.bob.child.id()));
+                        peak_rss = peak_rss.max(rss_kb(n.bob.child.id()));
                         let st = n.bob.status();
                         peak_pending = peak_pending
                             .max(st["limits"]["pending_incoming_calls"].as_u64().unwrap());
@@ -586,41 +558,8 @@ fn a_hip_barrage_is_counted_and_logged_in_summaries() {
     let lines_before = n.bob.log().lines().count();
     n.p.a
         .run_in(|| {
-            // SAFETY: a raw IPv4 socket for protocol 139; the kernel adds the IP header.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, 139) };
-            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-            let to = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(b).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            let send = |p: &[u8]| {
-                // SAFETY: valid buffer and address for the call.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        p.as_ptr().cast(),
-                        p.len(),
-                        0,
-                        (&to as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-            };
-            let mut i1 = hip_proto::wire::PacketBuilder::new(
-                hip_proto::wire::PacketType::I1,
-                0,
-                hip_proto::Hit([0x20, 0x01, 0, 0x2f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
-                hip_proto::Hit(hit_b.octets()),
-            );
-            i1.push(&hip_proto::wire::Param::DhGroupList(vec![7]))
-                .unwrap();
-            let mut bad = i1.finish();
-            hip_proto::wire::set_checksum(&mut bad, a.into(), b.into());
-            bad[4] ^= 0xff;
+            let raw = RawHip::new(b).unwrap();
+            let bad = bad_checksum_i1(hip_proto::Hit(hit_b.octets()), a, b);
             // Paced in bursts, so that most of it fits the receiver's socket buffer.
             let pace = |i: usize| {
                 if i % 200 == 199 {
@@ -628,29 +567,14 @@ fn a_hip_barrage_is_counted_and_logged_in_summaries() {
                 }
             };
             for i in 0..20_000 {
-                send(&bad);
+                raw.send(&bad);
                 pace(i);
             }
-            let mut notify = hip_proto::wire::PacketBuilder::new(
-                hip_proto::wire::PacketType::Notify,
-                0,
-                hip_proto::Hit([0x20, 0x01, 0, 0x2f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
-                hip_proto::Hit(hit_b.octets()),
-            );
-            notify
-                .push(&hip_proto::wire::Param::Notification {
-                    msg_type: 14,
-                    data: vec![],
-                })
-                .unwrap();
-            let mut notify = notify.finish();
-            hip_proto::wire::set_checksum(&mut notify, a.into(), b.into());
+            let notify = unverified_notify(hip_proto::Hit(hit_b.octets()), a, b);
             for i in 0..2_000 {
-                send(&notify);
+                raw.send(&notify);
                 pace(i);
             }
-            // SAFETY: our descriptor.
-            unsafe { libc::close(fd) };
         })
         .unwrap();
     // Under load the raw socket's buffer overflows and some of the barrage never reaches

@@ -6,8 +6,10 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod interop;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vm;
@@ -42,6 +44,11 @@ enum Task {
     /// Developer tool, not in CI: live base exchanges against a local cutehip checkout
     /// (every HI × DH group, both directions, unpatched and with cutehip-fixes.patch).
     Interop(interop::InteropArgs),
+    /// Developer tool, not in CI: every fuzz target to 10 M executions (cargo-fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
+    /// Not in CI: legitimate calls under rotating floods for N minutes (default 30), with
+    /// RSS, descriptors, calls and records checked for bounds.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +62,8 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Bench => setup::run().and_then(|()| bench::run()),
         Task::Interop(a) => interop::run(&a),
+        Task::Fuzz(a) => fuzz::run(&a),
+        Task::Soak(a) => setup::run().and_then(|()| soak::run(&a)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -615,6 +615,18 @@ pub struct Stats {
     pub unverified_notify: u64,
 }
 
+/// An endpoint's R1 pool at one moment, for [`Endpoint::reset`].
+#[derive(Clone)]
+pub struct Snapshot {
+    pool: R1Pool,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").finish_non_exhaustive()
+    }
+}
+
 /// A boxed RNG.
 pub type BoxRng = Box<dyn CryptoRng + Send>;
 
@@ -683,6 +695,32 @@ impl Endpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
+    }
+
+    /// What [`Endpoint::reset`] returns to: the R1 pool as it is now (its DH keys, puzzle
+    /// secret and signed R1s). Take it right after [`Endpoint::new`].
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// Returns to the state of `snap`, as if the endpoint had just been created with that
+    /// pool and `rng`: every association, queued transmit and event, rate-limit bucket and
+    /// counter is forgotten; identity, configuration, SPI allocator and policy stay.
+    /// Simulations and the fuzz targets run many sessions on one endpoint this way
+    /// without paying for the pool's signatures and DH keys each time.
+    pub fn reset(&mut self, snap: &Snapshot, rng: BoxRng) {
+        self.pool = snap.pool.clone();
+        self.rng = rng;
+        self.assocs.clear();
+        self.opportunistic.clear();
+        self.r1_limiter = ratelimit::Limiter::default();
+        self.r1_expected = ratelimit::Limiter::default();
+        self.r1_unexpected = ratelimit::Limiter::default();
+        self.stats = Stats::default();
+        self.transmits.clear();
+        self.events.clear();
     }
 
     /// Replaces the SPI allocator.

@@ -26,12 +26,14 @@ use crate::{
     wire::{self, PacketBuilder, PacketType, Param},
 };
 
+#[derive(Clone)]
 pub(super) struct Slot {
     pub dh: DhSecret,
     template: Vec<u8>,
     puzzle_off: usize,
 }
 
+#[derive(Clone)]
 pub(super) struct Generation {
     pub counter: u64,
     secret: [u8; 32],
@@ -40,6 +42,7 @@ pub(super) struct Generation {
     used: HashSet<(Hit, Vec<u8>)>,
 }
 
+#[derive(Clone)]
 pub(super) struct R1Pool {
     cur: Generation,
     prev: Option<Generation>,

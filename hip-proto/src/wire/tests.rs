@@ -30,6 +30,32 @@ fn rfc7401_appendix_c_checksums() {
     assert_eq!(checksum(s4, d6, &p), None);
 }
 
+#[test]
+fn the_checksum_of_any_slice_is_computed_without_overflow() {
+    // Found by the hip_packet_parse and hip_endpoint_input fuzz targets: a 400 KB input
+    // overflowed the 32-bit sum
+    // (a panic with overflow checks, a wrong checksum without). No datagram is that long,
+    // but the function takes any slice.
+    let s6: IpAddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().into();
+    let d6: IpAddr = "2001:db8::2".parse::<Ipv6Addr>().unwrap().into();
+    let mut big = vec![0xffu8; 408_535];
+    big[4] = 0;
+    big[5] = 0;
+    let c = checksum(s6, d6, &big).expect("IPv6 takes it");
+    set_checksum(&mut big, s6, d6);
+    assert_eq!(u16::from_be_bytes([big[4], big[5]]), c);
+    assert!(verify_checksum(&big, s6, d6));
+    // Ordinary packets keep their checksum.
+    let small = appendix_c_i1();
+    assert_eq!(checksum(s6, d6, &small), Some(0x1a5e));
+    // Over IPv4 the pseudo-header's length is 16 bits: a longer input has no checksum.
+    let s4: IpAddr = Ipv4Addr::new(192, 0, 2, 1).into();
+    let d4: IpAddr = Ipv4Addr::new(192, 0, 2, 2).into();
+    assert_eq!(checksum(s4, d4, &big), None);
+    assert!(!verify_checksum(&big, s4, d4));
+    assert!(checksum(s4, d4, &big[..65_535]).is_some());
+}
+
 fn all_params() -> Vec<Param> {
     vec![
         Param::EspInfo {

@@ -252,7 +252,12 @@ fn classify(kind: char, value: &str) -> Option<(Form, Kind, &str)> {
                 return None;
             }
             let rest = rest.trim_start();
-            let (m, d) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
+            // Any whitespace ends the method, as `trim` does for `k=`: a body cut right
+            // after a CR leaves it at the end of the last line's text, and the line must
+            // read the same once a line is appended after it (found by fuzz/sdp_parse).
+            let (m, d) = rest
+                .split_once(|c: char| c.is_ascii_whitespace())
+                .unwrap_or((rest, ""));
             (Form::KeyMgmt, m, d)
         }
         _ => return None,

@@ -290,6 +290,41 @@ fn a_line_added_after_a_final_bare_cr_reads_back_as_the_same_lines() {
     assert_eq!(Sdp::parse(&text).unwrap(), sdp);
 }
 
+/// Fuzz finding (`sdp_parse`): a last line `a=key-mgmt:host-identity` cut right after its
+/// CR read as no identity line (the CR stuck to the method), but as a malformed HI line once
+/// a line was appended after it (the CR then ends the line). It reads the same both ways.
+#[test]
+fn a_key_mgmt_method_before_a_final_bare_cr_reads_the_same_after_an_edit() {
+    let body = "v=\r\no=bo\nm=au]io 4000 rTP/AVP 0\r\na=key-mgmt:host-identity\r";
+    let mut sdp = Sdp::parse(body).unwrap();
+    let before = find_identities(&sdp, &derive);
+    assert!(
+        matches!(before, Err(SdpError::BadBase64 { line: 4, .. })),
+        "{before:?}"
+    );
+    let me = HostIdentity {
+        hit: hit("2001:20::b"),
+        hi: None,
+    };
+    insert_identity(
+        &mut sdp,
+        Scope::Media(0),
+        Form::KeyMgmt,
+        HitFormat::Ipv6,
+        &me,
+    )
+    .unwrap();
+    let again = Sdp::parse(&sdp.emit()).unwrap();
+    assert_eq!(again, sdp);
+    assert_eq!(find_identities(&again, &derive), before);
+    // A tab or a CR ends the method as a space does.
+    for sep in ["\t", "\r"] {
+        let b = format!("{HEAD}a=key-mgmt:host-identity-tag{sep}2001:20::b\n");
+        let ids = find_identities(&Sdp::parse(&b).unwrap(), &derive).unwrap();
+        assert_eq!(ids.len(), 1, "{sep:?}");
+    }
+}
+
 fn err(body: &str) -> SdpError {
     find_identities(&Sdp::parse(body).unwrap(), &derive).unwrap_err()
 }
