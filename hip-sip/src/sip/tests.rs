@@ -1521,3 +1521,41 @@ fn a_request_that_no_response_could_echo_is_refused_up_front() {
 }
 
 mod floods;
+
+/// Found by the `sip_parse` fuzz target: a request whose top Via carries the branch and
+/// sent-by of our own INVITE (our request looped back, or forged from it) used to get a
+/// server transaction under the same key as our client transaction. When the client
+/// transaction ended, the timers of both went (they are keyed alike), and the server
+/// transaction, waiting for Timer H, stayed for good. Now it is refused as a loop.
+#[test]
+fn a_request_with_our_own_via_branch_is_refused_and_leaves_nothing() {
+    let mut sim = Sim::new(vec![ua("alice", "atlanta.com", ALICE, 1)]);
+    let now = sim.now;
+    sim.nodes[0]
+        .ua
+        .call(now, "sip:nobody@192.0.2.99", None)
+        .unwrap();
+    sim.run_for(ms(10));
+    let ours = String::from_utf8_lossy(&sim.log[0].data).into_owned();
+    let via = header(&ours, "Via").unwrap().to_owned();
+    let looped = format!(
+        "INVITE sip:alice@192.0.2.1 SIP/2.0\r\nVia: {via}\r\nTo: <sip:alice@atlanta.com>\r\n\
+         From: <sip:x@y>;tag=1\r\nCall-ID: loop1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    );
+    sim.inject(0, "192.0.2.9:5060", &looped);
+    let answer = sim
+        .log
+        .iter()
+        .find(|w| w.to == addr("192.0.2.9:5060"))
+        .expect("an answer to the looped request");
+    assert_eq!(answer.first_line(), "SIP/2.0 482 Loop Detected");
+    assert_eq!(
+        sim.nodes[0].ua.transaction_count(),
+        (1, 0),
+        "only our INVITE"
+    );
+    // Our INVITE times out (Timer B); nothing is left behind.
+    sim.run_until(Duration::from_secs(70));
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+    assert!(sim.nodes[0].ua.calls().is_empty());
+}

@@ -626,6 +626,25 @@ impl UserAgent {
                 return;
             }
         }
+        // A request whose top Via carries one of our own client transactions' branch and
+        // sent-by (our request looped back, or a forger copying our Via) would get a server
+        // transaction under the same key as that client transaction. Their timers are keyed
+        // alike, so ending one would cancel the other's, and a server transaction without
+        // its timer is never freed. RFC 3261 §8.2.2.2: refuse it as a loop, statelessly.
+        if let Message::Request(r) = &msg
+            && r.method != Method::Ack
+            && let Some(k) = TransactionKey::from_request(r)
+            && self.layer.client_request(&k).is_some()
+        {
+            self.bad_request(
+                src,
+                &msg,
+                482,
+                "Loop Detected",
+                "a request carrying the branch of our own transaction",
+            );
+            return;
+        }
         let reliability = if src.transport.is_reliable() {
             sx::Reliability::Reliable
         } else {
