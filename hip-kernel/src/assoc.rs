@@ -496,7 +496,7 @@ impl ReqidPool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{EspKeys, EspTransform};
 

@@ -5,29 +5,16 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::{
     AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, KernelIpsec,
-    Lifetimes, LocatorPair, PolicyDir, Prefix, Reqid, XfrmError, install_association,
-    install_guard,
+    LocatorPair, PolicyDir, Prefix, Reqid, XfrmError, install_association, install_guard,
     memory::{MemoryIpsec, Op, Snapshot, Verdict},
     reconcile, rekey_association, remove_association,
 };
 
+/// The association of `assoc`'s own tests, with the given fail-closed scheme.
 fn assoc(fail_closed: FailClosed) -> AssociationParams {
-    let k = |b| EspKeys::new(EspTransform::AesCbc128HmacSha256, &[b; 16], &[b; 32]).unwrap();
     AssociationParams {
-        local_hit: "2001:20::a".parse().unwrap(),
-        peer_hit: "2001:20::b".parse().unwrap(),
-        local_locator: "192.0.2.1".parse().unwrap(),
-        peer_locator: "192.0.2.4".parse().unwrap(),
-        spi_in: 0x1000,
-        spi_out: 0x2000,
-        keys: EspKeyPair {
-            outbound: k(1),
-            inbound: k(2),
-        },
-        reqid: Reqid::hip(7),
-        replay_window: 64,
-        lifetimes: Lifetimes::UNLIMITED,
         fail_closed,
+        ..crate::assoc::tests::assoc()
     }
 }
 
@@ -203,7 +190,7 @@ fn a_move_keeps_sequence_numbers_and_a_missing_sa_is_refused() {
     run(install_association(&k, &a)).unwrap();
     k.set_seq(&a.sa_out().id(), 500, 0);
     let moved = AssociationParams {
-        peer_locator: "192.0.2.11".parse::<IpAddr>().unwrap(),
+        peer_locator: "2001:db8::11".parse::<IpAddr>().unwrap(),
         ..a.clone()
     };
     // The agent's move (hip-agent `Offload::locators_changed`): the policies' templates
@@ -230,7 +217,7 @@ fn a_move_keeps_sequence_numbers_and_a_missing_sa_is_refused() {
     k.remove_behind_back(&moved.sa_out().id());
     let before = k.snapshot();
     let back = AssociationParams {
-        peer_locator: "192.0.2.4".parse().unwrap(),
+        peer_locator: "2001:db8::2".parse().unwrap(),
         ..moved.clone()
     };
     let err = run(k.move_sa(&moved.sa_out().id(), &back.sa_out())).unwrap_err();
@@ -243,7 +230,7 @@ fn reconcile_keeps_the_live_and_removes_the_stale() {
     let live = assoc(FailClosed::PerPeer);
     let stale = AssociationParams {
         peer_hit: "2001:20::c".parse().unwrap(),
-        peer_locator: "192.0.2.9".parse().unwrap(),
+        peer_locator: "2001:db8::9".parse().unwrap(),
         spi_in: 0x5000,
         spi_out: 0x6000,
         reqid: Reqid::hip(8),
