@@ -136,30 +136,25 @@ pub enum DnsError {
 impl TsigKey {
     /// Parses BIND's key statement (the output of `tsig-keygen`, or `rndc-confgen -a`'s).
     pub fn parse(text: &str) -> Result<Self, String> {
-        // Tokens: words, quoted strings, and `{ } ;`. Comments (`#`, `//`) are skipped.
+        // Tokens: words, quoted strings, and `{ } ;`. Comments (`#`, `//` to the end of the
+        // line) are skipped, but only outside quotes: a base64 secret may hold `//`.
         let mut toks = Vec::new();
-        for line in text.lines() {
-            let line = line.split("//").next().unwrap_or("");
-            let line = line.split('#').next().unwrap_or("");
-            let mut chars = line.chars().peekable();
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    chars.next();
-                } else if c == '"' {
-                    chars.next();
-                    let s: String = chars.by_ref().take_while(|&c| c != '"').collect();
-                    toks.push(s);
-                } else if "{};".contains(c) {
-                    chars.next();
-                    toks.push(c.to_string());
-                } else {
-                    let mut s = String::new();
-                    while let Some(&c) = chars.peek() {
-                        if c.is_whitespace() || "{};\"".contains(c) {
-                            break;
-                        }
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                c if c.is_whitespace() => {}
+                '"' => toks.push(chars.by_ref().take_while(|&c| c != '"').collect()),
+                '{' | '}' | ';' => toks.push(c.to_string()),
+                '#' => while chars.next_if(|&c| c != '\n').is_some() {},
+                '/' if chars.peek() == Some(&'/') => {
+                    while chars.next_if(|&c| c != '\n').is_some() {}
+                }
+                c => {
+                    let mut s = String::from(c);
+                    while let Some(c) =
+                        chars.next_if(|&c| !c.is_whitespace() && !"{};\"#".contains(c))
+                    {
                         s.push(c);
-                        chars.next();
                     }
                     toks.push(s);
                 }
@@ -795,5 +790,48 @@ fn rtype_name(t: RecordType) -> String {
         "HIP".into()
     } else {
         t.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tsig_keygen_statement_parses() {
+        let k = TsigKey::parse(
+            "key \"alice.hip.test.\" {\n\talgorithm hmac-sha256;\n\tsecret \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\";\n};\n",
+        )
+        .unwrap();
+        assert_eq!(k.name.to_ascii(), "alice.hip.test.");
+        assert_eq!(k.algorithm, TsigAlgorithm::HmacSha256);
+        assert_eq!(k.secret, (0u8..32).collect::<Vec<_>>());
+    }
+
+    /// A base64 secret may hold `//` (and `+`); comment markers inside quotes are data.
+    /// CI once drew such a secret from `tsig-keygen` and the parser cut it at the `//`.
+    #[test]
+    fn comment_markers_inside_the_secret_are_part_of_it() {
+        let secret = [0xffu8, 0xff, 0xff, 0xfb, 0xef, 0xbe];
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        assert!(b64.contains("//"), "{b64}");
+        let k = TsigKey::parse(&format!(
+            "# made by hand\nkey \"k.\" {{ // a comment\n algorithm hmac-sha512; secret \"{b64}\"; }};"
+        ))
+        .unwrap();
+        assert_eq!(k.secret, secret);
+        assert_eq!(k.algorithm, TsigAlgorithm::HmacSha512);
+    }
+
+    #[test]
+    fn a_bad_statement_is_refused_with_its_cause() {
+        let e = TsigKey::parse("key \"k.\" { algorithm hmac-md5; secret \"AAAA\"; };").unwrap_err();
+        assert!(e.contains("hmac-md5"), "{e}");
+        let e =
+            TsigKey::parse("key \"k.\" { algorithm hmac-sha256; secret \"#!\"; };").unwrap_err();
+        assert!(e.contains("base64"), "{e}");
+        let e = TsigKey::parse("options { };").unwrap_err();
+        assert!(e.contains("expected `key"), "{e}");
     }
 }
