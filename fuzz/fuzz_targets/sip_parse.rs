@@ -35,6 +35,9 @@ use hip_sip::{
     sip::{ConnId, Event, Transport, UaConfig, UserAgent},
 };
 use libfuzzer_sys::fuzz_target;
+// The harness's own byte searches: `windows(n).any(..)` made one traced memcmp per byte,
+// and that tracing was most of an execution.
+use memchr::memmem;
 use sipx_sip::{Limits, StreamParser, parse_datagram};
 
 const PLACE_CALL: u8 = 1;
@@ -98,10 +101,7 @@ fn check_remote(body: &[u8], auth: Option<&hip_sip::sip::RequestAuth>) {
 
 /// The header lines named `name` (or its compact form) of a message, folding included.
 fn header_lines(msg: &[u8], name: &str, compact: Option<u8>) -> Vec<u8> {
-    let head_end = msg
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(msg.len());
+    let head_end = memmem::find(msg, b"\r\n\r\n").unwrap_or(msg.len());
     let mut out = Vec::new();
     let mut taking = false;
     for line in msg[..head_end].split(|&b| b == b'\n').skip(1) {
@@ -132,21 +132,18 @@ fn header_lines(msg: &[u8], name: &str, compact: Option<u8>) -> Vec<u8> {
 fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(hay.len());
     let mut i = 0;
-    while i < hay.len() {
-        if hay[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-        } else {
-            out.push(hay[i]);
-            i += 1;
-        }
+    for at in memmem::find_iter(hay, needle) {
+        out.extend_from_slice(&hay[i..at]);
+        out.extend_from_slice(with);
+        i = at + needle.len();
     }
+    out.extend_from_slice(&hay[i..]);
     out
 }
 
 /// Expands SIPp-style keywords against the last message the UA sent.
 fn expand(msg: &[u8], last_sent: &[u8]) -> Vec<u8> {
-    if !msg.contains(&b'[') {
+    if memchr::memchr(b'[', msg).is_none() {
         return msg.to_vec();
     }
     let mut m = msg.to_vec();
@@ -157,16 +154,13 @@ fn expand(msg: &[u8], last_sent: &[u8]) -> Vec<u8> {
         (b"[last_Call-ID:]", "Call-ID", Some(b'i')),
         (b"[last_CSeq:]", "CSeq", None),
     ] {
-        if m.windows(key.len()).any(|w| w == key) {
+        if memmem::find(&m, key).is_some() {
             m = replace_all(&m, key, &header_lines(last_sent, name, compact));
         }
     }
-    if m.windows(5).any(|w| w == b"[len]") {
+    if memmem::find(&m, b"[len]").is_some() {
         // The keyword stands in the head, so replacing it leaves the body's length as is.
-        let body = m
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(0, |e| m.len() - (e + 4));
+        let body = memmem::find(&m, b"\r\n\r\n").map_or(0, |e| m.len() - (e + 4));
         m = replace_all(&m, b"[len]", body.to_string().as_bytes());
     }
     m
@@ -177,11 +171,11 @@ fn expand(msg: &[u8], last_sent: &[u8]) -> Vec<u8> {
 /// only be as well-formed as they were: it is marked by its 399 Warning.
 fn check_sent(data: &Bytes) {
     assert!(
-        data.starts_with(b"SIP/2.0 ") || data.windows(8).any(|w| w == b" SIP/2.0"),
+        data.starts_with(b"SIP/2.0 ") || memmem::find(data, b" SIP/2.0").is_some(),
         "not a SIP message: {:?}",
         String::from_utf8_lossy(data)
     );
-    let lenient = data.windows(22).any(|w| w == b"Warning: 399 hip-agent");
+    let lenient = memmem::find(data, b"Warning: 399 hip-agent").is_some();
     if !lenient && let Err(e) = parse_datagram(data.clone(), &Limits::stream()) {
         panic!(
             "the UA sent a message that does not parse ({e}):\n{}",
@@ -338,7 +332,7 @@ fuzz_target!(|data: &[u8]| {
     let mut steps = Vec::new();
     let mut rest = rest;
     while steps.len() < MAX_STEPS {
-        match rest.windows(STEP_SEP.len()).position(|w| w == STEP_SEP) {
+        match memmem::find(rest, STEP_SEP) {
             Some(p) => {
                 steps.push(&rest[..p]);
                 rest = &rest[p + STEP_SEP.len()..];

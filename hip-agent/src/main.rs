@@ -7,6 +7,11 @@ mod cmd_hip;
 mod cmd_sip;
 mod cmd_xfrm;
 
+// `--cfg fuzzing` swaps hip-proto's signatures and ECDH for hash stand-ins
+// (`hip_proto::crypto::fuzzing`): never in an agent.
+#[cfg(fuzzing)]
+compile_error!("hip-agent must not be built with `--cfg fuzzing` (hip-proto's crypto stand-ins)");
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
