@@ -1559,3 +1559,52 @@ fn a_request_with_our_own_via_branch_is_refused_and_leaves_nothing() {
     assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
     assert!(sim.nodes[0].ua.calls().is_empty());
 }
+
+/// Found by fuzzing (`fuzz/seeds/sip_parse/regress_bye_in_early_dialog`): a BYE in the
+/// early dialog of an unanswered incoming call ended the call but left its INVITE server
+/// transaction without a final response for good. RFC 3261 §15.1.2: the pending INVITE
+/// gets a 487 too.
+#[test]
+fn a_bye_in_an_early_dialog_ends_the_pending_invite_with_487() {
+    let mut sim = Sim::new(vec![ua("bob", "biloxi.com", BOB, 2)]);
+    let invite = "INVITE sip:bob@192.0.2.4 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bKearly1\r\nMax-Forwards: 70\r\n\
+         To: <sip:bob@biloxi.com>\r\nFrom: <sip:alice@atlanta.com>;tag=a1\r\n\
+         Call-ID: early-bye\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.9>\r\n\
+         Content-Length: 0\r\n\r\n";
+    sim.inject(0, "192.0.2.9:5060", invite);
+    let b = incoming(&sim, 0);
+    let now = sim.now;
+    sim.nodes[0].ua.ring(now, b, 180).unwrap();
+    sim.settle();
+    let ringing = sim.log.last().unwrap().clone();
+    assert_eq!(ringing.first_line(), "SIP/2.0 180 Ringing");
+    let tag = to_tag_in(&ringing);
+    let bye = format!(
+        "BYE sip:bob@192.0.2.4 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bKearly2\r\nMax-Forwards: 70\r\n\
+         To: <sip:bob@biloxi.com>;tag={tag}\r\nFrom: <sip:alice@atlanta.com>;tag=a1\r\n\
+         Call-ID: early-bye\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    sim.inject(0, "192.0.2.9:5060", &bye);
+    let lines: Vec<String> = sim.log.iter().map(Wire::first_line).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "SIP/2.0 180 Ringing",
+            "SIP/2.0 200 OK",
+            "SIP/2.0 487 Request Terminated",
+        ]
+    );
+    assert!(matches!(
+        sim.events(0).last(),
+        Some(Event::Ended {
+            reason: EndReason::RemoteBye,
+            ..
+        })
+    ));
+    // The 487 is retransmitted until Timer H: the ACK never comes, and then nothing is left.
+    sim.run_until(Duration::from_secs(70));
+    assert_eq!(sim.nodes[0].ua.transaction_count(), (0, 0));
+    assert!(sim.nodes[0].ua.calls().is_empty());
+}

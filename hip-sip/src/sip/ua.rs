@@ -889,6 +889,9 @@ impl UserAgent {
             Method::Bye => match self.dialog_of(&req.headers) {
                 Some(h) => {
                     self.simple_reply(now, key, &req, 200, "OK", &[]);
+                    // RFC 3261 §15.1.2: a BYE in an early dialog leaves the INVITE pending;
+                    // it gets a 487, or its server transaction would wait for good.
+                    self.terminate_pending_invite(now, h);
                     self.end_call(h, EndReason::RemoteBye);
                 }
                 None => {
@@ -1113,13 +1116,28 @@ impl UserAgent {
             self.respond(now, key, r);
         }
         if matches!(state, CallState::Initiating | CallState::Early) {
-            let invite = self.calls.get(&h).and_then(|c| c.invite.clone());
-            if let (Some(inv), Some(ik)) = (invite, invite_key)
-                && let Ok(r) = self.response(&inv, 487, "Request Terminated", Some(&tag), &[], None)
-            {
-                self.respond(now, &ik, r);
-            }
+            self.terminate_pending_invite(now, h);
             self.end_call(h, EndReason::Cancelled);
+        }
+    }
+
+    /// 487 to the INVITE of an incoming call that has had no final response yet (after a
+    /// CANCEL, RFC 3261 §9.2, or a BYE in the early dialog, §15.1.2).
+    fn terminate_pending_invite(&mut self, now: Instant, h: CallHandle) {
+        let Some(c) = self.calls.get(&h) else {
+            return;
+        };
+        if c.direction != Direction::Incoming
+            || !matches!(c.state, CallState::Initiating | CallState::Early)
+        {
+            return;
+        }
+        let (tag, invite, invite_key) =
+            (c.local_tag.clone(), c.invite.clone(), c.invite_key.clone());
+        if let (Some(inv), Some(ik)) = (invite, invite_key)
+            && let Ok(r) = self.response(&inv, 487, "Request Terminated", Some(&tag), &[], None)
+        {
+            self.respond(now, &ik, r);
         }
     }
 
