@@ -968,6 +968,12 @@ pub struct SipSection {
     /// Requested registration lifetime, seconds.
     #[serde(default = "default_expires")]
     pub register_expires: u32,
+    /// Keep-alives (double CRLF, RFC 5626 §3.5.1) to the registrar while registered, so a
+    /// NAT on the way keeps its binding: absent, RFC 5626 §4.4.1's intervals (24–29 s over
+    /// UDP, 95–120 s over TCP/TLS, or 80–100 % of the registrar's `Flow-Timer`); `0`, none;
+    /// `N`, every N seconds.
+    #[serde(default)]
+    pub keepalive_secs: Option<u64>,
     /// The address peers reach us at (Via, Contact, SDP `c=`). Default: the first listen
     /// address if it is not a wildcard.
     #[serde(default)]

@@ -47,8 +47,8 @@ use hip_sip::{
     identity,
     sdp::{self, Form, Hit, HostIdentity as SdpIdentity, IdentityEntry, Sdp, SdpError},
     sip::{
-        CallHandle, CallInfo, Direction, EndReason, Event, RequestAuth, Transport, UaConfig,
-        UserAgent,
+        CallHandle, CallInfo, Direction, EndReason, Event, KeepAlive, RequestAuth, Transport,
+        UaConfig, UserAgent,
     },
 };
 use serde::Serialize;
@@ -442,6 +442,11 @@ impl Daemon {
         uc.outbound_proxy = cfg.sip.outbound_proxy.map(|t| (t.transport, t.addr));
         uc.registrar = cfg.sip.registrar.map(|t| (t.transport, t.addr));
         uc.register_expires = cfg.sip.register_expires;
+        uc.keepalive = match cfg.sip.keepalive_secs {
+            None => KeepAlive::Rfc5626,
+            Some(0) => KeepAlive::Off,
+            Some(n) => KeepAlive::Every(Duration::from_secs(n)),
+        };
         uc.timers = cfg.sip.timers;
         uc.limits = cfg.limits.sip();
         uc.seed = rand::random();
@@ -1712,7 +1717,17 @@ impl Daemon {
                 "hit": self.own.hit,
                 "hit_hex": self.own.hit.to_hex(),
                 "listen": self.svc.local.iter().map(|(t, a)| format!("{}:{a}", t.via_token().to_ascii_lowercase())).collect::<Vec<_>>(),
-                "registration": self.registration,
+                "registration": ({
+                    let mut r = json!(self.registration);
+                    if let Some(k) = self.ua.keepalive_status() {
+                        r["keepalive"] = json!({
+                            "sent": k.sent,
+                            "last_secs_ago": k.last.map(|t| now.saturating_duration_since(t).as_secs()),
+                            "next_in_secs": k.next.map(|t| t.saturating_duration_since(now).as_secs()),
+                        });
+                    }
+                    r
+                }),
                 "calls": ({
                     let table = self.flow_table();
                     self.ua.calls().into_iter().map(|c| {

@@ -1097,7 +1097,9 @@ impl EdgeProxy {
             }
         }
 
-        // Forward (RFC 3261 §16.6): Max-Forwards, Record-Route / Path, our Via.
+        // Forward (RFC 3261 §16.6): the sender's real address in its Via (RFC 3581 §4, so
+        // the next hops see a phone's NAT), Max-Forwards, Record-Route / Path, our Via.
+        super::nat::stamp_via(&mut req.headers, src.addr);
         set_header(
             &mut req.headers,
             HeaderName::MaxForwards,

@@ -22,6 +22,7 @@ mod admission;
 mod digest;
 pub mod edge;
 mod malformed;
+mod nat;
 mod timers;
 mod ua;
 
@@ -35,7 +36,8 @@ use serde::{Deserialize, Serialize};
 
 pub use admission::{AdmissionStats, Limits};
 pub use digest::{DigestAlgorithm, DigestChallenge, digest_response};
-pub use ua::UserAgent;
+pub use nat::KeepAlive;
+pub use ua::{KeepAliveStatus, UserAgent};
 
 /// A SIP transport (RFC 3261 §18; TLS per §26.2 for `sips:`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -375,6 +377,8 @@ pub struct UaConfig {
     pub seed: u64,
     /// Caps on what unauthenticated requests may make us hold and send.
     pub limits: Limits,
+    /// Keep-alives on the registration flow, so a NAT keeps its binding (RFC 5626 §4.4.1).
+    pub keepalive: KeepAlive,
 }
 
 impl UaConfig {
@@ -395,6 +399,7 @@ impl UaConfig {
             user_agent: concat!("hip-agent/", env!("CARGO_PKG_VERSION")).into(),
             seed: 0,
             limits: Limits::default(),
+            keepalive: KeepAlive::Rfc5626,
         }
     }
 }

@@ -1521,6 +1521,7 @@ fn a_request_that_no_response_could_echo_is_refused_up_front() {
 }
 
 mod floods;
+mod nat;
 
 /// Found by the `sip_parse` fuzz target: a request whose top Via carries the branch and
 /// sent-by of our own INVITE (our request looped back, or forged from it) used to get a

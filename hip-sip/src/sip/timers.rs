@@ -39,6 +39,11 @@ impl<K: Hash + Eq + Clone> TimerQueue<K> {
         }
     }
 
+    /// When `key` fires, if armed.
+    pub(crate) fn deadline(&self, key: &K) -> Option<Instant> {
+        self.armed.get(key).map(|(t, _)| *t)
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.order.keys().next().map(|(t, _)| *t)
     }

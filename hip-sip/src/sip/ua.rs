@@ -37,6 +37,8 @@ enum TimerKey {
     AckTimeout(CallHandle),
     /// Registration refresh (RFC 3261 §10.2.4).
     RegisterRefresh,
+    /// Keep-alive of the registration flow through NATs (RFC 5626 §4.4.1).
+    KeepAlive,
     /// UAC gives up on a cancelled INVITE 64·T1 after the CANCEL if no final response came
     /// (RFC 3261 §9.1): a client transaction in Proceeding has no timer of its own.
     CancelGiveUp(CallHandle),
@@ -132,6 +134,10 @@ struct Registration {
     auth_tries: u32,
     auth_header: Option<(HeaderName, String)>,
     dest: Dest,
+    /// The registrar's `Flow-Timer` (RFC 5626 §4.4.1), seconds.
+    flow_timer: Option<u32>,
+    keepalives_sent: u64,
+    last_keepalive: Option<Instant>,
 }
 
 /// The SIP user agent core. See the [module docs](super) for the call order.
@@ -347,6 +353,7 @@ impl UserAgent {
                 TimerKey::RegisterRefresh => {
                     let _ = self.register(now);
                 }
+                TimerKey::KeepAlive => self.send_keepalive(now),
             }
         }
     }
@@ -400,6 +407,13 @@ impl UserAgent {
                 None,
             )
         });
+        // RFC 5626 §3.5.1: a double-CRLF ping between messages gets a CRLF pong.
+        if data == super::nat::PING && parser.pending() == 0 {
+            self.transmits.push_back(Transmit {
+                dest: src,
+                data: Bytes::from_static(super::nat::PONG),
+            });
+        }
         match parser.push(data) {
             Ok(msgs) => {
                 // The clock for a message starts with its first byte and stops when the
@@ -590,10 +604,15 @@ impl UserAgent {
         Ok(())
     }
 
-    fn handle_message(&mut self, now: Instant, src: Dest, msg: Message) {
+    fn handle_message(&mut self, now: Instant, src: Dest, mut msg: Message) {
         if let Err((status, reason, why)) = Self::validate(&msg) {
             self.bad_request(src, &msg, status, reason, &why);
             return;
+        }
+        // RFC 3581 §4: where the request really came from goes in its top Via, and so into
+        // every response (which goes to that source, not to the Via's sent-by).
+        if let Message::Request(r) = &mut msg {
+            super::nat::stamp_via(&mut r.headers, src.addr);
         }
         // A new INVITE (no To tag, a Call-ID we do not know: not a retransmission) is
         // admitted first; refused, it gets one stateless 503 and leaves nothing behind.
@@ -2110,6 +2129,7 @@ impl UserAgent {
     /// Removes our registration (Expires: 0).
     pub fn unregister(&mut self, now: Instant) -> Result<(), SipError> {
         self.timers.clear(&TimerKey::RegisterRefresh);
+        self.timers.clear(&TimerKey::KeepAlive);
         self.send_register(now, 0, true)
     }
 
@@ -2140,6 +2160,9 @@ impl UserAgent {
                 auth_tries: 0,
                 auth_header: None,
                 dest,
+                flow_timer: None,
+                keepalives_sent: 0,
+                last_keepalive: None,
             });
         }
         let contact = self.contact(t)?;
@@ -2214,6 +2237,16 @@ impl UserAgent {
                 // Refresh at half the lifetime, so a lost refresh can still be retried in time.
                 let refresh = Duration::from_secs(u64::from(granted).div_ceil(2));
                 self.timers.set(TimerKey::RegisterRefresh, now + refresh);
+                let flow_timer = resp
+                    .headers
+                    .value(&HeaderName::FlowTimer)
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok());
+                if let Some(reg) = self.registration.as_mut() {
+                    reg.flow_timer = flow_timer;
+                }
+                self.schedule_keepalive(now);
+            } else {
+                self.timers.clear(&TimerKey::KeepAlive);
             }
             self.events.push_back(Event::Registered {
                 expires: if requested == 0 { 0 } else { granted },
@@ -2232,11 +2265,71 @@ impl UserAgent {
                 }
             }
         }
+        self.timers.clear(&TimerKey::KeepAlive);
         self.events.push_back(Event::RegistrationFailed {
             status: Some(status),
             reason: String::from_utf8_lossy(&resp.reason).into_owned(),
         });
     }
+
+    /// Arms the next keep-alive of the registration flow, if [`UaConfig::keepalive`] wants one.
+    fn schedule_keepalive(&mut self, now: Instant) {
+        let Some(reg) = self.registration.as_ref() else {
+            return;
+        };
+        let bounds = self
+            .cfg
+            .keepalive
+            .bounds(reg.dest.transport.is_reliable(), reg.flow_timer);
+        match bounds {
+            Some((lo, hi)) => {
+                let after = if lo >= hi {
+                    lo
+                } else {
+                    self.rng.random_range(lo..=hi)
+                };
+                self.timers.set(TimerKey::KeepAlive, now + after);
+            }
+            None => self.timers.clear(&TimerKey::KeepAlive),
+        }
+    }
+
+    /// A double-CRLF ping to the registrar (RFC 5626 §3.5.1, §4.4.1): it crosses every NAT
+    /// on the flow and refreshes its binding; a registrar ignores it on UDP and answers a
+    /// CRLF pong on a stream.
+    fn send_keepalive(&mut self, now: Instant) {
+        let Some(reg) = self.registration.as_mut() else {
+            return;
+        };
+        reg.keepalives_sent += 1;
+        reg.last_keepalive = Some(now);
+        self.transmits.push_back(Transmit {
+            dest: reg.dest,
+            data: Bytes::from_static(super::nat::PING),
+        });
+        self.schedule_keepalive(now);
+    }
+
+    /// The registration flow's keep-alives; `None` without a registration.
+    pub fn keepalive_status(&self) -> Option<KeepAliveStatus> {
+        let reg = self.registration.as_ref()?;
+        Some(KeepAliveStatus {
+            sent: reg.keepalives_sent,
+            last: reg.last_keepalive,
+            next: self.timers.deadline(&TimerKey::KeepAlive),
+        })
+    }
+}
+
+/// What [`UserAgent::keepalive_status`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAliveStatus {
+    /// Keep-alives sent on the registration flow.
+    pub sent: u64,
+    /// When the last one went.
+    pub last: Option<Instant>,
+    /// When the next one is due (`None`: not registered, or keep-alives off).
+    pub next: Option<Instant>,
 }
 
 fn to_tag_of(h: &sx::Headers) -> Option<String> {

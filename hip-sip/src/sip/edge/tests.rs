@@ -596,3 +596,31 @@ fn a_re_invite_for_hold_is_rewritten_like_the_first_offer_and_follows_the_route(
     );
     assert!(p.call("call-1").is_some(), "the call goes on");
 }
+
+#[test]
+fn a_phone_behind_a_nat_has_its_real_address_stamped_in_its_via() {
+    // The phone writes its private address and asks for rport (RFC 3581); it reaches the
+    // edge through a NAT as 192.0.2.4:40000.
+    let mut p = EdgeProxy::new(cfg());
+    let now = Instant::now();
+    let reg = "REGISTER sip:atlanta.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.9.0.2:5062;rport;branch=z9hG4bKn1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:alice@atlanta.com>;tag=r\r\nTo: <sip:alice@atlanta.com>\r\n\
+         Call-ID: reg-nat\r\nCSeq: 1 REGISTER\r\nContact: <sip:alice@10.9.0.2:5062>\r\n\
+         Content-Length: 0\r\n\r\n";
+    p.handle_datagram(now, local(), sa("192.0.2.4:40000"), reg.as_bytes());
+    let out = sent(&mut p);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let (_, fwd) = &out[0];
+    let vias = header(fwd, "Via");
+    assert_eq!(
+        vias[1],
+        "SIP/2.0/UDP 10.9.0.2:5062;branch=z9hG4bKn1;received=192.0.2.4;rport=40000"
+    );
+    // The answer goes back to the NAT's mapping, with the stamp the phone can learn from.
+    let ok = answer(fwd, "200 OK", "", None);
+    p.handle_datagram(now, local(), sa(HOP), ok.as_bytes());
+    let back = sent(&mut p);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].0, sa("192.0.2.4:40000"));
+    assert_eq!(header(&back[0].1, "Via"), vec![vias[1]]);
+}
