@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 pub mod attack;
 pub mod call;
 pub mod dns;
+pub mod edge_call;
 pub mod metrics;
 pub mod phone;
 pub mod relay;
