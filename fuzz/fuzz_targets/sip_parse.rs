@@ -166,10 +166,14 @@ fn expand(msg: &[u8], last_sent: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Messages the UA builds itself must parse again. Its lenient 400 for a request the parser
+/// Messages the UA builds itself must parse again (keep-alives aside). Its lenient 400 for a request the parser
 /// refused copies the sender's raw Via/From/To/Call-ID/CSeq (RFC 3261 §8.2.6.2), so it can
 /// only be as well-formed as they were: it is marked by its 399 Warning.
 fn check_sent(data: &Bytes) {
+    // RFC 5626 keep-alives: the double-CRLF ping to the registrar, the CRLF pong on a stream.
+    if data[..] == b"\r\n\r\n"[..] || data[..] == b"\r\n"[..] {
+        return;
+    }
     assert!(
         data.starts_with(b"SIP/2.0 ") || memmem::find(data, b" SIP/2.0").is_some(),
         "not a SIP message: {:?}",
