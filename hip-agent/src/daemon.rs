@@ -100,11 +100,11 @@ pub enum DaemonError {
 /// The draft's §4 mechanisms as configured in `[security]`, keys loaded.
 pub struct SipSecurity {
     /// Our domain's ES256 key and the `info` URI of our Identity headers.
-    signer: Option<(identity::SigningKey, String)>,
+    pub(crate) signer: Option<(identity::SigningKey, String)>,
     /// Who may sign for which domain.
-    trust: identity::Trust,
+    pub(crate) trust: identity::Trust,
     /// `iat` window, seconds.
-    window: u64,
+    pub(crate) window: u64,
     /// Count SIPS over TLS as protection (§4.2).
     trust_sips: bool,
 }
@@ -160,7 +160,7 @@ impl SipSecurity {
 }
 
 /// Seconds since the Unix epoch (PASSporT `iat`, RFC 8225 §5.1.1).
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -452,7 +452,7 @@ impl Daemon {
         uc.seed = rand::random();
         let (events, _) = broadcast::channel(1024);
         let dns = crate::dns_verify::start(&cfg, &own)?;
-        let edge = crate::edge::Edge::bind(&cfg, &own).await?;
+        let edge = crate::edge::Edge::bind(&cfg, &own, &sipsec).await?;
         Ok(Self {
             edge,
             ua: UserAgent::new(uc),

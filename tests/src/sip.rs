@@ -500,6 +500,17 @@ pub fn hip_key(dir: &Path, name: &str) -> HostIdentityFile {
 }
 
 /// The `[security]` table: our signing key (with its `info` URI) and whom we trust.
+/// `[security]` tables for alice (atlanta.com) and bob (biloxi.com) that each sign (SIP
+/// Identity both ways) and trust the other's domain key; the keys are made in `dir`.
+pub fn signed_both(dir: &Path) -> (String, String) {
+    let (ka, pa) = es256_key(dir, "atlanta").expect("atlanta.com's key");
+    let (kb, pb) = es256_key(dir, "biloxi").expect("biloxi.com's key");
+    (
+        security_table(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false),
+        security_table(Some((&kb, "biloxi.com")), &[("atlanta.com", &pa)], false),
+    )
+}
+
 pub fn security_table(
     sign: Option<(&Path, &str)>,
     trusted: &[(&str, &Path)],

@@ -18,18 +18,31 @@ use anyhow::{Context as _, Result, bail};
 use hip_tests::{
     NetNs,
     phone::md5_proxies,
-    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, scratch, sipp, sipp_dir},
+    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, scratch, signed_both, sipp, sipp_dir},
     wait_until,
 };
 use serde_json::Value;
 
 fn edge_agent(ns: &NetNs, key: &str, user: &str, domain: &str, ip: &str, hop: &str) -> Agent {
+    edge_agent_with(ns, key, user, domain, ip, hop, "")
+}
+
+/// An edge agent with `extra` configuration (e.g. a `[security]` table).
+fn edge_agent_with(
+    ns: &NetNs,
+    key: &str,
+    user: &str,
+    domain: &str,
+    ip: &str,
+    hop: &str,
+    extra: &str,
+) -> Agent {
     Agent::start(
         ns,
         key,
         &format!("user = \"{user}\"\ndomain = \"{domain}\"\nlisten = [\"udp:{ip}:5060\"]"),
         &format!(
-            "{NO_OFFLOAD}[edge]\nlisten = [\"udp:{ip}:5070\"]\nclients = [\"{ip}\", \"::1\"]\n\
+            "{NO_OFFLOAD}{extra}[edge]\nlisten = [\"udp:{ip}:5070\"]\nclients = [\"{ip}\", \"::1\"]\n\
              next_hop = \"udp:{hop}:5060\"\n"
         ),
     )
@@ -170,25 +183,38 @@ struct Call {
 }
 
 fn call_through_the_edges(biloxi_reply_route: impl Fn(&str) -> String) -> Call {
+    call_through_the_edges_with(biloxi_reply_route, false)
+}
+
+/// As [`call_through_the_edges`]; with `signed`, both agents have `[security]` keys (each
+/// signs for its domain and trusts the other's).
+fn call_through_the_edges_with(biloxi_reply_route: impl Fn(&str) -> String, signed: bool) -> Call {
     let t = Trapezoid::new().unwrap();
     let dir = scratch("edge");
     let bob_key = hip_key(&dir, "bob");
     md5_proxies(&t, &dir, &biloxi_reply_route(&bob_key.hit_hex)).unwrap();
-    let alice = edge_agent(
+    let (sec_a, sec_b) = if signed {
+        signed_both(&dir)
+    } else {
+        Default::default()
+    };
+    let alice = edge_agent_with(
         &t.hosts[0],
         hip_key(&dir, "alice").path.to_str().unwrap(),
         "alice",
         "atlanta.com",
         "192.0.2.1",
         "192.0.2.2",
+        &sec_a,
     );
-    let bob = edge_agent(
+    let bob = edge_agent_with(
         &t.hosts[3],
         bob_key.path.to_str().unwrap(),
         "bob",
         "biloxi.com",
         "192.0.2.4",
         "192.0.2.3",
+        &sec_b,
     );
 
     // Digest between each phone and its registrar passes through the edge untouched.
@@ -332,6 +358,43 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
         .unwrap_or_else(|e| panic!("{e}: {}", a.log()));
         let txs = a.status()["edge"]["transactions"].as_u64().unwrap();
         assert!(txs < 16, "{txs} edge transactions held after the call");
+    }
+}
+
+#[test]
+fn with_sip_identity_each_edge_call_is_single_sided_and_says_by_what() {
+    // Each agent signs its phone's INVITE for its domain and verifies the other's; no
+    // response can carry Identity, so each side has one direction proven (draft §4.1).
+    let Call {
+        _t,
+        alice,
+        bob,
+        caller_log,
+        callee_log,
+    } = call_through_the_edges_with(|_| String::new(), true);
+    // What bob's phone received carries alice's agent's PASSporT.
+    let invite = messages_starting(&callee_log, "INVITE sip:bob@192.0.2.4:5062")
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no INVITE at bob's phone:\n{callee_log}"));
+    assert!(invite.contains("\nIdentity: "), "{invite}");
+    for (who, log, agent, proven) in [
+        ("alice", &caller_log, &alice, "own_via"),
+        ("bob", &callee_log, &bob, "peer_via"),
+    ] {
+        let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
+            ended_call(agent)
+        })
+        .unwrap();
+        let sec = &ended["security"];
+        assert_eq!(sec["verification"], "single-sided", "{who}: {ended}");
+        assert_eq!(sec["sip"][proven], "identity", "{who}: {ended}");
+        let msgs = messages_starting(log, "MESSAGE sip:");
+        assert!(
+            msgs.iter().any(|m| m.contains("verification single-sided")),
+            "{who}'s phone was not told single-sided:\n{log}\n{}",
+            agent.log()
+        );
     }
 }
 

@@ -9,7 +9,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -17,7 +16,7 @@ use hip_tests::{
     HostIdentityFile, VethPair,
     attack::{RawHip, bad_checksum_i1, flood_invite, rss_kb, unverified_notify},
     relay::{Relay, Rules},
-    sip::{Agent, NO_OFFLOAD, es256_key, hip_key, scratch, security_table, wait_calls_ended},
+    sip::{Agent, NO_OFFLOAD, hip_key, scratch, signed_both, wait_calls_ended},
     wait_until,
 };
 use serde_json::Value;
@@ -91,16 +90,6 @@ fn net(
         bob_id,
         b_ip,
     }
-}
-
-/// Both sides sign (SIP Identity both ways) and trust each other's domain key.
-fn signed_both(dir: &Path) -> (String, String) {
-    let (ka, pa) = es256_key(dir, "atlanta").unwrap();
-    let (kb, pb) = es256_key(dir, "biloxi").unwrap();
-    (
-        security_table(Some((&ka, "atlanta.com")), &[("biloxi.com", &pb)], false),
-        security_table(Some((&kb, "biloxi.com")), &[("atlanta.com", &pa)], false),
-    )
 }
 
 /// The first ended call in `agent`'s status, once there is one.

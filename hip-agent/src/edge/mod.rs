@@ -15,16 +15,16 @@ use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
 use hip_sip::sip::{
     Transport,
-    edge::{EdgeConfig, EdgeEvent, EdgeProxy, EdgeTransmit},
+    edge::{EdgeConfig, EdgeEvent, EdgeIdentity, EdgeProxy, EdgeTransmit},
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::{
     config::Config,
-    daemon::OwnIdentity,
+    daemon::{OwnIdentity, SipSecurity},
     pool::{self, Pool},
-    secure::{self, Outcome, Security, SipAssurance, Verification},
+    secure::{self, Mechanism, Outcome, Security, SipAssurance, Verification},
     sip_service::{Inbound, SipService, TransportError},
 };
 
@@ -47,6 +47,8 @@ struct CallHip {
     authorized: bool,
     /// The last level told to the phone.
     told: Option<Verification>,
+    /// What SIP Identity established for the call's HITs (draft §4.1).
+    sip: SipAssurance,
 }
 
 /// The edge: proxy core, sockets, and what HIP knows of its calls.
@@ -66,7 +68,11 @@ fn proto_hit(h: hip_sip::sdp::Hit) -> hip_proto::Hit {
 
 impl Edge {
     /// Binds the `[edge]` listeners; `None` when edge mode is off.
-    pub async fn bind(cfg: &Config, own: &OwnIdentity) -> Result<Option<Self>, TransportError> {
+    pub async fn bind(
+        cfg: &Config,
+        own: &OwnIdentity,
+        sipsec: &SipSecurity,
+    ) -> Result<Option<Self>, TransportError> {
         let Some(e) = &cfg.edge else {
             return Ok(None);
         };
@@ -103,6 +109,15 @@ impl Edge {
             max_calls: cfg.limits.max_calls,
             max_transactions: cfg.limits.max_calls.saturating_mul(4).max(64),
             seed: rand::random(),
+            // SIP Identity (draft §4.1) with the agent's own `[security]` keys: as for its own
+            // calls, nothing to sign with and nobody trusted means nothing to check.
+            identity: (sipsec.signer.is_some() || !sipsec.trust.is_empty()).then(|| EdgeIdentity {
+                signer: sipsec.signer.clone(),
+                domain: cfg.sip.domain.to_ascii_lowercase(),
+                trust: sipsec.trust.clone(),
+                window: sipsec.window,
+                unix_now: crate::daemon::unix_now,
+            }),
         };
         tracing::info!(listen = ?ecfg.listeners, next_hop = %e.next_hop, clients = ?e.clients, "edge mode");
         Ok(Some(Self {
@@ -214,6 +229,41 @@ impl Edge {
                     }
                 }
             }
+            EdgeEvent::OwnSigned { call_id, result } => {
+                let c = self.calls.entry(call_id.clone()).or_default();
+                match result {
+                    Ok(domain) => c.sip.own_by(
+                        Mechanism::Identity,
+                        format!(
+                            "our HIT signed in the INVITE's Identity with {domain}'s key (RFC 8224)"
+                        ),
+                    ),
+                    Err(why) => c.sip.own_not(why),
+                }
+                c.sip.peer_not(
+                    "no Identity: a response cannot carry RFC 8224 Identity, and the edge sends no signed UPDATE (draft §4.1)"
+                        .into(),
+                );
+                tracing::info!(%call_id, own = ?c.sip.own_detail, "edge: SIP Identity of our phone's INVITE");
+            }
+            EdgeEvent::PeerIdentity { call_id, result } => {
+                let c = self.calls.entry(call_id.clone()).or_default();
+                match result {
+                    Ok(v) => c.sip.peer_by(
+                        Mechanism::Identity,
+                        format!(
+                            "INVITE Identity verified: {} with {}'s key",
+                            v.orig, v.domain
+                        ),
+                    ),
+                    Err(why) => c.sip.peer_not(why),
+                }
+                c.sip.own_not(
+                    "our HIT reaches the caller unsigned: a response cannot carry RFC 8224 Identity, and the edge sends no signed UPDATE (draft §4.1)"
+                        .into(),
+                );
+                tracing::info!(%call_id, peer = ?c.sip.peer_detail, "edge: SIP Identity of the INVITE");
+            }
             EdgeEvent::PhoneAnswered { call_id } => {
                 let c = self.calls.entry(call_id.clone()).or_default();
                 if let Some(s) = security
@@ -255,7 +305,7 @@ impl Edge {
                 let c = self.calls.remove(&call_id).unwrap_or_default();
                 let mut summary = json!({"call_id": call_id, "end_reason": reason});
                 if let Some(s) = security {
-                    summary["security"] = Self::level_json(s, &c.peer_hits);
+                    summary["security"] = Self::level_json(s, &c);
                     if c.authorized {
                         s.deauthorize(&c.peer_hits);
                     }
@@ -284,19 +334,20 @@ impl Edge {
         }
     }
 
-    fn level(s: &Security, peer_hits: &[hip_proto::Hit]) -> Verification {
-        let rec = secure::best_record(peer_hits.iter().filter_map(|h| s.get(h)));
-        secure::verification(rec, &SipAssurance::default())
+    fn level(s: &Security, c: &CallHip) -> Verification {
+        let rec = secure::best_record(c.peer_hits.iter().filter_map(|h| s.get(h)));
+        secure::verification(rec, &c.sip)
     }
 
-    fn level_json(s: &Security, peer_hits: &[hip_proto::Hit]) -> Value {
-        let rec = secure::best_record(peer_hits.iter().filter_map(|h| s.get(h)));
+    fn level_json(s: &Security, c: &CallHip) -> Value {
+        let rec = secure::best_record(c.peer_hits.iter().filter_map(|h| s.get(h)));
         let sas = rec
             .filter(|r| r.reached_established)
             .and_then(|r| r.peer_hit.parse::<std::net::Ipv6Addr>().ok())
             .map(|p| secure::short_auth_string(s.local_hit(), hip_proto::Hit(p.octets())));
         json!({
-            "verification": Self::level(s, peer_hits),
+            "verification": Self::level(s, c),
+            "sip": c.sip,
             "sas": sas,
             "association": rec,
         })
@@ -314,12 +365,12 @@ impl Edge {
             if !c.peer_hits.contains(&peer) {
                 continue;
             }
-            let level = Self::level(s, &c.peer_hits);
+            let level = Self::level(s, c);
             if c.told == Some(level) || level == Verification::Pending {
                 continue;
             }
             c.told = Some(level);
-            let v = Self::level_json(s, &c.peer_hits);
+            let v = Self::level_json(s, c);
             let name = serde_json::to_value(level)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -361,8 +412,8 @@ impl Edge {
             "calls": self.proxy.calls().map(|c| {
                 let mut v = json!(c);
                 if let Some(s) = security {
-                    let hits = self.calls.get(&c.call_id).map(|h| h.peer_hits.clone()).unwrap_or_default();
-                    v["security"] = Self::level_json(s, &hits);
+                    let hip = self.calls.get(&c.call_id).cloned().unwrap_or_default();
+                    v["security"] = Self::level_json(s, &hip);
                 }
                 v
             }).collect::<Vec<_>>(),

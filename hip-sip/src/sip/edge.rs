@@ -41,6 +41,7 @@ use sipx_sip::{
 };
 
 use super::{ConnId, Dest, RequestAuth, TimerConfig, Transport, malformed, ua::uri_dest};
+use crate::identity;
 use crate::sdp::{
     self, Form, Hit, HostIdentity, IdentityEntry, IdentityPolicy, Scope, Sdp, rewrite,
 };
@@ -149,6 +150,27 @@ pub struct EdgeConfig {
     pub max_transactions: usize,
     /// Seed for branches, tags and Call-IDs.
     pub seed: u64,
+    /// SIP Identity (RFC 8224, the draft's §4.1) for edge calls: `None` for none.
+    pub identity: Option<EdgeIdentity>,
+}
+
+/// RFC 8224 at the edge: the INVITEs our phones place leave signed over our HIT (we are the
+/// authentication service of `domain`), and the Identity of the INVITEs that reach them is
+/// verified against the offer's HITs; one proving that the offer was altered is refused
+/// with 438.
+#[derive(Debug, Clone)]
+pub struct EdgeIdentity {
+    /// Our domain's ES256 key and the `info` URI of our Identity headers; `None`: we only
+    /// verify.
+    pub signer: Option<(identity::SigningKey, String)>,
+    /// The domain our key signs for (a phone's From must be in it).
+    pub domain: String,
+    /// Who may sign for which domain.
+    pub trust: identity::Trust,
+    /// How far `iat` may be from our clock, seconds.
+    pub window: u64,
+    /// The wall clock, seconds since the Unix epoch (PASSporT `iat`).
+    pub unix_now: fn() -> i64,
 }
 
 /// Bytes to send, and the listener to send them from.
@@ -216,6 +238,23 @@ pub enum EdgeEvent {
         call_id: String,
         /// Why.
         reason: String,
+    },
+    /// Our phone's INVITE left signed over our HIT (`Ok`, with the signer's domain), or
+    /// why it did not.
+    OwnSigned {
+        /// Call-ID.
+        call_id: String,
+        /// The signer's domain, or why nothing was signed.
+        result: Result<String, String>,
+    },
+    /// The Identity of an INVITE from the network, checked against its offer's HITs: what
+    /// verified, or why nothing did (absent, untrusted, stale, …). One proving tampering
+    /// is refused instead (`Refused` with 438).
+    PeerIdentity {
+        /// Call-ID.
+        call_id: String,
+        /// What verified, or why not.
+        result: Result<identity::Verified, String>,
     },
     /// Something was refused or dropped, and the status we sent (if any).
     Refused {
@@ -1097,6 +1136,16 @@ impl EdgeProxy {
             }
         }
 
+        if dialog_creating && self.calls.contains_key(&call_id) {
+            if from_client {
+                self.sign_invite(&call_id, &mut req);
+            } else if let Err(r) = self.check_identity(&call_id, &req, src.transport) {
+                self.refuse(&original, src, local, r.status, &r.reason, &r.why);
+                self.end_call(&call_id, &r.why);
+                return;
+            }
+        }
+
         // Forward (RFC 3261 §16.6): the sender's real address in its Via (RFC 3581 §4, so
         // the next hops see a phone's NAT), Max-Forwards, Record-Route / Path, our Via.
         super::nat::stamp_via(&mut req.headers, src.addr);
@@ -1182,6 +1231,107 @@ impl EdgeProxy {
 
     /// A peer's SDP: HITs learned and addresses moved, or the no-HIT policy. `Ok(None)`:
     /// forward unchanged (in the clear, as the policy allows).
+    /// The authentication service's part (RFC 8224 §6.1) for our phone's INVITE, whose SDP
+    /// now carries our HIT.
+    fn sign_invite(&mut self, call_id: &str, req: &mut Request) {
+        let Some(id) = &self.cfg.identity else {
+            return;
+        };
+        let result = (|| {
+            let (key, info) = id.signer.as_ref().ok_or("no [security] identity_key")?;
+            if !is_sdp(&req.headers, req.body()) {
+                return Err(
+                    "the INVITE has no SDP (late offer): an Identity would bind no HIT".into(),
+                );
+            }
+            let auth = auth_of(req, Transport::Udp);
+            match identity::domain_of(&auth.from_uri) {
+                Some(d) if d.eq_ignore_ascii_case(&id.domain) => {}
+                other => {
+                    return Err(format!(
+                        "not signed: the phone's From {} is in {}, our key signs for {}",
+                        auth.from_uri,
+                        other.as_deref().unwrap_or("no domain"),
+                        id.domain
+                    ));
+                }
+            }
+            let claims = identity::Claims {
+                orig: identity::canonical(&auth.from_uri).map_err(|e| e.to_string())?,
+                dest: vec![identity::canonical(&auth.to_uri).map_err(|e| e.to_string())?],
+                iat: (id.unix_now)(),
+                hits: vec![self.cfg.own.hit],
+            };
+            let value = identity::sign(key, &claims, info);
+            let h = sx::Header::build(HeaderName::Identity, value).map_err(|e| e.to_string())?;
+            // A phone's own Identity (it signed its address, not our HIT) cannot be kept
+            // beside ours: the offer it signed is gone.
+            req.headers.remove_all(&HeaderName::Identity);
+            req.headers.push(h);
+            Ok(id.domain.clone())
+        })();
+        self.events.push_back(EdgeEvent::OwnSigned {
+            call_id: call_id.to_owned(),
+            result,
+        });
+    }
+
+    /// The verifier's part (RFC 8224 §6.2) for an INVITE from the network, against the
+    /// HITs of its offer. `Err` refuses it: 438 when the Identity proves that the offer was
+    /// altered on the path.
+    fn check_identity(
+        &mut self,
+        call_id: &str,
+        req: &Request,
+        transport: Transport,
+    ) -> Result<(), Refusal> {
+        let Some(id) = &self.cfg.identity else {
+            return Ok(());
+        };
+        let hits = self
+            .calls
+            .get(call_id)
+            .map(|c| c.peer_hits.clone())
+            .unwrap_or_default();
+        let auth = auth_of(req, transport);
+        if !is_sdp(&req.headers, req.body()) {
+            self.events.push_back(EdgeEvent::PeerIdentity {
+                call_id: call_id.to_owned(),
+                result: Err("the INVITE has no SDP (late offer): its Identity binds no HIT".into()),
+            });
+            return Ok(());
+        }
+        let result = match identity::verify_any(
+            &auth.identity,
+            &id.trust,
+            &identity::Expected {
+                from_uri: &auth.from_uri,
+                to_uri: &auth.to_uri,
+                sdp_hits: &hits,
+                now: (id.unix_now)(),
+                window: id.window,
+            },
+        ) {
+            None => Err("no Identity header in the INVITE (RFC 8224)".to_owned()),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) if e.is_tampering() => {
+                return Err(Refusal {
+                    status: 438,
+                    reason: "Invalid Identity Header".into(),
+                    why: format!(
+                        "SIP Identity of the INVITE: {e}: the offer was altered on the path"
+                    ),
+                });
+            }
+            Some(Err(e)) => Err(format!("INVITE Identity not verified: {e}")),
+        };
+        self.events.push_back(EdgeEvent::PeerIdentity {
+            call_id: call_id.to_owned(),
+            result,
+        });
+        Ok(())
+    }
+
     fn take_inbound(
         &mut self,
         call_id: &str,

@@ -30,6 +30,7 @@ fn cfg() -> EdgeConfig {
         max_calls: 8,
         max_transactions: 64,
         seed: 7,
+        identity: None,
     }
 }
 
@@ -623,4 +624,188 @@ fn a_phone_behind_a_nat_has_its_real_address_stamped_in_its_via() {
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].0, sa("192.0.2.4:40000"));
     assert_eq!(header(&back[0].1, "Via"), vec![vias[1]]);
+}
+
+const IAT: i64 = 1_700_000_000;
+
+fn fixed_clock() -> i64 {
+    IAT
+}
+
+/// atlanta.com's key (scalar 0x07…07), trusted for atlanta.com; we sign as atlanta.com.
+fn with_identity(mut c: EdgeConfig) -> (EdgeConfig, identity::SigningKey) {
+    let key = identity::SigningKey::from_scalar(&[7; 32]).unwrap();
+    let mut trust = identity::Trust::default();
+    trust.insert("atlanta.com", key.verifying_key());
+    c.identity = Some(EdgeIdentity {
+        signer: Some((key.clone(), "https://atlanta.com/id.pem".into())),
+        domain: "atlanta.com".into(),
+        trust,
+        window: 60,
+        unix_now: fixed_clock,
+    });
+    (c, key)
+}
+
+fn hit_of(s: &str) -> Hit {
+    Hit(s.parse::<Ipv6Addr>().unwrap().octets())
+}
+
+#[test]
+fn our_phones_invite_leaves_signed_over_our_hit() {
+    let (c, key) = with_identity(cfg());
+    let mut p = EdgeProxy::new(c);
+    let now = Instant::now();
+    p.handle_datagram(
+        now,
+        local(),
+        sa(PHONE),
+        invite_from_phone(PHONE_SDP).as_bytes(),
+    );
+    let out = sent(&mut p);
+    let fwd = &out
+        .iter()
+        .find(|(to, _)| *to == sa(HOP))
+        .expect("forwarded")
+        .1;
+    let ids: Vec<String> = header(fwd, "Identity")
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{fwd}");
+    // An independent check with the verifier's own function: the PASSporT binds our HIT,
+    // the phone's From and To.
+    let mut trust = identity::Trust::default();
+    trust.insert("atlanta.com", key.verifying_key());
+    let v = identity::verify_any(
+        &ids,
+        &trust,
+        &identity::Expected {
+            from_uri: "sip:alice@atlanta.com",
+            to_uri: "sip:bob@biloxi.com",
+            sdp_hits: &[hit_of(OWN_HIT)],
+            now: IAT,
+            window: 60,
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!((v.domain.as_str(), v.iat), ("atlanta.com", IAT));
+    assert!(events(&mut p).iter().any(|e| matches!(
+        e,
+        EdgeEvent::OwnSigned { result: Ok(d), .. } if d == "atlanta.com"
+    )));
+}
+
+#[test]
+fn a_phone_outside_our_domain_is_not_signed_for_and_says_why() {
+    let (mut c, _) = with_identity(cfg());
+    c.identity.as_mut().unwrap().domain = "biloxi.com".into();
+    let mut p = EdgeProxy::new(c);
+    p.handle_datagram(
+        Instant::now(),
+        local(),
+        sa(PHONE),
+        invite_from_phone(PHONE_SDP).as_bytes(),
+    );
+    let out = sent(&mut p);
+    let fwd = &out
+        .iter()
+        .find(|(to, _)| *to == sa(HOP))
+        .expect("forwarded")
+        .1;
+    assert!(header(fwd, "Identity").is_empty(), "{fwd}");
+    let evs = events(&mut p);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            EdgeEvent::OwnSigned { result: Err(why), .. } if why.contains("biloxi.com")
+        )),
+        "{evs:?}"
+    );
+}
+
+fn invite_from_network(identity_value: &str) -> String {
+    with_body(
+        &format!(
+            "INVITE sip:bob@192.0.2.4:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.3:5060;branch=z9hG4bKk7\r\n\
+             Max-Forwards: 68\r\nRecord-Route: <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\n\
+             From: <sip:alice@atlanta.com>;tag=a9\r\nTo: <sip:bob@biloxi.com>\r\nCall-ID: in-7\r\n\
+             CSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.1:5062>\r\nIdentity: {identity_value}\r\n"
+        ),
+        &peer_sdp(),
+    )
+}
+
+fn passport(key: &identity::SigningKey, hit: &str) -> String {
+    identity::sign(
+        key,
+        &identity::Claims {
+            orig: identity::canonical("sip:alice@atlanta.com").unwrap(),
+            dest: vec![identity::canonical("sip:bob@biloxi.com").unwrap()],
+            iat: IAT,
+            hits: vec![hit_of(hit)],
+        },
+        "https://atlanta.com/id.pem",
+    )
+}
+
+#[test]
+fn the_identity_of_an_invite_from_the_network_is_verified_against_its_offer() {
+    let (c, key) = with_identity(cfg());
+    let mut p = EdgeProxy::new(c);
+    p.handle_datagram(
+        Instant::now(),
+        local(),
+        sa(HOP),
+        invite_from_network(&passport(&key, PEER_HIT)).as_bytes(),
+    );
+    let out = sent(&mut p);
+    assert!(
+        out.iter()
+            .any(|(to, m)| *to == sa(PHONE) && m.starts_with("INVITE ")),
+        "{out:?}"
+    );
+    let evs = events(&mut p);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            EdgeEvent::PeerIdentity { result: Ok(v), .. }
+                if v.domain == "atlanta.com" && v.hits == vec![hit_of(PEER_HIT)]
+        )),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn an_invite_whose_identity_proves_the_offer_altered_is_refused_with_438() {
+    let (c, key) = with_identity(cfg());
+    let mut p = EdgeProxy::new(c);
+    // Signed over another HIT than the SDP's: someone swapped the HIT on the path.
+    p.handle_datagram(
+        Instant::now(),
+        local(),
+        sa(HOP),
+        invite_from_network(&passport(&key, "2001:20::66")).as_bytes(),
+    );
+    let out = sent(&mut p);
+    assert!(
+        !out.iter().any(|(to, _)| *to == sa(PHONE)),
+        "reached the phone: {out:?}"
+    );
+    let refusal = out
+        .iter()
+        .find(|(to, _)| *to == sa(HOP))
+        .map(|(_, m)| m.lines().next().unwrap_or("").to_owned());
+    assert_eq!(
+        refusal.as_deref(),
+        Some("SIP/2.0 438 Invalid Identity Header")
+    );
+    assert!(p.calls().next().is_none(), "a call was left behind");
+    let evs = events(&mut p);
+    assert!(
+        !evs.iter()
+            .any(|e| matches!(e, EdgeEvent::PeerIdentity { .. })),
+        "{evs:?}"
+    );
 }
