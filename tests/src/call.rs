@@ -69,38 +69,45 @@ pub struct RtpReport {
     pub received: Value,
 }
 
+/// Starts tcpdump on the trapezoid's bridge, writing `dir/bridge.pcap`; returns once it
+/// listens. Stop it with SIGINT so that the file is complete.
+pub fn capture_bridge(net: &Trapezoid, dir: &std::path::Path) -> Result<(Child, PathBuf)> {
+    let pcap = dir.join("bridge.pcap");
+    let cap_log = dir.join("tcpdump.log");
+    let capture = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            net.lan.name(),
+            "tcpdump",
+            "-i",
+            "br0",
+            "-n",
+            "-U",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&cap_log)?)
+        .spawn()
+        .context("starting tcpdump")?;
+    wait_until(Duration::from_secs(30), "tcpdump to listen", || {
+        std::fs::read_to_string(&cap_log)
+            .ok()
+            .filter(|s| s.contains("listening on"))
+    })?;
+    Ok((capture, pcap))
+}
+
 impl Scenario {
     /// Builds the network, starts both proxies and both agents, and waits until both are
     /// registered.
     pub fn start(opts: &Options) -> Result<Self> {
         let net = Trapezoid::new()?;
         let dir = scratch("call");
-        let pcap = dir.join("bridge.pcap");
         // An independent view of everything on the wire, read back after the call.
-        let cap_log = dir.join("tcpdump.log");
-        let capture = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                net.lan.name(),
-                "tcpdump",
-                "-i",
-                "br0",
-                "-n",
-                "-U",
-                "-w",
-            ])
-            .arg(&pcap)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&cap_log)?)
-            .spawn()
-            .context("starting tcpdump")?;
-        wait_until(Duration::from_secs(30), "tcpdump to listen", || {
-            std::fs::read_to_string(&cap_log)
-                .ok()
-                .filter(|s| s.contains("listening on"))
-        })?;
+        let (capture, pcap) = capture_bridge(&net, &dir)?;
 
         let alice_id = new_host_identity(&dir, "alice", "ecdsa-p256")?;
         let bob_id = new_host_identity(&dir, "bob", "ecdsa-p256")?;

@@ -3,7 +3,7 @@
 //! `cargo xtask demo` shows. baresip at alice plays 1000 Hz, baresip at bob 1500 Hz; each
 //! records what it receives. Needs root and a kernel with ESP (the VM).
 
-use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -92,30 +92,7 @@ fn phone<'a>(who: &'a str, domain: &'a str, tone: &'a Path, auto: bool) -> Phone
 pub fn baresip_to_baresip(talk: Duration) -> Result<EdgeCall> {
     let t = Trapezoid::new()?;
     let dir = scratch("phones");
-    let pcap = dir.join("bridge.pcap");
-    let cap_log = dir.join("tcpdump.log");
-    let mut capture = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            t.lan.name(),
-            "tcpdump",
-            "-i",
-            "br0",
-            "-n",
-            "-U",
-            "-w",
-        ])
-        .arg(&pcap)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&cap_log)?)
-        .spawn()
-        .context("tcpdump")?;
-    wait_until(Duration::from_secs(30), "tcpdump", || {
-        std::fs::read_to_string(&cap_log)
-            .ok()
-            .filter(|s| s.contains("listening on"))
-    })?;
+    let (mut capture, pcap) = call::capture_bridge(&t, &dir)?;
     md5_proxies(&t, &dir, "")?;
     let alice = agent(
         &t.hosts[0],

@@ -647,6 +647,21 @@ fn with_identity(mut c: EdgeConfig) -> (EdgeConfig, identity::SigningKey) {
     (c, key)
 }
 
+/// Our phone's INVITE through the edge: what went to the next hop.
+fn forwarded_from_phone(p: &mut EdgeProxy, now: Instant) -> String {
+    p.handle_datagram(
+        now,
+        local(),
+        sa(PHONE),
+        invite_from_phone(PHONE_SDP).as_bytes(),
+    );
+    sent(p)
+        .into_iter()
+        .find(|(to, _)| *to == sa(HOP))
+        .expect("forwarded")
+        .1
+}
+
 fn hit_of(s: &str) -> Hit {
     Hit(s.parse::<Ipv6Addr>().unwrap().octets())
 }
@@ -656,18 +671,7 @@ fn our_phones_invite_leaves_signed_over_our_hit() {
     let (c, key) = with_identity(cfg());
     let mut p = EdgeProxy::new(c);
     let now = Instant::now();
-    p.handle_datagram(
-        now,
-        local(),
-        sa(PHONE),
-        invite_from_phone(PHONE_SDP).as_bytes(),
-    );
-    let out = sent(&mut p);
-    let fwd = &out
-        .iter()
-        .find(|(to, _)| *to == sa(HOP))
-        .expect("forwarded")
-        .1;
+    let fwd = &forwarded_from_phone(&mut p, now);
     let ids: Vec<String> = header(fwd, "Identity")
         .iter()
         .map(|s| s.to_string())
@@ -702,18 +706,7 @@ fn a_phone_outside_our_domain_is_not_signed_for_and_says_why() {
     let (mut c, _) = with_identity(cfg());
     c.identity.as_mut().unwrap().domain = "biloxi.com".into();
     let mut p = EdgeProxy::new(c);
-    p.handle_datagram(
-        Instant::now(),
-        local(),
-        sa(PHONE),
-        invite_from_phone(PHONE_SDP).as_bytes(),
-    );
-    let out = sent(&mut p);
-    let fwd = &out
-        .iter()
-        .find(|(to, _)| *to == sa(HOP))
-        .expect("forwarded")
-        .1;
+    let fwd = &forwarded_from_phone(&mut p, Instant::now());
     assert!(header(fwd, "Identity").is_empty(), "{fwd}");
     let evs = events(&mut p);
     assert!(

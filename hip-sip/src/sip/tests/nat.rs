@@ -47,6 +47,19 @@ fn registered(extra: &str, keepalive: KeepAlive) -> Sim {
     sim
 }
 
+/// Every gap between keep-alives (the first counted from the start) is `lo`–`hi` s.
+fn assert_gaps(times: &[Duration], lo: u64, hi: u64) {
+    let mut last = Duration::ZERO;
+    for t in times {
+        let gap = *t - last;
+        assert!(
+            (Duration::from_secs(lo)..=Duration::from_secs(hi)).contains(&gap),
+            "gap {gap:?} in {times:?}"
+        );
+        last = *t;
+    }
+}
+
 fn keepalive_times(sim: &Sim) -> Vec<Duration> {
     sim.log
         .iter()
@@ -64,15 +77,7 @@ fn a_registration_over_udp_is_kept_alive_every_24_to_29_seconds_until_removed() 
     sim.run_until(Duration::from_secs(200));
     let times = keepalive_times(&sim);
     assert!(times.len() >= 6, "{times:?}");
-    let mut last = Duration::ZERO;
-    for t in &times {
-        let gap = *t - last;
-        assert!(
-            (Duration::from_secs(24)..=Duration::from_secs(29)).contains(&gap),
-            "gap {gap:?} in {times:?}"
-        );
-        last = *t;
-    }
+    assert_gaps(&times, 24, 29);
     let st = sim.nodes[0].ua.keepalive_status().unwrap();
     assert_eq!(st.sent, times.len() as u64);
     assert_eq!(st.last.map(|l| l - sim.t0), times.last().copied());
@@ -96,15 +101,7 @@ fn the_registrars_flow_timer_sets_the_interval_and_off_sends_none() {
     sim.run_until(Duration::from_secs(60));
     let times = keepalive_times(&sim);
     assert!(times.len() >= 6, "{times:?}");
-    let mut last = Duration::ZERO;
-    for t in &times {
-        let gap = *t - last;
-        assert!(
-            (Duration::from_secs(8)..=Duration::from_secs(10)).contains(&gap),
-            "gap {gap:?} in {times:?}"
-        );
-        last = *t;
-    }
+    assert_gaps(&times, 8, 10);
     let mut sim = registered(
         "Contact: <sip:alice@192.0.2.1:5060>;expires=600\r\nFlow-Timer: 10\r\n",
         KeepAlive::Off,
