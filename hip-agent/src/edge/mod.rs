@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::{
-    config::Config,
+    config::{Config, FailureAction},
     daemon::{OwnIdentity, SipSecurity},
     pool::{self, Pool},
     secure::{self, Mechanism, Outcome, Security, SipAssurance, Verification},
@@ -49,6 +49,9 @@ struct CallHip {
     told: Option<Verification>,
     /// What SIP Identity established for the call's HITs (draft §4.1).
     sip: SipAssurance,
+    /// Proof that signalling was tampered with (`[hip] on_failure = "keep"` lets the call
+    /// go on): the level is `failed` whatever HIP did.
+    failure: Option<String>,
 }
 
 /// The edge: proxy core, sockets, and what HIP knows of its calls.
@@ -117,6 +120,9 @@ impl Edge {
                 trust: sipsec.trust.clone(),
                 window: sipsec.window,
                 unix_now: crate::daemon::unix_now,
+                refuse_tampered: cfg.hip.on_failure == FailureAction::Hangup,
+                // DNS cannot vouch for an edge call yet: an Identity must.
+                require_verified: cfg.security.require_verified_peer,
             }),
         };
         tracing::info!(listen = ?ecfg.listeners, next_hop = %e.next_hop, clients = ?e.clients, "edge mode");
@@ -246,8 +252,16 @@ impl Edge {
                 );
                 tracing::info!(%call_id, own = ?c.sip.own_detail, "edge: SIP Identity of our phone's INVITE");
             }
-            EdgeEvent::PeerIdentity { call_id, result } => {
+            EdgeEvent::PeerIdentity {
+                call_id,
+                result,
+                tampering,
+            } => {
                 let c = self.calls.entry(call_id.clone()).or_default();
+                if tampering && let Err(why) = &result {
+                    tracing::error!(%call_id, "edge: call flagged: {why}");
+                    c.failure = Some(why.clone());
+                }
                 match result {
                     Ok(v) => c.sip.peer_by(
                         Mechanism::Identity,
@@ -335,6 +349,9 @@ impl Edge {
     }
 
     fn level(s: &Security, c: &CallHip) -> Verification {
+        if c.failure.is_some() {
+            return Verification::Failed;
+        }
         let rec = secure::best_record(c.peer_hits.iter().filter_map(|h| s.get(h)));
         secure::verification(rec, &c.sip)
     }
@@ -348,6 +365,7 @@ impl Edge {
         json!({
             "verification": Self::level(s, c),
             "sip": c.sip,
+            "failure": c.failure,
             "sas": sas,
             "association": rec,
         })
@@ -381,8 +399,9 @@ impl Edge {
                 ),
                 _ => format!(
                     "hip: verification {name}: {}",
-                    v["association"]["error"]
+                    v["failure"]
                         .as_str()
+                        .or(v["association"]["error"].as_str())
                         .unwrap_or("the peer did not prove its HIT; no media is protected")
                 ),
             };

@@ -171,6 +171,12 @@ pub struct EdgeIdentity {
     pub window: u64,
     /// The wall clock, seconds since the Unix epoch (PASSporT `iat`).
     pub unix_now: fn() -> i64,
+    /// Refuse an INVITE whose Identity proves its offer altered (438); otherwise it goes
+    /// on, flagged (`PeerIdentity` with `tampering`).
+    pub refuse_tampered: bool,
+    /// Refuse an INVITE from the network whose Identity does not verify (428, 438; 488
+    /// for a late offer).
+    pub require_verified: bool,
 }
 
 /// Bytes to send, and the listener to send them from.
@@ -248,13 +254,16 @@ pub enum EdgeEvent {
         result: Result<String, String>,
     },
     /// The Identity of an INVITE from the network, checked against its offer's HITs: what
-    /// verified, or why nothing did (absent, untrusted, stale, …). One proving tampering
-    /// is refused instead (`Refused` with 438).
+    /// verified, or why nothing did (absent, untrusted, stale, …). Refused instead (no
+    /// event) under [`EdgeIdentity::refuse_tampered`] / [`EdgeIdentity::require_verified`].
     PeerIdentity {
         /// Call-ID.
         call_id: String,
         /// What verified, or why not.
         result: Result<identity::Verified, String>,
+        /// The Identity proves that the offer was altered on the path (a valid signature
+        /// over other HITs).
+        tampering: bool,
     },
     /// Something was refused or dropped, and the status we sent (if any).
     Refused {
@@ -1294,40 +1303,66 @@ impl EdgeProxy {
             .map(|c| c.peer_hits.clone())
             .unwrap_or_default();
         let auth = auth_of(req, transport);
-        if !is_sdp(&req.headers, req.body()) {
-            self.events.push_back(EdgeEvent::PeerIdentity {
-                call_id: call_id.to_owned(),
-                result: Err("the INVITE has no SDP (late offer): its Identity binds no HIT".into()),
-            });
-            return Ok(());
-        }
-        let result = match identity::verify_any(
-            &auth.identity,
-            &id.trust,
-            &identity::Expected {
-                from_uri: &auth.from_uri,
-                to_uri: &auth.to_uri,
-                sdp_hits: &hits,
-                now: (id.unix_now)(),
-                window: id.window,
-            },
-        ) {
-            None => Err("no Identity header in the INVITE (RFC 8224)".to_owned()),
-            Some(Ok(v)) => Ok(v),
-            Some(Err(e)) if e.is_tampering() => {
-                return Err(Refusal {
-                    status: 438,
-                    reason: "Invalid Identity Header".into(),
-                    why: format!(
+        // (status, reason) of the refusal `require_verified` asks for when nothing verified
+        // (RFC 8224 §6.2.2: 428 asks for an Identity, 438 says the one sent failed; a late
+        // offer has no SDP for an Identity to bind).
+        let (result, tampering, refusal) = if !is_sdp(&req.headers, req.body()) {
+            (
+                Err("the INVITE has no SDP (late offer): its Identity binds no HIT".to_owned()),
+                false,
+                (488, "Not Acceptable Here"),
+            )
+        } else {
+            match identity::verify_any(
+                &auth.identity,
+                &id.trust,
+                &identity::Expected {
+                    from_uri: &auth.from_uri,
+                    to_uri: &auth.to_uri,
+                    sdp_hits: &hits,
+                    now: (id.unix_now)(),
+                    window: id.window,
+                },
+            ) {
+                None => (
+                    Err("no Identity header in the INVITE (RFC 8224)".to_owned()),
+                    false,
+                    (428, "Use Identity Header"),
+                ),
+                Some(Ok(v)) => (Ok(v), false, (0, "")),
+                Some(Err(e)) if e.is_tampering() => (
+                    Err(format!(
                         "SIP Identity of the INVITE: {e}: the offer was altered on the path"
-                    ),
-                });
+                    )),
+                    true,
+                    (438, "Invalid Identity Header"),
+                ),
+                Some(Err(e)) => (
+                    Err(format!("INVITE Identity not verified: {e}")),
+                    false,
+                    (438, "Invalid Identity Header"),
+                ),
             }
-            Some(Err(e)) => Err(format!("INVITE Identity not verified: {e}")),
         };
+        if let Err(why) = &result
+            && ((tampering && id.refuse_tampered) || id.require_verified)
+        {
+            let (status, reason) = refusal;
+            let why = if tampering {
+                why.clone()
+            } else {
+                format!("refused ([security] require_verified_peer): {why}")
+            };
+            return Err(Refusal {
+                status,
+                reason: reason.into(),
+                why,
+            });
+        }
         self.events.push_back(EdgeEvent::PeerIdentity {
             call_id: call_id.to_owned(),
             result,
+            tampering,
         });
         Ok(())
     }

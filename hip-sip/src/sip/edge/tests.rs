@@ -643,6 +643,8 @@ fn with_identity(mut c: EdgeConfig) -> (EdgeConfig, identity::SigningKey) {
         trust,
         window: 60,
         unix_now: fixed_clock,
+        refuse_tampered: true,
+        require_verified: false,
     });
     (c, key)
 }
@@ -719,15 +721,18 @@ fn a_phone_outside_our_domain_is_not_signed_for_and_says_why() {
 }
 
 fn invite_from_network(identity_value: &str) -> String {
+    let head = invite_from_network_head();
     with_body(
-        &format!(
-            "INVITE sip:bob@192.0.2.4:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.3:5060;branch=z9hG4bKk7\r\n\
-             Max-Forwards: 68\r\nRecord-Route: <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\n\
-             From: <sip:alice@atlanta.com>;tag=a9\r\nTo: <sip:bob@biloxi.com>\r\nCall-ID: in-7\r\n\
-             CSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.1:5062>\r\nIdentity: {identity_value}\r\n"
-        ),
+        &format!("{head}Identity: {identity_value}\r\n"),
         &peer_sdp(),
     )
+}
+
+fn invite_from_network_head() -> &'static str {
+    "INVITE sip:bob@192.0.2.4:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.3:5060;branch=z9hG4bKk7\r\n\
+     Max-Forwards: 68\r\nRecord-Route: <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\n\
+     From: <sip:alice@atlanta.com>;tag=a9\r\nTo: <sip:bob@biloxi.com>\r\nCall-ID: in-7\r\n\
+     CSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.1:5062>\r\n"
 }
 
 fn passport(key: &identity::SigningKey, hit: &str) -> String {
@@ -801,4 +806,43 @@ fn an_invite_whose_identity_proves_the_offer_altered_is_refused_with_438() {
             .any(|e| matches!(e, EdgeEvent::PeerIdentity { .. })),
         "{evs:?}"
     );
+}
+
+#[test]
+fn with_tampering_allowed_the_call_goes_on_flagged() {
+    let (mut c, key) = with_identity(cfg());
+    c.identity.as_mut().unwrap().refuse_tampered = false;
+    let mut p = EdgeProxy::new(c);
+    p.handle_datagram(
+        Instant::now(),
+        local(),
+        sa(HOP),
+        invite_from_network(&passport(&key, "2001:20::66")).as_bytes(),
+    );
+    assert!(sent(&mut p).iter().any(|(to, _)| *to == sa(PHONE)));
+    let evs = events(&mut p);
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            EdgeEvent::PeerIdentity { result: Err(why), tampering: true, .. } if why.contains("altered")
+        )),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn require_verified_refuses_an_invite_without_identity_with_428() {
+    let (mut c, _) = with_identity(cfg());
+    c.identity.as_mut().unwrap().require_verified = true;
+    let mut p = EdgeProxy::new(c);
+    let inv = with_body(invite_from_network_head(), &peer_sdp());
+    p.handle_datagram(Instant::now(), local(), sa(HOP), inv.as_bytes());
+    let out = sent(&mut p);
+    assert!(!out.iter().any(|(to, _)| *to == sa(PHONE)), "{out:?}");
+    let first = out
+        .iter()
+        .find(|(to, _)| *to == sa(HOP))
+        .map(|(_, m)| m.lines().next().unwrap_or("").to_owned());
+    assert_eq!(first.as_deref(), Some("SIP/2.0 428 Use Identity Header"));
+    assert!(p.calls().next().is_none());
 }
