@@ -251,6 +251,14 @@ pub struct EdgeSection {
     /// authentication string when it becomes known (default true).
     #[serde(default = "yes")]
     pub notify_phone: bool,
+    /// Start HIP while the phone rings, so that the SAs are in place when the call is
+    /// answered and its first word is not lost (default true). As callee, the caller's
+    /// HITs from the INVITE's offer may initiate from then on, not only once our phone
+    /// answers; as caller, an I1 to the null HIT goes to the far agent's locator on its
+    /// first ringing response, and the responder is checked against the answer's HIT
+    /// (nothing rests on it before). `false`: HIP starts at the answer.
+    #[serde(default = "yes")]
+    pub early_hip: bool,
 }
 
 impl EdgeSection {

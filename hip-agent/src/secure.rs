@@ -272,6 +272,10 @@ pub struct Security {
     /// Base exchanges we started, keyed by peer locator → the HITs SIP told us (any of
     /// them may answer; with `i1_to_null_hit = false`, the ones still to try in order).
     expected_at: HashMap<IpAddr, Vec<Hit>>,
+    /// Early exchanges ([`Security::initiate_early`]) still running, by peer locator →
+    /// the HITs an answer named meanwhile (empty until it comes): the responder must be
+    /// one of them, or the exchange the answer asks for runs after it.
+    early: HashMap<IpAddr, Vec<Hit>>,
     /// The host's address changes (RFC 8046 mobility); `None` with a fixed `[hip] locator`.
     addrs: Option<AddressEvents>,
     /// Locator moves announced (UPDATE sent) and not yet confirmed, per peer.
@@ -358,6 +362,7 @@ impl Security {
             local_locator: cfg.hip.locator,
             i1_to_null: cfg.hip.i1_to_null_hit,
             expected_at: HashMap::new(),
+            early: HashMap::new(),
             addrs,
             moving: HashMap::new(),
             liveness: HashMap::new(),
@@ -441,6 +446,18 @@ impl Security {
                 _ => {}
             }
         }
+        if let Some(waiting) = self.early.get_mut(&locator) {
+            // The early exchange there finishes first; its responder is checked against
+            // these HITs then (and the normal exchange runs if it is none of them).
+            tracing::info!(peers = ?expected.iter().map(Hit::to_string).collect::<Vec<_>>(), %locator, "the early base exchange is still running: its responder must be one of these");
+            *waiting = expected.to_vec();
+            for h in expected {
+                self.records.remove(h);
+                let r = self.record(*h, true, Some(locator));
+                r.peer_locator = Some(locator);
+            }
+            return Ok(());
+        }
         for h in expected {
             if !matches!(
                 self.records.get(h).map(|r| r.state),
@@ -475,6 +492,40 @@ impl Security {
             return Err(e.to_string());
         }
         Ok(())
+    }
+
+    /// Starts a base exchange with the host at `locator` before its HIT is known (our
+    /// phone's call rings there; the HIT comes with the answer): one I1 to the null HIT
+    /// (RFC 7401 §4.1.8), any responder accepted. Nothing rests on it until
+    /// [`Security::initiate`] names the HITs of the answer: a responder that is one of
+    /// them is the call's association (the exchange proved that HIT as a normal one
+    /// would), any other is closed and the normal exchange runs. `Ok(false)`: nothing
+    /// started (an association with that locator exists or is being made).
+    pub async fn initiate_early(&mut self, locator: IpAddr) -> Result<bool, String> {
+        let busy = self.early.contains_key(&locator)
+            || self.expected_at.contains_key(&locator)
+            || self.records.values().any(|r| {
+                r.peer_locator == Some(locator)
+                    && matches!(r.state, AssocState::Established | AssocState::Exchanging)
+            });
+        if busy {
+            return Ok(false);
+        }
+        tracing::info!(%locator, "starting HIP early (the peer rings; its HIT comes with the answer)");
+        self.driver
+            .initiate(self.local_locator, locator, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.early.insert(locator, Vec::new());
+        Ok(true)
+    }
+
+    /// The early exchange towards `locator` is no longer wanted (its call ended before an
+    /// answer): abandoned if still running.
+    pub async fn cancel_early(&mut self, locator: IpAddr) {
+        if self.early.remove(&locator).is_some() && self.driver.abandon(None, Some(locator)).await {
+            tracing::info!(%locator, "early base exchange abandoned: its call ended");
+        }
     }
 
     /// Lets `hits` (offered in a call we answer) associate with us as initiators.
@@ -557,6 +608,29 @@ impl Security {
         ) {
             self.records.remove(&peer);
         }
+    }
+
+    /// An early exchange reached a responder that is none of the HITs the answer named
+    /// (`waiting`): that association serves no call and is closed (unless SIP bound its
+    /// HIT elsewhere), and the answer's own exchange runs — with `i1_to_null_hit` the
+    /// same host then fails it at once as a HIT mismatch, as without early HIP.
+    async fn early_not_answered(
+        &mut self,
+        peer: Hit,
+        locator: IpAddr,
+        waiting: Vec<Hit>,
+    ) -> Outcome {
+        tracing::warn!(%peer, %locator, answered = ?waiting.iter().map(Hit::to_string).collect::<Vec<_>>(), "the early responder is not the HIT the answer named");
+        if !self.authorized.expected(&peer) {
+            self.release(peer).await;
+        }
+        for h in &waiting {
+            self.records.remove(h);
+        }
+        if let Err(e) = self.initiate(locator, &waiting).await {
+            tracing::error!("HIP initiate: {e}");
+        }
+        Outcome::Nothing
     }
 
     async fn remove_kernel_state(&mut self, peer: Hit) {
@@ -791,6 +865,13 @@ impl Security {
                     },
                 );
                 tracing::info!(%peer, locator = %e.peer_locator, spi_in = format_args!("{:#x}", e.spi_inbound), spi_out = format_args!("{:#x}", e.spi_outbound), replaced = e.replaced_spis.is_some(), "HIP association established");
+                if e.initiator
+                    && let Some(waiting) = self.early.remove(&e.peer_locator)
+                    && !waiting.is_empty()
+                    && !waiting.contains(&peer)
+                {
+                    return self.early_not_answered(peer, e.peer_locator, waiting).await;
+                }
                 Outcome::Established { peer }
             }
             Event::Failed {
@@ -804,6 +885,18 @@ impl Security {
                 } else {
                     error.to_string()
                 };
+                if let Some(waiting) = self.early.remove(&peer_locator) {
+                    tracing::info!(%peer_locator, "early base exchange failed ({text}); the answer's exchange will run");
+                    if !waiting.is_empty() {
+                        for h in &waiting {
+                            self.records.remove(h);
+                        }
+                        if let Err(e) = self.initiate(peer_locator, &waiting).await {
+                            tracing::error!("HIP initiate: {e}");
+                        }
+                    }
+                    return Outcome::Nothing;
+                }
                 let candidates = self.expected_at.remove(&peer_locator);
                 let failed: Vec<Hit> = match (candidates, peer_hit) {
                     (Some(c), _) if self.i1_to_null => c,

@@ -102,11 +102,13 @@ struct Callee {
 }
 
 impl Callee {
-    fn start(ns: &NetNs, ip: &str, user: &str) -> Result<Self> {
+    /// The phone rings for `ring_ms` before it answers.
+    fn start(ns: &NetNs, ip: &str, user: &str, ring_ms: u64) -> Result<Self> {
         let dir = scratch(&format!("uas-{user}"));
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name(), "sipp", "-sf"])
             .arg(scenario("edge_phone_uas.xml"))
+            .args(["-d", &ring_ms.to_string()])
             .args(["-key", "media", "::1", "-key", "user", user])
             .args(["-i", ip, "-p", "5062", "-m", "1", "-nostdin"])
             .args(["-trace_msg", "-message_file"])
@@ -183,12 +185,18 @@ struct Call {
 }
 
 fn call_through_the_edges(biloxi_reply_route: impl Fn(&str) -> String) -> Call {
-    call_through_the_edges_with(biloxi_reply_route, false)
+    call_through_the_edges_with(biloxi_reply_route, false, 0, |_, _| {})
 }
 
 /// As [`call_through_the_edges`]; with `signed`, both agents have `[security]` keys (each
-/// signs for its domain and trusts the other's).
-fn call_through_the_edges_with(biloxi_reply_route: impl Fn(&str) -> String, signed: bool) -> Call {
+/// signs for its domain and trusts the other's); bob's phone rings `ring_ms` before it
+/// answers, and `while_calling` runs with both agents while the call is being made.
+fn call_through_the_edges_with(
+    biloxi_reply_route: impl Fn(&str) -> String,
+    signed: bool,
+    ring_ms: u64,
+    while_calling: impl FnOnce(&Agent, &Agent),
+) -> Call {
     let t = Trapezoid::new().unwrap();
     let dir = scratch("edge");
     let bob_key = hip_key(&dir, "bob");
@@ -221,42 +229,46 @@ fn call_through_the_edges_with(biloxi_reply_route: impl Fn(&str) -> String, sign
     register(&t.hosts[3], "192.0.2.4", "bob", "biloxi.com", "bob-pw").unwrap();
     register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
 
-    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob").unwrap();
+    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob", ring_ms).unwrap();
     let caller_dir = scratch("uac-alice");
-    let caller_log = sipp(
-        t.hosts[0].name(),
-        &caller_dir,
-        &[
-            "-sf",
-            &scenario("edge_phone_uac.xml"),
-            "-oocsf",
-            &scenario("edge_phone_ooc.xml"),
-            "-key",
-            "user",
-            "alice",
-            "-key",
-            "domain",
-            "atlanta.com",
-            "-au",
-            "alice",
-            "-ap",
-            "alice-pw",
-            "-key",
-            "callee",
-            "sip:bob@biloxi.com",
-            "-key",
-            "media",
-            "::1",
-            "-i",
-            "192.0.2.1",
-            "-p",
-            "5062",
-            "192.0.2.1:5070",
-            "-m",
-            "1",
-        ],
-    )
-    .unwrap_or_else(|e| {
+    let caller_ns = t.hosts[0].name().to_owned();
+    let caller = std::thread::spawn(move || {
+        sipp(
+            &caller_ns,
+            &caller_dir,
+            &[
+                "-sf",
+                &scenario("edge_phone_uac.xml"),
+                "-oocsf",
+                &scenario("edge_phone_ooc.xml"),
+                "-key",
+                "user",
+                "alice",
+                "-key",
+                "domain",
+                "atlanta.com",
+                "-au",
+                "alice",
+                "-ap",
+                "alice-pw",
+                "-key",
+                "callee",
+                "sip:bob@biloxi.com",
+                "-key",
+                "media",
+                "::1",
+                "-i",
+                "192.0.2.1",
+                "-p",
+                "5062",
+                "192.0.2.1:5070",
+                "-m",
+                "1",
+            ],
+        )
+    });
+    while_calling(&alice, &bob);
+    let caller_log = caller.join().expect("caller thread").unwrap_or_else(|e| {
         panic!(
             "{e}\nalice's agent:\n{}\nbob's agent:\n{}",
             alice.log(),
@@ -350,7 +362,7 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
         wait_until(Duration::from_secs(10), "the association released", || {
             let st = a.status();
             let assoc = a.json(&["assoc", "--json"]);
-            let live = assoc["associations"]
+            let live = assoc
                 .as_array()
                 .is_some_and(|v| v.iter().any(|r| r["state"] == "established"));
             (st["edge"]["calls"].as_array().is_some_and(Vec::is_empty) && !live).then_some(())
@@ -371,7 +383,7 @@ fn with_sip_identity_each_edge_call_is_single_sided_and_says_by_what() {
         bob,
         caller_log,
         callee_log,
-    } = call_through_the_edges_with(|_| String::new(), true);
+    } = call_through_the_edges_with(|_| String::new(), true, 0, |_, _| {});
     // What bob's phone received carries alice's agent's PASSporT.
     let invite = messages_starting(&callee_log, "INVITE sip:bob@192.0.2.4:5062")
         .into_iter()
@@ -495,7 +507,7 @@ fn a_call_to_a_phone_without_hip_is_refused_with_the_reason_and_the_far_end_hung
     )
     .unwrap();
     register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
-    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob").unwrap();
+    let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob", 0).unwrap();
     let caller_log = sipp(
         t.hosts[0].name(),
         &scratch("uac-refused"),
@@ -566,4 +578,97 @@ fn a_call_to_a_phone_without_hip_is_refused_with_the_reason_and_the_far_end_hung
             .unwrap()
             .is_empty()
     );
+}
+
+/// Issue 15 item 4 ("the first word is not lost"): while bob's phone rings (3 s), alice's
+/// agent starts HIP at bob's agent (an I1 to the null HIT on the 180) and bob's agent
+/// accepts alice's HIT from the INVITE's offer; the association is established before
+/// anyone answers, and the answer's HIT confirms it — the call reads as a call whose
+/// exchange ran after the answer would.
+#[test]
+fn hip_is_established_while_the_phone_rings_and_the_answer_confirms_it() {
+    let mut early: Option<(Value, Value, Value)> = None;
+    let last = std::cell::RefCell::new(Value::Null);
+    let Call {
+        _t,
+        alice,
+        bob,
+        callee_log,
+        ..
+    } = call_through_the_edges_with(
+        |_| String::new(),
+        false,
+        3000,
+        |alice, bob| {
+            early = wait_until(Duration::from_secs(20), "HIP up while ringing", || {
+                let a = alice.status()["edge"]["calls"].as_array()?.first()?.clone();
+                *last.borrow_mut() = a.clone();
+                if a["answered"] != false || a["security"]["early_hip"]["state"] != "established" {
+                    return None;
+                }
+                let b = bob.status()["edge"]["calls"].as_array()?.first()?.clone();
+                let responder = a["security"]["early_hip"]["responder"].as_str()?;
+                let assoc = alice.json(&["assoc", "--json"]);
+                let at_bob = bob.json(&["assoc", "--json"]);
+                let bob_side = at_bob
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["state"] == "established" && r["initiator"] == false)?
+                    .clone();
+                let ours = assoc
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["peer_hit"] == responder && r["initiator"] == true)?
+                    .clone();
+                (b["answered"] == false).then_some((a, bob_side, ours))
+            })
+            .ok();
+        },
+    );
+    let (alice_hit, bob_hit) = (own_hit(&alice), own_hit(&bob));
+    let (a, bob_side, ours) = early.unwrap_or_else(|| {
+        panic!(
+            "no association before the answer (alice's call last read {})\nalice:\n{}\nbob:\n{}",
+            last.borrow(),
+            alice.log(),
+            bob.log()
+        )
+    });
+    // Before the answer alice's agent could not name bob's HIT; the exchange found it.
+    assert_eq!(a["peer_hits"], serde_json::json!([]), "{a}");
+    assert_eq!(a["security"]["early_hip"]["responder"], bob_hit, "{a}");
+    assert_eq!(a["security"]["early_hip"]["locator"], "192.0.2.4", "{a}");
+    assert_eq!(bob_side["peer_hit"], alice_hit, "{bob_side}");
+    // Nothing rested on it before the answer: no level from an unnamed responder.
+    assert_eq!(a["security"]["verification"], "pending", "{a}");
+
+    // The answer named that HIT: the call's association is the early one (not a second
+    // exchange), and it reads as any verified-by-HIP call does.
+    let ended = wait_until(Duration::from_secs(10), "alice's ended call", || {
+        ended_call(&alice)
+    })
+    .unwrap();
+    let rec = &ended["security"]["association"];
+    assert_eq!(rec["peer_hit"], bob_hit, "{ended}");
+    assert_eq!(rec["reached_established"], true, "{ended}");
+    assert_eq!(
+        rec["timing_ms"]["established"], ours["timing_ms"]["established"],
+        "one exchange, the early one: {ended}\n{ours}"
+    );
+    assert_eq!(ended["security"]["verification"], "unverified", "{ended}");
+    let ok = messages_starting(&callee_log, "SIP/2.0 200 OK")
+        .into_iter()
+        .find(|m| m.contains("INVITE"))
+        .unwrap_or_else(|| panic!("no 200 at bob's phone:\n{callee_log}"));
+    assert!(ok.contains("m=audio 20000"), "{ok}");
+    for ag in [&alice, &bob] {
+        wait_until(Duration::from_secs(10), "the association released", || {
+            let assoc = ag.json(&["assoc", "--json"]);
+            assoc
+                .as_array()
+                .is_some_and(|v| v.iter().all(|r| r["state"] != "established"))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", ag.log()));
+    }
 }

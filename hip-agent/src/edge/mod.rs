@@ -49,6 +49,10 @@ struct CallHip {
     told: Option<Verification>,
     /// What SIP Identity established for the call's HITs (draft §4.1).
     sip: SipAssurance,
+    /// Where an early base exchange went (the far end rang; see `[edge] early_hip`),
+    /// and the responder it reached: nothing rests on it until the answer names that HIT.
+    early: Option<std::net::IpAddr>,
+    early_peer: Option<hip_proto::Hit>,
     /// Proof that signalling was tampered with (`[hip] on_failure = "keep"` lets the call
     /// go on): the level is `failed` whatever HIP did.
     failure: Option<String>,
@@ -61,6 +65,7 @@ pub struct Edge {
     rx: mpsc::Receiver<(usize, Inbound)>,
     calls: HashMap<String, CallHip>,
     notify_phone: bool,
+    early_hip: bool,
     /// Calls that ended, newest last (for `status`).
     ended: Vec<Value>,
 }
@@ -124,6 +129,7 @@ impl Edge {
                 // DNS cannot vouch for an edge call yet: an Identity must.
                 require_verified: cfg.security.require_verified_peer,
             }),
+            protect: cfg.hip_enabled(),
         };
         tracing::info!(listen = ?ecfg.listeners, next_hop = %e.next_hop, clients = ?e.clients, "edge mode");
         Ok(Some(Self {
@@ -132,6 +138,7 @@ impl Edge {
             rx,
             calls: HashMap::new(),
             notify_phone: e.notify_phone,
+            early_hip: e.early_hip,
             ended: Vec::new(),
         }))
     }
@@ -220,6 +227,7 @@ impl Edge {
                 peer_uri,
                 identities,
                 stage,
+                phone_is_caller,
                 ..
             } => {
                 pool.learn(pool::entry_from_sdp(&peer_uri, &call_id, &identities));
@@ -228,11 +236,24 @@ impl Edge {
                     s.expect(hits.iter().copied());
                 }
                 tracing::info!(%call_id, peer = %peer_uri, ?stage, hits = ?hits.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "edge: peer HITs learned");
-                let c = self.calls.entry(call_id).or_default();
+                let c = self.calls.entry(call_id.clone()).or_default();
                 for h in hits {
                     if !c.peer_hits.contains(&h) {
                         c.peer_hits.push(h);
                     }
+                }
+                // Early HIP, callee side: the INVITE passed every check the edge makes
+                // (its Identity under `[security]`), so its HITs may initiate while our
+                // phone rings.
+                if self.early_hip
+                    && !phone_is_caller
+                    && stage == hip_sip::sip::edge::SdpStage::Offer
+                    && !c.authorized
+                    && let Some(s) = security
+                {
+                    s.authorize(&c.peer_hits);
+                    c.authorized = true;
+                    tracing::info!(%call_id, "edge: the caller's HITs may initiate HIP while our phone rings");
                 }
             }
             EdgeEvent::OwnSigned { call_id, result } => {
@@ -282,11 +303,26 @@ impl Edge {
                 let c = self.calls.entry(call_id.clone()).or_default();
                 if let Some(s) = security
                     && !c.peer_hits.is_empty()
+                    && !c.authorized
                 {
                     // The caller may send I1 as soon as the 200 is out.
                     s.authorize(&c.peer_hits);
                     c.authorized = true;
                     tracing::info!(%call_id, "edge: our phone answered; the caller's HITs may initiate HIP");
+                }
+            }
+            EdgeEvent::PeerRinging { call_id, locator } => {
+                let (Some(s), Some(loc), true) = (security, locator, self.early_hip) else {
+                    return;
+                };
+                match s.initiate_early(loc).await {
+                    Ok(started) => {
+                        tracing::info!(%call_id, %loc, started, "edge: the far end rings; HIP starts early");
+                        if started {
+                            self.calls.entry(call_id).or_default().early = Some(loc);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%call_id, %loc, "edge: early HIP: {e}"),
                 }
             }
             EdgeEvent::PeerAnswered { call_id, locator } => {
@@ -323,12 +359,15 @@ impl Edge {
                     if c.authorized {
                         s.deauthorize(&c.peer_hits);
                     }
+                    if let Some(loc) = c.early {
+                        s.cancel_early(loc).await;
+                    }
                     let still: Vec<hip_proto::Hit> = self
                         .calls
                         .values()
-                        .flat_map(|o| o.peer_hits.iter().copied())
+                        .flat_map(|o| o.peer_hits.iter().chain(&o.early_peer).copied())
                         .collect();
-                    for h in &c.peer_hits {
+                    for h in c.peer_hits.iter().chain(&c.early_peer) {
                         if !still.contains(h) {
                             s.release(*h).await;
                         }
@@ -368,6 +407,11 @@ impl Edge {
             "failure": c.failure,
             "sas": sas,
             "association": rec,
+            "early_hip": c.early.map(|loc| json!({
+                "locator": loc,
+                "responder": c.early_peer.map(|h| h.to_string()),
+                "state": c.early_peer.and_then(|h| s.get(&h)).map(|r| r.state),
+            })),
         })
     }
 
@@ -378,6 +422,15 @@ impl Edge {
             Outcome::Lost { peer, .. } => *peer,
             _ => return,
         };
+        if let Outcome::Established { peer } = out
+            && let Some(loc) = s.get(peer).and_then(|r| r.peer_locator)
+        {
+            for c in self.calls.values_mut() {
+                if c.early == Some(loc) && c.early_peer.is_none() {
+                    c.early_peer = Some(*peer);
+                }
+            }
+        }
         let mut notes = Vec::new();
         for (call_id, c) in &mut self.calls {
             if !c.peer_hits.contains(&peer) {

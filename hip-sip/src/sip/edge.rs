@@ -152,6 +152,11 @@ pub struct EdgeConfig {
     pub seed: u64,
     /// SIP Identity (RFC 8224, the draft's §4.1) for edge calls: `None` for none.
     pub identity: Option<EdgeIdentity>,
+    /// Protect calls with HIP: put our HIT in our phones' SDP and move media to HITs.
+    /// `false` (an agent with `[hip] enabled = false`): a plain stateful proxy that passes
+    /// SDP untouched, every call [`EdgeEvent::Unprotected`] — what the post-answer delay
+    /// bench measures HIP against.
+    pub protect: bool,
 }
 
 /// RFC 8224 at the edge: the INVITEs our phones place leave signed over our HIT (we are the
@@ -223,6 +228,16 @@ pub enum EdgeEvent {
         /// Call-ID.
         call_id: String,
     },
+    /// The far end rings for our phone's call (its first provisional response with a
+    /// To tag arrived): its agent's HIT is not known yet (it comes with the answer), but
+    /// its locator is, so HIP may start towards it opportunistically and be confirmed
+    /// against the answer's HIT ("the first word is not lost").
+    PeerRinging {
+        /// Call-ID.
+        call_id: String,
+        /// Where the peer's agent is, as for [`EdgeEvent::PeerAnswered`].
+        locator: Option<IpAddr>,
+    },
     /// The far end answered our phone's call (its 2xx arrived): HIP starts towards it.
     PeerAnswered {
         /// Call-ID.
@@ -293,6 +308,9 @@ pub struct EdgeCall {
     pub unprotected: bool,
     /// A 2xx for the INVITE went through.
     pub answered: bool,
+    /// The far end's ringing was reported ([`EdgeEvent::PeerRinging`]).
+    #[serde(skip)]
+    ringing: bool,
     /// Our phone's Contact URI (where a MESSAGE to it goes).
     #[serde(skip)]
     phone_contact: Option<String>,
@@ -1100,6 +1118,7 @@ impl EdgeProxy {
                     peer_hits: Vec::new(),
                     unprotected: false,
                     answered: false,
+                    ringing: false,
                     phone_contact: if from_client {
                         contact
                     } else {
@@ -1108,9 +1127,18 @@ impl EdgeProxy {
                     peer_form: None,
                 },
             );
+            if !self.cfg.protect
+                && let Some(c) = self.calls.get_mut(&call_id)
+            {
+                c.unprotected = true;
+                self.events.push_back(EdgeEvent::Unprotected {
+                    call_id: call_id.clone(),
+                    why: "HIP is off at this edge ([hip] enabled = false)".into(),
+                });
+            }
         }
         let known_call = self.calls.contains_key(&call_id);
-        if known_call && is_sdp(&req.headers, req.body()) {
+        if known_call && self.cfg.protect && is_sdp(&req.headers, req.body()) {
             let stage = if req.method == Method::Ack {
                 SdpStage::Answer
             } else {
@@ -1145,7 +1173,7 @@ impl EdgeProxy {
             }
         }
 
-        if dialog_creating && self.calls.contains_key(&call_id) {
+        if dialog_creating && self.cfg.protect && self.calls.contains_key(&call_id) {
             if from_client {
                 self.sign_invite(&call_id, &mut req);
             } else if let Err(r) = self.check_identity(&call_id, &req, src.transport) {
@@ -1496,7 +1524,10 @@ impl EdgeProxy {
         let original = t.original.clone();
         pop_via(&mut resp.headers);
 
-        if self.calls.contains_key(&call_id) && is_sdp(&resp.headers, resp.body()) {
+        if self.cfg.protect
+            && self.calls.contains_key(&call_id)
+            && is_sdp(&resp.headers, resp.body())
+        {
             let body = resp.body().clone();
             let stage = SdpStage::Answer;
             let result = if from_client {
@@ -1535,35 +1566,40 @@ impl EdgeProxy {
                 }
             }
         }
+        if method == Method::Invite
+            && initial_invite
+            && from_client
+            && (101..200).contains(&status)
+            && to_tag(&resp.headers).is_some()
+        {
+            let locator = self.peer_agent_locator(&resp);
+            if let Some(c) = self.calls.get_mut(&call_id)
+                && !c.answered
+                && !c.ringing
+                && !c.unprotected
+            {
+                c.ringing = true;
+                self.events.push_back(EdgeEvent::PeerRinging {
+                    call_id: call_id.clone(),
+                    locator,
+                });
+            }
+        }
         if method == Method::Invite && initial_invite && first_final {
             if (200..300).contains(&status) {
+                let locator = self.peer_agent_locator(&resp);
                 let call = self.calls.get_mut(&call_id);
                 if let Some(c) = call
                     && !c.answered
                 {
                     c.answered = true;
-                    if from_client {
-                        let rr = addresses(&resp.headers, &HeaderName::RecordRoute, "Record-Route");
-                        let locator = rr
-                            .iter()
-                            .map(|a| &a.uri)
-                            .find(|u| !self.is_ours(u))
-                            .and_then(|u| match u.host() {
-                                Some(sx::Host::Ip(ip)) => Some(*ip),
-                                _ => None,
-                            })
-                            .or_else(|| {
-                                let c = resp.headers.typed::<sh::Contact>()?.ok()?;
-                                match c.uri.host() {
-                                    Some(sx::Host::Ip(ip)) => Some(*ip),
-                                    _ => None,
-                                }
-                            });
+                    let protect = self.cfg.protect;
+                    if protect && from_client {
                         self.events.push_back(EdgeEvent::PeerAnswered {
                             call_id: call_id.clone(),
                             locator,
                         });
-                    } else {
+                    } else if protect {
                         self.events.push_back(EdgeEvent::PhoneAnswered {
                             call_id: call_id.clone(),
                         });
@@ -1581,6 +1617,26 @@ impl EdgeProxy {
             dest: up,
             data: Message::Response(resp).to_bytes(),
         });
+    }
+
+    /// Where the far end's agent is: the host of the first Record-Route that is not ours
+    /// (the agent beside the far phone record-routes), else of the Contact.
+    fn peer_agent_locator(&self, resp: &Response) -> Option<IpAddr> {
+        let rr = addresses(&resp.headers, &HeaderName::RecordRoute, "Record-Route");
+        rr.iter()
+            .map(|a| &a.uri)
+            .find(|u| !self.is_ours(u))
+            .and_then(|u| match u.host() {
+                Some(sx::Host::Ip(ip)) => Some(*ip),
+                _ => None,
+            })
+            .or_else(|| {
+                let c = resp.headers.typed::<sh::Contact>()?.ok()?;
+                match c.uri.host() {
+                    Some(sx::Host::Ip(ip)) => Some(*ip),
+                    _ => None,
+                }
+            })
     }
 
     /// A final response whose SDP we refuse: a 2xx is acknowledged and the dialog ended

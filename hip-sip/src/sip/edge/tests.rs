@@ -31,6 +31,7 @@ fn cfg() -> EdgeConfig {
         max_transactions: 64,
         seed: 7,
         identity: None,
+        protect: true,
     }
 }
 
@@ -213,6 +214,30 @@ fn a_call_from_the_phone_leaves_on_our_hit_and_the_answer_arrives_on_the_peers()
         "Record-Route: <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\nRecord-Route:",
         1,
     );
+    // Its ringing names that locator before any HIT is known: early HIP can start there,
+    // once per call.
+    let ringing = answer(
+        &fwd_rr,
+        "180 Ringing",
+        "Contact: <sip:bob@[fd00::9]:5062>\r\n",
+        None,
+    );
+    for n in 0..2 {
+        p.handle_datagram(now, local(), sa(HOP), ringing.as_bytes());
+        assert_eq!(sent(&mut p).len(), 1, "the 180 reaches the phone");
+        let evs = events(&mut p);
+        if n == 0 {
+            assert_eq!(
+                evs,
+                vec![EdgeEvent::PeerRinging {
+                    call_id: "call-1".into(),
+                    locator: Some("192.0.2.1".parse().unwrap())
+                }]
+            );
+        } else {
+            assert!(evs.is_empty(), "{evs:?}");
+        }
+    }
     let ok = answer(
         &fwd_rr,
         "200 OK",
@@ -845,4 +870,45 @@ fn require_verified_refuses_an_invite_without_identity_with_428() {
         .map(|(_, m)| m.lines().next().unwrap_or("").to_owned());
     assert_eq!(first.as_deref(), Some("SIP/2.0 428 Use Identity Header"));
     assert!(p.calls().next().is_none());
+}
+
+#[test]
+fn with_hip_off_the_edge_passes_sdp_untouched_and_says_the_call_is_unprotected() {
+    let mut p = EdgeProxy::new(EdgeConfig {
+        protect: false,
+        ..cfg()
+    });
+    let now = Instant::now();
+    let inv = invite_from_phone(PHONE_SDP);
+    p.handle_datagram(now, local(), sa(PHONE), inv.as_bytes());
+    let out = sent(&mut p);
+    let fwd = &out[0].1;
+    assert_eq!(body(fwd), body(&inv), "SDP untouched");
+    let evs = events(&mut p);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::Unprotected { why, .. }] if why.contains("HIP is off")),
+        "{evs:?}"
+    );
+    // Neither ringing nor the answer starts HIP.
+    let fwd_rr = fwd.replacen(
+        "Record-Route:",
+        "Record-Route: <sip:192.0.2.1:5070;transport=udp;lr;hip-edge>\r\nRecord-Route:",
+        1,
+    );
+    for (status, sdp) in [("180 Ringing", None), ("200 OK", Some(PHONE_SDP))] {
+        let r = answer(
+            &fwd_rr,
+            status,
+            "Contact: <sip:bob@[fd00::9]:5062>\r\n",
+            sdp,
+        );
+        p.handle_datagram(now, local(), sa(HOP), r.as_bytes());
+        let back = sent(&mut p);
+        assert_eq!(back.len(), 1, "{back:?}");
+        if let Some(s) = sdp {
+            assert_eq!(body(&back[0].1), s, "answer untouched");
+        }
+        assert_eq!(events(&mut p), vec![], "{status}");
+    }
+    assert!(p.call("call-1").unwrap().unprotected);
 }
