@@ -349,6 +349,49 @@ pub fn wait_calls_ended(agents: &[&Agent], timeout: Duration) -> Result<()> {
     })
 }
 
+/// The path of SIPp scenario `name` (in `tests/sipp`).
+pub fn scenario(name: &str) -> String {
+    sipp_dir().join(name).to_string_lossy().into_owned()
+}
+
+/// A SIPp phone at `ip:5062` registering at `target` (its edge, or the registrar itself)
+/// with its digest credentials; returns SIPp's message log.
+pub fn register_at(
+    ns: &NetNs,
+    ip: &str,
+    user: &str,
+    domain: &str,
+    pw: &str,
+    target: &str,
+) -> Result<String> {
+    let dir = scratch(&format!("reg-{user}"));
+    sipp(
+        ns.name(),
+        &dir,
+        &[
+            "-sf",
+            &scenario("edge_phone_register.xml"),
+            "-key",
+            "user",
+            user,
+            "-key",
+            "domain",
+            domain,
+            "-au",
+            user,
+            "-ap",
+            pw,
+            "-i",
+            ip,
+            "-p",
+            "5062",
+            target,
+            "-m",
+            "1",
+        ],
+    )
+}
+
 /// Runs SIPp to completion inside namespace `ns`; returns its message log.
 pub fn sipp(ns: &str, dir: &Path, args: &[&str]) -> Result<String> {
     let log = dir.join("sipp-messages.log");

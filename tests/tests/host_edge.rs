@@ -18,7 +18,9 @@ use anyhow::{Context as _, Result, bail};
 use hip_tests::{
     NetNs,
     phone::md5_proxies,
-    sip::{Agent, NO_OFFLOAD, Trapezoid, hip_key, scratch, signed_both, sipp, sipp_dir},
+    sip::{
+        Agent, NO_OFFLOAD, Trapezoid, hip_key, register_at, scenario, scratch, signed_both, sipp,
+    },
     wait_until,
 };
 use serde_json::Value;
@@ -49,50 +51,9 @@ fn edge_agent_with(
     .unwrap()
 }
 
-fn scenario(name: &str) -> String {
-    sipp_dir().join(name).to_str().unwrap().to_owned()
-}
-
 /// A phone registering through its edge with its digest credentials.
 fn register(ns: &NetNs, ip: &str, user: &str, domain: &str, pw: &str) -> Result<String> {
     register_at(ns, ip, user, domain, pw, &format!("{ip}:5070"))
-}
-
-/// A phone registering at `target` (its edge, or the registrar itself).
-fn register_at(
-    ns: &NetNs,
-    ip: &str,
-    user: &str,
-    domain: &str,
-    pw: &str,
-    target: &str,
-) -> Result<String> {
-    let dir = scratch(&format!("reg-{user}"));
-    sipp(
-        ns.name(),
-        &dir,
-        &[
-            "-sf",
-            &scenario("edge_phone_register.xml"),
-            "-key",
-            "user",
-            user,
-            "-key",
-            "domain",
-            domain,
-            "-au",
-            user,
-            "-ap",
-            pw,
-            "-i",
-            ip,
-            "-p",
-            "5062",
-            target,
-            "-m",
-            "1",
-        ],
-    )
 }
 
 /// A phone answering one call in the background (SIPp as UAS, MESSAGEs answered).
