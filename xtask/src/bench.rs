@@ -11,6 +11,7 @@
 //! | `hip-i1-flood-bench` | a legitimate base exchange between two agents while 10,000 spoofed I1/s forge the caller's address | the same exchange without the flood |
 //! | `hip-dns-bench` | publish + look up 10,000 HIP RRs on BIND (batched TSIG updates, concurrent lookups) | one `nsupdate` / `dig` process per record |
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
+//! | `hip-answer-bench` (VM) | phones through two edges: callee's 200 OK → first RTP at the caller, HIP at the answer and early (while ringing) | the same edges with HIP off |
 //!
 //! Everything is printed and also written to `target/bench/report.txt`.
 
@@ -131,14 +132,17 @@ pub fn run() -> Result<()> {
     );
 
     // One VM boot for what needs ESP.
-    r.line("\n== bench (VM, kernel with ESP): XFRM SAs + policies via netlink vs `ip xfrm`; call set-up split vs floors");
+    r.line("\n== bench (VM, kernel with ESP): XFRM SAs + policies via netlink vs `ip xfrm`; call set-up split vs floors; post-answer media delay vs HIP off");
     let script = format!(
         "echo '-- xfrm_bench (2 SAs + 2 policies per association; ip baseline sampled on 100, scaled linearly)'; \
          {xfrm} 1000 10000 --ip-limit 100 || echo '!! xfrm_bench failed'; \
-         echo '-- hip-call-bench'; HIP_AGENT_BIN={agent} {call} 5 || echo '!! hip-call-bench failed'",
+         echo '-- hip-call-bench'; HIP_AGENT_BIN={agent} {call} 5 || echo '!! hip-call-bench failed'; \
+         echo '-- hip-answer-bench (phones through edges; 200 OK -> first RTP at the caller)'; \
+         HIP_AGENT_BIN={agent} {answer} 5 3000 || echo '!! hip-answer-bench failed'",
         xfrm = vm::shell_quote(&rel.join("examples/xfrm_bench").to_string_lossy()),
         agent = vm::shell_quote(&rel.join("hip-agent").to_string_lossy()),
         call = vm::shell_quote(&rel.join("hip-call-bench").to_string_lossy()),
+        answer = vm::shell_quote(&rel.join("hip-answer-bench").to_string_lossy()),
     );
     let mut lines = Vec::new();
     let st = vm::run_script(&script, "2G", Duration::from_secs(60 * 60), |l| {

@@ -249,7 +249,7 @@ fn first_packet(ns: String, ready: mpsc::Sender<()>) -> Result<SystemTime> {
 
 struct Run {
     delays_ms: Vec<f64>,
-    /// Calls whose association was established before the answer (early mode).
+    /// Calls whose SAs were in both kernels before the answer.
     ready_at_answer: usize,
 }
 
@@ -296,45 +296,36 @@ fn measure(mode: Mode, calls: usize, ring: Duration) -> Result<Run> {
         let (ans_tx, ans_rx) = mpsc::channel();
         let b_ns = t.hosts[3].name().to_owned();
         let phone = thread::spawn(move || bob_phone(b_ns, ring, ans_tx));
-        let early_seen = if mode == Mode::Early {
-            // Polled while bob's phone rings: is HIP done before anyone answers?
-            let a = &alice;
-            Some(thread::scope(|s| {
-                let poll = s.spawn(|| {
-                    wait_until(ring + Duration::from_secs(5), "early HIP", || {
-                        let c = a.status()["edge"]["calls"].as_array()?.first()?.clone();
-                        (c["security"]["early_hip"]["state"] == "established")
-                            .then(|| c["answered"] == false)
-                    })
-                    .unwrap_or(false)
-                });
-                let log = caller(&t, &dir, n);
-                (poll.join().unwrap_or(false), log)
-            }))
-        } else {
-            None
-        };
-        let log = match early_seen {
-            Some((seen, log)) => {
-                run.ready_at_answer += usize::from(seen);
-                log
-            }
-            None => caller(&t, &dir, n),
-        };
-        log.with_context(|| format!("alice:\n{}\nbob:\n{}", alice.log(), bob.log()))?;
+        let (a_ns, d) = (t.hosts[0].name().to_owned(), dir.clone());
+        let uac = thread::spawn(move || caller(&a_ns, &d, n));
+        let fail =
+            |e: anyhow::Error| e.context(format!("alice:\n{}\nbob:\n{}", alice.log(), bob.log()));
         let answered = ans_rx
-            .recv_timeout(Duration::from_secs(5))
-            .context("bob's phone never answered")?;
-        let first = rx
-            .join()
-            .expect("receiver thread")
-            .with_context(|| format!("alice:\n{}\nbob:\n{}", alice.log(), bob.log()))?;
-        phone.join().expect("phone thread")?;
+            .recv_timeout(ring + Duration::from_secs(30))
+            .context("bob's phone never answered")
+            .map_err(fail)?;
+        let first = rx.join().expect("receiver thread").map_err(fail)?;
         let d = first
             .duration_since(answered)
             .map(|d| d.as_secs_f64() * 1e3)
             .unwrap_or(0.0);
         run.delays_ms.push(d);
+        // While the call is up: were the SAs in both kernels before the answer?
+        if mode != Mode::HipOff {
+            let answered_ms = answered.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
+            let offloaded = [&alice, &bob].map(|ag| {
+                ag.status()["edge"]["calls"][0]["security"]["association"]["timing_ms"]["offloaded"]
+                    .as_u64()
+            });
+            if offloaded
+                .iter()
+                .all(|o| o.is_some_and(|o| o <= answered_ms))
+            {
+                run.ready_at_answer += 1;
+            }
+        }
+        uac.join().expect("caller thread").map_err(fail)?;
+        phone.join().expect("phone thread").map_err(fail)?;
         // The next call starts from nothing: no association, no SA.
         for (ag, ns) in [(&alice, &t.hosts[0]), (&bob, &t.hosts[3])] {
             wait_until(Duration::from_secs(30), "the call torn down", || {
@@ -352,11 +343,11 @@ fn measure(mode: Mode, calls: usize, ring: Duration) -> Result<Run> {
     Ok(run)
 }
 
-fn caller(t: &Trapezoid, dir: &std::path::Path, n: usize) -> Result<String> {
+fn caller(ns: &str, dir: &std::path::Path, n: usize) -> Result<String> {
     let d = dir.join(format!("uac-{n}"));
     std::fs::create_dir_all(&d)?;
     sipp(
-        t.hosts[0].name(),
+        ns,
         &d,
         &[
             "-sf",
@@ -416,13 +407,13 @@ fn main() -> Result<()> {
     let mut out = json!({"calls": calls, "ring_ms": ring.as_millis() as u64});
     for (mode, r) in &rows {
         let m = median(r.delays_ms.clone());
-        let extra = if *mode == Mode::Early {
+        let extra = if *mode == Mode::HipOff {
+            String::new()
+        } else {
             format!(
-                "   SAs ready at the answer in {}/{calls} calls",
+                "   SAs in both kernels before the answer: {}/{calls} calls",
                 r.ready_at_answer
             )
-        } else {
-            String::new()
         };
         println!(
             "  {:<30} {m:8.2} ms   {:6.2}x baseline   (all: {}){extra}",
@@ -438,7 +429,7 @@ fn main() -> Result<()> {
             "median_ms": m,
             "ratio": m / base,
             "all_ms": r.delays_ms,
-            "ready_at_answer": (*mode == Mode::Early).then_some(r.ready_at_answer),
+            "ready_at_answer": (*mode != Mode::HipOff).then_some(r.ready_at_answer),
         });
     }
     println!("{out}");
