@@ -12,6 +12,7 @@
 //! | `hip-dns-bench` | publish + look up 10,000 HIP RRs on BIND (batched TSIG updates, concurrent lookups) | one `nsupdate` / `dig` process per record |
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
 //! | `hip-answer-bench` (VM) | phones through two edges: callee's 200 OK → first RTP at the caller, HIP at the answer and early (while ringing) | the same edges with HIP off |
+//! | `hip-media-bench` (VM) | UDP between HITs through each ESP transform; agents' CPU; eBPF run time | plaintext between the same hosts; the agents idle |
 //!
 //! Everything is printed and also written to `target/bench/report.txt`.
 
@@ -138,11 +139,14 @@ pub fn run() -> Result<()> {
          {xfrm} 1000 10000 --ip-limit 100 || echo '!! xfrm_bench failed'; \
          echo '-- hip-call-bench'; HIP_AGENT_BIN={agent} {call} 5 || echo '!! hip-call-bench failed'; \
          echo '-- hip-answer-bench (phones through edges; 200 OK -> first RTP at the caller)'; \
-         HIP_AGENT_BIN={agent} {answer} 5 3000 || echo '!! hip-answer-bench failed'",
+         HIP_AGENT_BIN={agent} {answer} 5 3000 || echo '!! hip-answer-bench failed'; \
+         echo '-- hip-media-bench (ESP transforms vs plaintext between the same hosts)'; \
+         HIP_AGENT_BIN={agent} {media} 3 || echo '!! hip-media-bench failed'",
         xfrm = vm::shell_quote(&rel.join("examples/xfrm_bench").to_string_lossy()),
         agent = vm::shell_quote(&rel.join("hip-agent").to_string_lossy()),
         call = vm::shell_quote(&rel.join("hip-call-bench").to_string_lossy()),
         answer = vm::shell_quote(&rel.join("hip-answer-bench").to_string_lossy()),
+        media = vm::shell_quote(&rel.join("hip-media-bench").to_string_lossy()),
     );
     let mut lines = Vec::new();
     let st = vm::run_script(&script, "2G", Duration::from_secs(60 * 60), |l| {
