@@ -392,6 +392,48 @@ pub fn register_at(
     )
 }
 
+/// alice's SIPp phone (192.0.2.1:5062, digest `alice`/`alice-pw` at atlanta.com) calling
+/// sip:bob@biloxi.com through its edge at 192.0.2.1:5070 with `scenario_file`, `media`
+/// its media address, `extra` more SIPp arguments; returns SIPp's message log.
+pub fn alice_phone_calls_bob(
+    ns: &str,
+    dir: &Path,
+    scenario_file: &str,
+    media: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let sf = scenario(scenario_file);
+    let mut args = vec![
+        "-sf",
+        &sf,
+        "-key",
+        "user",
+        "alice",
+        "-key",
+        "domain",
+        "atlanta.com",
+        "-au",
+        "alice",
+        "-ap",
+        "alice-pw",
+        "-key",
+        "callee",
+        "sip:bob@biloxi.com",
+        "-key",
+        "media",
+        media,
+        "-i",
+        "192.0.2.1",
+        "-p",
+        "5062",
+        "192.0.2.1:5070",
+        "-m",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    sipp(ns, dir, &args)
+}
+
 /// Runs SIPp to completion inside namespace `ns`; returns its message log.
 pub fn sipp(ns: &str, dir: &Path, args: &[&str]) -> Result<String> {
     let log = dir.join("sipp-messages.log");

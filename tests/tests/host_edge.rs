@@ -19,7 +19,8 @@ use hip_tests::{
     NetNs,
     phone::md5_proxies,
     sip::{
-        Agent, NO_OFFLOAD, Trapezoid, hip_key, register_at, scenario, scratch, signed_both, sipp,
+        Agent, NO_OFFLOAD, Trapezoid, alice_phone_calls_bob, hip_key, register_at, scenario,
+        scratch, signed_both,
     },
     wait_until,
 };
@@ -194,38 +195,13 @@ fn call_through_the_edges_with(
     let caller_dir = scratch("uac-alice");
     let caller_ns = t.hosts[0].name().to_owned();
     let caller = std::thread::spawn(move || {
-        sipp(
+        let ooc = scenario("edge_phone_ooc.xml");
+        alice_phone_calls_bob(
             &caller_ns,
             &caller_dir,
-            &[
-                "-sf",
-                &scenario("edge_phone_uac.xml"),
-                "-oocsf",
-                &scenario("edge_phone_ooc.xml"),
-                "-key",
-                "user",
-                "alice",
-                "-key",
-                "domain",
-                "atlanta.com",
-                "-au",
-                "alice",
-                "-ap",
-                "alice-pw",
-                "-key",
-                "callee",
-                "sip:bob@biloxi.com",
-                "-key",
-                "media",
-                "::1",
-                "-i",
-                "192.0.2.1",
-                "-p",
-                "5062",
-                "192.0.2.1:5070",
-                "-m",
-                "1",
-            ],
+            "edge_phone_uac.xml",
+            "::1",
+            &["-oocsf", &ooc],
         )
     });
     while_calling(&alice, &bob);
@@ -469,36 +445,12 @@ fn a_call_to_a_phone_without_hip_is_refused_with_the_reason_and_the_far_end_hung
     .unwrap();
     register(&t.hosts[0], "192.0.2.1", "alice", "atlanta.com", "alice-pw").unwrap();
     let mut callee = Callee::start(&t.hosts[3], "192.0.2.4", "bob", 0).unwrap();
-    let caller_log = sipp(
+    let caller_log = alice_phone_calls_bob(
         t.hosts[0].name(),
         &scratch("uac-refused"),
-        &[
-            "-sf",
-            &scenario("edge_phone_uac_refused.xml"),
-            "-key",
-            "user",
-            "alice",
-            "-key",
-            "domain",
-            "atlanta.com",
-            "-au",
-            "alice",
-            "-ap",
-            "alice-pw",
-            "-key",
-            "callee",
-            "sip:bob@biloxi.com",
-            "-key",
-            "media",
-            "::1",
-            "-i",
-            "192.0.2.1",
-            "-p",
-            "5062",
-            "192.0.2.1:5070",
-            "-m",
-            "1",
-        ],
+        "edge_phone_uac_refused.xml",
+        "::1",
+        &[],
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", alice.log()));
     // The phone's 488 says why, in the reason phrase and the Warning.

@@ -35,7 +35,7 @@ use hip_tests::{
     call::{ALICE_IP, BOB_IP, xfrm_counts},
     enter_netns, new_host_identity,
     phone::md5_proxies,
-    sip::{Agent, Trapezoid, register_at, scenario, scratch, sipp},
+    sip::{Agent, Trapezoid, alice_phone_calls_bob, register_at, scratch},
     wait_until,
 };
 use serde_json::json;
@@ -346,38 +346,12 @@ fn measure(mode: Mode, calls: usize, ring: Duration) -> Result<Run> {
 fn caller(ns: &str, dir: &std::path::Path, n: usize) -> Result<String> {
     let d = dir.join(format!("uac-{n}"));
     std::fs::create_dir_all(&d)?;
-    sipp(
+    alice_phone_calls_bob(
         ns,
         &d,
-        &[
-            "-sf",
-            &scenario("answer_bench_uac.xml"),
-            "-key",
-            "user",
-            "alice",
-            "-key",
-            "domain",
-            "atlanta.com",
-            "-au",
-            "alice",
-            "-ap",
-            "alice-pw",
-            "-key",
-            "callee",
-            "sip:bob@biloxi.com",
-            "-key",
-            "media",
-            ALICE_MEDIA,
-            "-i",
-            ALICE_IP,
-            "-p",
-            "5062",
-            &format!("{ALICE_IP}:5070"),
-            "-d",
-            &CALL_MS.to_string(),
-            "-m",
-            "1",
-        ],
+        "answer_bench_uac.xml",
+        ALICE_MEDIA,
+        &["-d", &CALL_MS.to_string()],
     )
 }
 
