@@ -311,9 +311,11 @@ fn phones_register_and_call_through_their_edges_and_the_trapezoid() {
 }
 
 #[test]
-fn with_sip_identity_each_edge_call_is_single_sided_and_says_by_what() {
+fn with_sip_identity_both_edges_prove_their_hits_and_each_call_is_mutual() {
     // Each agent signs its phone's INVITE for its domain and verifies the other's; no
-    // response can carry Identity, so each side has one direction proven (draft §4.1).
+    // response can carry Identity, so bob's edge follows the ACK with an UPDATE signed over
+    // its HIT, which alice's edge verifies against the answer and keeps from her phone
+    // (draft §4.1): both directions proven.
     let Call {
         _t,
         alice,
@@ -327,21 +329,29 @@ fn with_sip_identity_each_edge_call_is_single_sided_and_says_by_what() {
         .next()
         .unwrap_or_else(|| panic!("no INVITE at bob's phone:\n{callee_log}"));
     assert!(invite.contains("\nIdentity: "), "{invite}");
-    for (who, log, agent, proven) in [
-        ("alice", &caller_log, &alice, "own_via"),
-        ("bob", &callee_log, &bob, "peer_via"),
+    for (who, log, agent, detail) in [
+        ("alice", &caller_log, &alice, "UPDATE Identity verified"),
+        ("bob", &callee_log, &bob, "accepted by the caller's edge"),
     ] {
         let ended = wait_until(Duration::from_secs(10), "the call in ended_calls", || {
             ended_call(agent)
         })
         .unwrap();
         let sec = &ended["security"];
-        assert_eq!(sec["verification"], "single-sided", "{who}: {ended}");
-        assert_eq!(sec["sip"][proven], "identity", "{who}: {ended}");
+        assert_eq!(sec["verification"], "mutual", "{who}: {ended}");
+        assert_eq!(sec["sip"]["own_via"], "identity", "{who}: {ended}");
+        assert_eq!(sec["sip"]["peer_via"], "identity", "{who}: {ended}");
+        let text = sec["sip"].to_string();
+        assert!(text.contains(detail), "{who}: {text}");
+        // The edges' UPDATE never reaches either phone (their dialogs know nothing of it).
+        assert!(
+            messages_starting(log, "UPDATE ").is_empty(),
+            "{who}'s phone got the edges' UPDATE:\n{log}"
+        );
         let msgs = messages_starting(log, "MESSAGE sip:");
         assert!(
-            msgs.iter().any(|m| m.contains("verification single-sided")),
-            "{who}'s phone was not told single-sided:\n{log}\n{}",
+            msgs.iter().any(|m| m.contains("verification mutual")),
+            "{who}'s phone was not told mutual:\n{log}\n{}",
             agent.log()
         );
     }

@@ -8,7 +8,9 @@
 //! are accepted as Initiators (`Security::authorize`); when the far end answers our
 //! phone, the base exchange starts towards it (`Security::initiate`, the responder must
 //! prove the HIT its SDP carried); the call's end releases the association, which
-//! removes SAs, policies, route and map entries. When the level becomes known the phone
+//! removes SAs, policies, route and map entries. With `[security]` keys the SIP Identity
+//! of each direction (our phone's INVITE, or the callee edge's signed UPDATE, draft §4.1)
+//! goes into the call's `SipAssurance`. When the level becomes known or changes the phone
 //! gets a SIP MESSAGE with it and the short authentication string.
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
@@ -267,10 +269,12 @@ impl Edge {
                     ),
                     Err(why) => c.sip.own_not(why),
                 }
-                c.sip.peer_not(
-                    "no Identity: a response cannot carry RFC 8224 Identity, and the edge sends no signed UPDATE (draft §4.1)"
-                        .into(),
-                );
+                if !c.sip.peer_authenticated {
+                    c.sip.peer_not(
+                        "no Identity yet: a response cannot carry RFC 8224 Identity; waiting for the callee's signed UPDATE (draft §4.1)"
+                            .into(),
+                    );
+                }
                 tracing::info!(%call_id, own = ?c.sip.own_detail, "edge: SIP Identity of our phone's INVITE");
             }
             EdgeEvent::PeerIdentity {
@@ -293,11 +297,54 @@ impl Edge {
                     ),
                     Err(why) => c.sip.peer_not(why),
                 }
-                c.sip.own_not(
-                    "our HIT reaches the caller unsigned: a response cannot carry RFC 8224 Identity, and the edge sends no signed UPDATE (draft §4.1)"
-                        .into(),
-                );
+                if !c.sip.own_protected {
+                    c.sip.own_not(
+                        "our HIT is not signed yet: a response cannot carry RFC 8224 Identity; our signed UPDATE follows the ACK (draft §4.1)"
+                            .into(),
+                    );
+                }
                 tracing::info!(%call_id, peer = ?c.sip.peer_detail, "edge: SIP Identity of the INVITE");
+            }
+            EdgeEvent::PeerUpdate {
+                call_id,
+                result,
+                tampering,
+            } => {
+                let c = self.calls.entry(call_id.clone()).or_default();
+                if tampering && let Err(why) = &result {
+                    tracing::error!(%call_id, "edge: call flagged: {why}");
+                    c.failure = Some(why.clone());
+                }
+                match result {
+                    Ok(v) => c.sip.peer_by(
+                        Mechanism::Identity,
+                        format!(
+                            "UPDATE Identity verified (draft §4.1): {} with {}'s key",
+                            v.orig, v.domain
+                        ),
+                    ),
+                    Err(why) => c.sip.peer_not(why),
+                }
+                tracing::info!(%call_id, peer = ?c.sip.peer_detail, "edge: the callee's signed UPDATE");
+                if let Some(s) = security {
+                    self.retell(&call_id, s).await;
+                }
+            }
+            EdgeEvent::OwnUpdate { call_id, result } => {
+                let c = self.calls.entry(call_id.clone()).or_default();
+                match result {
+                    Ok(domain) => c.sip.own_by(
+                        Mechanism::Identity,
+                        format!(
+                            "our HIT signed in an UPDATE (draft §4.1) with {domain}'s key, accepted by the caller's edge"
+                        ),
+                    ),
+                    Err(why) => c.sip.own_not(why),
+                }
+                tracing::info!(%call_id, own = ?c.sip.own_detail, "edge: our signed UPDATE");
+                if let Some(s) = security {
+                    self.retell(&call_id, s).await;
+                }
             }
             EdgeEvent::PhoneAnswered { call_id } => {
                 let c = self.calls.entry(call_id.clone()).or_default();
@@ -431,11 +478,28 @@ impl Edge {
                 }
             }
         }
+        let calls: Vec<String> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.peer_hits.contains(&peer))
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.tell(&calls, s).await;
+    }
+
+    /// The SIP side of a call changed (a signed UPDATE): its phone hears the new level.
+    async fn retell(&mut self, call_id: &str, s: &Security) {
+        self.tell(&[call_id.to_owned()], s).await;
+    }
+
+    /// Each of `calls` whose level is known and changed since its phone was last told:
+    /// a MESSAGE with the level and the short authentication string.
+    async fn tell(&mut self, calls: &[String], s: &Security) {
         let mut notes = Vec::new();
-        for (call_id, c) in &mut self.calls {
-            if !c.peer_hits.contains(&peer) {
+        for call_id in calls {
+            let Some(c) = self.calls.get_mut(call_id) else {
                 continue;
-            }
+            };
             let level = Self::level(s, c);
             if c.told == Some(level) || level == Verification::Pending {
                 continue;

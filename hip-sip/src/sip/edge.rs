@@ -15,6 +15,12 @@
 //! [`EdgeEvent::PeerHits`]) and its addresses moved to the peer's HIT, so that the phone
 //! sends its RTP to the HIT, from ours, through the kernel's SAs.
 //!
+//! With [`EdgeConfig::identity`], our phones' INVITEs leave signed over our HIT (RFC 8224),
+//! those from the network are verified against their offers, and for a call our phone
+//! answered the edge follows the ACK with a signed UPDATE addressed to the caller's edge,
+//! which verifies it against the answer and keeps it from its phone (the draft's §4.1
+//! between two proxies; `ARCHITECTURE.md` has why).
+//!
 //! Only configured client networks are served: requests from a client go to the next hop
 //! (or along their dialog's route); requests from anywhere else are forwarded only to a
 //! client. The edge is never an open relay.
@@ -280,6 +286,27 @@ pub enum EdgeEvent {
         /// over other HITs).
         tampering: bool,
     },
+    /// The callee's half of the draft's §4.1 for our phone's call: the far edge's signed
+    /// UPDATE (absorbed here, never passed to the phone), checked against the HITs of the
+    /// answer: what verified, or why not. We answered it 200 when it verified, with an
+    /// error otherwise.
+    PeerUpdate {
+        /// Call-ID.
+        call_id: String,
+        /// What verified, or why not.
+        result: Result<identity::Verified, String>,
+        /// The Identity proves that the answer was altered on the path.
+        tampering: bool,
+    },
+    /// Our signed UPDATE for a call our phone answered (the draft's §4.1): accepted by
+    /// the caller's edge (`Ok`, with the signer's domain), or why it was not sent or not
+    /// accepted.
+    OwnUpdate {
+        /// Call-ID.
+        call_id: String,
+        /// The signer's domain, or why our HIT is not signed.
+        result: Result<String, String>,
+    },
     /// Something was refused or dropped, and the status we sent (if any).
     Refused {
         /// Who sent it.
@@ -317,6 +344,17 @@ pub struct EdgeCall {
     /// The form the peer's SDP used (for mirroring in our phone's answer).
     #[serde(skip)]
     peer_form: Option<Form>,
+    /// A call from the network: how a request reaches the caller's hip edge (the nearest
+    /// Record-Route entry with our mark, and the entries before it), for our signed UPDATE.
+    #[serde(skip)]
+    peer_edge: Option<(String, Vec<String>)>,
+    /// Our signed UPDATE left (or could not).
+    #[serde(skip)]
+    update_sent: bool,
+    /// Our phone's call: the far edge's signed UPDATE seen (CSeq, and our answer), so
+    /// that a retransmission gets the same answer and reports nothing twice.
+    #[serde(skip)]
+    peer_update: Option<(u32, u16, &'static str)>,
 }
 
 /// A forwarded request waiting for its responses, or one we originated.
@@ -680,8 +718,17 @@ impl EdgeProxy {
             }
         }
         for k in expired {
-            if let Some(t) = self.txs.remove(&k)
-                && t.method == Method::Invite
+            let Some(t) = self.txs.remove(&k) else {
+                continue;
+            };
+            if t.method == Method::Update && t.upstream.is_none() && !t.finished {
+                self.events.push_back(EdgeEvent::OwnUpdate {
+                    call_id: t.call_id,
+                    result: Err("our signed UPDATE (draft §4.1) got no answer".into()),
+                });
+                continue;
+            }
+            if t.method == Method::Invite
                 && !t.finished
                 && let Some(((up, listener), req)) = t.upstream.zip(t.original)
             {
@@ -1014,6 +1061,16 @@ impl EdgeProxy {
             .into_iter()
             .next()
             .map(|a| a.uri);
+        // The far edge's signed UPDATE for our phone's call (draft §4.1): addressed to us,
+        // answered here, never passed to the phone (whose dialog knows nothing of it).
+        if req.method == Method::Update
+            && !from_client
+            && in_dialog
+            && next_route.is_none()
+            && self.is_ours(&req.uri)
+        {
+            return self.on_signed_update(src, local, &req, &call_id, cseq.sequence);
+        }
         // A CANCEL and the ACK of a non-2xx follow their INVITE (same branch).
         let invite_key = (branch.clone(), false);
         let follows_invite = matches!(req.method, Method::Cancel | Method::Ack)
@@ -1125,6 +1182,11 @@ impl EdgeProxy {
                         Some(req.uri.to_string())
                     },
                     peer_form: None,
+                    peer_edge: (!from_client)
+                        .then(|| self.edge_route(&req.headers))
+                        .flatten(),
+                    update_sent: false,
+                    peer_update: None,
                 },
             );
             if !self.cfg.protect
@@ -1232,7 +1294,13 @@ impl EdgeProxy {
             data: data.clone(),
         });
         match original.method {
-            Method::Ack => return,
+            Method::Ack => {
+                if !from_client {
+                    // The dialog is confirmed at both edges: the caller's has the answer.
+                    self.send_signed_update(now, &call_id, &original);
+                }
+                return;
+            }
             Method::Invite => {
                 // RFC 3261 §16.2: a stateful proxy answers an INVITE with 100 itself.
                 self.reply_to(&original, src, local, 100, "Trying", None);
@@ -1484,9 +1552,30 @@ impl EdgeProxy {
         let key = (branch.clone(), cseq.method == Method::Cancel);
         let status = resp.status.code();
         if branch.starts_with(OWN_PREFIX) {
-            // Ours (a MESSAGE, the ACK/BYE of a refused answer): absorbed.
-            if status >= 200 {
-                self.txs.remove(&key);
+            // Ours (a MESSAGE, the ACK/BYE of a refused answer, our signed UPDATE): absorbed.
+            if status >= 200
+                && let Some(t) = self.txs.remove(&key)
+                && t.method == Method::Update
+            {
+                let result = if (200..300).contains(&status) {
+                    self.cfg
+                        .identity
+                        .as_ref()
+                        .map(|i| i.domain.clone())
+                        .ok_or_else(String::new)
+                } else {
+                    Err(format!(
+                        "our signed UPDATE (draft §4.1) was refused with {status} {}{}",
+                        String::from_utf8_lossy(&resp.reason),
+                        hval(&resp.headers, &HeaderName::Warning)
+                            .map(|w| format!(" ({w})"))
+                            .unwrap_or_default()
+                    ))
+                };
+                self.events.push_back(EdgeEvent::OwnUpdate {
+                    call_id: t.call_id,
+                    result,
+                });
             }
             return;
         }
@@ -1619,6 +1708,211 @@ impl EdgeProxy {
         });
     }
 
+    /// The route to the caller's hip edge from an INVITE's Record-Route: the nearest entry
+    /// with our mark (the edge beside the caller's phone, or the nearest of a chain) as the
+    /// target, and the entries before it as Route. `None` when no hip edge record-routed.
+    fn edge_route(&self, h: &sx::Headers) -> Option<(String, Vec<String>)> {
+        let rr = addresses(h, &HeaderName::RecordRoute, "Record-Route");
+        let at = rr.iter().position(|a| {
+            !self.is_ours(&a.uri) && a.uri.params().is_some_and(|p| p.contains(MARK))
+        })?;
+        let routes = rr[..at]
+            .iter()
+            .filter(|a| !self.is_ours(&a.uri))
+            .map(|a| format!("<{}>", a.uri))
+            .collect();
+        Some((rr[at].uri.to_string(), routes))
+    }
+
+    /// The callee's half of the draft's §4.1 for a call our phone answered: once the ACK
+    /// passed, an UPDATE whose Identity binds our HIT to our phone's identity, addressed
+    /// to the caller's hip edge (which answers it and keeps it from the caller's phone, so
+    /// that neither phone's CSeq space is touched). Reported as [`EdgeEvent::OwnUpdate`].
+    fn send_signed_update(&mut self, now: Instant, call_id: &str, ack: &Request) {
+        let Some(id) = self.cfg.identity.clone() else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(call_id) else {
+            return;
+        };
+        if call.phone_is_caller
+            || !call.answered
+            || call.unprotected
+            || call.update_sent
+            || !self.cfg.protect
+        {
+            return;
+        }
+        call.update_sent = true;
+        let (local_uri, remote_uri, peer_edge) = (
+            call.local_uri.clone(),
+            call.remote_uri.clone(),
+            call.peer_edge.clone(),
+        );
+        let result = (|| {
+            let (key, info) = id
+                .signer
+                .as_ref()
+                .ok_or("no [security] identity_key: our HIT reaches the caller unsigned")?;
+            let (target, routes) = peer_edge.ok_or(
+                "no hip edge beside the caller (none in the Record-Route): nobody could take our signed UPDATE without touching the caller phone's dialog",
+            )?;
+            match identity::domain_of(&local_uri) {
+                Some(d) if d.eq_ignore_ascii_case(&id.domain) => {}
+                other => {
+                    return Err(format!(
+                        "not signed: our phone's {local_uri} is in {}, our key signs for {}",
+                        other.as_deref().unwrap_or("no domain"),
+                        id.domain
+                    ));
+                }
+            }
+            let claims = identity::Claims {
+                orig: identity::canonical(&local_uri).map_err(|e| e.to_string())?,
+                dest: vec![identity::canonical(&remote_uri).map_err(|e| e.to_string())?],
+                iat: (id.unix_now)(),
+                hits: vec![self.cfg.own.hit],
+            };
+            let first = routes.first().map_or(target.as_str(), |r| {
+                r.trim_start_matches('<').trim_end_matches('>')
+            });
+            let dest = sx::Uri::parse(Bytes::from(first.to_owned()))
+                .ok()
+                .and_then(|u| uri_dest(&u, Transport::Udp))
+                .ok_or_else(|| format!("the caller's edge {first} is not an IP address"))?;
+            let out = self
+                .listener_for(&dest)
+                .ok_or_else(|| format!("no {} listener for {}", dest.transport, dest.addr))?;
+            let value = identity::sign(key, &claims, info);
+            // The dialog seen from our phone: the ACK's To is ours, its From the caller's.
+            let from = hval(&ack.headers, &HeaderName::To).unwrap_or_default();
+            let to = hval(&ack.headers, &HeaderName::From).unwrap_or_default();
+            let branch = format!("{OWN_PREFIX}{}", self.token());
+            let mut text = format!(
+                "UPDATE {target} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch}\r\nMax-Forwards: 70\r\n",
+                out.0.via_token(),
+                host_port(out.1)
+            );
+            if !routes.is_empty() {
+                text.push_str(&format!("Route: {}\r\n", routes.join(", ")));
+            }
+            text.push_str(&format!(
+                "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: 1 UPDATE\r\n\
+                 Contact: <sip:{}>\r\nIdentity: {value}\r\nContent-Length: 0\r\n\r\n",
+                host_port(out.1)
+            ));
+            self.own_request(now, true, Method::Update, call_id, out, dest, text);
+            Ok(())
+        })();
+        if let Err(why) = result {
+            self.events.push_back(EdgeEvent::OwnUpdate {
+                call_id: call_id.to_owned(),
+                result: Err(why),
+            });
+        }
+    }
+
+    /// The far edge's signed UPDATE for our phone's call, verified against the HITs of
+    /// the answer (RFC 8224 §6.2 with the callee as signer, the draft's §4.1), and answered.
+    fn on_signed_update(
+        &mut self,
+        src: Dest,
+        local: (Transport, SocketAddr),
+        req: &Request,
+        call_id: &str,
+        cseq: u32,
+    ) {
+        let Some(call) = self
+            .calls
+            .get(call_id)
+            .filter(|c| c.phone_is_caller && c.answered)
+        else {
+            return self.refuse(
+                req,
+                src,
+                local,
+                481,
+                "Call/Transaction Does Not Exist",
+                "an UPDATE for the edge, but no answered call of our phone has this Call-ID",
+            );
+        };
+        if let Some((seq, status, reason)) = call.peer_update
+            && seq == cseq
+        {
+            // A retransmission: the same answer, nothing reported again.
+            return self.reply_to(req, src, local, status, reason, None);
+        }
+        let auth = auth_of(req, src.transport);
+        let same = |a: &str, b: &str| matches!((identity::canonical(a), identity::canonical(b)), (Ok(x), Ok(y)) if x == y);
+        let (result, tampering, status, reason) = if !same(&auth.from_uri, &call.remote_uri)
+            || !same(&auth.to_uri, &call.local_uri)
+        {
+            (
+                Err(format!(
+                    "an UPDATE from {} to {} in a call between {} and {}: not this call's callee",
+                    auth.from_uri, auth.to_uri, call.remote_uri, call.local_uri
+                )),
+                false,
+                403,
+                "Forbidden",
+            )
+        } else if let Some(id) = &self.cfg.identity {
+            match identity::verify_any(
+                &auth.identity,
+                &id.trust,
+                &identity::Expected {
+                    from_uri: &auth.from_uri,
+                    to_uri: &auth.to_uri,
+                    sdp_hits: &call.peer_hits,
+                    now: (id.unix_now)(),
+                    window: id.window,
+                },
+            ) {
+                None => (
+                    Err("the callee's edge sent an UPDATE without Identity".to_owned()),
+                    false,
+                    428,
+                    "Use Identity Header",
+                ),
+                Some(Ok(v)) => (Ok(v), false, 200, "OK"),
+                Some(Err(e)) if e.is_tampering() => (
+                    Err(format!(
+                        "SIP Identity of the callee's UPDATE: {e}: the answer was altered on the path"
+                    )),
+                    true,
+                    438,
+                    "Invalid Identity Header",
+                ),
+                Some(Err(e)) => (
+                    Err(format!("the callee's UPDATE Identity not verified: {e}")),
+                    false,
+                    438,
+                    "Invalid Identity Header",
+                ),
+            }
+        } else {
+            (
+                Err(
+                    "the callee's edge signed an UPDATE, but we trust no signer ([security])"
+                        .to_owned(),
+                ),
+                false,
+                438,
+                "Invalid Identity Header",
+            )
+        };
+        if let Some(c) = self.calls.get_mut(call_id) {
+            c.peer_update = Some((cseq, status, reason));
+        }
+        let warning = result.as_ref().err().cloned();
+        self.reply_to(req, src, local, status, reason, warning.as_deref());
+        self.events.push_back(EdgeEvent::PeerUpdate {
+            call_id: call_id.to_owned(),
+            result: result.map_err(|e| e.to_string()),
+            tampering,
+        });
+    }
+
     /// Where the far end's agent is: the host of the first Record-Route that is not ours
     /// (the agent beside the far phone record-routes), else of the Contact.
     fn peer_agent_locator(&self, resp: &Response) -> Option<IpAddr> {
@@ -1692,7 +1986,20 @@ impl EdgeProxy {
                             r.status,
                             r.reason.replace('"', "'")
                         ));
-                        self.own_request(Instant::now(), method == "BYE", out, dest, text);
+                        let m = if method == "BYE" {
+                            Method::Bye
+                        } else {
+                            Method::Ack
+                        };
+                        self.own_request(
+                            Instant::now(),
+                            method == "BYE",
+                            m,
+                            call_id,
+                            out,
+                            dest,
+                            text,
+                        );
                     }
                 }
             }
@@ -1708,10 +2015,13 @@ impl EdgeProxy {
         self.end_call(call_id, &r.why);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn own_request(
         &mut self,
         now: Instant,
         keep: bool,
+        method: Method,
+        call_id: &str,
         out: (Transport, SocketAddr),
         dest: Dest,
         text: String,
@@ -1736,8 +2046,8 @@ impl EdgeProxy {
         self.txs.insert(
             (branch, false),
             ClientTx {
-                method: Method::Message,
-                call_id: String::new(),
+                method,
+                call_id: call_id.to_owned(),
                 upstream: None,
                 original: None,
                 downstream: dest,
@@ -1789,7 +2099,7 @@ impl EdgeProxy {
             host_port(out.1),
             text.len()
         );
-        self.own_request(now, true, out, dest, msg);
+        self.own_request(now, true, Method::Message, "", out, dest, msg);
         Ok(())
     }
 

@@ -912,3 +912,314 @@ fn with_hip_off_the_edge_passes_sdp_untouched_and_says_the_call_is_unprotected()
     }
     assert!(p.call("call-1").unwrap().unprotected);
 }
+
+// The callee's signed UPDATE between two edges (draft §4.1): alice's edge (the usual one,
+// signing for atlanta.com) and bob's at 192.0.2.1:5070 (phone 192.0.2.5:5062, signing for
+// biloxi.com); the proxies between them pass messages through unchanged.
+
+const BOB_EDGE: &str = "192.0.2.1:5070";
+const BOB_PHONE: &str = "192.0.2.5:5062";
+
+fn keys() -> (identity::SigningKey, identity::SigningKey, identity::Trust) {
+    let a = identity::SigningKey::from_scalar(&[7; 32]).unwrap();
+    let b = identity::SigningKey::from_scalar(&[9; 32]).unwrap();
+    let mut trust = identity::Trust::default();
+    trust.insert("atlanta.com", a.verifying_key());
+    trust.insert("biloxi.com", b.verifying_key());
+    (a, b, trust)
+}
+
+fn edge_pair() -> (EdgeProxy, EdgeProxy) {
+    let (a, b, trust) = keys();
+    let id = |key: identity::SigningKey, domain: &str| EdgeIdentity {
+        signer: Some((key, format!("https://{domain}/id.pem"))),
+        domain: domain.into(),
+        trust: trust.clone(),
+        window: 60,
+        unix_now: fixed_clock,
+        refuse_tampered: false,
+        require_verified: false,
+    };
+    let alice = EdgeConfig {
+        identity: Some(id(a, "atlanta.com")),
+        ..cfg()
+    };
+    let bob = EdgeConfig {
+        listeners: vec![(Transport::Udp, sa(BOB_EDGE))],
+        clients: vec!["192.0.2.5".parse().unwrap(), "fd00::/64".parse().unwrap()],
+        own: HostIdentity {
+            hit: hit_of(PEER_HIT),
+            hi: None,
+        },
+        identity: Some(id(b, "biloxi.com")),
+        seed: 8,
+        ..cfg()
+    };
+    (EdgeProxy::new(alice), EdgeProxy::new(bob))
+}
+
+fn out_of(p: &mut EdgeProxy) -> Vec<(SocketAddr, String)> {
+    std::iter::from_fn(|| p.poll_transmit())
+        .map(|t| (t.dest.addr, String::from_utf8(t.data.to_vec()).unwrap()))
+        .collect()
+}
+
+fn only_to(out: &[(SocketAddr, String)], to: &str) -> String {
+    let m: Vec<&String> = out
+        .iter()
+        .filter(|(d, _)| *d == sa(to))
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(m.len(), 1, "to {to}: {out:?}");
+    m[0].clone()
+}
+
+/// A call from alice's phone to bob's through both edges, up to the ACK at bob's edge;
+/// `on_answer` may alter bob's 200 on its way. Returns what bob's edge sent after the ACK.
+fn call_to_the_ack(
+    alice: &mut EdgeProxy,
+    bob: &mut EdgeProxy,
+    on_answer: impl Fn(String) -> String,
+) -> Vec<(SocketAddr, String)> {
+    let now = Instant::now();
+    let inv = forwarded_from_phone(alice, now);
+    // The registrar sends it to bob's phone: its Contact as Request-URI.
+    let inv = inv.replacen(
+        "INVITE sip:bob@biloxi.com ",
+        &format!("INVITE sip:bob@{BOB_PHONE} "),
+        1,
+    );
+    bob.handle_datagram(now, (Transport::Udp, sa(BOB_EDGE)), sa(HOP), inv.as_bytes());
+    let at_phone = only_to(&out_of(bob), BOB_PHONE);
+    let ok = answer(
+        &at_phone,
+        "200 OK",
+        &format!("Contact: <sip:bob@{BOB_PHONE}>\r\n"),
+        Some(PHONE_SDP),
+    );
+    bob.handle_datagram(
+        now,
+        (Transport::Udp, sa(BOB_EDGE)),
+        sa(BOB_PHONE),
+        ok.as_bytes(),
+    );
+    let ok = on_answer(only_to(&out_of(bob), HOP));
+    alice.handle_datagram(now, local(), sa(HOP), ok.as_bytes());
+    let at_alice = only_to(&out_of(alice), PHONE);
+    assert!(at_alice.starts_with("SIP/2.0 200 OK\r\n"), "{at_alice}");
+    // Alice's phone acknowledges along the route set (the reversed Record-Route).
+    let mut routes: Vec<&str> = header(&at_alice, "Record-Route");
+    routes.reverse();
+    let ack = format!(
+        "ACK sip:bob@{BOB_PHONE} SIP/2.0\r\nVia: SIP/2.0/UDP {PHONE};branch=z9hG4bKack1\r\n\
+         Max-Forwards: 70\r\nRoute: {}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: call-1\r\nCSeq: 2 ACK\r\n\
+         Content-Length: 0\r\n\r\n",
+        routes.join(", "),
+        header(&at_alice, "From")[0],
+        header(&at_alice, "To")[0],
+    );
+    alice.handle_datagram(now, local(), sa(PHONE), ack.as_bytes());
+    let ack = only_to(&out_of(alice), BOB_EDGE);
+    bob.handle_datagram(
+        now,
+        (Transport::Udp, sa(BOB_EDGE)),
+        sa(EDGE),
+        ack.as_bytes(),
+    );
+    out_of(bob)
+}
+
+#[test]
+fn the_callees_edge_signs_an_update_that_the_callers_edge_verifies_and_keeps_from_its_phone() {
+    let (mut alice, mut bob) = edge_pair();
+    let after_ack = call_to_the_ack(&mut alice, &mut bob, |m| m);
+    // The ACK reaches bob's phone, and an UPDATE leaves for alice's edge, signed over
+    // bob's HIT for bob's identity.
+    let _ = only_to(&after_ack, BOB_PHONE);
+    let update = only_to(&after_ack, EDGE);
+    assert!(
+        update.starts_with("UPDATE sip:192.0.2.4:5070;transport=udp;lr;hip-edge SIP/2.0\r\n"),
+        "{update}"
+    );
+    let ids: Vec<String> = header(&update, "Identity")
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (_, _, trust) = keys();
+    let v = identity::verify_any(
+        &ids,
+        &trust,
+        &identity::Expected {
+            from_uri: "sip:bob@biloxi.com",
+            to_uri: "sip:alice@atlanta.com",
+            sdp_hits: &[hit_of(PEER_HIT)],
+            now: IAT,
+            window: 60,
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(v.domain, "biloxi.com");
+    let now = Instant::now();
+    let _ = events(&mut alice);
+    let _ = events(&mut bob);
+
+    // Someone else's UPDATE in the same dialog (another From) is refused and proves nothing.
+    let forged = update
+        .replacen("sip:bob@biloxi.com", "sip:mallory@biloxi.com", 1)
+        .replacen("CSeq: 1 UPDATE", "CSeq: 7 UPDATE", 1);
+    alice.handle_datagram(now, local(), sa(BOB_EDGE), forged.as_bytes());
+    let r = only_to(&out_of(&mut alice), BOB_EDGE);
+    assert!(r.starts_with("SIP/2.0 403 "), "{r}");
+    assert!(matches!(
+        &events(&mut alice)[..],
+        [EdgeEvent::PeerUpdate { result: Err(why), tampering: false, .. }] if why.contains("not this call's callee")
+    ));
+
+    // The real one verifies against the answer's HIT; its 200 goes back, nothing to the phone.
+    alice.handle_datagram(now, local(), sa(BOB_EDGE), update.as_bytes());
+    let out = out_of(&mut alice);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let ok = only_to(&out, BOB_EDGE);
+    assert!(ok.starts_with("SIP/2.0 200 OK\r\n"), "{ok}");
+    let evs = events(&mut alice);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::PeerUpdate { call_id, result: Ok(v), tampering: false }]
+            if call_id == "call-1" && v.domain == "biloxi.com" && v.hits == vec![hit_of(PEER_HIT)]),
+        "{evs:?}"
+    );
+    // A retransmission gets the same answer and reports nothing again.
+    alice.handle_datagram(now, local(), sa(BOB_EDGE), update.as_bytes());
+    let again = only_to(&out_of(&mut alice), BOB_EDGE);
+    assert!(again.starts_with("SIP/2.0 200 OK\r\n"), "{again}");
+    assert_eq!(events(&mut alice), vec![]);
+
+    // Bob's edge hears that its HIT reached the caller signed; the UPDATE stops.
+    bob.handle_datagram(now, (Transport::Udp, sa(BOB_EDGE)), sa(EDGE), ok.as_bytes());
+    assert_eq!(
+        events(&mut bob),
+        vec![EdgeEvent::OwnUpdate {
+            call_id: "call-1".into(),
+            result: Ok("biloxi.com".into())
+        }]
+    );
+    bob.handle_timeout(now + Duration::from_secs(60));
+    assert!(
+        out_of(&mut bob).is_empty(),
+        "retransmitted after its answer"
+    );
+    assert_eq!(events(&mut bob), vec![], "reported again when it expired");
+}
+
+#[test]
+fn an_update_that_proves_the_answer_altered_is_refused_and_flags_the_call() {
+    let (mut alice, mut bob) = edge_pair();
+    // A proxy swaps bob's HIT in his answer for its own (same length, so Content-Length holds).
+    let fake = hit_of("2001:20::66").to_hex();
+    let bob_hex = hit_of(PEER_HIT).to_hex();
+    let after_ack = call_to_the_ack(&mut alice, &mut bob, |m| m.replace(&bob_hex, &fake));
+    let update = only_to(&after_ack, EDGE);
+    let _ = events(&mut alice);
+    let _ = events(&mut bob);
+    let now = Instant::now();
+    alice.handle_datagram(now, local(), sa(BOB_EDGE), update.as_bytes());
+    let r = only_to(&out_of(&mut alice), BOB_EDGE);
+    assert!(
+        r.starts_with("SIP/2.0 438 Invalid Identity Header\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.contains("altered on the path"),
+        "the Warning says why: {r}"
+    );
+    let evs = events(&mut alice);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::PeerUpdate { result: Err(why), tampering: true, .. }] if why.contains("altered")),
+        "{evs:?}"
+    );
+    bob.handle_datagram(now, (Transport::Udp, sa(BOB_EDGE)), sa(EDGE), r.as_bytes());
+    let evs = events(&mut bob);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::OwnUpdate { result: Err(why), .. }] if why.contains("438")),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn without_a_hip_edge_beside_the_caller_no_update_is_sent_and_the_reason_is_given() {
+    let (_, mut bob) = edge_pair();
+    let (a, _, _) = keys();
+    let now = Instant::now();
+    // A caller with a HIT but no hip edge in its Record-Route (a hip agent as UA).
+    let inv = with_body(
+        &format!(
+            "INVITE sip:bob@{BOB_PHONE} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.3:5060;branch=z9hG4bKk8\r\n\
+             Max-Forwards: 68\r\nFrom: <sip:alice@atlanta.com>;tag=a9\r\nTo: <sip:bob@biloxi.com>\r\n\
+             Call-ID: in-8\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@192.0.2.3:5062>\r\nIdentity: {}\r\n",
+            passport(&a, "2001:20::4")
+        ),
+        &format!(
+            "v=0\r\no=- 5 5 IN IP6 {OWN_HIT}\r\ns=-\r\nc=IN IP6 {OWN_HIT}\r\nt=0 0\r\n\
+             m=audio 4000 RTP/AVP 0\r\na=key-mgmt:host-identity-tag {}\r\n",
+            hit_of(OWN_HIT).to_hex()
+        ),
+    );
+    bob.handle_datagram(now, (Transport::Udp, sa(BOB_EDGE)), sa(HOP), inv.as_bytes());
+    let at_phone = only_to(&out_of(&mut bob), BOB_PHONE);
+    let ok = answer(
+        &at_phone,
+        "200 OK",
+        &format!("Contact: <sip:bob@{BOB_PHONE}>\r\n"),
+        Some(PHONE_SDP),
+    );
+    bob.handle_datagram(
+        now,
+        (Transport::Udp, sa(BOB_EDGE)),
+        sa(BOB_PHONE),
+        ok.as_bytes(),
+    );
+    let _ = out_of(&mut bob);
+    let _ = events(&mut bob);
+    let ack = format!(
+        "ACK sip:bob@{BOB_PHONE} SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.3:5060;branch=z9hG4bKack8\r\n\
+         Max-Forwards: 70\r\nRoute: <sip:{BOB_EDGE};transport=udp;lr;hip-edge>\r\n\
+         From: <sip:alice@atlanta.com>;tag=a9\r\nTo: <sip:bob@biloxi.com>;tag=b1\r\nCall-ID: in-8\r\n\
+         CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    );
+    bob.handle_datagram(now, (Transport::Udp, sa(BOB_EDGE)), sa(HOP), ack.as_bytes());
+    let out = out_of(&mut bob);
+    assert!(
+        !out.iter().any(|(_, m)| m.starts_with("UPDATE ")),
+        "{out:?}"
+    );
+    let evs = events(&mut bob);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::OwnUpdate { result: Err(why), .. }] if why.contains("no hip edge beside the caller")),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn an_unanswered_update_is_retransmitted_then_reported() {
+    let (mut alice, mut bob) = edge_pair();
+    let after_ack = call_to_the_ack(&mut alice, &mut bob, |m| m);
+    let update = only_to(&after_ack, EDGE);
+    let _ = events(&mut bob);
+    let start = Instant::now();
+    let mut copies = 0;
+    let mut t = start;
+    while t < start + Duration::from_secs(40) {
+        t += Duration::from_millis(250);
+        bob.handle_timeout(t);
+        copies += out_of(&mut bob)
+            .iter()
+            .filter(|(_, m)| *m == update)
+            .count();
+    }
+    assert!(copies >= 5, "{copies} retransmissions");
+    let evs = events(&mut bob);
+    assert!(
+        matches!(&evs[..], [EdgeEvent::OwnUpdate { result: Err(why), .. }] if why.contains("no answer")),
+        "{evs:?}"
+    );
+}
