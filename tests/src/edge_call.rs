@@ -3,7 +3,11 @@
 //! `cargo xtask demo` shows. baresip at alice plays 1000 Hz, baresip at bob 1500 Hz; each
 //! records what it receives. Needs root and a kernel with ESP (the VM).
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -12,7 +16,10 @@ use crate::{
     NetNs,
     call::{self, Packet, xfrm_counts},
     new_host_identity,
-    phone::{Baresip, PhoneConfig, ToneReport, md5_proxies, tone_report, write_tone},
+    phone::{
+        Baresip, LinphoneConfig, Linphonec, PhoneConfig, ToneReport, md5_proxies, tone_report,
+        write_tone,
+    },
     sip::{Agent, Trapezoid, scratch},
     wait_until,
 };
@@ -45,7 +52,15 @@ pub struct EdgeCall {
     pub phone_logs: [String; 2],
 }
 
-fn agent(ns: &NetNs, dir: &Path, who: &str, domain: &str, ip: &str, proxy: &str) -> Result<Agent> {
+fn agent(
+    ns: &NetNs,
+    dir: &Path,
+    who: &str,
+    domain: &str,
+    ip: &str,
+    proxy: &str,
+    extra: &str,
+) -> Result<Agent> {
     let key = new_host_identity(dir, who, "ecdsa-p256")?.path;
     let pin = format!("/sys/fs/bpf/hip-test-{}", ns.name());
     Agent::start(
@@ -53,11 +68,140 @@ fn agent(ns: &NetNs, dir: &Path, who: &str, domain: &str, ip: &str, proxy: &str)
         key.to_str().context("key path")?,
         &format!("user = \"{who}\"\ndomain = \"{domain}\"\nlisten = [\"udp:{ip}:5060\"]"),
         &format!(
-            "[datapath]\ninterfaces = [\"v{who}\"]\npin_dir = \"{pin}\"\n\
+            "{extra}[datapath]\ninterfaces = [\"v{who}\"]\npin_dir = \"{pin}\"\n\
              [edge]\nlisten = [\"udp:[::1]:5070\", \"udp:{ip}:5070\"]\nclients = [\"::1\"]\n\
              next_hop = \"udp:{proxy}:5060\"\n"
         ),
     )
+}
+
+/// Both agents of the trapezoid, alice's and bob's, with `extra` configuration each.
+fn agents(t: &Trapezoid, dir: &Path, extra: (&str, &str)) -> Result<(Agent, Agent)> {
+    Ok((
+        agent(
+            &t.hosts[0],
+            dir,
+            "alice",
+            "atlanta.com",
+            call::ALICE_IP,
+            "192.0.2.2",
+            extra.0,
+        )?,
+        agent(
+            &t.hosts[3],
+            dir,
+            "bob",
+            "biloxi.com",
+            call::BOB_IP,
+            "192.0.2.3",
+            extra.1,
+        )?,
+    ))
+}
+
+/// What the kernels and agents hold after a call's hang-up.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// (SAs, policies) in alice's and bob's namespace.
+    pub kernel: [(usize, usize); 2],
+    /// Routes to the peer's HIT, both hosts.
+    pub routes: Vec<String>,
+    /// eBPF flow map entries, both agents.
+    pub flows: usize,
+}
+
+/// Waits for both agents to end their edge call, then reads what is left of it (`a`, `b`:
+/// the call blocks, for the peer HITs).
+fn after_hangup(
+    t: &Trapezoid,
+    alice: &Agent,
+    bob: &Agent,
+    a: &Value,
+    b: &Value,
+) -> Result<Leftovers> {
+    for ag in [alice, bob] {
+        wait_until(Duration::from_secs(60), "the edge call to end", || {
+            ag.status()["edge"]["calls"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+                .then_some(())
+        })
+        .with_context(|| ag.log())?;
+    }
+    let mut left = Leftovers::default();
+    for (i, (ns, peer)) in [
+        (&t.hosts[0], &a["peer_hits"][0]),
+        (&t.hosts[3], &b["peer_hits"][0]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Teardown is asynchronous to the BYE: wait for it, then read what is left.
+        let _ = wait_until(Duration::from_secs(30), "SAs and policies removed", || {
+            (xfrm_counts(ns).ok()? == (0, 0)).then_some(())
+        });
+        left.kernel[i] = xfrm_counts(ns)?;
+        let routes = ns.exec("ip", ["-6", "route", "show", "table", "all"])?;
+        let peer = peer.as_str().unwrap_or("?");
+        left.routes.extend(
+            String::from_utf8_lossy(&routes.stdout)
+                .lines()
+                .filter(|l| l.starts_with(peer))
+                .map(|l| format!("{}: {l}", ns.name())),
+        );
+    }
+    left.flows = [alice, bob]
+        .iter()
+        .map(|ag| ag.json(&["flows", "--json"]).as_array().map_or(0, Vec::len))
+        .sum();
+    Ok(left)
+}
+
+/// What went between alice's and bob's hosts.
+#[derive(Debug, Default)]
+pub struct Wire {
+    /// SPIs seen between the hosts.
+    pub spis: BTreeSet<u32>,
+    /// ESP packets between the hosts.
+    pub esp_packets: usize,
+    /// Packets between the hosts that are neither SIP, HIP nor ESP.
+    pub clear: Vec<Packet>,
+}
+
+fn stop_capture(mut capture: std::process::Child, pcap: &Path) -> Result<Wire> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(capture.id() as i32, libc::SIGINT) };
+    capture.wait()?;
+    let direct: Vec<Packet> = call::read_pcap(pcap)?
+        .into_iter()
+        .filter(|p| {
+            let ends = [p.src.as_str(), p.dst.as_str()];
+            ends.contains(&call::ALICE_IP) && ends.contains(&call::BOB_IP)
+        })
+        .collect();
+    Ok(Wire {
+        spis: direct.iter().filter_map(|p| p.spi).collect(),
+        esp_packets: direct.iter().filter(|p| p.proto == 50).count(),
+        clear: direct
+            .into_iter()
+            .filter(|p| {
+                let sip = p.proto == 17
+                    && [5060, 5070]
+                        .iter()
+                        .any(|port| p.sport == *port || p.dport == *port);
+                p.proto != 50 && p.proto != 139 && !sip
+            })
+            .collect(),
+    })
+}
+
+/// The SPIs of a call block's association.
+fn spis_of(c: &Value) -> impl Iterator<Item = u32> + '_ {
+    let k = &c["security"]["association"]["kernel"];
+    [&k["spi_out"], &k["spi_in"]]
+        .into_iter()
+        .filter_map(|v| v.as_u64())
+        .map(|v| v as u32)
 }
 
 /// The edge call's block once its association is in the kernel.
@@ -92,24 +236,9 @@ fn phone<'a>(who: &'a str, domain: &'a str, tone: &'a Path, auto: bool) -> Phone
 pub fn baresip_to_baresip(talk: Duration) -> Result<EdgeCall> {
     let t = Trapezoid::new()?;
     let dir = scratch("phones");
-    let (mut capture, pcap) = call::capture_bridge(&t, &dir)?;
+    let (capture, pcap) = call::capture_bridge(&t, &dir)?;
     md5_proxies(&t, &dir, "")?;
-    let alice = agent(
-        &t.hosts[0],
-        &dir,
-        "alice",
-        "atlanta.com",
-        call::ALICE_IP,
-        "192.0.2.2",
-    )?;
-    let bob = agent(
-        &t.hosts[3],
-        &dir,
-        "bob",
-        "biloxi.com",
-        call::BOB_IP,
-        "192.0.2.3",
-    )?;
+    let (alice, bob) = agents(&t, &dir, ("", ""))?;
     let (a_tone, b_tone) = (dir.join("alice-1000.wav"), dir.join("bob-1500.wav"));
     let secs = u32::try_from(talk.as_secs())
         .unwrap_or(u32::MAX)
@@ -137,42 +266,7 @@ pub fn baresip_to_baresip(talk: Duration) -> Result<EdgeCall> {
         (talk_from.elapsed() >= talk).then_some(())
     })?;
     ap.stop(); // alice hangs up: baresip ends its call with BYE when it quits
-    for ag in [&alice, &bob] {
-        wait_until(Duration::from_secs(60), "the edge call to end", || {
-            ag.status()["edge"]["calls"]
-                .as_array()
-                .is_some_and(Vec::is_empty)
-                .then_some(())
-        })
-        .with_context(|| ag.log())?;
-    }
-    let mut kernel_after = [(0, 0); 2];
-    let mut routes_left = Vec::new();
-    for (i, (ns, peer)) in [
-        (&t.hosts[0], &a["peer_hits"][0]),
-        (&t.hosts[3], &b["peer_hits"][0]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        // Teardown is asynchronous to the BYE: wait for it, then read what is left.
-        let _ = wait_until(Duration::from_secs(30), "SAs and policies removed", || {
-            (xfrm_counts(ns).ok()? == (0, 0)).then_some(())
-        });
-        kernel_after[i] = xfrm_counts(ns)?;
-        let routes = ns.exec("ip", ["-6", "route", "show", "table", "all"])?;
-        let peer = peer.as_str().unwrap_or("?");
-        routes_left.extend(
-            String::from_utf8_lossy(&routes.stdout)
-                .lines()
-                .filter(|l| l.starts_with(peer))
-                .map(|l| format!("{}: {l}", ns.name())),
-        );
-    }
-    let flows_left = [&alice, &bob]
-        .iter()
-        .map(|ag| ag.json(&["flows", "--json"]).as_array().map_or(0, Vec::len))
-        .sum();
+    let left = after_hangup(&t, &alice, &bob, &a, &b)?;
     bp.stop();
 
     let heard = |who: &str, p: &Baresip, hz: f64| -> Result<ToneReport> {
@@ -191,48 +285,250 @@ pub fn baresip_to_baresip(talk: Duration) -> Result<EdgeCall> {
         })
     });
 
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(capture.id() as i32, libc::SIGINT) };
-    capture.wait()?;
-    let pkts = call::read_pcap(&pcap)?;
-    let direct: Vec<Packet> = pkts
-        .into_iter()
-        .filter(|p| {
-            let ends = [p.src.as_str(), p.dst.as_str()];
-            ends.contains(&call::ALICE_IP) && ends.contains(&call::BOB_IP)
-        })
-        .collect();
-    let spis_on_wire = direct.iter().filter_map(|p| p.spi).collect();
-    let ka = &a["security"]["association"]["kernel"];
-    let spis_reported = [&ka["spi_out"], &ka["spi_in"]]
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .map(|v| v as u32)
-        .collect();
-    let esp_packets = direct.iter().filter(|p| p.proto == 50).count();
-    let clear = direct
-        .into_iter()
-        .filter(|p| {
-            let sip = p.proto == 17
-                && [5060, 5070]
-                    .iter()
-                    .any(|port| p.sport == *port || p.dport == *port);
-            p.proto != 50 && p.proto != 139 && !sip
-        })
-        .collect();
+    let wire = stop_capture(capture, &pcap)?;
     Ok(EdgeCall {
+        spis_reported: spis_of(&a).collect(),
         alice: a,
         bob: b,
         at_alice,
         at_bob,
         sas_shown,
-        kernel_after,
-        routes_left,
-        flows_left,
-        spis_on_wire,
-        spis_reported,
-        esp_packets,
-        clear,
+        kernel_after: left.kernel,
+        routes_left: left.routes,
+        flows_left: left.flows,
+        spis_on_wire: wire.spis,
+        esp_packets: wire.esp_packets,
+        clear: wire.clear,
         phone_logs: [ap.log(), bp.log()],
+    })
+}
+
+/// One call of [`linphonec_and_baresip`], as each side saw it.
+#[derive(Debug)]
+pub struct PhoneCall {
+    /// alice's and bob's edge call once its SAs were in the kernel.
+    pub alice: Value,
+    pub bob: Value,
+    /// alice's and bob's summary of it once ended (`status.edge.ended_calls`).
+    pub alice_ended: Value,
+    pub bob_ended: Value,
+    /// bob's tone (1500 Hz) in alice's recording, alice's (1000 Hz) in bob's.
+    pub at_alice: ToneReport,
+    pub at_bob: ToneReport,
+    /// What was left after its hang-up.
+    pub left: Leftovers,
+}
+
+/// What [`linphonec_and_baresip`] showed.
+#[derive(Debug)]
+pub struct LinphoneCalls {
+    /// 1: alice's linphonec calls bob's baresip, alice hangs up. 2: right after, bob's
+    /// baresip calls alice's linphonec, which puts the call on hold and resumes it; bob
+    /// hangs up.
+    pub calls: [PhoneCall; 2],
+    /// linphonec reported the call paused, then its media running again.
+    pub paused: bool,
+    pub resumed: bool,
+    /// re-INVITEs that reached bob's baresip (hold and resume).
+    pub reinvites_at_bob: usize,
+    /// ESP packets into alice's host in the 2 s after the resume.
+    pub esp_in_after_resume: u64,
+    /// The level and SAS lines each phone printed (alice, bob).
+    pub told: [Vec<String>; 2],
+    /// What went between the hosts over both calls, and the SPIs the agents reported.
+    pub wire: Wire,
+    pub spis_reported: BTreeSet<u32>,
+    /// The phones' logs (linphonec's output, baresip's console).
+    pub phone_logs: [String; 2],
+    /// What the agents logged of their edge calls (alice, bob).
+    pub edge_logs: [String; 2],
+}
+
+/// The lines of an agent's log about its edge calls.
+fn edge_lines(a: &Agent) -> String {
+    a.log()
+        .lines()
+        .filter(|l| l.contains("edge"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// ESP packets received by the host of `a` (its inbound SAs' counters).
+fn esp_in(a: &Agent) -> u64 {
+    a.json(&["xfrm", "--json"])["associations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|x| x["sas"].as_array().cloned().unwrap_or_default())
+        .filter(|sa| sa["direction"] == "in")
+        .filter_map(|sa| sa["packets"].as_u64())
+        .sum()
+}
+
+fn last_ended(a: &Agent) -> Value {
+    a.status()["edge"]["ended_calls"]
+        .as_array()
+        .and_then(|v| v.last().cloned())
+        .unwrap_or_default()
+}
+
+fn pause_for(d: Duration) -> Result<()> {
+    let from = std::time::Instant::now();
+    wait_until(d + Duration::from_secs(30), "the talk", || {
+        (from.elapsed() >= d).then_some(())
+    })
+}
+
+/// Two calls between different unmodified phones, each behind its agent in edge mode with
+/// `[security]` keys (each signs for its domain and trusts the other's), through the
+/// trapezoid: linphonec at alice (1000 Hz), baresip at bob (1500 Hz, auto-answer). Call 1:
+/// linphonec dials bob, talks `talk`, hangs up. Call 2, right after: baresip dials alice,
+/// linphonec answers, holds for a second and resumes half-way, baresip hangs up.
+pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
+    let t = Trapezoid::new()?;
+    let dir = scratch("linphone");
+    let (capture, pcap) = call::capture_bridge(&t, &dir)?;
+    md5_proxies(&t, &dir, "")?;
+    let (sec_a, sec_b) = crate::sip::signed_both(&dir);
+    let (alice, bob) = agents(&t, &dir, (&sec_a, &sec_b))?;
+    let (a_tone, b_tone) = (dir.join("alice-1000.wav"), dir.join("bob-1500.wav"));
+    let secs = u32::try_from(talk.as_secs())
+        .unwrap_or(u32::MAX)
+        .saturating_mul(2)
+        .saturating_add(60);
+    write_tone(&a_tone, 1000.0, secs)?;
+    write_tone(&b_tone, 1500.0, secs)?;
+
+    let mut bp = Baresip::start(
+        &t.hosts[3],
+        &dir.join("bob-phone"),
+        &phone("bob", "biloxi.com", &b_tone, true),
+    )?;
+    wait_until(Duration::from_secs(120), "bob's phone registered", || {
+        bp.log().contains("200 OK (kamailio").then_some(())
+    })
+    .with_context(|| format!("{}\n{}", bp.log(), bob.log()))?;
+    let mut lp = Linphonec::start(
+        &t.hosts[0],
+        &dir.join("alice-phone"),
+        &LinphoneConfig {
+            user: "alice",
+            domain: "atlanta.com",
+            password: "alice-pw",
+            outbound: "[::1]:5070",
+            sip_port: 5062,
+            tone: &a_tone,
+        },
+    )?;
+    // linphonec tells its registration only when asked (`status register`).
+    let mut asked = std::time::Instant::now() - Duration::from_secs(1);
+    wait_until(
+        Duration::from_secs(120),
+        "alice's linphonec registered",
+        || {
+            if asked.elapsed() >= Duration::from_secs(1) {
+                asked = std::time::Instant::now();
+                let _ = lp.send("status register");
+            }
+            lp.log().contains("registered, identity=").then_some(())
+        },
+    )
+    .with_context(|| format!("{}\n{}", lp.log(), alice.log()))?;
+
+    // Call 1: linphonec calls, and hangs up.
+    let rec = [dir.join("alice-call1.wav"), dir.join("alice-call2.wav")];
+    lp.send(&format!("record {}", rec[0].display()))?;
+    lp.send("call sip:bob@biloxi.com")?;
+    let (a1, b1) = (
+        established(&alice).with_context(|| lp.log())?,
+        established(&bob)?,
+    );
+    pause_for(talk)?;
+    lp.send("terminate")?;
+    let left1 = after_hangup(&t, &alice, &bob, &a1, &b1)?;
+    let (a1_end, b1_end) = (last_ended(&alice), last_ended(&bob));
+
+    // Call 2, right after: baresip calls; linphonec holds and resumes.
+    lp.send(&format!("record {}", rec[1].display()))?;
+    lp.send("autoanswer enable")?;
+    bp.command(&t.hosts[3], "/dial sip:alice@atlanta.com")?;
+    let (a2, b2) = (
+        established(&alice).with_context(|| lp.log())?,
+        established(&bob)?,
+    );
+    pause_for(talk / 2)?;
+    lp.send("pause")?;
+    let paused = wait_until(Duration::from_secs(20), "the hold", || {
+        lp.log().contains("is now paused").then_some(())
+    })
+    .is_ok();
+    pause_for(Duration::from_secs(1))?;
+    let media_runs = |lp: &Linphonec| lp.log().matches("Media streams established").count();
+    let before = media_runs(&lp);
+    lp.send("resume")?;
+    let resumed = wait_until(Duration::from_secs(20), "the resume", || {
+        (media_runs(&lp) > before).then_some(())
+    })
+    .is_ok();
+    let esp0 = esp_in(&alice);
+    pause_for(Duration::from_secs(2))?;
+    let esp_in_after_resume = esp_in(&alice).saturating_sub(esp0);
+    pause_for(talk / 2)?;
+    bp.command(&t.hosts[3], "/hangup")?;
+    let left2 = after_hangup(&t, &alice, &bob, &a2, &b2)?;
+    let (a2_end, b2_end) = (last_ended(&alice), last_ended(&bob));
+    lp.stop();
+    bp.stop();
+
+    let at_bob = bp.recordings();
+    let report = |path: Option<&PathBuf>, who: &str, hz: f64| -> Result<ToneReport> {
+        tone_report(
+            path.with_context(|| format!("{who}'s phone recorded nothing"))?,
+            hz,
+        )
+    };
+    let told = [lp.log(), bp.log()].map(|log| {
+        log.lines()
+            .filter(|l| {
+                l.contains("short authentication string") || l.contains("hip: verification")
+            })
+            .map(str::to_owned)
+            .collect()
+    });
+    let wire = stop_capture(capture, &pcap)?;
+    let calls = [
+        PhoneCall {
+            at_alice: report(Some(&rec[0]), "alice", 1500.0)?,
+            at_bob: report(at_bob.first(), "bob", 1000.0)?,
+            alice: a1,
+            bob: b1,
+            alice_ended: a1_end,
+            bob_ended: b1_end,
+            left: left1,
+        },
+        PhoneCall {
+            at_alice: report(Some(&rec[1]), "alice", 1500.0)?,
+            at_bob: report(at_bob.get(1), "bob", 1000.0)?,
+            alice: a2,
+            bob: b2,
+            alice_ended: a2_end,
+            bob_ended: b2_end,
+            left: left2,
+        },
+    ];
+    Ok(LinphoneCalls {
+        spis_reported: calls
+            .iter()
+            .flat_map(|c| spis_of(&c.alice).collect::<Vec<_>>())
+            .collect(),
+        calls,
+        paused,
+        resumed,
+        reinvites_at_bob: bp.log().matches("got re-INVITE").count(),
+        esp_in_after_resume,
+        told,
+        wire,
+        phone_logs: [lp.log(), bp.log()],
+        edge_logs: [edge_lines(&alice), edge_lines(&bob)],
     })
 }

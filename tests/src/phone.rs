@@ -1,12 +1,15 @@
-//! A real softphone for the edge-mode tests: baresip 1.0 (Debian's `baresip-core`),
-//! headless, unmodified. Its account names only the local hip agent as its outbound
-//! proxy and its digest credentials at the registrar; it plays a WAV tone as its
-//! microphone (`aufile`) and the `sndfile` module records what it receives
-//! (`dump-*-dec.wav`). The tone check counts 200 ms blocks in which the tone dominates.
+//! Real softphones for the edge-mode tests, headless and unmodified: baresip 1.0 (Debian's
+//! `baresip-core`) and linphonec 5.1 (`linphone-cli`). Each account names only the local
+//! hip agent as its outbound proxy and its digest credentials at the registrar. baresip
+//! plays a WAV tone as its microphone (`aufile`) and the `sndfile` module records what it
+//! receives (`dump-*-dec.wav`); linphonec plays and records WAV files (`soundcard use
+//! files`, `play`, `record`) and takes its commands on stdin. The tone check counts 200 ms
+//! blocks in which the tone dominates.
 
 use std::{
+    io::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -283,14 +286,37 @@ impl Baresip {
 
     /// The recording of what it received (`dump-*-dec.wav`), if any.
     pub fn received(&self) -> Option<PathBuf> {
-        std::fs::read_dir(&self.dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("dump") && n.ends_with("-dec.wav"))
+        self.recordings().into_iter().next()
+    }
+
+    /// Its recordings of what it received, one per call, oldest first (the names carry
+    /// the start time; two calls in the same second share one name, so space them).
+    pub fn recordings(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("dump") && n.ends_with("-dec.wav"))
+                    })
+                    .collect()
             })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Types `command` at its console (the `cons` module, UDP 127.0.0.1:5555 in `ns`),
+    /// e.g. `/dial sip:alice@atlanta.com` or `/hangup`.
+    pub fn command(&self, ns: &NetNs, command: &str) -> Result<()> {
+        let line = format!("{command}\n");
+        ns.run_in(|| -> std::io::Result<()> {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.send_to(line.as_bytes(), "127.0.0.1:5555")?;
+            Ok(())
+        })??;
+        Ok(())
     }
 
     /// Stops it (SIGTERM, then SIGKILL) and waits.
@@ -309,6 +335,122 @@ impl Baresip {
 }
 
 impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a linphonec is set up.
+pub struct LinphoneConfig<'a> {
+    /// SIP user, domain and digest password.
+    pub user: &'a str,
+    /// The domain (registrar).
+    pub domain: &'a str,
+    /// The digest password at the registrar.
+    pub password: &'a str,
+    /// The local agent's edge address (`[::1]:5070`): the phone's only proxy setting.
+    pub outbound: &'a str,
+    /// Its SIP port.
+    pub sip_port: u16,
+    /// The tone it plays.
+    pub tone: &'a Path,
+}
+
+/// A running linphonec, driven on stdin; killed on drop.
+pub struct Linphonec {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Its directory (config, `HOME`, recordings, log).
+    pub dir: PathBuf,
+}
+
+impl Linphonec {
+    /// Starts linphonec in `ns` with a fresh configuration in `dir` (it rewrites its config
+    /// on exit, so every run starts from this one): an account at `domain` through the
+    /// agent's edge (`reg_route`, which linphonec needs beside `reg_proxy`), PCMU, IPv6,
+    /// WAV files for sound; it plays `tone` in every call.
+    pub fn start(ns: &NetNs, dir: &Path, p: &LinphoneConfig<'_>) -> Result<Self> {
+        let home = dir.join("home");
+        // Without its data directory the core never opens its ports.
+        std::fs::create_dir_all(home.join(".local/share/linphone"))?;
+        let rc = format!(
+            "[sip]\nsip_port={port}\nsip_tcp_port=-1\nsip_tls_port=-1\nuse_ipv6=1\n\
+             default_proxy=0\n\
+             [rtp]\naudio_rtp_port=12000\n\
+             [sound]\nechocancellation=0\n\
+             [video]\nautomatically_initiate=0\nautomatically_accept=0\n\
+             [audio_codec_0]\nmime=PCMU\nrate=8000\nchannels=1\nenabled=1\n\
+             [audio_codec_1]\nmime=opus\nrate=48000\nchannels=2\nenabled=0\n\
+             [proxy_0]\nreg_proxy=<sip:{out};transport=udp>\nreg_route=<sip:{out};transport=udp;lr>\n\
+             reg_identity=\"{user}\" <sip:{user}@{domain}>\nreg_expires=300\nreg_sendregister=1\n\
+             publish=0\n\
+             [auth_info_0]\nusername={user}\npasswd={pw}\nrealm={domain}\ndomain={domain}\n",
+            port = p.sip_port,
+            out = p.outbound,
+            user = p.user,
+            domain = p.domain,
+            pw = p.password,
+        );
+        let rc_path = dir.join("linphonerc");
+        std::fs::write(&rc_path, rc)?;
+        let log = std::fs::File::create(dir.join("linphonec.log"))?;
+        let mut child = ns
+            .command("linphonec")
+            .arg("-c")
+            .arg(&rc_path)
+            .env("HOME", &home)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting linphonec")?;
+        let stdin = child.stdin.take();
+        let mut me = Self {
+            child,
+            stdin,
+            dir: dir.to_owned(),
+        };
+        me.send("soundcard use files")?;
+        me.send(&format!("play {}", p.tone.display()))?;
+        Ok(me)
+    }
+
+    /// Types one command (`call sip:…`, `record FILE`, `pause`, `resume`, `terminate`,
+    /// `autoanswer enable`).
+    pub fn send(&mut self, command: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("linphonec's stdin is closed")?;
+        writeln!(stdin, "{command}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// What linphonec printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("linphonec.log")).unwrap_or_default()
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// Quits (its calls end with BYE), then SIGKILL if it lingers, and waits.
+    pub fn stop(&mut self) {
+        let _ = self.send("quit");
+        self.stdin = None;
+        for _ in 0..50 {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Linphonec {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -66,3 +66,89 @@ fn baresip_calls_baresip_through_the_edges_with_the_tone_both_ways() {
         c.clear
     );
 }
+
+/// baresip ↔ linphonec, both ways, with `[security]` keys at both agents: a call from
+/// linphonec, then at once a call from baresip that linphonec holds and resumes. Each
+/// phone hears the other's tone, is told `mutual` with the SAS, and every call leaves
+/// nothing behind; between the hosts only SIP, HIP and ESP.
+#[test]
+fn linphonec_and_baresip_call_each_other_hold_resume_and_read_mutual() {
+    let talk = Duration::from_secs(6);
+    let r = hip_tests::edge_call::linphonec_and_baresip(talk).unwrap();
+    let logs = || format!("{}\n----\n{}", r.phone_logs[0], r.phone_logs[1]);
+    for (n, c) in r.calls.iter().enumerate() {
+        let n = n + 1;
+        let (ka, kb) = (
+            &c.alice["security"]["association"]["kernel"],
+            &c.bob["security"]["association"]["kernel"],
+        );
+        assert_eq!(
+            ka["spi_out"], kb["spi_in"],
+            "call {n}: {}\n{}",
+            c.alice, c.bob
+        );
+        for (who, e) in [("alice", &c.alice_ended), ("bob", &c.bob_ended)] {
+            assert_eq!(
+                e["security"]["verification"], "mutual",
+                "call {n}, {who}: {e}"
+            );
+        }
+        assert_eq!(c.left.kernel, [(0, 0), (0, 0)], "call {n}");
+        assert!(c.left.routes.is_empty(), "call {n}: {:?}", c.left.routes);
+        assert_eq!(c.left.flows, 0, "call {n}: flow map entries left");
+        for (who, t) in [("alice", c.at_alice), ("bob", c.at_bob)] {
+            eprintln!(
+                "call {n}, {who}'s phone: the tone in {} of {} blocks ({} recorded)",
+                t.found, t.span, t.total
+            );
+            assert!(t.span >= 20, "call {n}, {who}: {t:?}\n{}", logs());
+        }
+    }
+    // Call 1 ran straight through: the tone in ≥ 95 % of its blocks at each end.
+    for (who, t) in [("alice", r.calls[0].at_alice), ("bob", r.calls[0].at_bob)] {
+        assert!(t.found * 100 >= t.span * 95, "call 1, {who}: {t:?}");
+    }
+    // Call 2 was held and resumed through both edges: linphonec saw it, baresip got both
+    // re-INVITEs, and bob's media came back through the SAs.
+    assert!(
+        r.paused && r.resumed,
+        "hold/resume at linphonec:\n{}",
+        logs()
+    );
+    assert!(
+        r.reinvites_at_bob >= 2,
+        "{} re-INVITEs at bob",
+        r.reinvites_at_bob
+    );
+    assert!(
+        r.esp_in_after_resume >= 50,
+        "{} ESP packets in 2 s after the resume",
+        r.esp_in_after_resume
+    );
+    // Each phone was told `mutual` and the SAS, once per call.
+    for (who, lines, c) in [
+        ("alice", &r.told[0], &r.calls[0].alice),
+        ("bob", &r.told[1], &r.calls[0].bob),
+    ] {
+        let sas = c["security"]["sas"].as_str().unwrap_or("?");
+        let want = format!("verification mutual; short authentication string {sas}");
+        let n = lines.iter().filter(|l| l.contains(&want)).count();
+        assert!(
+            n >= 2,
+            "{who} was told {lines:?}, wanted {want:?} twice\n{}\n----\n{}",
+            logs(),
+            r.edge_logs.join("\n----\n")
+        );
+    }
+    assert!(
+        !r.wire.spis.is_empty() && r.wire.spis.is_subset(&r.spis_reported),
+        "SPIs on the wire {:x?} vs the agents' {:x?}",
+        r.wire.spis,
+        r.spis_reported
+    );
+    assert!(
+        r.wire.clear.is_empty(),
+        "clear text between the hosts: {:?}",
+        r.wire.clear
+    );
+}

@@ -25,6 +25,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "baresip-core",
         "an unmodified softphone behind the edge (issue 15)",
     ),
+    (
+        "linphone-cli",
+        "linphonec, the second unmodified softphone behind the edge (issue 15)",
+    ),
     ("kamailio", "the SIP proxies of the trapezoid"),
     ("bpftool", "inspecting eBPF maps and programs"),
     ("strongswan", "reference IKE daemon programming XFRM"),

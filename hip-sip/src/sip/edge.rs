@@ -338,9 +338,13 @@ pub struct EdgeCall {
     /// The far end's ringing was reported ([`EdgeEvent::PeerRinging`]).
     #[serde(skip)]
     ringing: bool,
-    /// Our phone's Contact URI (where a MESSAGE to it goes).
+    /// Our phone's Contact URI (the Request-URI of a MESSAGE to it).
     #[serde(skip)]
     phone_contact: Option<String>,
+    /// Where our phone's messages come from or go to: a MESSAGE goes there, so that a
+    /// Contact that is no address (a GRUU, RFC 5627, as linphone uses) still reaches it.
+    #[serde(skip)]
+    phone_addr: Option<Dest>,
     /// The form the peer's SDP used (for mirroring in our phone's answer).
     #[serde(skip)]
     peer_form: Option<Form>,
@@ -1180,6 +1184,11 @@ impl EdgeProxy {
                         contact
                     } else {
                         Some(req.uri.to_string())
+                    },
+                    phone_addr: if from_client {
+                        Some(src)
+                    } else {
+                        uri_dest(&req.uri, Transport::Udp)
                     },
                     peer_form: None,
                     peer_edge: (!from_client)
@@ -2076,7 +2085,9 @@ impl EdgeProxy {
         let aor = call.local_uri.clone();
         let uri = sx::Uri::parse(Bytes::from(contact.clone()))
             .map_err(|e| format!("the phone's Contact {contact:?}: {e}"))?;
-        let dest = uri_dest(&uri, Transport::Udp)
+        let dest = call
+            .phone_addr
+            .or_else(|| uri_dest(&uri, Transport::Udp))
             .ok_or_else(|| format!("the phone's Contact {contact:?} is not an IP address"))?;
         if !self.is_client(dest.addr.ip()) {
             return Err(format!(

@@ -533,6 +533,30 @@ fn a_message_tells_the_phone_and_is_retransmitted_until_answered() {
 }
 
 #[test]
+fn a_phone_whose_contact_is_a_gruu_gets_its_message_where_its_invite_came_from() {
+    // linphone's Contact is its public GRUU (RFC 5627), a name the registrar resolves.
+    let mut p = EdgeProxy::new(cfg());
+    let now = Instant::now();
+    let inv = invite_from_phone(PHONE_SDP).replace(
+        "Contact: <sip:alice@192.0.2.4:5062>",
+        "Contact: \"alice\" <sip:alice@atlanta.com;gr=urn:uuid:d49ef084>;+sip.instance=\"<urn:uuid:d49ef084>\"",
+    );
+    p.handle_datagram(now, local(), sa(PHONE), inv.as_bytes());
+    let _ = sent(&mut p);
+    p.notify(now, "call-1", "hip: mutual").unwrap();
+    let out = sent(&mut p);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, sa(PHONE));
+    assert!(
+        out[0]
+            .1
+            .starts_with("MESSAGE sip:alice@atlanta.com;gr=urn:uuid:d49ef084 SIP/2.0\r\n"),
+        "{}",
+        out[0].1
+    );
+}
+
+#[test]
 fn malformed_input_gets_400_and_leaves_nothing() {
     let mut p = EdgeProxy::new(cfg());
     let now = Instant::now();
