@@ -53,8 +53,17 @@ fn edge_agent_with(
 }
 
 /// A phone registering through its edge with its digest credentials.
+/// The scenario refreshes the binding once (the same Call-ID, challenged again), so the
+/// calls that follow reach the phone through the refreshed binding and its Path.
 fn register(ns: &NetNs, ip: &str, user: &str, domain: &str, pw: &str) -> Result<String> {
-    register_at(ns, ip, user, domain, pw, &format!("{ip}:5070"))
+    let log = register_at(ns, ip, user, domain, pw, &format!("{ip}:5070"))?;
+    anyhow::ensure!(
+        messages_starting(&log, "SIP/2.0 200 OK")
+            .iter()
+            .any(|m| m.contains("CSeq: 4 REGISTER")),
+        "the registration refresh got no 200 through the edge:\n{log}"
+    );
+    Ok(log)
 }
 
 /// A phone answering one call in the background (SIPp as UAS, MESSAGEs answered).
