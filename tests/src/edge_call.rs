@@ -345,6 +345,28 @@ pub struct LinphoneCalls {
     pub edge_logs: [String; 2],
 }
 
+/// A console line without its terminal escape sequences (baresip colours its output).
+fn without_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters… final byte (@ to ~).
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The lines of an agent's log about its edge calls.
 fn edge_lines(a: &Agent) -> String {
     a.log()
@@ -493,7 +515,7 @@ pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
             .filter(|l| {
                 l.contains("short authentication string") || l.contains("hip: verification")
             })
-            .map(str::to_owned)
+            .map(without_escapes)
             .collect()
     });
     let wire = stop_capture(capture, &pcap)?;
@@ -551,4 +573,16 @@ pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
         phone_logs: [lp.log(), bp.log()],
         edge_logs: [edge_lines(&alice), edge_lines(&bob)],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_escapes_are_removed_and_the_text_kept() {
+        assert_eq!(
+            super::without_escapes("\u{1b}[32mhip: call secured\u{1b}[;m"),
+            "hip: call secured"
+        );
+        assert_eq!(super::without_escapes("plain [text]"), "plain [text]");
+    }
 }

@@ -8,6 +8,7 @@
 //! | `hip-datapath-bench` | eBPF ns/packet (kernel accounting), veth UDP rate | empty program; programs detached |
 //! | `xfrm_bench` (host, policies) and (VM, SAs + policies) | installing N associations | one `ip xfrm` per object |
 //! | `tests/sipp/bench.sh` | calls/s with the agent as UAS | SIPp's own UAS |
+//! | `tests/sipp/edge_bench.sh` | calls/s through the edge proxy, HIP off and on | Kamailio relaying the same flow |
 //! | `hip-i1-flood-bench` | a legitimate base exchange between two agents while 10,000 spoofed I1/s forge the caller's address | the same exchange without the flood |
 //! | `hip-dns-bench` | publish + look up 10,000 HIP RRs on BIND (batched TSIG updates, concurrent lookups) | one `nsupdate` / `dig` process per record |
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
@@ -118,6 +119,12 @@ pub fn run() -> Result<()> {
         "SIP: calls/s with hip-agent as UAS vs SIPp's own UAS (goal: ratio >= 0.8, 0 failed)",
         util::cmd("bash")
             .arg(root.join("tests/sipp/bench.sh"))
+            .env("HIP_AGENT_BIN", rel.join("hip-agent")),
+    );
+    r.run(
+        "SIP edge: calls/s through hip's edge proxy (HIP off; HIP on) vs Kamailio as a stateful relay of the same flow (goal: >= 0.8x, 0 failed)",
+        util::cmd("bash")
+            .arg(root.join("tests/sipp/edge_bench.sh"))
             .env("HIP_AGENT_BIN", rel.join("hip-agent")),
     );
     r.run(
