@@ -15,13 +15,8 @@ set -euo pipefail
 CALLS=${1:-6000}
 RATE=${2:-3000}
 LIMIT=${3:-300}
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-BIN=${HIP_AGENT_BIN:-}
-if [ -z "$BIN" ]; then
-    if [ -x "$ROOT/target/release/hip-agent" ]; then BIN=$ROOT/target/release/hip-agent; else BIN=$ROOT/target/debug/hip-agent; fi
-fi
-[ -x "$BIN" ] || { echo "hip-agent binary not found (build it or set HIP_AGENT_BIN)" >&2; exit 2; }
+# shellcheck source=tests/sipp/lib.sh
+. "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 
 TAG=hipbench-$$
 NA=$TAG-a

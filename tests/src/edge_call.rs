@@ -229,6 +229,20 @@ fn phone<'a>(who: &'a str, domain: &'a str, tone: &'a Path, auto: bool) -> Phone
     }
 }
 
+/// bob's baresip (auto-answer, playing `tone`), once registered through bob's agent.
+fn bob_baresip(t: &Trapezoid, dir: &Path, tone: &Path, bob: &Agent) -> Result<Baresip> {
+    let bp = Baresip::start(
+        &t.hosts[3],
+        &dir.join("bob-phone"),
+        &phone("bob", "biloxi.com", tone, true),
+    )?;
+    wait_until(Duration::from_secs(120), "bob's phone registered", || {
+        bp.log().contains("200 OK (kamailio").then_some(())
+    })
+    .with_context(|| format!("{}\n{}", bp.log(), bob.log()))?;
+    Ok(bp)
+}
+
 /// Builds the trapezoid, registers bob's phone, lets alice's phone dial bob, talks for
 /// `talk` of media counted from when the SAs are in, hangs up at alice's phone and reports.
 /// `Err` only when the call could not be made at all; what it showed is for the caller to
@@ -246,15 +260,7 @@ pub fn baresip_to_baresip(talk: Duration) -> Result<EdgeCall> {
     write_tone(&a_tone, 1000.0, secs)?;
     write_tone(&b_tone, 1500.0, secs)?;
 
-    let mut bp = Baresip::start(
-        &t.hosts[3],
-        &dir.join("bob-phone"),
-        &phone("bob", "biloxi.com", &b_tone, true),
-    )?;
-    wait_until(Duration::from_secs(120), "bob's phone registered", || {
-        bp.log().contains("200 OK (kamailio").then_some(())
-    })
-    .with_context(|| format!("{}\n{}", bp.log(), bob.log()))?;
+    let mut bp = bob_baresip(&t, &dir, &b_tone, &bob)?;
     let mut cfg = phone("alice", "atlanta.com", &a_tone, false);
     let dial = ["/dial sip:bob@biloxi.com"];
     cfg.commands = &dial;
@@ -422,15 +428,7 @@ pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
     write_tone(&a_tone, 1000.0, secs)?;
     write_tone(&b_tone, 1500.0, secs)?;
 
-    let mut bp = Baresip::start(
-        &t.hosts[3],
-        &dir.join("bob-phone"),
-        &phone("bob", "biloxi.com", &b_tone, true),
-    )?;
-    wait_until(Duration::from_secs(120), "bob's phone registered", || {
-        bp.log().contains("200 OK (kamailio").then_some(())
-    })
-    .with_context(|| format!("{}\n{}", bp.log(), bob.log()))?;
+    let mut bp = bob_baresip(&t, &dir, &b_tone, &bob)?;
     let mut lp = Linphonec::start(
         &t.hosts[0],
         &dir.join("alice-phone"),

@@ -189,6 +189,18 @@ pub fn tone_report(path: &Path, hz: f64) -> Result<ToneReport> {
     })
 }
 
+/// Waits up to 5 s for a phone told to quit, then kills it.
+fn reap(child: &mut Child) {
+    for _ in 0..50 {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A running baresip; killed on drop.
 pub struct Baresip {
     child: Child,
@@ -323,14 +335,7 @@ impl Baresip {
     pub fn stop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        for _ in 0..50 {
-            if self.exited() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -439,14 +444,7 @@ impl Linphonec {
     pub fn stop(&mut self) {
         let _ = self.send("quit");
         self.stdin = None;
-        for _ in 0..50 {
-            if self.exited() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 

@@ -60,6 +60,30 @@ struct CallHip {
     failure: Option<String>,
 }
 
+impl CallHip {
+    /// What a SIP Identity from the peer (its INVITE's, or the callee edge's UPDATE's)
+    /// proved of its HIT; a proof of tampering flags the call.
+    fn peer_identity(
+        &mut self,
+        call_id: &str,
+        what: &str,
+        result: Result<hip_sip::identity::Verified, String>,
+        tampering: bool,
+    ) {
+        if tampering && let Err(why) = &result {
+            tracing::error!(%call_id, "edge: call flagged: {why}");
+            self.failure = Some(why.clone());
+        }
+        match result {
+            Ok(v) => self.sip.peer_by(
+                Mechanism::Identity,
+                format!("{what}: {} with {}'s key", v.orig, v.domain),
+            ),
+            Err(why) => self.sip.peer_not(why),
+        }
+    }
+}
+
 /// The edge: proxy core, sockets, and what HIP knows of its calls.
 pub struct Edge {
     proxy: EdgeProxy,
@@ -283,20 +307,7 @@ impl Edge {
                 tampering,
             } => {
                 let c = self.calls.entry(call_id.clone()).or_default();
-                if tampering && let Err(why) = &result {
-                    tracing::error!(%call_id, "edge: call flagged: {why}");
-                    c.failure = Some(why.clone());
-                }
-                match result {
-                    Ok(v) => c.sip.peer_by(
-                        Mechanism::Identity,
-                        format!(
-                            "INVITE Identity verified: {} with {}'s key",
-                            v.orig, v.domain
-                        ),
-                    ),
-                    Err(why) => c.sip.peer_not(why),
-                }
+                c.peer_identity(&call_id, "INVITE Identity verified", result, tampering);
                 if !c.sip.own_protected {
                     c.sip.own_not(
                         "our HIT is not signed yet: a response cannot carry RFC 8224 Identity; our signed UPDATE follows the ACK (draft §4.1)"
@@ -311,20 +322,12 @@ impl Edge {
                 tampering,
             } => {
                 let c = self.calls.entry(call_id.clone()).or_default();
-                if tampering && let Err(why) = &result {
-                    tracing::error!(%call_id, "edge: call flagged: {why}");
-                    c.failure = Some(why.clone());
-                }
-                match result {
-                    Ok(v) => c.sip.peer_by(
-                        Mechanism::Identity,
-                        format!(
-                            "UPDATE Identity verified (draft §4.1): {} with {}'s key",
-                            v.orig, v.domain
-                        ),
-                    ),
-                    Err(why) => c.sip.peer_not(why),
-                }
+                c.peer_identity(
+                    &call_id,
+                    "UPDATE Identity verified (draft §4.1)",
+                    result,
+                    tampering,
+                );
                 tracing::info!(%call_id, peer = ?c.sip.peer_detail, "edge: the callee's signed UPDATE");
                 if let Some(s) = security {
                     self.retell(&call_id, s).await;

@@ -1796,15 +1796,7 @@ impl EdgeProxy {
             // The dialog seen from our phone: the ACK's To is ours, its From the caller's.
             let from = hval(&ack.headers, &HeaderName::To).unwrap_or_default();
             let to = hval(&ack.headers, &HeaderName::From).unwrap_or_default();
-            let branch = format!("{OWN_PREFIX}{}", self.token());
-            let mut text = format!(
-                "UPDATE {target} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch}\r\nMax-Forwards: 70\r\n",
-                out.0.via_token(),
-                host_port(out.1)
-            );
-            if !routes.is_empty() {
-                text.push_str(&format!("Route: {}\r\n", routes.join(", ")));
-            }
+            let mut text = self.own_request_head("UPDATE", &target, out, &routes);
             text.push_str(&format!(
                 "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: 1 UPDATE\r\n\
                  Contact: <sip:{}>\r\nIdentity: {value}\r\nContent-Length: 0\r\n\r\n",
@@ -1981,15 +1973,8 @@ impl EdgeProxy {
                     let from = hval(&resp.headers, &HeaderName::From).unwrap_or_default();
                     let to = hval(&resp.headers, &HeaderName::To).unwrap_or_default();
                     for (method, n) in [("ACK", cseq), ("BYE", cseq + 1)] {
-                        let branch = format!("{OWN_PREFIX}{}", self.token());
-                        let mut text = format!(
-                            "{method} {target} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch}\r\nMax-Forwards: 70\r\n",
-                            out.0.via_token(),
-                            host_port(out.1)
-                        );
-                        if !routes.is_empty() {
-                            text.push_str(&format!("Route: {}\r\n", routes.join(", ")));
-                        }
+                        let mut text =
+                            self.own_request_head(method, &target.to_string(), out, &routes);
                         text.push_str(&format!(
                             "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {n} {method}\r\nReason: SIP;cause={};text=\"{}\"\r\nContent-Length: 0\r\n\r\n",
                             r.status,
@@ -2022,6 +2007,27 @@ impl EdgeProxy {
             reason: r.why.clone(),
         });
         self.end_call(call_id, &r.why);
+    }
+
+    /// The request line, our Via (a fresh branch of ours), Max-Forwards and the Route of a
+    /// request we originate in a dialog.
+    fn own_request_head(
+        &mut self,
+        method: &str,
+        target: &str,
+        out: (Transport, SocketAddr),
+        routes: &[String],
+    ) -> String {
+        let branch = format!("{OWN_PREFIX}{}", self.token());
+        let mut text = format!(
+            "{method} {target} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch}\r\nMax-Forwards: 70\r\n",
+            out.0.via_token(),
+            host_port(out.1)
+        );
+        if !routes.is_empty() {
+            text.push_str(&format!("Route: {}\r\n", routes.join(", ")));
+        }
+        text
     }
 
     #[allow(clippy::too_many_arguments)]
