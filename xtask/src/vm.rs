@@ -101,7 +101,17 @@ pub fn run_script(
                    grep -q esp4 /proc/modules || { echo 'vm: esp4 did not load' >&2; exit 97; }; \
                    mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; \
                    sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0; set +e; ";
-    let full = format!("{prelude}{script}");
+    // The script goes to the guest as a file, not on `--exec`: virtme-ng passes `--exec`
+    // on the kernel command line (base64), which x86 cuts at 2,048 bytes; past that the
+    // `init=` after it is lost and the guest never starts (a checkout with a longer path
+    // made the test stage's script cross it). The guest sees the host's file system.
+    let dir = util::root().join("target/vm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join(format!("script-{}.sh", std::process::id()));
+    std::fs::write(&file, format!("{prelude}{script}\n"))
+        .with_context(|| format!("writing {}", file.display()))?;
+    let _cleanup = RemoveOnDrop(file.clone());
+    let full = format!("sh {}", shell_quote(&file.to_string_lossy()));
     let mut c = util::cmd(&vng);
     c.arg("-r")
         .arg(&kernel)
@@ -161,6 +171,15 @@ pub fn run_script(
         bail!("the VM did not finish within {timeout:?} and was killed");
     }
     Ok(st)
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The VM runs in its own process group (so the watchdog can kill it whole), which also
