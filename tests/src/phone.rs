@@ -435,11 +435,6 @@ impl Linphonec {
         std::fs::read_to_string(self.dir.join("linphonec.log")).unwrap_or_default()
     }
 
-    /// Whether it has exited.
-    pub fn exited(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_some()
-    }
-
     /// Quits (its calls end with BYE), then SIGKILL if it lingers, and waits.
     pub fn stop(&mut self) {
         let _ = self.send("quit");

@@ -129,6 +129,54 @@ pub enum NoHitPolicy {
     Clear,
 }
 
+/// What a request's Identity proved (RFC 8224 §6.2).
+struct Judgement {
+    /// What verified, or why not.
+    result: Result<identity::Verified, String>,
+    /// A valid signature over other HITs: the SDP was altered on the path.
+    tampering: bool,
+    /// The refusal when it did not verify: 428 without Identity, 438 otherwise.
+    status: u16,
+    reason: &'static str,
+}
+
+/// Verifies the Identity headers of a request (`what`: "INVITE", "callee's UPDATE")
+/// against the HITs of the SDP they should bind (`sdp`: "offer", "answer").
+fn judge(id: &EdgeIdentity, auth: &RequestAuth, hits: &[Hit], what: &str, sdp: &str) -> Judgement {
+    let invalid = |result, tampering| Judgement {
+        result,
+        tampering,
+        status: 438,
+        reason: "Invalid Identity Header",
+    };
+    match identity::verify_any(
+        &auth.identity,
+        &id.trust,
+        &identity::Expected {
+            from_uri: &auth.from_uri,
+            to_uri: &auth.to_uri,
+            sdp_hits: hits,
+            now: (id.unix_now)(),
+            window: id.window,
+        },
+    ) {
+        None => Judgement {
+            result: Err(format!("no Identity header in the {what} (RFC 8224)")),
+            tampering: false,
+            status: 428,
+            reason: "Use Identity Header",
+        },
+        Some(Ok(v)) => invalid(Ok(v), false),
+        Some(Err(e)) if e.is_tampering() => invalid(
+            Err(format!(
+                "SIP Identity of the {what}: {e}: the {sdp} was altered on the path"
+            )),
+            true,
+        ),
+        Some(Err(e)) => invalid(Err(format!("{what} Identity not verified: {e}")), false),
+    }
+}
+
 /// The edge's configuration (from the agent's `[edge]` table).
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -1359,24 +1407,7 @@ impl EdgeProxy {
                 );
             }
             let auth = auth_of(req, Transport::Udp);
-            match identity::domain_of(&auth.from_uri) {
-                Some(d) if d.eq_ignore_ascii_case(&id.domain) => {}
-                other => {
-                    return Err(format!(
-                        "not signed: the phone's From {} is in {}, our key signs for {}",
-                        auth.from_uri,
-                        other.as_deref().unwrap_or("no domain"),
-                        id.domain
-                    ));
-                }
-            }
-            let claims = identity::Claims {
-                orig: identity::canonical(&auth.from_uri).map_err(|e| e.to_string())?,
-                dest: vec![identity::canonical(&auth.to_uri).map_err(|e| e.to_string())?],
-                iat: (id.unix_now)(),
-                hits: vec![self.cfg.own.hit],
-            };
-            let value = identity::sign(key, &claims, info);
+            let value = self.passport(id, key, info, &auth.from_uri, &auth.to_uri, "From")?;
             let h = sx::Header::build(HeaderName::Identity, value).map_err(|e| e.to_string())?;
             // A phone's own Identity (it signed its address, not our HIT) cannot be kept
             // beside ours: the offer it signed is gone.
@@ -1388,6 +1419,37 @@ impl EdgeProxy {
             call_id: call_id.to_owned(),
             result,
         });
+    }
+
+    /// The authentication service's PASSporT (RFC 8224 §6.1) binding our HIT to our
+    /// phone's identity `orig` (`what`: where that came from, for the refusal), towards
+    /// `dest`; refused when `orig` is not in the domain our key signs for.
+    fn passport(
+        &self,
+        id: &EdgeIdentity,
+        key: &identity::SigningKey,
+        info: &str,
+        orig: &str,
+        dest: &str,
+        what: &str,
+    ) -> Result<String, String> {
+        match identity::domain_of(orig) {
+            Some(d) if d.eq_ignore_ascii_case(&id.domain) => {}
+            other => {
+                return Err(format!(
+                    "not signed: the phone's {what} {orig} is in {}, our key signs for {}",
+                    other.as_deref().unwrap_or("no domain"),
+                    id.domain
+                ));
+            }
+        }
+        let claims = identity::Claims {
+            orig: identity::canonical(orig).map_err(|e| e.to_string())?,
+            dest: vec![identity::canonical(dest).map_err(|e| e.to_string())?],
+            iat: (id.unix_now)(),
+            hits: vec![self.cfg.own.hit],
+        };
+        Ok(identity::sign(key, &claims, info))
     }
 
     /// The verifier's part (RFC 8224 §6.2) for an INVITE from the network, against the
@@ -1418,36 +1480,8 @@ impl EdgeProxy {
                 (488, "Not Acceptable Here"),
             )
         } else {
-            match identity::verify_any(
-                &auth.identity,
-                &id.trust,
-                &identity::Expected {
-                    from_uri: &auth.from_uri,
-                    to_uri: &auth.to_uri,
-                    sdp_hits: &hits,
-                    now: (id.unix_now)(),
-                    window: id.window,
-                },
-            ) {
-                None => (
-                    Err("no Identity header in the INVITE (RFC 8224)".to_owned()),
-                    false,
-                    (428, "Use Identity Header"),
-                ),
-                Some(Ok(v)) => (Ok(v), false, (0, "")),
-                Some(Err(e)) if e.is_tampering() => (
-                    Err(format!(
-                        "SIP Identity of the INVITE: {e}: the offer was altered on the path"
-                    )),
-                    true,
-                    (438, "Invalid Identity Header"),
-                ),
-                Some(Err(e)) => (
-                    Err(format!("INVITE Identity not verified: {e}")),
-                    false,
-                    (438, "Invalid Identity Header"),
-                ),
-            }
+            let j = judge(id, &auth, &hits, "INVITE", "offer");
+            (j.result, j.tampering, (j.status, j.reason))
         };
         if let Err(why) = &result
             && ((tampering && id.refuse_tampered) || id.require_verified)
@@ -1571,7 +1605,7 @@ impl EdgeProxy {
                         .identity
                         .as_ref()
                         .map(|i| i.domain.clone())
-                        .ok_or_else(String::new)
+                        .ok_or_else(|| "accepted, but we have no [security] identity".to_owned())
                 } else {
                     Err(format!(
                         "our signed UPDATE (draft §4.1) was refused with {status} {}{}",
@@ -1766,22 +1800,7 @@ impl EdgeProxy {
             let (target, routes) = peer_edge.ok_or(
                 "no hip edge beside the caller (none in the Record-Route): nobody could take our signed UPDATE without touching the caller phone's dialog",
             )?;
-            match identity::domain_of(&local_uri) {
-                Some(d) if d.eq_ignore_ascii_case(&id.domain) => {}
-                other => {
-                    return Err(format!(
-                        "not signed: our phone's {local_uri} is in {}, our key signs for {}",
-                        other.as_deref().unwrap_or("no domain"),
-                        id.domain
-                    ));
-                }
-            }
-            let claims = identity::Claims {
-                orig: identity::canonical(&local_uri).map_err(|e| e.to_string())?,
-                dest: vec![identity::canonical(&remote_uri).map_err(|e| e.to_string())?],
-                iat: (id.unix_now)(),
-                hits: vec![self.cfg.own.hit],
-            };
+            let value = self.passport(&id, key, info, &local_uri, &remote_uri, "URI")?;
             let first = routes.first().map_or(target.as_str(), |r| {
                 r.trim_start_matches('<').trim_end_matches('>')
             });
@@ -1792,7 +1811,6 @@ impl EdgeProxy {
             let out = self
                 .listener_for(&dest)
                 .ok_or_else(|| format!("no {} listener for {}", dest.transport, dest.addr))?;
-            let value = identity::sign(key, &claims, info);
             // The dialog seen from our phone: the ACK's To is ours, its From the caller's.
             let from = hval(&ack.headers, &HeaderName::To).unwrap_or_default();
             let to = hval(&ack.headers, &HeaderName::From).unwrap_or_default();
@@ -1858,39 +1876,13 @@ impl EdgeProxy {
                 "Forbidden",
             )
         } else if let Some(id) = &self.cfg.identity {
-            match identity::verify_any(
-                &auth.identity,
-                &id.trust,
-                &identity::Expected {
-                    from_uri: &auth.from_uri,
-                    to_uri: &auth.to_uri,
-                    sdp_hits: &call.peer_hits,
-                    now: (id.unix_now)(),
-                    window: id.window,
-                },
-            ) {
-                None => (
-                    Err("the callee's edge sent an UPDATE without Identity".to_owned()),
-                    false,
-                    428,
-                    "Use Identity Header",
-                ),
-                Some(Ok(v)) => (Ok(v), false, 200, "OK"),
-                Some(Err(e)) if e.is_tampering() => (
-                    Err(format!(
-                        "SIP Identity of the callee's UPDATE: {e}: the answer was altered on the path"
-                    )),
-                    true,
-                    438,
-                    "Invalid Identity Header",
-                ),
-                Some(Err(e)) => (
-                    Err(format!("the callee's UPDATE Identity not verified: {e}")),
-                    false,
-                    438,
-                    "Invalid Identity Header",
-                ),
-            }
+            let j = judge(id, &auth, &call.peer_hits, "callee's UPDATE", "answer");
+            let (status, reason) = if j.result.is_ok() {
+                (200, "OK")
+            } else {
+                (j.status, j.reason)
+            };
+            (j.result, j.tampering, status, reason)
         } else {
             (
                 Err(
