@@ -338,8 +338,8 @@ pub struct LinphoneCalls {
     pub resumed: bool,
     /// re-INVITEs that reached bob's baresip (hold and resume).
     pub reinvites_at_bob: usize,
-    /// ESP packets into alice's host in the 2 s after the resume.
-    pub esp_in_after_resume: u64,
+    /// ESP packets into alice's and bob's hosts in the 2 s after the resume.
+    pub esp_in_after_resume: [u64; 2],
     /// The level and SAS lines each phone printed (alice, bob).
     pub told: [Vec<String>; 2],
     /// What went between the hosts over both calls, and the SPIs the agents reported.
@@ -430,7 +430,10 @@ fn pause_for(d: Duration) -> Result<()> {
 /// `[security]` keys (each signs for its domain and trusts the other's), through the
 /// trapezoid: linphonec at alice (1000 Hz), baresip at bob (1500 Hz, auto-answer). Call 1:
 /// linphonec dials bob, talks `talk`, hangs up. Call 2, right after: baresip dials alice,
-/// linphonec answers, holds for a second and resumes half-way, baresip hangs up.
+/// linphonec answers, holds for a second after `talk / 2` and resumes, the call goes on
+/// for 2 s + `talk`, baresip hangs up. baresip's recording of call 2 holds only what came
+/// before the hold (its `sndfile` starts over at each stream update and keeps no more of
+/// it), so the media after the resume is shown by the kernel's ESP counters both ways.
 pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
     let t = Trapezoid::new()?;
     let dir = scratch("linphone");
@@ -509,10 +512,13 @@ pub fn linphonec_and_baresip(talk: Duration) -> Result<LinphoneCalls> {
         (media_runs(&lp) > before).then_some(())
     })
     .is_ok();
-    let esp0 = esp_in(&alice);
+    let esp0 = [esp_in(&alice), esp_in(&bob)];
     pause_for(Duration::from_secs(2))?;
-    let esp_in_after_resume = esp_in(&alice).saturating_sub(esp0);
-    pause_for(talk / 2)?;
+    let esp_in_after_resume = [
+        esp_in(&alice).saturating_sub(esp0[0]),
+        esp_in(&bob).saturating_sub(esp0[1]),
+    ];
+    pause_for(talk)?;
     bp.command(&t.hosts[3], "/hangup")?;
     let left2 = after_hangup(&t, &alice, &bob, &a2, &b2)?;
     let (a2_end, b2_end) = (last_ended(&alice), last_ended(&bob));

@@ -101,7 +101,9 @@ fn linphonec_and_baresip_call_each_other_hold_resume_and_read_mutual() {
                 "call {n}, {who}'s phone: the tone in {} of {} blocks ({} recorded)",
                 t.found, t.span, t.total
             );
-            assert!(t.span >= 20, "call {n}, {who}: {t:?}\n{}", logs());
+            // baresip keeps only the part of call 2 before the hold (3 s of talk).
+            let least = if n == 2 && who == "bob" { 10 } else { 20 };
+            assert!(t.span >= least, "call {n}, {who}: {t:?}\n{}", logs());
         }
     }
     // Call 1 ran straight through: the tone in ≥ 95 % of its blocks at each end.
@@ -120,9 +122,10 @@ fn linphonec_and_baresip_call_each_other_hold_resume_and_read_mutual() {
         "{} re-INVITEs at bob",
         r.reinvites_at_bob
     );
+    // Media after the resume, both ways, through the SAs (RTP every 20 ms: 100 in 2 s).
     assert!(
-        r.esp_in_after_resume >= 50,
-        "{} ESP packets in 2 s after the resume",
+        r.esp_in_after_resume.iter().all(|n| *n >= 50),
+        "ESP packets into alice's and bob's hosts in 2 s after the resume: {:?}",
         r.esp_in_after_resume
     );
     // Each phone was told `mutual` and the SAS, once per call.

@@ -309,8 +309,11 @@ fn phones() -> Result<()> {
     );
     let r = edge_call::linphonec_and_baresip(TALK).context("the softphone calls")?;
     let sec = |v: &serde_json::Value, k: &str| v["security"][k].as_str().unwrap_or("?").to_owned();
-    let heard = |t: hip_tests::phone::ToneReport| t.span >= 20 && t.found * 100 >= t.span * 95;
-    let mut ok = r.paused && r.resumed && r.esp_in_after_resume >= 50;
+    // baresip keeps only the part of call 2 before the hold: 10 blocks, not 20, there.
+    let heard = |t: hip_tests::phone::ToneReport, least: usize| {
+        t.span >= least && t.found * 100 >= t.span * 95
+    };
+    let mut ok = r.paused && r.resumed && r.esp_in_after_resume.iter().all(|n| *n >= 50);
     for (n, c) in r.calls.iter().enumerate() {
         println!(
             "  call {}: {}",
@@ -345,8 +348,8 @@ fn phones() -> Result<()> {
             c.left.routes.len(),
             c.left.flows
         );
-        ok &= heard(c.at_alice)
-            && heard(c.at_bob)
+        ok &= heard(c.at_alice, 20)
+            && heard(c.at_bob, if n == 1 { 10 } else { 20 })
             && sec(&c.alice_ended, "verification") == "mutual"
             && sec(&c.bob_ended, "verification") == "mutual"
             && c.left.kernel == [(0, 0), (0, 0)]
@@ -363,11 +366,12 @@ fn phones() -> Result<()> {
         }
     }
     println!(
-        "  hold and resume: linphonec {} / {}, {} re-INVITEs at bob's phone, {} ESP packets to alice in the 2 s after the resume",
+        "  hold and resume: linphonec {} / {}, {} re-INVITEs at bob's phone, ESP packets in the 2 s after the resume: {} to alice, {} to bob",
         if r.paused { "paused" } else { "NOT paused" },
         if r.resumed { "resumed" } else { "NOT resumed" },
         r.reinvites_at_bob,
-        r.esp_in_after_resume
+        r.esp_in_after_resume[0],
+        r.esp_in_after_resume[1]
     );
     println!(
         "  between the hosts: {} ESP packets, SPIs {:x?} (the agents' SAs: {:x?}), {} clear-text non-SIP packets",
