@@ -99,6 +99,93 @@ impl RawHip {
     }
 }
 
+impl RawHip {
+    /// Sends `p` to `dst` (not the socket's default address).
+    pub fn send_to(&self, p: &[u8], dst: Ipv4Addr) {
+        let to = libc::sockaddr_in {
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            ..self.to
+        };
+        // SAFETY: valid buffer and address for the call.
+        unsafe {
+            libc::sendto(
+                self.fd,
+                p.as_ptr().cast(),
+                p.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+    }
+
+    /// Opens a socket that writes its own IPv4 header (`IP_HDRINCL`), so that each
+    /// packet may come from a different local address ([`RawHip::send_from`]).
+    pub fn with_header(dst: Ipv4Addr) -> io::Result<Self> {
+        let s = Self::new(dst)?;
+        let one: libc::c_int = 1;
+        // SAFETY: valid option value for the call.
+        let r = unsafe {
+            libc::setsockopt(
+                s.fd,
+                libc::IPPROTO_IP,
+                libc::IP_HDRINCL,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+
+    /// Sends `p` from `src` to `dst` on a socket made by [`RawHip::with_header`]; the
+    /// kernel fills in the header's length, identification and checksum.
+    pub fn send_from(&self, p: &[u8], src: Ipv4Addr, dst: Ipv4Addr) {
+        let mut pkt = Vec::with_capacity(20 + p.len());
+        pkt.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 139, 0, 0]);
+        pkt.extend_from_slice(&src.octets());
+        pkt.extend_from_slice(&dst.octets());
+        pkt.extend_from_slice(p);
+        self.send_to(&pkt, dst);
+    }
+
+    /// One HIP packet received within `timeout`: its IPv4 source and destination and the
+    /// HIP packet (the IP header the raw socket delivers stripped); `None` if none came.
+    pub fn recv(&self, timeout: Duration) -> io::Result<Option<(Ipv4Addr, Ipv4Addr, Vec<u8>)>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: valid buffer for the call.
+        let r = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(r as usize);
+        let ihl = usize::from(buf.first().copied().unwrap_or(0) & 0x0f) * 4;
+        if ihl < 20 || buf.len() < ihl {
+            return Ok(None);
+        }
+        let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+        let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+        Ok(Some((src, dst, buf.split_off(ihl))))
+    }
+}
+
 impl Drop for RawHip {
     fn drop(&mut self) {
         // SAFETY: our descriptor.

@@ -191,7 +191,13 @@ impl Agent {
         Command::new(agent_bin())
             .args(["--netns", ns, "run", "--config"])
             .arg(cfg)
-            .env("HIP_LOG", "debug,aya=info,aya_obj=info,netlink_proto=info")
+            // Benchmarks set HIP_TEST_AGENT_LOG (e.g. `warn`): debug logging of every
+            // packet would be part of what they measure.
+            .env(
+                "HIP_LOG",
+                std::env::var("HIP_TEST_AGENT_LOG")
+                    .unwrap_or_else(|_| "debug,aya=info,aya_obj=info,netlink_proto=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
