@@ -354,6 +354,16 @@ pub struct Maps {
     flows: HashMap<MapData, FlowKey, FlowStats>,
     guard_drops: HashMap<MapData, Addr, GuardDrop>,
     pub(crate) events: Option<RingBuf<MapData>>,
+    /// The associations listing each locator, built from `HIP_ASSOCS` on first use and
+    /// kept in step with every write: several HITs may share one address (hosts behind
+    /// one NAT, several identities on one host), and the guard's entry for that address
+    /// stays while any of them lists it.
+    sharers: Option<std::collections::HashMap<Addr, BTreeSet<Addr>>>,
+}
+
+/// The media guard's verdict for a locator entry, as the programs compute it.
+fn guard_passes(e: &LocatorEntry) -> bool {
+    e.state == LocatorState::Active as u8 && e.assoc_state == AssocState::Established as u8
 }
 
 fn merr(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -400,6 +410,7 @@ impl Maps {
             flows: typed!(MAP_FLOWS),
             guard_drops: typed!(MAP_GUARD_DROPS),
             events: Some(typed!(MAP_EVENTS)),
+            sharers: None,
         })
     }
 
@@ -521,17 +532,6 @@ impl Maps {
             Err(MapError::KeyNotFound) => None,
             Err(e) => return Err(merr(MAP_ASSOCS)(e)),
         };
-        // A locator owned by another association is a conflict: refuse before writing.
-        for l in raw.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
-            match self.locators.get(l, 0) {
-                Ok(e) if e.peer_hit != peer => {
-                    return Err(DatapathError::InvalidAssociation(
-                        "locator already belongs to another association",
-                    ));
-                }
-                _ => {}
-            }
-        }
         let res = self.write_association(peer, raw, old);
         // Whatever was written, the programs' cached verdicts and slots may be stale.
         let bumped = self.bump_maps_gen();
@@ -545,6 +545,7 @@ impl Maps {
         raw: Association,
         old: Option<Association>,
     ) -> Result<(), DatapathError> {
+        self.sharers()?;
         self.assocs.insert(peer, raw, 0).map_err(merr(MAP_ASSOCS))?;
         for (l, s) in raw.locators.iter().zip(raw.locator_state) {
             if *l == Addr::UNSPECIFIED {
@@ -557,7 +558,19 @@ impl Maps {
                 assoc_state: raw.state,
                 _pad: [0; 2],
             };
-            self.locators.insert(l, e, 0).map_err(merr(MAP_LOCATORS))?;
+            self.sharers
+                .as_mut()
+                .expect("built above")
+                .entry(*l)
+                .or_default()
+                .insert(peer);
+            // A locator another association shares keeps that one's entry when it lets
+            // media pass and ours would not (the guard's verdict is per address).
+            let keep = matches!(self.locators.get(l, 0),
+                Ok(cur) if cur.peer_hit != peer && guard_passes(&cur) && !guard_passes(&e));
+            if !keep {
+                self.locators.insert(l, e, 0).map_err(merr(MAP_LOCATORS))?;
+            }
         }
         for (spi, dir) in [(raw.spi_in, SPI_DIR_IN), (raw.spi_out, SPI_DIR_OUT)] {
             let e = SpiEntry {
@@ -574,7 +587,7 @@ impl Maps {
         if let Some(old) = old {
             for l in old.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
                 if !raw.locators.contains(l) {
-                    remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS))?;
+                    self.release_locator(l, peer)?;
                 }
             }
             if old.spi_in != raw.spi_in {
@@ -595,6 +608,69 @@ impl Maps {
         Ok(())
     }
 
+    /// The locator index ([`Maps::sharers`]), built by one pass over `HIP_ASSOCS` the
+    /// first time it is needed.
+    fn sharers(&mut self) -> Result<(), DatapathError> {
+        if self.sharers.is_none() {
+            let mut m: std::collections::HashMap<Addr, BTreeSet<Addr>> = Default::default();
+            for r in self.assocs.iter() {
+                let (peer, a) = r.map_err(merr(MAP_ASSOCS))?;
+                for l in a.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
+                    m.entry(*l).or_default().insert(peer);
+                }
+            }
+            self.sharers = Some(m);
+        }
+        Ok(())
+    }
+
+    /// `peer` no longer lists locator `l`: its guard entry goes, or passes to another
+    /// association that still lists it (the one that lets media pass, if any).
+    fn release_locator(&mut self, l: &Addr, peer: Addr) -> Result<(), DatapathError> {
+        let rest: Vec<Addr> = match self.sharers.as_mut().and_then(|m| m.get_mut(l)) {
+            Some(set) => {
+                set.remove(&peer);
+                set.iter().copied().collect()
+            }
+            None => Vec::new(),
+        };
+        if rest.is_empty()
+            && let Some(m) = self.sharers.as_mut()
+        {
+            m.remove(l);
+        }
+        let owned = matches!(self.locators.get(l, 0), Ok(e) if e.peer_hit == peer);
+        if !owned {
+            return Ok(());
+        }
+        let mut best: Option<LocatorEntry> = None;
+        for other in rest {
+            let Ok(a) = self.assocs.get(&other, 0) else {
+                continue;
+            };
+            let Some(i) = a.locators.iter().position(|x| x == l) else {
+                continue;
+            };
+            let e = LocatorEntry {
+                peer_hit: other,
+                spi_out: a.spi_out,
+                state: a.locator_state[i],
+                assoc_state: a.state,
+                _pad: [0; 2],
+            };
+            if best.is_none() || guard_passes(&e) {
+                best = Some(e);
+            }
+            if guard_passes(&e) {
+                break;
+            }
+        }
+        match best {
+            Some(e) => self.locators.insert(l, e, 0).map_err(merr(MAP_LOCATORS)),
+            None => remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS)),
+        }
+    }
+
     /// Removes an association (on CLOSE): its locators, SPIs and flows. Returns the
     /// flows' last statistics. Removing an unknown peer is not an error (idempotent).
     pub fn remove_association(&mut self, peer_hit: Ipv6Addr) -> Result<Vec<Flow>, DatapathError> {
@@ -606,10 +682,9 @@ impl Maps {
         };
         // Guard entries first: from here on, clear-text media to the peer is dropped.
         if let Some(old) = &old {
+            self.sharers()?;
             for l in old.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
-                if matches!(self.locators.get(l, 0), Ok(e) if e.peer_hit == peer) {
-                    remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS))?;
-                }
+                self.release_locator(l, peer)?;
             }
             self.bump_maps_gen()?;
         }

@@ -330,3 +330,80 @@ fn rtp_stream_with_known_gaps_and_timing_gives_exact_counts_and_jitter() {
     assert_eq!(st.rtp_in, sent);
     dp.shutdown().unwrap();
 }
+
+/// Two HITs behind one address (hosts behind one NAT, or two identities on one host):
+/// both associations are accepted, and clear-text media to the address passes while
+/// either of them is ESTABLISHED there, and only then.
+#[test]
+fn two_associations_at_one_address_share_its_guard_verdict() {
+    let p = VethPair::new("gs", &["10.79.0.1/24"], &["10.79.0.2/24"]).unwrap();
+    let pin = pin_dir("gs");
+    let if_a = p.if_a.clone();
+    let steps =
+        p.a.run_in(move || {
+            let mut dp = Datapath::start(&DatapathOptions {
+                interfaces: vec![if_a],
+                pin_dir: pin,
+                media: media(),
+            })
+            .unwrap();
+            let spec = |hit: &str, spi: u32, state| AssociationSpec {
+                peer_hit: hit.parse().unwrap(),
+                local_hit: "2001:20::a".parse().unwrap(),
+                locators: vec![PeerLocator {
+                    addr: "10.79.0.2".parse().unwrap(),
+                    state: LocatorState::Active,
+                }],
+                spi_in: spi,
+                spi_out: spi + 1,
+                state,
+            };
+            let s = UdpSocket::bind("10.79.0.1:20000").unwrap();
+            let mut seq = 0u16;
+            // Sends 5 RTP packets to the shared address; returns (passed, dropped) by them.
+            let mut burst = |dp: &Datapath| {
+                let before = dp.stats().unwrap();
+                for _ in 0..5 {
+                    s.send_to(&rtp(seq, 0, 7, 160), "10.79.0.2:20010").unwrap();
+                    seq += 1;
+                }
+                let after = dp.stats().unwrap();
+                (
+                    after.guard_passed - before.guard_passed,
+                    after.guard_dropped - before.guard_dropped,
+                )
+            };
+            let b1: Ipv6Addr = "2001:20::b1".parse().unwrap();
+            let b2: Ipv6Addr = "2001:20::b2".parse().unwrap();
+            let mut v = Vec::new();
+            dp.upsert_association(&spec("2001:20::b1", 0x1000, AssocState::Established))
+                .unwrap();
+            v.push(("b1 established", burst(&dp)));
+            dp.upsert_association(&spec("2001:20::b2", 0x2000, AssocState::I2Sent))
+                .expect("a second association at the same address is accepted");
+            v.push(("b2 still exchanging beside b1", burst(&dp)));
+            dp.remove_association(b1).unwrap();
+            v.push(("b1 gone, b2 not established", burst(&dp)));
+            dp.upsert_association(&spec("2001:20::b2", 0x2000, AssocState::Established))
+                .unwrap();
+            v.push(("b2 established", burst(&dp)));
+            dp.upsert_association(&spec("2001:20::b1", 0x1000, AssocState::Established))
+                .unwrap();
+            dp.remove_association(b2).unwrap();
+            v.push(("b1 back, b2 gone", burst(&dp)));
+            dp.remove_association(b1).unwrap();
+            v.push(("both gone", burst(&dp)));
+            dp.shutdown().unwrap();
+            v
+        })
+        .unwrap();
+    let expect = [
+        ("b1 established", (5, 0)),
+        ("b2 still exchanging beside b1", (5, 0)),
+        ("b1 gone, b2 not established", (0, 5)),
+        ("b2 established", (5, 0)),
+        ("b1 back, b2 gone", (5, 0)),
+        ("both gone", (0, 5)),
+    ];
+    assert_eq!(steps, expect);
+}

@@ -162,7 +162,12 @@ fn in_dialog(i: usize, method: &str, cseq: u32, branch: &str, to_tag: &str) -> S
 fn ok_to(req: &str) -> String {
     let mut out = String::from("SIP/2.0 200 OK\r\n");
     for l in req.split("\r\n").take_while(|l| !l.is_empty()).skip(1) {
-        let k = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        let k = l
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if ["via", "from", "to", "call-id", "cseq"].contains(&k.as_str()) {
             out.push_str(l);
             out.push_str("\r\n");
@@ -233,7 +238,8 @@ impl Callers {
             } else {
                 None
             };
-            self.by_call_id.insert(format!("cap-{i}@callers.example"), i);
+            self.by_call_id
+                .insert(format!("cap-{i}@callers.example"), i);
             self.by_hit.insert(hit, i);
             self.calls.push(Caller {
                 ep,
@@ -274,7 +280,9 @@ impl Callers {
                 pkts.push(p);
             }
             for (src, dst, pkt) in pkts {
-                let Some(recv) = pkt.get(24..40) else { continue };
+                let Some(recv) = pkt.get(24..40) else {
+                    continue;
+                };
                 let hit = Hit(recv.try_into().unwrap());
                 if let Some(&i) = self.by_hit.get(&hit)
                     && let Some(ep) = self.calls[i].ep.as_mut()
@@ -297,7 +305,8 @@ impl Callers {
             {
                 if c.sends >= 7 {
                     c.phase = Phase::Failed;
-                    self.failed.push(format!("call {i}: no answer to its request"));
+                    self.failed
+                        .push(format!("call {i}: no answer to its request"));
                     continue;
                 }
                 c.sends += 1;
@@ -320,7 +329,8 @@ impl Callers {
                     Event::Established(_) if c.phase == Phase::Answered => c.phase = Phase::Up,
                     Event::Failed { error, .. } => {
                         c.phase = Phase::Failed;
-                        self.failed.push(format!("call {i}: base exchange: {error}"));
+                        self.failed
+                            .push(format!("call {i}: base exchange: {error}"));
                     }
                     _ => {}
                 }
@@ -370,13 +380,15 @@ impl Callers {
                     }
                     (Some(_), None) => {
                         c.phase = Phase::Failed;
-                        self.failed.push(format!("call {i}: no HIT in bob's answer"));
+                        self.failed
+                            .push(format!("call {i}: no HIT in bob's answer"));
                     }
                 }
             }
             ("INVITE", 300..) => {
                 c.phase = Phase::Failed;
-                self.failed.push(format!("call {i}: INVITE answered {code}"));
+                self.failed
+                    .push(format!("call {i}: INVITE answered {code}"));
             }
             ("BYE", 200..) if c.phase == Phase::Byeing => c.phase = Phase::Done,
             _ => {}
@@ -405,7 +417,10 @@ impl Callers {
             }
             self.pump(Duration::from_millis(2))?;
             if !self.failed.is_empty() {
-                bail!("calls failed: {:?}", &self.failed[..self.failed.len().min(5)]);
+                bail!(
+                    "calls failed: {:?}",
+                    &self.failed[..self.failed.len().min(5)]
+                );
             }
             if self.in_flight(Phase::Up) == n {
                 return Ok(start.elapsed().as_secs_f64());
@@ -445,7 +460,10 @@ impl Callers {
             }
             self.pump(Duration::from_millis(2))?;
             if !self.failed.is_empty() {
-                bail!("hang-ups failed: {:?}", &self.failed[..self.failed.len().min(5)]);
+                bail!(
+                    "hang-ups failed: {:?}",
+                    &self.failed[..self.failed.len().min(5)]
+                );
             }
             if self.calls.iter().all(|c| c.phase == Phase::Done) {
                 return Ok(());
@@ -549,17 +567,22 @@ fn start_bob(net: &VethPair, hip: bool) -> Result<Agent> {
     // One neighbour entry per caller: the default table (gc_thresh3 = 1024) would start
     // dropping entries, and with them packets, past a thousand peers. The thresholds are
     // global (not per namespace); this runs in the VM, which is ours.
-    for (k, v) in [("gc_thresh1", "16384"), ("gc_thresh2", "32768"), ("gc_thresh3", "65536")] {
-        hip_tests::run("sysctl", ["-qw", &format!("net.ipv4.neigh.default.{k}={v}")])?;
+    for (k, v) in [
+        ("gc_thresh1", "16384"),
+        ("gc_thresh2", "32768"),
+        ("gc_thresh3", "65536"),
+    ] {
+        hip_tests::run(
+            "sysctl",
+            ["-qw", &format!("net.ipv4.neigh.default.{k}={v}")],
+        )?;
     }
     let dir = scratch("capacity");
     let id = new_host_identity(&dir, "bob", "ecdsa-p256")?;
     Agent::start(
         &net.b,
         id.path.to_str().unwrap(),
-        &format!(
-            "user = \"bob\"\ndomain = \"bench.example\"\nlisten = [\"udp:{BOB_IP}:5060\"]"
-        ),
+        &format!("user = \"bob\"\ndomain = \"bench.example\"\nlisten = [\"udp:{BOB_IP}:5060\"]"),
         &bob_config(hip),
     )
 }
@@ -591,12 +614,8 @@ fn main() -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     eprintln!("baseline: crypto floor of one ECDSA P-256 / P-256 exchange…");
-    let crypto = hip_proto::bench::exchange_vs_crypto_floor(
-        Algorithm::EcdsaP256,
-        DhGroup::NistP256,
-        8,
-        5,
-    );
+    let crypto =
+        hip_proto::bench::exchange_vs_crypto_floor(Algorithm::EcdsaP256, DhGroup::NistP256, 8, 5);
     let floor_s = crypto.crypto_floor.as_secs_f64();
     // Both ends' crypto of one exchange runs on this machine's cores (callers and bob).
     let floor_rate = cores as f64 / floor_s;
@@ -713,10 +732,14 @@ fn main() -> Result<()> {
     }
     let t = Instant::now();
     callers.hang_up_all(Duration::from_secs(1800))?;
-    wait_until(Duration::from_secs(300), "bob's kernel objects removed", || {
-        callers.pump_for(Duration::from_millis(50)).ok()?;
-        (kernel_objects(net.b.name()).ok()? == base_objects).then_some(())
-    })?;
+    wait_until(
+        Duration::from_secs(300),
+        "bob's kernel objects removed",
+        || {
+            callers.pump_for(Duration::from_millis(50)).ok()?;
+            (kernel_objects(net.b.name()).ok()? == base_objects).then_some(())
+        },
+    )?;
     let down = t.elapsed().as_secs_f64();
     let m = metrics::scrape(&net.b)?;
     let left_flows = metrics::get(&m, "hip_rtp_flows");
