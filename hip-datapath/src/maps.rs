@@ -359,6 +359,10 @@ pub struct Maps {
     /// one NAT, several identities on one host), and the guard's entry for that address
     /// stays while any of them lists it.
     sharers: Option<std::collections::HashMap<Addr, BTreeSet<Addr>>>,
+    /// The SPI slots in use, built from `HIP_SPIS` on first use and kept with every
+    /// write: finding a free slot must not walk the whole map (two walks per association
+    /// made setting up the thousandth call cost a thousand times the first's syscalls).
+    slots: Option<BTreeSet<u32>>,
 }
 
 /// The media guard's verdict for a locator entry, as the programs compute it.
@@ -411,6 +415,7 @@ impl Maps {
             guard_drops: typed!(MAP_GUARD_DROPS),
             events: Some(typed!(MAP_EVENTS)),
             sharers: None,
+            slots: None,
         })
     }
 
@@ -442,13 +447,9 @@ impl Maps {
     /// counted on it just after its SPI was deleted never lands on a new SPI in
     /// practice (that window is one program run).
     fn alloc_spi_slot(&mut self) -> Result<u32, DatapathError> {
-        let used: BTreeSet<u32> = self
-            .spis
-            .iter()
-            .map(|r| r.map(|(_, v)| v.slot))
-            .collect::<Result<_, _>>()
-            .map_err(merr(MAP_SPIS))?;
-        let start = match self.next_slot {
+        let next = self.next_slot;
+        let used = self.used_slots()?;
+        let start = match next {
             Some(n) => n,
             None => used.last().map_or(0, |m| (m + 1) % MAX_SPIS),
         };
@@ -487,12 +488,42 @@ impl Maps {
             .spis
             .insert(key, SpiSlot { slot, _pad: 0 }, BPF_NOEXIST)
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.used_slots()?.insert(slot);
+                Ok(())
+            }
             Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
             }
             Err(e) => Err(merr(MAP_SPIS)(e)),
         }
+    }
+
+    /// The slots in use ([`Maps::slots`]), built by one walk of `HIP_SPIS` when first
+    /// needed.
+    fn used_slots(&mut self) -> Result<&mut BTreeSet<u32>, DatapathError> {
+        if self.slots.is_none() {
+            let used = self
+                .spis
+                .iter()
+                .map(|r| r.map(|(_, v)| v.slot))
+                .collect::<Result<_, _>>()
+                .map_err(merr(MAP_SPIS))?;
+            self.slots = Some(used);
+        }
+        Ok(self.slots.as_mut().expect("built above"))
+    }
+
+    /// Removes an SPI from the index and frees its slot (absent: nothing to do).
+    fn remove_spi(&mut self, key: &SpiKey) -> Result<(), DatapathError> {
+        let slot = match self.spis.get(key, 0) {
+            Ok(v) => v.slot,
+            Err(MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(merr(MAP_SPIS)(e)),
+        };
+        remove_ok(self.spis.remove(key)).map_err(merr(MAP_SPIS))?;
+        self.used_slots()?.remove(&slot);
+        Ok(())
     }
 
     /// The SPI's state and its counters over all CPUs (counts summed, the latest
@@ -591,18 +622,16 @@ impl Maps {
                 }
             }
             if old.spi_in != raw.spi_in {
-                remove_ok(self.spis.remove(&SpiKey {
+                self.remove_spi(&SpiKey {
                     spi: old.spi_in,
                     dir: SPI_DIR_IN,
-                }))
-                .map_err(merr(MAP_SPIS))?;
+                })?;
             }
             if old.spi_out != raw.spi_out {
-                remove_ok(self.spis.remove(&SpiKey {
+                self.remove_spi(&SpiKey {
                     spi: old.spi_out,
                     dir: SPI_DIR_OUT,
-                }))
-                .map_err(merr(MAP_SPIS))?;
+                })?;
             }
         }
         Ok(())
@@ -688,19 +717,38 @@ impl Maps {
             }
             self.bump_maps_gen()?;
         }
-        let spis: Vec<SpiKey> = self
-            .spis
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| {
-                self.spi_state
-                    .get(&v.slot, 0)
-                    .is_ok_and(|e| e.peer_hit == peer)
+        // The association's SPIs are its current pair (a rekey replaces both in one
+        // write); only for a peer without an association entry is the index walked.
+        let candidates: Vec<SpiKey> = match &old {
+            Some(a) => vec![
+                SpiKey {
+                    spi: a.spi_in,
+                    dir: SPI_DIR_IN,
+                },
+                SpiKey {
+                    spi: a.spi_out,
+                    dir: SPI_DIR_OUT,
+                },
+            ],
+            None => self
+                .spis
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, _)| k)
+                .collect(),
+        };
+        let spis: Vec<SpiKey> = candidates
+            .into_iter()
+            .filter(|k| {
+                self.spis.get(k, 0).is_ok_and(|v| {
+                    self.spi_state
+                        .get(&v.slot, 0)
+                        .is_ok_and(|e| e.peer_hit == peer)
+                })
             })
-            .map(|(k, _)| k)
             .collect();
         for k in &spis {
-            remove_ok(self.spis.remove(k)).map_err(merr(MAP_SPIS))?;
+            self.remove_spi(k)?;
         }
         if !spis.is_empty() {
             self.bump_maps_gen()?;
