@@ -13,6 +13,7 @@
 //! | `hip-dns-bench` | publish + look up 10,000 HIP RRs on BIND (batched TSIG updates, concurrent lookups) | one `nsupdate` / `dig` process per record |
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
 //! | `hip-answer-bench` (VM) | phones through two edges: callee's 200 OK → first RTP at the caller, HIP at the answer and early (while ringing) | the same edges with HIP off |
+//! | `hip-capacity-bench` (VM) | 10, 100, 1,000 calls held by one agent, each from a peer of its own: set-up rate, memory, kernel objects, idle CPU, `status`/`xfrm`/`flows`/scrape latency, teardown | the exchange's crypto floor; the same calls with HIP off; the same commands at 0 calls |
 //! | `hip-media-bench` (VM) | UDP between HITs through each ESP transform; agents' CPU; eBPF run time | plaintext between the same hosts; the agents idle |
 //!
 //! Everything is printed and also written to `target/bench/report.txt`.
@@ -140,7 +141,7 @@ pub fn run() -> Result<()> {
     );
 
     // One VM boot for what needs ESP.
-    r.line("\n== bench (VM, kernel with ESP): XFRM SAs + policies via netlink vs `ip xfrm`; call set-up split vs floors; post-answer media delay vs HIP off");
+    r.line("\n== bench (VM, kernel with ESP): XFRM SAs + policies via netlink vs `ip xfrm`; call set-up split vs floors; post-answer media delay vs HIP off; media vs plaintext; capacity curve");
     let script = format!(
         "echo '-- xfrm_bench (2 SAs + 2 policies per association; ip baseline sampled on 100, scaled linearly)'; \
          {xfrm} 1000 10000 --ip-limit 100 || echo '!! xfrm_bench failed'; \
@@ -148,12 +149,15 @@ pub fn run() -> Result<()> {
          echo '-- hip-answer-bench (phones through edges; 200 OK -> first RTP at the caller)'; \
          HIP_AGENT_BIN={agent} {answer} 5 3000 || echo '!! hip-answer-bench failed'; \
          echo '-- hip-media-bench (ESP transforms vs plaintext between the same hosts)'; \
-         HIP_AGENT_BIN={agent} {media} 3 || echo '!! hip-media-bench failed'",
+         HIP_AGENT_BIN={agent} {media} 3 || echo '!! hip-media-bench failed'; \
+         echo '-- hip-capacity-bench (calls held by one agent, each from its own peer: set-up rate vs crypto floor and SIP alone, cost per call)'; \
+         HIP_TEST_AGENT_LOG=warn HIP_AGENT_BIN={agent} {capacity} 10 100 1000 || echo '!! hip-capacity-bench failed'",
         xfrm = vm::shell_quote(&rel.join("examples/xfrm_bench").to_string_lossy()),
         agent = vm::shell_quote(&rel.join("hip-agent").to_string_lossy()),
         call = vm::shell_quote(&rel.join("hip-call-bench").to_string_lossy()),
         answer = vm::shell_quote(&rel.join("hip-answer-bench").to_string_lossy()),
         media = vm::shell_quote(&rel.join("hip-media-bench").to_string_lossy()),
+        capacity = vm::shell_quote(&rel.join("hip-capacity-bench").to_string_lossy()),
     );
     let mut lines = Vec::new();
     let st = vm::run_script(&script, "2G", Duration::from_secs(60 * 60), |l| {

@@ -504,62 +504,6 @@ fn kernel_objects(ns: &str) -> Result<(usize, usize, usize)> {
     ))
 }
 
-/// `perf record` of one process, reported on stderr when stopped.
-struct Profile {
-    child: std::process::Child,
-    out: String,
-}
-
-impl Profile {
-    fn start(pid: u32, what: &str) -> Result<Self> {
-        let out = format!("/tmp/hip-capacity-{what}.perf");
-        let child = Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-g",
-                "-F",
-                "250",
-                "-p",
-                &pid.to_string(),
-                "-o",
-                &out,
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("perf")?;
-        Ok(Self { child, out })
-    }
-
-    fn report(mut self) -> Result<()> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.child.wait()?;
-        let o = Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--children",
-                "--sort",
-                "symbol",
-                "--percent-limit",
-                "4",
-                "-g",
-                "none",
-                "-i",
-                &self.out,
-            ])
-            .output()?;
-        eprintln!(
-            "==== perf {}\n{}{}",
-            self.out,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(())
-    }
-}
-
 /// CPU time (user + system) of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -726,15 +670,7 @@ fn main() -> Result<()> {
     );
     let mut rows = Vec::new();
     let mut prev = 0usize;
-    // HIP_CAPACITY_PERF=1: profile bob with perf (inclusive time per function: build the agent with frame pointers) while the last step's calls are
-    // set up and while they are held idle; the reports go to stderr. For finding where
-    // the curve bends, not part of the figures.
-    let perf = std::env::var_os("HIP_CAPACITY_PERF").is_some();
     for &n in &steps {
-        let last = n == max;
-        let mut prof = (perf && last)
-            .then(|| Profile::start(pid, "setup"))
-            .transpose()?;
         let secs = callers.grow(n, Duration::from_secs(1800))?;
         let rate = (n - prev) as f64 / secs;
         // Up at our end; wait until bob reports every association offloaded.
@@ -771,17 +707,10 @@ fn main() -> Result<()> {
         let per = |x: usize, b: usize| x.saturating_sub(b) as f64 / n as f64;
         let rss = rss_kb(pid);
         // Idle: calls held, nothing new; the callers keep answering whatever bob sends.
-        if let Some(p) = prof.take() {
-            p.report()?;
-            prof = Some(Profile::start(pid, "idle")?);
-        }
         let c0 = cpu_secs(pid);
         let t0 = Instant::now();
-        callers.pump_for(Duration::from_secs(if perf { 10 } else { 3 }))?;
+        callers.pump_for(Duration::from_secs(3))?;
         let idle = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
-        if let Some(p) = prof.take() {
-            p.report()?;
-        }
         let lat = latencies(&bob, &net.b)?;
         println!(
             "{n:>6} {rate:>9.1} {:>6.2} {:>6.2} {:>8.1} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {idle:>6.2} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
