@@ -75,6 +75,22 @@ pub struct Installed {
     pub local_locator: IpAddr,
     /// Outer addresses.
     pub peer_locator: IpAddr,
+    /// How long each part of the install took, in microseconds (where a call's kernel
+    /// programming time goes; `hip-call-bench` reports it). Absent after a rekey or a
+    /// move, which replace the SAs without a new install.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_us: Option<InstallSplit>,
+}
+
+/// The parts of [`Offload::install`], in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct InstallSplit {
+    /// SAs and policies (netlink, `hip_kernel::install_association`).
+    pub xfrm: u64,
+    /// The route to the peer's HIT (rtnetlink).
+    pub route: u64,
+    /// The datapath's maps (association, locator, SPI entries).
+    pub datapath: u64,
 }
 
 /// Reserves inbound SPIs in the kernel for the HIP endpoint (`XFRM_MSG_ALLOCSPI`), so that
@@ -283,10 +299,15 @@ impl Offload {
             lifetimes: self.lifetimes,
             fail_closed: self.fail_closed,
         };
+        let mut split = InstallSplit::default();
+        let t = std::time::Instant::now();
+        let us = |t: std::time::Instant| t.elapsed().as_micros() as u64;
         if let Err(err) = hip_kernel::install_association(&*self.xfrm, &params).await {
             self.reqids.lock().expect("reqid pool").release(reqid);
             return Err(err.into());
         }
+        split.xfrm = us(t);
+        let t = std::time::Instant::now();
         if let Err(err) = self
             .routes
             .add_peer_route(params.peer_hit, params.local_hit, params.peer_locator)
@@ -296,6 +317,8 @@ impl Offload {
             self.reqids.lock().expect("reqid pool").release(reqid);
             return Err(err.into());
         }
+        split.route = us(t);
+        let t = std::time::Instant::now();
         if let Some(dp) = &mut self.datapath
             && let Err(err) = dp.upsert_association(&spec(&params))
         {
@@ -304,7 +327,9 @@ impl Offload {
             self.reqids.lock().expect("reqid pool").release(reqid);
             return Err(err.into());
         }
-        let info = installed(&params);
+        split.datapath = us(t);
+        let mut info = installed(&params);
+        info.install_us = Some(split);
         if let Some(old) = self.installed.insert(e.peer_hit, params) {
             // A new base exchange replaced the association (the peer restarted, RFC 7401
             // §6.9, or we re-established after losing it): the policies now point at the
@@ -576,6 +601,7 @@ fn installed(p: &AssociationParams) -> Installed {
         transform: p.keys.inbound.transform().name(),
         local_locator: p.local_locator,
         peer_locator: p.peer_locator,
+        install_us: None,
     }
 }
 

@@ -43,6 +43,11 @@ struct Setup {
     sip: f64,
     hip: f64,
     kernel: f64,
+    /// The kernel part's own split (the agent's `install_us`): SAs and policies, route,
+    /// datapath maps; ms.
+    k_xfrm: f64,
+    k_route: f64,
+    k_maps: f64,
     media: f64,
     total: f64,
 }
@@ -103,6 +108,8 @@ fn one_call(s: &Scenario) -> Result<Setup> {
     s.hangup(&handle)?;
     let t = &a["timing_ms"];
     let at = &a["associations"][0]["timing_ms"];
+    let split = &a["associations"][0]["kernel"]["install_us"];
+    let part = |k: &str| split[k].as_f64().map(|us| us / 1e3).context("install_us");
     let (started, confirmed) = (
         ms(&t["started"]).context("started")?,
         ms(&t["sip_confirmed"]).context("confirmed")?,
@@ -116,6 +123,9 @@ fn one_call(s: &Scenario) -> Result<Setup> {
         sip: confirmed - started,
         hip: he - hs,
         kernel: ho - he,
+        k_xfrm: part("xfrm")?,
+        k_route: part("route")?,
+        k_maps: part("datapath")?,
         media: first - ho,
         total: first - started,
     })
@@ -233,6 +243,7 @@ fn main() -> Result<()> {
         m(|r| r.media),
         m(|r| r.total),
     );
+    let (k_xfrm, k_route, k_maps) = (m(|r| r.k_xfrm), m(|r| r.k_route), m(|r| r.k_maps));
     let floors = sip_floor + hip_floor + kernel_floor;
     let parts = sip + hip + kern;
     println!("call set-up, median of {calls} (ms)   measured   floor");
@@ -241,6 +252,11 @@ fn main() -> Result<()> {
     println!(
         "  kernel programming          {kern:>9.1}  {kernel_floor:>7.1}  (one association via netlink)"
     );
+    println!(
+        "    of which SAs + policies   {k_xfrm:>9.1}  {kernel_floor:>7.1}  (the same work alone)"
+    );
+    println!("    of which the route        {k_route:>9.1}");
+    println!("    of which the eBPF maps    {k_maps:>9.1}");
     println!(
         "  sum of the parts            {parts:>9.1}  {floors:>7.1}  ratio {:.2}",
         parts / floors
@@ -253,7 +269,8 @@ fn main() -> Result<()> {
         "{}",
         json!({
             "bench": "call_setup", "calls": calls,
-            "sip_ms": sip, "hip_ms": hip, "kernel_ms": kern, "media_ms": media, "total_ms": total,
+            "sip_ms": sip, "hip_ms": hip, "kernel_ms": kern,
+            "kernel_xfrm_ms": k_xfrm, "kernel_route_ms": k_route, "kernel_maps_ms": k_maps, "media_ms": media, "total_ms": total,
             "sip_floor_ms": sip_floor, "hip_crypto_floor_ms": hip_floor, "kernel_floor_ms": kernel_floor,
             "parts_over_floors": parts / floors,
         })
