@@ -157,13 +157,23 @@ fn sip_only(n: usize) -> Result<f64> {
     Ok(median(v))
 }
 
-/// One association through hip's netlink path, in a fresh namespace; milliseconds.
-fn kernel_floor(n: usize) -> Result<f64> {
+/// One association through hip's netlink path, in a fresh namespace; milliseconds. With
+/// `like_agent`, on a runtime built as the agent's (multi-threaded, 2 workers) instead of
+/// one thread: the difference is what the runtime's thread hops cost the netlink round
+/// trips (a diagnostic beside the floor, not a floor).
+fn kernel_floor(n: usize, like_agent: bool) -> Result<f64> {
     let ns = NetNs::new("kfloor")?;
     let name = ns.name().to_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = if like_agent {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
     let times = ns.run_in(move || -> Result<Vec<f64>> {
         let _ = &name;
         rt.block_on(async {
@@ -205,7 +215,8 @@ fn main() -> Result<()> {
         .map_or(Ok(5), |a| a.parse())
         .context("CALLS")?;
     eprintln!("floors: kernel programming (one association, netlink)…");
-    let kernel_floor = kernel_floor(50)?;
+    let kernel_like_agent = kernel_floor(50, true)?;
+    let kernel_floor = kernel_floor(50, false)?;
     eprintln!("floors: HIP crypto of one ECDSA P-256 / P-256 exchange…");
     let crypto = hip_proto::bench::exchange_vs_crypto_floor(
         hip_proto::Algorithm::EcdsaP256,
@@ -255,6 +266,9 @@ fn main() -> Result<()> {
     println!(
         "    of which SAs + policies   {k_xfrm:>9.1}  {kernel_floor:>7.1}  (the same work alone)"
     );
+    println!(
+        "      (the same work alone on a runtime built as the agent's: {kernel_like_agent:.1})"
+    );
     println!("    of which the route        {k_route:>9.1}");
     println!("    of which the eBPF maps    {k_maps:>9.1}");
     println!(
@@ -272,6 +286,7 @@ fn main() -> Result<()> {
             "sip_ms": sip, "hip_ms": hip, "kernel_ms": kern,
             "kernel_xfrm_ms": k_xfrm, "kernel_route_ms": k_route, "kernel_maps_ms": k_maps, "media_ms": media, "total_ms": total,
             "sip_floor_ms": sip_floor, "hip_crypto_floor_ms": hip_floor, "kernel_floor_ms": kernel_floor,
+            "kernel_multi_thread_ms": kernel_like_agent,
             "parts_over_floors": parts / floors,
         })
     );
