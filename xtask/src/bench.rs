@@ -14,6 +14,7 @@
 //! | `hip-call-bench` (VM) | INVITE → media over the SAs, split SIP / HIP / kernel | each part's floor |
 //! | `hip-answer-bench` (VM) | phones through two edges: callee's 200 OK → first RTP at the caller, HIP at the answer and early (while ringing) | the same edges with HIP off |
 //! | `hip-capacity-bench` (VM) | 10, 100, 1,000 calls held by one agent, each from a peer of its own: set-up rate, memory, kernel objects, idle CPU, `status`/`xfrm`/`flows`/scrape latency, teardown | the exchange's crypto floor; the same calls with HIP off; the same commands at 0 calls |
+//! | `hip-handover-bench` (VM) | media gap and loss each way when a host changes address mid-call (HIP UPDATE moves it) | — (the re-INVITE comparison is not built yet) |
 //! | `hip-media-bench` (VM) | UDP between HITs through each ESP transform; agents' CPU; eBPF run time | plaintext between the same hosts; the agents idle |
 //!
 //! Everything is printed and also written to `target/bench/report.txt`.
@@ -153,6 +154,8 @@ pub fn run() -> Result<()> {
          HIP_AGENT_BIN={agent} {answer} 5 3000 || echo '!! hip-answer-bench failed'; \
          echo '-- hip-media-bench (ESP transforms vs plaintext between the same hosts)'; \
          HIP_AGENT_BIN={agent} {media} 3 || echo '!! hip-media-bench failed'; \
+         echo '-- hip-handover-bench (media gap when a host moves mid-call, HIP UPDATE, no re-INVITE)'; \
+         HIP_AGENT_BIN={agent} {handover} 3 || echo '!! hip-handover-bench failed'; \
          echo '-- hip-capacity-bench (calls held by one agent, each from its own peer: set-up rate vs crypto floor and SIP alone, cost per call)'; \
          HIP_AGENT_BIN={agent} {capacity} 10 100 1000 || echo '!! hip-capacity-bench failed'",
         xfrm = vm::shell_quote(&rel.join("examples/xfrm_bench").to_string_lossy()),
@@ -161,6 +164,7 @@ pub fn run() -> Result<()> {
         answer = vm::shell_quote(&rel.join("hip-answer-bench").to_string_lossy()),
         media = vm::shell_quote(&rel.join("hip-media-bench").to_string_lossy()),
         capacity = vm::shell_quote(&rel.join("hip-capacity-bench").to_string_lossy()),
+        handover = vm::shell_quote(&rel.join("hip-handover-bench").to_string_lossy()),
     );
     let mut lines = Vec::new();
     let st = vm::run_script(&script, "2G", Duration::from_secs(60 * 60), |l| {

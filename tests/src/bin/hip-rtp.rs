@@ -133,6 +133,12 @@ fn main() -> Result<()> {
             let mut first_ms = None;
             let mut ssrcs = Vec::new();
             let mut buf = [0u8; 2048];
+            // The longest silence between two arrivals, and when it ended (unix ms): a
+            // handover's media gap. Sequence numbers seen, for the packets never received.
+            let (mut prev_at, mut max_gap, mut gap_end_ms) =
+                (None::<Instant>, Duration::ZERO, None);
+            let mut seen = std::collections::BTreeSet::new();
+            let mut first_seq = None;
             while got < count {
                 let mut left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -159,6 +165,17 @@ fn main() -> Result<()> {
                 }
                 got += 1;
                 from = Some(src);
+                let now = Instant::now();
+                if let Some(p) = prev_at
+                    && now - p > max_gap
+                {
+                    max_gap = now - p;
+                    gap_end_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64);
+                }
+                prev_at = Some(now);
                 first_ms.get_or_insert_with(|| {
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -166,6 +183,8 @@ fn main() -> Result<()> {
                 });
                 let seq = u16::from_be_bytes([buf[2], buf[3]]);
                 let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                first_seq.get_or_insert(seq);
+                seen.insert(seq.wrapping_sub(first_seq.unwrap_or(seq)));
                 if !ssrcs.contains(&ssrc) {
                     ssrcs.push(ssrc);
                 }
@@ -187,6 +206,11 @@ fn main() -> Result<()> {
                     "from": from.map(|f| f.to_string()), "ssrcs": ssrcs,
                     "first_ms": first_ms,
                     "last_seq": last,
+                    "max_gap_ms": max_gap.as_secs_f64() * 1e3,
+                    "max_gap_end_ms": gap_end_ms,
+                    // Between the first and the last packet (16-bit offsets from the
+                    // first: streams here are shorter than 65,536 packets).
+                    "missing": seen.last().map_or(0, |l| u32::from(*l) + 1 - seen.len() as u32),
                 })
             );
         }
