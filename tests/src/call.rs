@@ -226,22 +226,27 @@ impl Scenario {
         Ok((a, b))
     }
 
-    /// Streams `count` RTP packets (20 ms apart) from alice's HIT to bob's HIT and the
-    /// port bob's SDP announced; bob's side receives them with an ordinary UDP socket.
-    pub fn stream_rtp(&self, count: u32) -> Result<RtpReport> {
+    /// bob's media address and port as his SDP gave them to alice (once she has them).
+    pub fn bob_media(&self) -> Result<(String, u64)> {
         let sec = Self::wait_call_security(
             &self.alice,
             "bob's media in alice's view",
             Duration::from_secs(30),
             |s| !s["remote_media"].is_null(),
         )?;
-        let (addr, port) = (
+        Ok((
             sec["remote_media"]["address"]
                 .as_str()
                 .context("media address")?
                 .to_owned(),
             sec["remote_media"]["port"].as_u64().context("media port")?,
-        );
+        ))
+    }
+
+    /// Streams `count` RTP packets (20 ms apart) from alice's HIT to bob's HIT and the
+    /// port bob's SDP announced; bob's side receives them with an ordinary UDP socket.
+    pub fn stream_rtp(&self, count: u32) -> Result<RtpReport> {
+        let (addr, port) = self.bob_media()?;
         if addr != self.bob_hit {
             bail!(
                 "bob's SDP media address {addr} is not his HIT {}",

@@ -35,6 +35,16 @@ fn pin_dir(tag: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/hipt-{tag}-{}", std::process::id()))
 }
 
+/// The datapath on `iface` with the guard on ([`media`]), maps pinned at `pin`.
+fn start(iface: String, pin: PathBuf) -> Datapath {
+    Datapath::start(&DatapathOptions {
+        interfaces: vec![iface],
+        pin_dir: pin,
+        media: media(),
+    })
+    .unwrap()
+}
+
 /// Receives datagrams until `n` have arrived (waiting on the condition, 5 s at most).
 fn recv_n(sock: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
     sock.set_nonblocking(true).unwrap();
@@ -75,12 +85,7 @@ fn media_guard_drops_rtp_to_unverified_addresses_on_a_veth() {
     const ODD_PORT: u16 = 4;
     let (stats, drops, events) =
         p.a.run_in(move || {
-            let mut dp = Datapath::start(&DatapathOptions {
-                interfaces: vec![if_a],
-                pin_dir: pin,
-                media: media(),
-            })
-            .unwrap();
+            let mut dp = start(if_a, pin);
             dp.upsert_association(&AssociationSpec {
                 peer_hit: "2001:20::b".parse().unwrap(),
                 local_hit: "2001:20::a".parse().unwrap(),
@@ -341,12 +346,7 @@ fn two_associations_at_one_address_share_its_guard_verdict() {
     let if_a = p.if_a.clone();
     let steps =
         p.a.run_in(move || {
-            let mut dp = Datapath::start(&DatapathOptions {
-                interfaces: vec![if_a],
-                pin_dir: pin,
-                media: media(),
-            })
-            .unwrap();
+            let mut dp = start(if_a, pin);
             let spec = |hit: &str, spi: u32, state| AssociationSpec {
                 peer_hit: hit.parse().unwrap(),
                 local_hit: "2001:20::a".parse().unwrap(),

@@ -108,15 +108,7 @@ fn main() -> Result<()> {
     })?;
     s.call()?;
     s.wait_established()?;
-    let bob_media = Scenario::wait_call_security(
-        &s.alice,
-        "bob's media address",
-        Duration::from_secs(30),
-        |sec| !sec["remote_media"].is_null(),
-    )?;
-    let bob_port = bob_media["remote_media"]["port"]
-        .as_u64()
-        .context("bob's media port")?;
+    let (_, bob_port) = s.bob_media()?;
     let alice_at = format!("[{}]:{}", s.alice_hit, call::RTP_PORT);
     let bob_at = format!("[{}]:{bob_port}", s.bob_hit);
     // Each side sends from the next RTP port pair: the receiver holds the announced one.
