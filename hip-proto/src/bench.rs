@@ -214,10 +214,14 @@ pub struct R1Report {
 /// Measures R1 answers per second from the precomputed pool for `n` I1s.
 pub fn r1_rate(alg: Algorithm, n: u32) -> R1Report {
     let now = Instant::now();
-    // The pool's throughput, not the per-address limiter's (one source address here).
+    // The pool's throughput, not the limiters' (one source address and one instant here:
+    // the per-address bucket and the global budget for unexpected initiators would refuse
+    // all but the first thousand I1s).
     let cfg = Config {
         r1_rate_per_address: u32::MAX,
         r1_burst_per_address: u32::MAX,
+        r1_rate_unexpected: u32::MAX,
+        r1_burst_unexpected: u32::MAX,
         ..Config::default()
     };
     let mut b = Endpoint::new(

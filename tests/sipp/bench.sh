@@ -87,6 +87,13 @@ control_socket = "$WORK/agent.sock"
 user = "bench"
 domain = "bench.example"
 listen = ["udp:10.99.0.2:5060"]
+# One SIPp address stands for every caller: the per-source INVITE rate that protects a
+# real host (10/s, burst 20) would refuse all but the first few dozen calls with 503.
+[limits]
+invites_per_source_per_sec = 1000000
+invite_burst_per_source = 1000000
+max_pending_incoming_calls = 100000
+max_calls = 100000
 TOML
 HIP_LOG=warn "$BIN" --netns "$NB" run --config "$WORK/agent.toml" 2>"$WORK/agent.log" &
 PIDS+=($!)
