@@ -576,32 +576,10 @@ impl Maps {
         raw: Association,
         old: Option<Association>,
     ) -> Result<(), DatapathError> {
-        self.sharers()?;
         self.assocs.insert(peer, raw, 0).map_err(merr(MAP_ASSOCS))?;
-        for (l, s) in raw.locators.iter().zip(raw.locator_state) {
-            if *l == Addr::UNSPECIFIED {
-                continue;
-            }
-            let e = LocatorEntry {
-                peer_hit: peer,
-                spi_out: raw.spi_out,
-                state: s,
-                assoc_state: raw.state,
-                _pad: [0; 2],
-            };
-            self.sharers
-                .as_mut()
-                .expect("built above")
-                .entry(*l)
-                .or_default()
-                .insert(peer);
-            // A locator another association shares keeps that one's entry when it lets
-            // media pass and ours would not (the guard's verdict is per address).
-            let keep = matches!(self.locators.get(l, 0),
-                Ok(cur) if cur.peer_hit != peer && guard_passes(&cur) && !guard_passes(&e));
-            if !keep {
-                self.locators.insert(l, e, 0).map_err(merr(MAP_LOCATORS))?;
-            }
+        for l in raw.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
+            self.sharers()?.entry(*l).or_default().insert(peer);
+            self.refresh_locator(l)?;
         }
         for (spi, dir) in [(raw.spi_in, SPI_DIR_IN), (raw.spi_out, SPI_DIR_OUT)] {
             let e = SpiEntry {
@@ -639,7 +617,9 @@ impl Maps {
 
     /// The locator index ([`Maps::sharers`]), built by one pass over `HIP_ASSOCS` the
     /// first time it is needed.
-    fn sharers(&mut self) -> Result<(), DatapathError> {
+    fn sharers(
+        &mut self,
+    ) -> Result<&mut std::collections::HashMap<Addr, BTreeSet<Addr>>, DatapathError> {
         if self.sharers.is_none() {
             let mut m: std::collections::HashMap<Addr, BTreeSet<Addr>> = Default::default();
             for r in self.assocs.iter() {
@@ -650,52 +630,48 @@ impl Maps {
             }
             self.sharers = Some(m);
         }
-        Ok(())
+        Ok(self.sharers.as_mut().expect("built above"))
     }
 
-    /// `peer` no longer lists locator `l`: its guard entry goes, or passes to another
-    /// association that still lists it (the one that lets media pass, if any).
+    /// `peer` no longer lists locator `l`: the guard's entry for it is recomputed from
+    /// the associations that still do.
     fn release_locator(&mut self, l: &Addr, peer: Addr) -> Result<(), DatapathError> {
-        let rest: Vec<Addr> = match self.sharers.as_mut().and_then(|m| m.get_mut(l)) {
-            Some(set) => {
-                set.remove(&peer);
-                set.iter().copied().collect()
-            }
-            None => Vec::new(),
-        };
-        if rest.is_empty()
-            && let Some(m) = self.sharers.as_mut()
-        {
-            m.remove(l);
-        }
-        let owned = matches!(self.locators.get(l, 0), Ok(e) if e.peer_hit == peer);
-        if !owned {
-            return Ok(());
-        }
-        let mut best: Option<LocatorEntry> = None;
-        for other in rest {
-            let Ok(a) = self.assocs.get(&other, 0) else {
-                continue;
-            };
-            let Some(i) = a.locators.iter().position(|x| x == l) else {
-                continue;
-            };
-            let e = LocatorEntry {
-                peer_hit: other,
-                spi_out: a.spi_out,
-                state: a.locator_state[i],
-                assoc_state: a.state,
-                _pad: [0; 2],
-            };
-            if best.is_none() || guard_passes(&e) {
-                best = Some(e);
-            }
-            if guard_passes(&e) {
-                break;
+        let m = self.sharers()?;
+        if let Some(set) = m.get_mut(l) {
+            set.remove(&peer);
+            if set.is_empty() {
+                m.remove(l);
             }
         }
-        match best {
-            Some(e) => self.locators.insert(l, e, 0).map_err(merr(MAP_LOCATORS)),
+        self.refresh_locator(l)
+    }
+
+    /// Writes the guard's entry for locator `l` from every association listing it (in
+    /// `HIP_ASSOCS` as they are now): one that lets media pass if there is one, else any;
+    /// none left, the entry goes. The guard's verdict is per address, whichever of the
+    /// HITs behind it changed.
+    fn refresh_locator(&mut self, l: &Addr) -> Result<(), DatapathError> {
+        let listers: Vec<Addr> = self
+            .sharers()?
+            .get(l)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let entries: Vec<LocatorEntry> = listers
+            .into_iter()
+            .filter_map(|peer| {
+                let a = self.assocs.get(&peer, 0).ok()?;
+                let i = a.locators.iter().position(|x| x == l)?;
+                Some(LocatorEntry {
+                    peer_hit: peer,
+                    spi_out: a.spi_out,
+                    state: a.locator_state[i],
+                    assoc_state: a.state,
+                    _pad: [0; 2],
+                })
+            })
+            .collect();
+        match entries.iter().find(|e| guard_passes(e)).or(entries.first()) {
+            Some(e) => self.locators.insert(l, *e, 0).map_err(merr(MAP_LOCATORS)),
             None => remove_ok(self.locators.remove(l)).map_err(merr(MAP_LOCATORS)),
         }
     }
@@ -711,7 +687,6 @@ impl Maps {
         };
         // Guard entries first: from here on, clear-text media to the peer is dropped.
         if let Some(old) = &old {
-            self.sharers()?;
             for l in old.locators.iter().filter(|l| **l != Addr::UNSPECIFIED) {
                 self.release_locator(l, peer)?;
             }

@@ -389,6 +389,13 @@ fn two_associations_at_one_address_share_its_guard_verdict() {
             v.push(("b2 established", burst(&dp)));
             dp.upsert_association(&spec("2001:20::b1", 0x1000, AssocState::Established))
                 .unwrap();
+            // Written last, b2's entry is the one the address holds; b2 leaves
+            // ESTABLISHED, and b1 still verifies the address.
+            dp.upsert_association(&spec("2001:20::b2", 0x2000, AssocState::Established))
+                .unwrap();
+            dp.upsert_association(&spec("2001:20::b2", 0x2000, AssocState::Closing))
+                .unwrap();
+            v.push(("b2 closing, b1 established", burst(&dp)));
             dp.remove_association(b2).unwrap();
             v.push(("b1 back, b2 gone", burst(&dp)));
             dp.remove_association(b1).unwrap();
@@ -402,6 +409,7 @@ fn two_associations_at_one_address_share_its_guard_verdict() {
         ("b2 still exchanging beside b1", (5, 0)),
         ("b1 gone, b2 not established", (0, 5)),
         ("b2 established", (5, 0)),
+        ("b2 closing, b1 established", (5, 0)),
         ("b1 back, b2 gone", (5, 0)),
         ("both gone", (0, 5)),
     ];
