@@ -257,6 +257,7 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                             peer_hit,
                             local_locator,
                             peer_locator,
+                            ..
                         } => println!(
                             "{}",
                             locators_json(*peer_hit, *local_locator, *peer_locator)
@@ -338,6 +339,7 @@ pub fn run(cmd: HipCmd) -> Result<()> {
                             peer_hit,
                             local_locator,
                             peer_locator,
+                            ..
                         }) => {
                             println!("{}", locators_json(peer_hit, local_locator, peer_locator));
                             if !next_step(&d, peer_hit, &mut steps).await? {

@@ -729,6 +729,34 @@ pub struct HipSection {
     /// whenever a responder sends one.
     #[serde(default)]
     pub r1_counter: bool,
+    /// HIP over UDP and UDP-encapsulated ESP (RFC 9028, the framing of its
+    /// UDP-ENCAPSULATION mode), for hosts behind a NAT: `auto` (default) initiates over
+    /// UDP when our address towards the peer is a private one (RFC 1918, RFC 6598 shared
+    /// space, IPv6 ULA) and the peer's is not — a NAT is then on the path — and over raw
+    /// HIP otherwise; `always` initiates over UDP; `never` opens no UDP socket. As
+    /// responder the agent answers on whichever transport an I1 came (unless `never`).
+    #[serde(default)]
+    pub udp: UdpMode,
+    /// The UDP port for HIP over UDP, ours and the peer's (RFC 9028 §4.1: 10500).
+    #[serde(default = "default_udp_port")]
+    pub udp_port: u16,
+}
+
+fn default_udp_port() -> u16 {
+    hip_proto::endpoint::HIP_UDP_PORT
+}
+
+/// See [`HipSection::udp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UdpMode {
+    /// UDP towards public peers from a private address; raw HIP otherwise.
+    #[default]
+    Auto,
+    /// Always initiate over UDP.
+    Always,
+    /// No HIP over UDP at all.
+    Never,
 }
 
 fn default_dpd_idle() -> u64 {
@@ -759,6 +787,8 @@ impl Default for HipSection {
             host_id_in_i2: HostIdInI2::default(),
             r1_counter: false,
             dead_peer_idle_secs: default_dpd_idle(),
+            udp: UdpMode::default(),
+            udp_port: default_udp_port(),
         }
     }
 }

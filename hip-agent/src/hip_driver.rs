@@ -7,6 +7,11 @@
 //! `poll_timeout` calls `handle_timeout`, and after each step all `poll_transmit`
 //! datagrams are sent and all `poll_event` events forwarded on a channel.
 //!
+//! With [`Sockets::with_udp`], a UDP socket on port 10500 (RFC 9028 §4.1) carries HIP over
+//! UDP behind the 32-bit zero non-ESP marker, and — marked `UDP_ENCAP_ESPINUDP` — lets the
+//! kernel take UDP-encapsulated ESP off the same port (RFC 3948): the agent still never
+//! sees a media packet, only the HIP ones the kernel hands up with the marker.
+//!
 //! Raw sockets need `CAP_NET_RAW`. On receive, IPv4 raw sockets hand over the IP header
 //! (which carries the destination address); IPv6 raw sockets do not, so the destination
 //! comes from an `IPV6_PKTINFO` control message (RFC 3542 §6). On send, the source
@@ -22,7 +27,7 @@ use std::{
 
 use hip_proto::{
     Hit,
-    endpoint::{self, BoxRng, Endpoint, Event, ProtocolError, Transmit},
+    endpoint::{self, BoxRng, Endpoint, Event, PeerLocator, ProtocolError, Transmit},
     wire::IPPROTO_HIP,
 };
 use nix::sys::socket::{
@@ -201,10 +206,145 @@ impl RawSocket {
     }
 }
 
-/// The raw sockets of a driver (at least one family).
+/// `UDP_ENCAP` (linux/udp.h): the socket option that makes a UDP socket an ESP-in-UDP
+/// encapsulation socket, and its value for RFC 3948 framing (non-ESP marker).
+const UDP_ENCAP: libc::c_int = 100;
+const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
+
+/// The 32-bit zero non-ESP marker in front of a HIP packet over UDP (RFC 9028 §4.1).
+const NON_ESP_MARKER: [u8; 4] = [0; 4];
+
+/// The UDP socket for HIP over UDP and UDP-encapsulated ESP: one dual-stack socket
+/// (IPv4 peers appear as `::ffff:…`) bound to the HIP UDP port and marked
+/// `UDP_ENCAP_ESPINUDP`, so the kernel decapsulates ESP for our SAs and hands up only
+/// the datagrams behind the non-ESP marker (HIP). NAT keepalives of the 1-byte 0xFF form
+/// (RFC 3948 §2.3) are swallowed by the kernel.
+struct UdpSocket6 {
+    fd: AsyncFd<OwnedFd>,
+    port: u16,
+}
+
+fn setsockopt_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt(2) with a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn canonical(s: SocketAddr) -> SocketAddr {
+    SocketAddr::new(s.ip().to_canonical(), s.port())
+}
+
+fn mapped(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+impl UdpSocket6 {
+    fn open(port: u16) -> io::Result<Self> {
+        // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET6,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_UDP,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        setsockopt_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+        setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)?;
+        let addr = SockaddrIn6::from(std::net::SocketAddrV6::new(
+            Ipv6Addr::UNSPECIFIED,
+            port,
+            0,
+            0,
+        ));
+        nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+        setsockopt_int(&fd, libc::IPPROTO_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)?;
+        // SAFETY: `fd` is an OwnedFd that the AsyncFd owns from here on.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(Self { fd, port })
+    }
+
+    /// One datagram: (length, source, destination), addresses canonical (IPv4 as such).
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, SocketAddr)> {
+        let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<SockaddrIn6>(
+            self.fd.get_ref().as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(io::Error::from)?;
+        let mut dst = None;
+        if let Ok(cms) = msg.cmsgs() {
+            for c in cms {
+                if let ControlMessageOwned::Ipv6PacketInfo(pi) = c {
+                    dst = Some(Ipv6Addr::from(pi.ipi6_addr.s6_addr));
+                }
+            }
+        }
+        let (Some(src), Some(dst)) = (msg.address, dst) else {
+            return Err(io::Error::other("UDP datagram without address information"));
+        };
+        let src = canonical(SocketAddr::V6(std::net::SocketAddrV6::new(
+            src.ip(),
+            src.port(),
+            0,
+            0,
+        )));
+        let dst = canonical(SocketAddr::new(IpAddr::V6(dst), self.port));
+        Ok((msg.bytes, src, dst))
+    }
+
+    fn send(&self, t: &Transmit, peer_port: u16) -> io::Result<()> {
+        let iov = [IoSlice::new(&NON_ESP_MARKER), IoSlice::new(&t.payload)];
+        let pi = libc::in6_pktinfo {
+            ipi6_addr: libc::in6_addr {
+                s6_addr: mapped(t.src).octets(),
+            },
+            ipi6_ifindex: 0,
+        };
+        let to = SockaddrIn6::from(std::net::SocketAddrV6::new(mapped(t.dst), peer_port, 0, 0));
+        sendmsg(
+            self.fd.get_ref().as_raw_fd(),
+            &iov,
+            &[ControlMessage::Ipv6PacketInfo(&pi)],
+            MsgFlags::empty(),
+            Some(&to),
+        )
+        .map(|_| ())
+        .map_err(io::Error::from)
+    }
+}
+
+/// The raw sockets of a driver (at least one family), and the UDP socket if any.
 pub struct Sockets {
     v4: Option<RawSocket>,
     v6: Option<RawSocket>,
+    udp: Option<UdpSocket6>,
 }
 
 impl Sockets {
@@ -221,8 +361,21 @@ impl Sockets {
             (a, b) => Ok(Self {
                 v4: a.ok(),
                 v6: b.ok(),
+                udp: None,
             }),
         }
+    }
+
+    /// Adds the UDP socket for HIP over UDP and UDP-encapsulated ESP on `port` (RFC 9028
+    /// §4.1: 10500), for both address families.
+    pub fn add_udp(&mut self, port: u16) -> io::Result<()> {
+        self.udp = Some(UdpSocket6::open(port)?);
+        Ok(())
+    }
+
+    /// The UDP port HIP over UDP is bound to, if any.
+    pub fn udp_port(&self) -> Option<u16> {
+        self.udp.as_ref().map(|u| u.port)
     }
 
     fn for_dst(&self, dst: IpAddr) -> Option<&RawSocket> {
@@ -242,6 +395,15 @@ pub struct DriverStats {
     pub dropped: BTreeMap<&'static str, u64>,
     /// Times a receive burst hit the batch limit and yielded to timers and commands.
     pub batches_cut: u64,
+    /// HIP packets received over UDP (behind the non-ESP marker).
+    pub udp_received: u64,
+    /// UDP datagrams on the HIP port that were neither HIP nor taken by the kernel as
+    /// ESP (no marker, too short): dropped.
+    pub udp_not_hip: u64,
+    /// NAT keepalives sent and verified ones received (RFC 9028 §5.3).
+    pub keepalives_sent: u64,
+    /// See [`DriverStats::keepalives_sent`].
+    pub keepalives_received: u64,
     /// R1 lanes, capacity and NOTIFY counters from the endpoint.
     pub r1_sent_expected: u64,
     /// See [`endpoint::Stats`].
@@ -269,6 +431,8 @@ impl DriverStats {
         self.r1_rate_limited_expected = e.r1_rate_limited_expected;
         self.refused_at_capacity = e.refused_at_capacity;
         self.unverified_notify = e.unverified_notify;
+        self.keepalives_sent = e.keepalives_sent;
+        self.keepalives_received = e.keepalives_received;
         self.associations = associations;
     }
 }
@@ -319,7 +483,7 @@ impl DropLog {
 enum Command {
     Initiate {
         local: Option<IpAddr>,
-        peer: IpAddr,
+        peer: PeerLocator,
         expected: Vec<Hit>,
         /// I1 to the null HIT, `expected` checked on R1
         /// ([`Endpoint::initiate_expecting_any`]).
@@ -390,7 +554,7 @@ impl HipDriver {
     pub async fn initiate(
         &self,
         local: Option<IpAddr>,
-        peer: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected: Option<Hit>,
     ) -> Result<(), DriverError> {
         self.send_initiate(local, peer, expected.into_iter().collect(), false)
@@ -403,7 +567,7 @@ impl HipDriver {
     pub async fn initiate_expecting(
         &self,
         local: Option<IpAddr>,
-        peer: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected: Hit,
     ) -> Result<(), DriverError> {
         self.send_initiate(local, peer, vec![expected], true).await
@@ -414,7 +578,7 @@ impl HipDriver {
     pub async fn initiate_expecting_any(
         &self,
         local: Option<IpAddr>,
-        peer: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected: Vec<Hit>,
     ) -> Result<(), DriverError> {
         self.send_initiate(local, peer, expected, true).await
@@ -473,10 +637,11 @@ impl HipDriver {
     async fn send_initiate(
         &self,
         local: Option<IpAddr>,
-        peer: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected: Vec<Hit>,
         via_null: bool,
     ) -> Result<(), DriverError> {
+        let peer = peer.into();
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Initiate {
@@ -546,6 +711,15 @@ async fn readable(
     }
 }
 
+async fn readable_udp(
+    s: &Option<UdpSocket6>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match s {
+        Some(s) => s.fd.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -555,6 +729,17 @@ async fn sleep_until(t: Option<Instant>) {
 
 fn flush(ep: &mut Endpoint, socks: &Sockets, events: &mpsc::UnboundedSender<Event>) {
     while let Some(t) = ep.poll_transmit() {
+        if let Some(u) = t.udp {
+            match &socks.udp {
+                Some(s) => {
+                    if let Err(e) = s.send(&t, u.peer) {
+                        tracing::warn!(dst = %t.dst, port = u.peer, "sending HIP over UDP: {e}");
+                    }
+                }
+                None => tracing::warn!(dst = %t.dst, "no UDP socket for HIP over UDP"),
+            }
+            continue;
+        }
         match socks.for_dst(t.dst) {
             // A lost send is like a lost packet: the endpoint retransmits.
             Some(s) => {
@@ -568,6 +753,41 @@ fn flush(ep: &mut Endpoint, socks: &Sockets, events: &mpsc::UnboundedSender<Even
     while let Some(e) = ep.poll_event() {
         let _ = events.send(e);
     }
+}
+
+/// [`receive`] for the UDP socket: HIP packets behind the non-ESP marker.
+fn receive_udp(
+    ep: &mut Endpoint,
+    s: &UdpSocket6,
+    buf: &mut [u8],
+    log: &mut DropLog,
+) -> io::Result<bool> {
+    for _ in 0..RECEIVE_BATCH {
+        match s.try_recv(buf) {
+            Ok((n, src, dst)) => {
+                let now = Instant::now();
+                if n < NON_ESP_MARKER.len() + 1 || buf[..4] != NON_ESP_MARKER {
+                    log.stats.udp_not_hip += 1;
+                    continue;
+                }
+                log.stats.received += 1;
+                log.stats.udp_received += 1;
+                if let Err(e) = ep.handle_udp_packet(now, src, dst, &buf[4..n]) {
+                    log.dropped(now, src.ip(), &e);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Other => {
+                tracing::trace!("unusable datagram: {e}");
+            }
+            Err(e) => {
+                tracing::debug!("UDP socket receive: {e}");
+                return Ok(false);
+            }
+        }
+    }
+    log.stats.batches_cut += 1;
+    Ok(true)
 }
 
 /// Handles up to [`RECEIVE_BATCH`] datagrams; `Ok(true)` when the socket may hold more
@@ -634,10 +854,17 @@ async fn run(
                     g.clear_ready();
                 }
             }
+            g = readable_udp(&socks.udp) => {
+                let mut g = g?;
+                let s = socks.udp.as_ref().expect("readable only when present");
+                if !receive_udp(&mut ep, s, &mut buf, &mut log)? {
+                    g.clear_ready();
+                }
+            }
             c = commands.recv() => match c {
                 None => return Ok(()),
                 Some(Command::Initiate { local, peer, expected, via_null, reply }) => {
-                    let r = match local.map(Ok).unwrap_or_else(|| source_for(peer)) {
+                    let r = match local.map(Ok).unwrap_or_else(|| source_for(peer.addr)) {
                         Ok(local) => match (via_null, expected.as_slice()) {
                             (true, [_, ..]) => ep.initiate_expecting_any(Instant::now(), local, peer, &expected),
                             _ => ep.initiate(Instant::now(), local, peer, expected.first().copied()),

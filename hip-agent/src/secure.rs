@@ -18,7 +18,7 @@ use std::{
 use hip_kernel::{AddressEvent, AddressEvents, KernelEvent};
 use hip_proto::{
     Hit, HostId,
-    endpoint::{self, Endpoint, Event, ProtocolError},
+    endpoint::{self, Endpoint, Event, PeerLocator, ProtocolError},
     esp::EspSuite,
     keyfile,
 };
@@ -26,7 +26,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    config::{AcceptPolicy, Config, HostIdInI2},
+    config::{AcceptPolicy, Config, HostIdInI2, UdpMode},
     hip_driver::{self, DriverError, HipDriver, Sockets},
     offload::{Installed, Offload, OffloadError},
 };
@@ -284,6 +284,21 @@ pub struct Security {
     liveness: HashMap<Hit, Liveness>,
     dpd_idle_ns: u64,
     dpd_tick: tokio::time::Interval,
+    /// HIP over UDP: the mode, and our (and the peers') port when the socket is open.
+    udp_mode: UdpMode,
+    udp_port: Option<u16>,
+}
+
+/// An address a NAT usually stands in front of: RFC 1918 private, RFC 6598 shared (CGN)
+/// and IPv6 unique local (RFC 4193) space.
+fn private_use(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
 }
 
 impl Security {
@@ -337,7 +352,22 @@ impl Security {
             authorized: authorized.clone(),
             known_only: cfg.hip.accept == AcceptPolicy::Known,
         }));
-        let driver = HipDriver::spawn(ep, Sockets::open()?);
+        let mut sockets = Sockets::open()?;
+        let udp_port = match cfg.hip.udp {
+            UdpMode::Never => None,
+            mode => match sockets.add_udp(cfg.hip.udp_port) {
+                Ok(()) => Some(cfg.hip.udp_port),
+                Err(e) if mode == UdpMode::Auto => {
+                    tracing::warn!(
+                        port = cfg.hip.udp_port,
+                        "no HIP over UDP (peers behind NATs cannot reach us): {e}"
+                    );
+                    None
+                }
+                Err(e) => return Err(DriverError::Io(e).into()),
+            },
+        };
+        let driver = HipDriver::spawn(ep, sockets);
         // With a configured locator there is nothing to follow; otherwise an address
         // monitor lets associations move when the host's address changes.
         let addrs = match cfg.hip.locator {
@@ -368,6 +398,8 @@ impl Security {
             liveness: HashMap::new(),
             dpd_idle_ns: cfg.hip.dead_peer_idle_secs.saturating_mul(1_000_000_000),
             dpd_tick,
+            udp_mode: cfg.hip.udp,
+            udp_port,
         })
     }
 
@@ -473,13 +505,17 @@ impl Security {
         // responder's HI against `expected` on R1 (a mismatch fails before any I2).
         tracing::info!(peers = ?expected.iter().map(Hit::to_string).collect::<Vec<_>>(), %locator, via_null = self.i1_to_null, "starting HIP base exchange");
         self.expected_at.insert(locator, expected.to_vec());
+        let path = self.path_to(locator);
+        if path.udp_port.is_some() {
+            tracing::info!(%locator, "HIP over UDP (a NAT is likely on the path)");
+        }
         let r = if self.i1_to_null {
             self.driver
-                .initiate_expecting_any(self.local_locator, locator, expected.to_vec())
+                .initiate_expecting_any(self.local_locator, path, expected.to_vec())
                 .await
         } else {
             self.driver
-                .initiate(self.local_locator, locator, Some(expected[0]))
+                .initiate(self.local_locator, path, Some(expected[0]))
                 .await
         };
         if let Err(e) = r {
@@ -492,6 +528,31 @@ impl Security {
             return Err(e.to_string());
         }
         Ok(())
+    }
+
+    /// How to reach `locator` when we initiate: over UDP (RFC 9028) when `[hip] udp`
+    /// says so — always, or (`auto`) when our address towards it is a private one and
+    /// its is not, so a NAT must be in between — over raw HIP otherwise.
+    fn path_to(&self, locator: IpAddr) -> PeerLocator {
+        let Some(port) = self.udp_port else {
+            return locator.into();
+        };
+        let over_udp = match self.udp_mode {
+            UdpMode::Always => true,
+            UdpMode::Never => false,
+            UdpMode::Auto => {
+                let local = self
+                    .local_locator
+                    .map(Ok)
+                    .unwrap_or_else(|| hip_driver::source_for(locator));
+                local.is_ok_and(|l| private_use(l) && !private_use(locator))
+            }
+        };
+        if over_udp {
+            std::net::SocketAddr::new(locator, port).into()
+        } else {
+            locator.into()
+        }
     }
 
     /// Starts a base exchange with the host at `locator` before its HIT is known (our
@@ -513,7 +574,7 @@ impl Security {
         }
         tracing::info!(%locator, "starting HIP early (the peer rings; its HIT comes with the answer)");
         self.driver
-            .initiate(self.local_locator, locator, None)
+            .initiate(self.local_locator, self.path_to(locator), None)
             .await
             .map_err(|e| e.to_string())?;
         self.early.insert(locator, Vec::new());
@@ -991,8 +1052,9 @@ impl Security {
                 peer_hit,
                 local_locator,
                 peer_locator,
+                udp,
             } => {
-                tracing::info!(peer = %peer_hit, %local_locator, %peer_locator, "locators changed (UPDATE)");
+                tracing::info!(peer = %peer_hit, %local_locator, %peer_locator, ?udp, "locators changed (UPDATE)");
                 self.moving.remove(&peer_hit);
                 if let Some(o) = &mut self.offload {
                     match o

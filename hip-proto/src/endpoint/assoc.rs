@@ -9,7 +9,7 @@ use std::{
 
 use zeroize::Zeroizing;
 
-use super::{Config, Endpoint, Established, Event, ProtocolError, Secret, Transmit};
+use super::{Config, Endpoint, Established, Event, ProtocolError, Secret, Transmit, UdpPorts};
 use crate::{
     crypto::{CryptoError, DhGroup, DhSecret, HipCipher, Keymat, Rhash, puzzle},
     esp::{EspSuite, draw_esp_keys},
@@ -136,6 +136,8 @@ pub(super) struct Assoc {
     pub expected: Vec<Hit>,
     pub local_loc: IpAddr,
     pub peer_loc: IpAddr,
+    /// `Some` when this association's packets (and ESP) run over UDP.
+    pub udp: Option<UdpPorts>,
     pub initiator: bool,
     pub i1_groups: Vec<u8>,
     pub peer_hi: Option<HostId>,
@@ -153,6 +155,8 @@ pub(super) struct Assoc {
     pub peer_host_id_tlv: Vec<u8>,
     /// UPDATE state (RFC 7401 §6.11).
     pub upd: super::update::UpdateState,
+    /// Over UDP: when the next NAT keepalive is due ([`Config::udp_keepalive`]).
+    pub keepalive: Option<Instant>,
 }
 
 impl Assoc {
@@ -162,6 +166,7 @@ impl Assoc {
         expected: Option<Hit>,
         local_loc: IpAddr,
         peer_loc: IpAddr,
+        udp: Option<UdpPorts>,
     ) -> Self {
         Assoc {
             state: State::I1Sent,
@@ -170,6 +175,7 @@ impl Assoc {
             expected: expected.into_iter().collect(),
             local_loc,
             peer_loc,
+            udp,
             initiator: true,
             i1_groups: config.dh_groups.iter().map(|g| g.id()).collect(),
             peer_hi: None,
@@ -184,16 +190,12 @@ impl Assoc {
             close_nonce: Vec::new(),
             peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
+            keepalive: None,
         }
     }
 
-    pub(super) fn transmit(&self, mut payload: Vec<u8>) -> Transmit {
-        wire::set_checksum(&mut payload, self.local_loc, self.peer_loc);
-        Transmit {
-            src: self.local_loc,
-            dst: self.peer_loc,
-            payload,
-        }
+    pub(super) fn transmit(&self, payload: Vec<u8>) -> Transmit {
+        Transmit::framed(self.local_loc, self.peer_loc, self.udp, payload)
     }
 
     pub fn build_i1(&self, _config: &Config) -> Transmit {
@@ -474,13 +476,9 @@ impl Endpoint {
             algorithm: self.identity.host_id().algorithm() as u16,
             signature: sig,
         })?;
-        let mut p = b.finish();
-        wire::set_checksum(&mut p, local, peer);
-        self.transmits.push_back(Transmit {
-            src: local,
-            dst: peer,
-            payload: p,
-        });
+        // A NOTIFY answers the packet being handled: it goes back the way that came.
+        let t = Transmit::framed(local, peer, self.rx_udp, b.finish());
+        self.transmits.push_back(t);
         Ok(())
     }
 
@@ -560,7 +558,7 @@ impl Endpoint {
         }
         let t = self
             .pool
-            .respond(group, hit_i, dst, src)
+            .respond(group, hit_i, dst, src, self.rx_udp)
             .ok_or(ProtocolError::NoCommonDhGroup)?;
         if expected {
             self.stats.r1_sent_expected += 1;
@@ -1021,19 +1019,15 @@ impl Endpoint {
             })?;
             Ok((keys_in, keys_out, next, b.finish()))
         })();
-        let (keys_in, keys_out, next, mut r2) = match built {
+        let (keys_in, keys_out, next, r2) = match built {
             Ok(v) => v,
             Err(e) => {
                 self.spis.release(spi_in);
                 return Err(e);
             }
         };
-        wire::set_checksum(&mut r2, dst, src);
-        let t = Transmit {
-            src: dst,
-            dst: src,
-            payload: r2,
-        };
+        let udp = self.rx_udp;
+        let t = Transmit::framed(dst, src, udp, r2);
         self.pool.mark_used(generation, hit_i, &ij);
         let mut replaced_spis = None;
         if let Some(old) = self.assocs.get_mut(&hit_i)
@@ -1055,6 +1049,7 @@ impl Endpoint {
             peer_hi: hid.clone(),
             local_locator: dst,
             peer_locator: src,
+            udp,
             initiator: false,
             esp_suite: esp,
             spi_inbound: spi_in,
@@ -1074,6 +1069,7 @@ impl Endpoint {
             expected: Vec::new(),
             local_loc: dst,
             peer_loc: src,
+            udp,
             initiator: false,
             i1_groups: Vec::new(),
             peer_hi: Some(hid),
@@ -1088,6 +1084,7 @@ impl Endpoint {
             close_nonce: Vec::new(),
             peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
+            keepalive: udp.map(|_| now + self.config.udp_keepalive),
         };
         a.upd.esp_next = next;
         self.assocs.insert(hit_i, a);
@@ -1096,7 +1093,7 @@ impl Endpoint {
         Ok(())
     }
 
-    pub(super) fn on_r2(&mut self, _now: Instant, pkt: &Packet) -> Result<(), ProtocolError> {
+    pub(super) fn on_r2(&mut self, now: Instant, pkt: &Packet) -> Result<(), ProtocolError> {
         if pkt.header.receiver != self.hit() {
             return Err(ProtocolError::NotForUs(pkt.header.receiver));
         }
@@ -1129,6 +1126,7 @@ impl Endpoint {
             peer_hi: hi.clone(),
             local_locator: a.local_loc,
             peer_locator: a.peer_loc,
+            udp: a.udp,
             initiator: true,
             esp_suite: keys.esp,
             spi_inbound: a.spi_in.expect("allocated with I2"),
@@ -1147,6 +1145,7 @@ impl Endpoint {
         a.state = State::Established;
         a.timer = None;
         a.last = None;
+        a.keepalive = a.udp.map(|_| now + self.config.udp_keepalive);
         self.events.push_back(Event::Established(Box::new(ev)));
         Ok(())
     }
@@ -1154,7 +1153,7 @@ impl Endpoint {
     pub(super) fn on_notify(
         &mut self,
         now: Instant,
-        _src: IpAddr,
+        src: IpAddr,
         pkt: &Packet,
     ) -> Result<(), ProtocolError> {
         let peer = pkt.header.sender;
@@ -1168,6 +1167,13 @@ impl Endpoint {
             return Err(ProtocolError::UnverifiedNotify);
         };
         verify_signature(pkt, ty::HIP_SIGNATURE, hi)?;
+        if msg_type == notify::NAT_KEEPALIVE {
+            // RFC 9028 §5.3: it only keeps the NAT binding. Coming from another UDP path
+            // than the association's, it starts that path's verification (a NAT that
+            // rebound); no event, the owner has nothing to do per keepalive.
+            self.stats.keepalives_received += 1;
+            return self.verify_observed_path(now, peer, src);
+        }
         self.events.push_back(Event::Notified {
             peer_hit: peer,
             msg_type,
@@ -1176,7 +1182,6 @@ impl Endpoint {
         });
         // RFC 7401 §6.13: NOTIFY is informational; no state changes on it alone (the
         // owner may act on the event, e.g. abort).
-        let _ = now;
         Ok(())
     }
 

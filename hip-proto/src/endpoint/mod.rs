@@ -7,11 +7,14 @@
 //! 1. [`Endpoint::new`] with the local identity, a [`Config`], an RNG and the current time;
 //!    this precomputes the R1 pool (one signed R1 per DH group and pool slot).
 //! 2. For each received HIP packet: [`Endpoint::handle_packet`]`(now, src, dst, bytes)`
-//!    with the IP source and destination (needed for the checksum). An `Err` means the
-//!    packet was dropped for that reason and changed nothing.
+//!    with the IP source and destination (needed for the checksum), or, for HIP over UDP
+//!    (RFC 9028 §4.1/RFC 5770 §5.1, the non-ESP marker already stripped),
+//!    [`Endpoint::handle_udp_packet`]`(now, src, dst, bytes)` with both socket addresses.
+//!    An `Err` means the packet was dropped for that reason and changed nothing.
 //! 3. Commands at any time: [`Endpoint::initiate`], [`Endpoint::close`].
 //! 4. After every input or command, drain the outputs: [`Endpoint::poll_transmit`] until
-//!    `None` (send each datagram from `src` to `dst` as IP protocol 139),
+//!    `None` (send each datagram from `src` to `dst` as IP protocol 139, or over UDP
+//!    between the ports in [`Transmit::udp`] behind the 4-byte non-ESP marker),
 //!    [`Endpoint::poll_event`] until `None`, then read [`Endpoint::poll_timeout`] and arm a
 //!    timer for it.
 //! 5. When that timer fires: [`Endpoint::handle_timeout`]`(now)`, then drain again (4).
@@ -28,7 +31,7 @@ mod update;
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -336,6 +339,11 @@ pub struct Config {
     /// Associations held at once, in every state: a new peer beyond it is refused
     /// ([`ProtocolError::AtCapacity`]) before any SPI or state exists for it.
     pub max_associations: usize,
+    /// Our UDP port for HIP over UDP (the source of what we initiate over UDP).
+    pub udp_port: u16,
+    /// Interval of the NAT keepalives on an association over UDP: a signed NOTIFY of
+    /// type NAT_KEEPALIVE (RFC 9028 §4.10: every 15 s, never more often; §5.3 format).
+    pub udp_keepalive: Duration,
 }
 
 impl Default for Config {
@@ -375,6 +383,8 @@ impl Default for Config {
             r1_rate_expected: 10,
             r1_burst_expected: 20,
             max_associations: 4096,
+            udp_port: HIP_UDP_PORT,
+            udp_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -404,6 +414,50 @@ impl Config {
     }
 }
 
+/// The UDP port HIP over UDP uses (RFC 9028 §4.1, IANA "hip-nat-t"), for control
+/// packets and UDP-encapsulated ESP alike.
+pub const HIP_UDP_PORT: u16 = 10500;
+
+/// The UDP ports of a HIP path that runs over UDP (RFC 9028 §4.1; RFC 5770 §4.1
+/// "UDP-ENCAPSULATION" mode): ours, and the peer's as seen on the wire — behind a NAT,
+/// the port the NAT mapped it to, never what the peer believes its own port is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpPorts {
+    /// Our port.
+    pub local: u16,
+    /// The peer's port.
+    pub peer: u16,
+}
+
+/// Where a peer is reached when we initiate: its address and, for HIP over UDP, its UDP
+/// port. An `IpAddr` converts into a raw-HIP locator (IP protocol 139), a `SocketAddr`
+/// into a UDP one; our own UDP port is [`Config::udp_port`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerLocator {
+    /// The peer's address.
+    pub addr: IpAddr,
+    /// The peer's UDP port; `None`: raw HIP.
+    pub udp_port: Option<u16>,
+}
+
+impl From<IpAddr> for PeerLocator {
+    fn from(addr: IpAddr) -> Self {
+        Self {
+            addr,
+            udp_port: None,
+        }
+    }
+}
+
+impl From<SocketAddr> for PeerLocator {
+    fn from(s: SocketAddr) -> Self {
+        Self {
+            addr: s.ip(),
+            udp_port: Some(s.port()),
+        }
+    }
+}
+
 /// A datagram to send: the HIP packet (checksum filled in) and its IP addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -411,11 +465,40 @@ pub struct Transmit {
     pub src: IpAddr,
     /// Destination locator.
     pub dst: IpAddr,
+    /// `None`: send as IP protocol 139. `Some`: send over UDP from `local` to `peer`,
+    /// the payload behind the 32-bit zero non-ESP marker (RFC 9028 §4.1).
+    pub udp: Option<UdpPorts>,
     /// The HIP packet.
     pub payload: Vec<u8>,
 }
 
 impl Transmit {
+    /// Frames `payload` for its transport: over raw IP the HIP checksum covers the
+    /// pseudo-header of `src` → `dst` (RFC 7401 §5.1.1); over UDP it is zero (RFC 5770
+    /// §5.1, kept by RFC 9028 §4.1: the UDP checksum protects the packet, and a NAT on
+    /// the path rewrites the addresses a HIP checksum would cover).
+    pub(crate) fn framed(
+        src: IpAddr,
+        dst: IpAddr,
+        udp: Option<UdpPorts>,
+        mut payload: Vec<u8>,
+    ) -> Self {
+        match udp {
+            None => wire::set_checksum(&mut payload, src, dst),
+            Some(_) => {
+                if let Some(c) = payload.get_mut(4..6) {
+                    c.fill(0);
+                }
+            }
+        }
+        Self {
+            src,
+            dst,
+            udp,
+            payload,
+        }
+    }
+
     /// The packet type (from the payload).
     pub fn packet_type(&self) -> Option<PacketType> {
         self.payload.get(2).and_then(|t| PacketType::from_u8(*t))
@@ -435,6 +518,9 @@ pub struct Established {
     pub local_locator: IpAddr,
     /// The peer's locator.
     pub peer_locator: IpAddr,
+    /// `Some` when the association runs over UDP (its ESP then goes UDP-encapsulated
+    /// between the same ports, RFC 9028 §5).
+    pub udp: Option<UdpPorts>,
     /// Whether we initiated.
     pub initiator: bool,
     /// The negotiated ESP transform (RFC 7402 suite ID via [`EspSuite::id`]).
@@ -507,6 +593,9 @@ pub enum Event {
         local_locator: IpAddr,
         /// The peer's locator now.
         peer_locator: IpAddr,
+        /// The UDP ports now, when the association runs over UDP (a NAT's rebinding
+        /// changes only these).
+        udp: Option<UdpPorts>,
     },
     /// An UPDATE was retransmitted without answer and given up; the association stays.
     UpdateFailed {
@@ -613,6 +702,11 @@ pub struct Stats {
     pub refused_at_capacity: u64,
     /// NOTIFYs dropped because nothing could verify them.
     pub unverified_notify: u64,
+    /// Verified NAT keepalives received (RFC 9028 §5.3); a forged one fails its
+    /// signature and counts as a drop instead.
+    pub keepalives_received: u64,
+    /// NAT keepalives sent.
+    pub keepalives_sent: u64,
 }
 
 /// An endpoint's R1 pool at one moment, for [`Endpoint::reset`].
@@ -648,6 +742,10 @@ pub struct Endpoint {
     stats: Stats,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// The UDP ports of the packet being handled (set only inside
+    /// [`Endpoint::handle_udp_packet`]): where stateless answers (R1, NOTIFY) and new
+    /// responder associations go.
+    rx_udp: Option<UdpPorts>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -694,6 +792,7 @@ impl Endpoint {
             stats: Stats::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            rx_udp: None,
         })
     }
 
@@ -786,13 +885,18 @@ impl Endpoint {
     /// `local_locator`. With `expected_peer_hit`, the I1 is addressed to that HIT and the
     /// exchange aborts with [`ProtocolError::HitMismatch`] unless the responder's HI
     /// hashes to it; without, the I1 goes to the null HIT (opportunistic mode).
+    ///
+    /// `peer` is an address (raw HIP) or, for HIP over UDP, a socket address (our source
+    /// port is then [`Config::udp_port`]); the association keeps that transport.
     pub fn initiate(
         &mut self,
         now: Instant,
         local_locator: IpAddr,
-        peer_locator: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected_peer_hit: Option<Hit>,
     ) -> Result<(), ProtocolError> {
+        let peer = peer.into();
+        let peer_locator = peer.addr;
         if let Some(h) = expected_peer_hit {
             if let Some(a) = self.assocs.get(&h)
                 && !matches!(a.state, State::Closed | State::EFailed)
@@ -811,6 +915,7 @@ impl Endpoint {
             expected_peer_hit,
             local_locator,
             peer_locator,
+            self.udp_for(peer),
         );
         let i1 = a.build_i1(&self.config);
         a.send_reliably(now, &self.config, i1, &mut self.transmits);
@@ -835,10 +940,10 @@ impl Endpoint {
         &mut self,
         now: Instant,
         local_locator: IpAddr,
-        peer_locator: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected_peer_hit: Hit,
     ) -> Result<(), ProtocolError> {
-        self.initiate_expecting_any(now, local_locator, peer_locator, &[expected_peer_hit])
+        self.initiate_expecting_any(now, local_locator, peer, &[expected_peer_hit])
     }
 
     /// [`Endpoint::initiate_expecting`] for a peer whose signalling named several HITs (an
@@ -849,9 +954,11 @@ impl Endpoint {
         &mut self,
         now: Instant,
         local_locator: IpAddr,
-        peer_locator: IpAddr,
+        peer: impl Into<PeerLocator>,
         expected: &[Hit],
     ) -> Result<(), ProtocolError> {
+        let peer = peer.into();
+        let peer_locator = peer.addr;
         let Some(&first) = expected.first() else {
             return Err(ProtocolError::Config("no expected peer HIT".into()));
         };
@@ -877,6 +984,7 @@ impl Endpoint {
             Some(first),
             local_locator,
             peer_locator,
+            self.udp_for(peer),
         );
         a.expected = expected.to_vec();
         // Addressed to the null HIT; `expected` stays set for the R1 check.
@@ -885,6 +993,13 @@ impl Endpoint {
         a.send_reliably(now, &self.config, i1, &mut self.transmits);
         self.opportunistic.insert(peer_locator, a);
         Ok(())
+    }
+
+    fn udp_for(&self, peer: PeerLocator) -> Option<UdpPorts> {
+        peer.udp_port.map(|p| UdpPorts {
+            local: self.config.udp_port,
+            peer: p,
+        })
     }
 
     /// Abandons a base exchange we initiated that has not completed (I1-SENT or
@@ -974,8 +1089,9 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.assocs
             .values()
-            .chain(self.opportunistic.values())
-            .filter_map(|a| a.timer)
+            .flat_map(|a| [a.timer, a.keepalive])
+            .flatten()
+            .chain(self.opportunistic.values().filter_map(|a| a.timer))
             .chain(std::iter::once(self.pool.next_rotation(&self.config)))
             .min()
     }
@@ -997,6 +1113,11 @@ impl Endpoint {
         let mut gone = Vec::new();
         let mut release = Vec::new();
         for (k, a) in self.assocs.iter_mut() {
+            if a.keepalive.is_some_and(|t| t <= now)
+                && a.send_keepalive(now, &self.config, &self.identity, &mut self.transmits)
+            {
+                self.stats.keepalives_sent += 1;
+            }
             if a.timer.is_some_and(|t| t <= now)
                 && a.on_timer(
                     now,
@@ -1054,6 +1175,41 @@ impl Endpoint {
             Packet::parse(bytes)?;
             return Err(WireError::BadChecksum.into());
         }
+        self.rx_udp = None;
+        self.dispatch(now, src, dst, bytes)
+    }
+
+    /// Processes one HIP packet received over UDP from `src` to `dst` (RFC 9028 §4.1),
+    /// the non-ESP marker already removed. The HIP checksum must be zero (RFC 5770
+    /// §5.1); answers and any association this packet creates use the same two ports.
+    /// `Err` tells why it was dropped; a dropped packet changes no state.
+    pub fn handle_udp_packet(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let pkt = Packet::parse(bytes)?;
+        if pkt.header.checksum != 0 {
+            return Err(WireError::BadChecksum.into());
+        }
+        self.rx_udp = Some(UdpPorts {
+            local: dst.port(),
+            peer: src.port(),
+        });
+        let r = self.dispatch(now, src.ip(), dst.ip(), bytes);
+        self.rx_udp = None;
+        r
+    }
+
+    fn dispatch(
+        &mut self,
+        now: Instant,
+        src: IpAddr,
+        dst: IpAddr,
+        bytes: &[u8],
+    ) -> Result<(), ProtocolError> {
         let pkt = Packet::parse(bytes)?;
         pkt.check_critical(assoc::KNOWN_PARAMS)?;
         match pkt.header.packet_type {

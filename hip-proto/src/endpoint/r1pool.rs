@@ -18,7 +18,7 @@ use std::{
 
 use rand_core::CryptoRng;
 
-use super::{Config, ProtocolError, Transmit};
+use super::{Config, ProtocolError, Transmit, UdpPorts};
 use crate::{
     crypto::{DhGroup, DhSecret, Rhash},
     hit::Hit,
@@ -204,14 +204,15 @@ impl R1Pool {
         self.cur.counter
     }
 
-    /// Answers an I1 from `hit_i` (at `peer`, received on `local`) with a filled-in R1
-    /// for `group`.
+    /// Answers an I1 from `hit_i` (at `peer`, received on `local`, over `udp` when it
+    /// came over UDP) with a filled-in R1 for `group`.
     pub fn respond(
         &mut self,
         group: DhGroup,
         hit_i: Hit,
         local: IpAddr,
         peer: IpAddr,
+        udp: Option<UdpPorts>,
     ) -> Option<Transmit> {
         let rhash = self.rhash;
         let (_, slots) = self.cur.slots.iter().find(|(g, _)| *g == group)?;
@@ -226,12 +227,7 @@ impl R1Pool {
         let o = slot.puzzle_off;
         p[o + 6..o + 8].copy_from_slice(&opaque);
         p[o + 8..o + 8 + i.len()].copy_from_slice(&i);
-        wire::set_checksum(&mut p, local, peer);
-        Some(Transmit {
-            src: local,
-            dst: peer,
-            payload: p,
-        })
+        Some(Transmit::framed(local, peer, udp, p))
     }
 
     /// Finds the template an I2's puzzle answers: #I must be the one we would have issued

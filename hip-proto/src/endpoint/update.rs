@@ -9,7 +9,7 @@
 use std::{collections::VecDeque, net::IpAddr, time::Instant};
 
 use super::{
-    Config, Endpoint, Event, ProtocolError, Transmit,
+    Config, Endpoint, Event, ProtocolError, Transmit, UdpPorts,
     assoc::{Assoc, State},
 };
 use crate::{
@@ -37,6 +37,9 @@ pub(super) enum Pending {
         seq: u32,
         nonce: Vec<u8>,
         candidate: IpAddr,
+        /// The candidate's UDP ports, for an association over UDP (the source port the
+        /// peer's UPDATE came from, as a NAT on the way mapped it).
+        candidate_udp: Option<UdpPorts>,
     },
     /// We answered the peer's rekey with our own SEQ: waiting for its ACK, then the old
     /// SA pair (these SPIs) is done.
@@ -109,23 +112,77 @@ impl Assoc {
         s
     }
 
-    /// Builds an authenticated UPDATE with `params` (ascending types), sent to `dst`.
+    /// Sends the NAT keepalive that is due (RFC 9028 §5.3: a NOTIFY with message type
+    /// NAT_KEEPALIVE, no data, signed as every NOTIFY is, RFC 7401 §5.3.6) and arms the
+    /// next; `true` if one went out. None before ESTABLISHED or while an UPDATE is being
+    /// retransmitted (those packets keep the binding).
+    pub(super) fn send_keepalive(
+        &mut self,
+        now: Instant,
+        config: &Config,
+        id: &crate::identity::HostIdentity,
+        out: &mut VecDeque<Transmit>,
+    ) -> bool {
+        if self.udp.is_none() {
+            self.keepalive = None;
+            return false;
+        }
+        self.keepalive = Some(now + config.udp_keepalive);
+        if !matches!(self.state, State::Established | State::R2Sent) || self.upd.pending.is_some() {
+            return false;
+        }
+        let built = (|| -> Result<Transmit, ProtocolError> {
+            let mut b = PacketBuilder::new(PacketType::Notify, 0, self.local_hit, self.peer_hit);
+            b.push(&Param::Notification {
+                msg_type: wire::notify::NAT_KEEPALIVE,
+                data: Vec::new(),
+            })?;
+            let sig = id.sign(b.covered())?;
+            b.push(&Param::Signature {
+                algorithm: id.host_id().algorithm() as u16,
+                signature: sig,
+            })?;
+            Ok(self.transmit(b.finish()))
+        })();
+        // A failure to sign only skips this keepalive; the next one is armed.
+        match built {
+            Ok(t) => {
+                out.push_back(t);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Builds an authenticated UPDATE with `params` (ascending types), sent to `dst` over
+    /// the association's transport.
     fn update_packet(
         &self,
         id: &crate::identity::HostIdentity,
         params: &[Param],
         dst: IpAddr,
     ) -> Result<Transmit, ProtocolError> {
+        self.update_packet_via(id, params, dst, self.udp)
+    }
+
+    /// [`Assoc::update_packet`] to `dst` over `udp` (a candidate path being verified).
+    fn update_packet_via(
+        &self,
+        id: &crate::identity::HostIdentity,
+        params: &[Param],
+        dst: IpAddr,
+        udp: Option<UdpPorts>,
+    ) -> Result<Transmit, ProtocolError> {
         let mut b = PacketBuilder::new(PacketType::Update, 0, self.local_hit, self.peer_hit);
         for p in params {
             b.push(p)?;
         }
-        let mut t = self.finish_authenticated(b, id)?;
-        if dst != t.dst {
-            t.dst = dst;
-            wire::set_checksum(&mut t.payload, t.src, t.dst);
-        }
-        Ok(t)
+        let t = self.finish_authenticated(b, id)?;
+        Ok(if dst != t.dst || udp != t.udp {
+            Transmit::framed(t.src, dst, udp, t.payload)
+        } else {
+            t
+        })
     }
 
     /// Retransmits the pending UPDATE, or gives it up. The SPI of an abandoned rekey goes
@@ -475,18 +532,30 @@ impl Endpoint {
                         peer_hit: peer,
                         local_locator: a.local_loc,
                         peer_locator: a.peer_loc,
+                        udp: a.udp,
                     });
                 }
                 Pending::Verify {
-                    nonce, candidate, ..
+                    nonce,
+                    candidate,
+                    candidate_udp,
+                    ..
                 } => {
-                    if echo_resp.as_deref() == Some(&nonce[..]) && src == candidate {
+                    // The echo must come back from the very path it was sent to: the
+                    // address, and over UDP the port too.
+                    let same_path = src == candidate && candidate_udp == self.rx_udp;
+                    if echo_resp.as_deref() == Some(&nonce[..]) && same_path {
                         a.peer_loc = candidate;
                         a.local_loc = dst;
+                        if a.udp.is_none() != candidate_udp.is_none() {
+                            a.keepalive = candidate_udp.map(|_| now + self.config.udp_keepalive);
+                        }
+                        a.udp = candidate_udp;
                         events.push(Event::LocatorsChanged {
                             peer_hit: peer,
                             local_locator: a.local_loc,
                             peer_locator: a.peer_loc,
+                            udp: a.udp,
                         });
                     } else {
                         return Err(ProtocolError::BadEcho);
@@ -581,11 +650,8 @@ impl Endpoint {
                 a.upd.peer_seq = Some(s);
                 a.upd.last_reply = Some(t.clone());
                 a.send_reliably(now, &self.config, t, &mut self.transmits);
-            } else if let Some(candidate) = locators
-                .iter()
-                .find(|l| l.preferred)
-                .or(locators.first())
-                .and_then(Locator::address)
+            } else if let Some((candidate, candidate_udp)) =
+                self.candidate_path(peer, src, &locators)
             {
                 // RFC 8046 §5.2: verify the new address before sending data there.
                 let mut nonce = vec![0u8; 16];
@@ -597,11 +663,12 @@ impl Endpoint {
                     ack,
                     Param::EchoRequestSigned(nonce.clone()),
                 ];
-                let t = a.update_packet(&self.identity, &params, candidate)?;
+                let t = a.update_packet_via(&self.identity, &params, candidate, candidate_udp)?;
                 a.upd.pending = Some(Pending::Verify {
                     seq: my_seq,
                     nonce,
                     candidate,
+                    candidate_udp,
                 });
                 a.upd.peer_seq = Some(s);
                 a.upd.last_reply = Some(t.clone());
@@ -618,7 +685,74 @@ impl Endpoint {
                 self.transmits.push_back(t);
             }
         }
+        // 3. An authenticated packet without a request of its own (a NAT keepalive) from
+        //    another UDP path than the association's: the NAT rebound, or the peer moved
+        //    behind another. Verify the new path (RFC 8046 §5.2's echo, from us) before
+        //    any ESP goes there.
+        if seq.is_none() {
+            self.verify_observed_path(now, peer, src)?;
+        }
         self.events.extend(events);
+        Ok(())
+    }
+
+    /// The path an UPDATE announcing locators is to be verified on: over UDP, the path
+    /// the UPDATE itself came on (the peer cannot know the address and port a NAT maps it
+    /// to, RFC 9028 §5.4's "server reflexive" candidate, so its LOCATOR_SET is not used),
+    /// also when only the observed path changed; over raw HIP, its preferred (or first)
+    /// locator. `None`: nothing new to verify.
+    fn candidate_path(
+        &self,
+        peer: Hit,
+        src: IpAddr,
+        locators: &[Locator],
+    ) -> Option<(IpAddr, Option<UdpPorts>)> {
+        let a = self.assocs.get(&peer)?;
+        if let Some(rx) = self.rx_udp {
+            let moved = src != a.peer_loc || Some(rx) != a.udp;
+            return (moved || !locators.is_empty()).then_some((src, Some(rx)));
+        }
+        locators
+            .iter()
+            .find(|l| l.preferred)
+            .or(locators.first())
+            .and_then(Locator::address)
+            .map(|c| (c, None))
+    }
+
+    /// Starts verifying the UDP path an authenticated packet of `peer`'s arrived on, when
+    /// it is not the association's and no other UPDATE is outstanding.
+    pub(super) fn verify_observed_path(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        src: IpAddr,
+    ) -> Result<(), ProtocolError> {
+        let Some(rx) = self.rx_udp else {
+            return Ok(());
+        };
+        let Some(a) = self.assocs.get(&peer) else {
+            return Ok(());
+        };
+        if a.state != State::Established
+            || a.upd.pending.is_some()
+            || (src == a.peer_loc && Some(rx) == a.udp)
+        {
+            return Ok(());
+        }
+        let mut nonce = vec![0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let a = self.assocs.get_mut(&peer).expect("found above");
+        let my_seq = a.next_seq();
+        let params = [Param::Seq(my_seq), Param::EchoRequestSigned(nonce.clone())];
+        let t = a.update_packet_via(&self.identity, &params, src, Some(rx))?;
+        a.upd.pending = Some(Pending::Verify {
+            seq: my_seq,
+            nonce,
+            candidate: src,
+            candidate_udp: Some(rx),
+        });
+        a.send_reliably(now, &self.config, t, &mut self.transmits);
         Ok(())
     }
 }

@@ -643,6 +643,10 @@ pub mod notify {
     pub const INVALID_ESP_TRANSFORM_CHOSEN: u16 = 19;
     /// UNSUPPORTED_HIT_SUITE.
     pub const UNSUPPORTED_HIT_SUITE: u16 = 20;
+    /// NO_VALID_NAT_TRAVERSAL_MODE_PARAMETER (RFC 9028 §5.10).
+    pub const NO_VALID_NAT_TRAVERSAL_MODE_PARAMETER: u16 = 60;
+    /// NAT_KEEPALIVE (RFC 9028 §5.3): an empty, signed NOTIFY every 15 s over UDP.
+    pub const NAT_KEEPALIVE: u16 = 16385;
     /// AUTHENTICATION_FAILED.
     pub const AUTHENTICATION_FAILED: u16 = 24;
     /// CHECKSUM_FAILED.

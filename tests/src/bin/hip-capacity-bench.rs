@@ -370,7 +370,7 @@ impl Callers {
                 match (c.ep.as_mut(), sdp_hit(body(m))) {
                     (None, _) => c.phase = Phase::Up,
                     (Some(ep), Some(bob)) => {
-                        match ep.initiate(now, c.addr.into(), BOB_IP.into(), Some(bob)) {
+                        match ep.initiate(now, c.addr.into(), IpAddr::from(BOB_IP), Some(bob)) {
                             Ok(()) => c.phase = Phase::Answered,
                             Err(e) => {
                                 c.phase = Phase::Failed;

@@ -141,6 +141,7 @@ fn foreign_i2(r1: &Transmit, id: &HostIdentity, order: Order, mac: MacKey) -> Tr
     Transmit {
         src: r1.dst,
         dst: r1.src,
+        udp: None,
         payload,
     }
 }
