@@ -298,6 +298,7 @@ impl Offload {
             replay_window: self.replay_window,
             lifetimes: self.lifetimes,
             fail_closed: self.fail_closed,
+            encap: None,
         };
         let mut split = InstallSplit::default();
         let t = std::time::Instant::now();
@@ -642,6 +643,7 @@ async fn probe_esp(xfrm: &XfrmNetlink) -> Result<(), OffloadError> {
         )?,
         replay_window: 0,
         lifetimes: Lifetimes::UNLIMITED,
+        encap: None,
     };
     match xfrm.add_sa(&sa).await {
         Ok(()) => {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     EspKeyPair, HitPair, KernelIpsec, Lifetimes, LocatorPair, Owned, PolicyAction, PolicyDir,
-    PolicyId, PolicyParams, Prefix, Reqid, SaParams, Spi, XfrmError, owner,
+    PolicyId, PolicyParams, Prefix, Reqid, SaParams, Spi, UdpEncap, XfrmError, owner,
 };
 
 /// How traffic to a peer HIT is kept from leaving in clear text while its SAs are
@@ -56,6 +56,14 @@ pub struct AssociationParams {
     /// Fail-closed scheme.
     #[serde(default)]
     pub fail_closed: FailClosed,
+    /// UDP encapsulation of both SAs (RFC 3948 ESP-in-UDP, as RFC 9028 runs ESP through
+    /// NATs); `None`: plain ESP. Seen from **our** side: `sport` is our local UDP port
+    /// (where our encapsulation socket listens), `dport` the peer's UDP port as we reach
+    /// it (behind a NAT: the port the NAT mapped, with `peer_locator` the NAT's public
+    /// address). The outbound SA takes it as is, the inbound SA swapped
+    /// ([`UdpEncap::reversed`]: the packets come from the peer's port to ours).
+    #[serde(default)]
+    pub encap: Option<UdpEncap>,
 }
 
 impl AssociationParams {
@@ -83,6 +91,7 @@ impl AssociationParams {
             keys: self.keys.inbound.clone(),
             replay_window: self.replay_window,
             lifetimes: self.lifetimes,
+            encap: self.encap.map(UdpEncap::reversed),
         }
     }
 
@@ -96,6 +105,7 @@ impl AssociationParams {
             keys: self.keys.outbound.clone(),
             replay_window: self.replay_window,
             lifetimes: self.lifetimes,
+            encap: self.encap,
         }
     }
 
@@ -517,6 +527,7 @@ pub(crate) mod tests {
             replay_window: 32,
             lifetimes: Lifetimes::UNLIMITED,
             fail_closed: FailClosed::PerPeer,
+            encap: None,
         }
     }
 
@@ -534,6 +545,35 @@ pub(crate) mod tests {
             ..a
         };
         assert_eq!(g.policies().len(), 2);
+    }
+
+    #[test]
+    fn encapsulation_is_swapped_for_the_inbound_sa_and_optional_in_json() {
+        let a = AssociationParams {
+            encap: Some(UdpEncap {
+                sport: 10500,
+                dport: 40000,
+            }),
+            ..assoc()
+        };
+        assert_eq!(a.sa_out().encap, a.encap);
+        assert_eq!(
+            a.sa_in().encap,
+            Some(UdpEncap {
+                sport: 40000,
+                dport: 10500
+            })
+        );
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(
+            v["encap"],
+            serde_json::json!({"sport": 10500, "dport": 40000})
+        );
+        // Specs written before encapsulation existed still read, as plain ESP.
+        let mut v = serde_json::to_value(assoc()).unwrap();
+        v.as_object_mut().unwrap().remove("encap");
+        let back: AssociationParams = serde_json::from_value(v).unwrap();
+        assert_eq!(back, assoc());
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn association(i: usize) -> AssociationParams {
         replay_window: 32,
         lifetimes: Lifetimes::UNLIMITED,
         fail_closed: FailClosed::Guard,
+        encap: None,
     }
 }
 

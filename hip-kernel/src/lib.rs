@@ -7,7 +7,7 @@
 //! * [`KernelIpsec`]: a small interface in the spirit of strongSwan's `kernel_ipsec.h`
 //!   (allocate an SPI, add/update/delete an SA, add/delete a policy, list what hip owns,
 //!   subscribe to kernel events), with typed parameters ([`SaParams`], [`PolicyParams`],
-//!   [`EspTransform`], [`EspKeys`], [`Lifetimes`]…);
+//!   [`EspTransform`], [`EspKeys`], [`Lifetimes`], [`UdpEncap`]…);
 //! * [`XfrmNetlink`]: its implementation over `NETLINK_XFRM` with `netlink-packet-xfrm`;
 //! * [`install_association`] / [`remove_association`] / [`rekey_association`] /
 //!   [`reconcile`]: the unit the agent works with, one HIP association at a time, ordered
@@ -55,7 +55,7 @@ pub use routes::HitRoutes;
 pub use types::{
     EspKeyPair, EspKeys, EspTransform, HitPair, KernelEvent, LEGACY_REPLAY_WINDOW, Lifetimes,
     LocatorPair, MAX_REPLAY_WINDOW, Owned, PolicyAction, PolicyDir, PolicyEntry, PolicyId,
-    PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
+    PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi, UdpEncap,
 };
 
 /// The kernel's IPsec database as hip uses it.
@@ -76,14 +76,23 @@ pub trait KernelIpsec: Send + Sync {
     /// (completing a larval one, refreshing lifetimes, or replacing different keys).
     fn add_sa(&self, sa: &SaParams) -> impl Future<Output = Result<(), XfrmError>> + Send;
 
-    /// Updates an existing hip SA in place (`XFRM_MSG_UPDSA`: lifetimes; the kernel does
-    /// not change keys this way — rekeying uses new SPIs, RFC 7402 §6.9).
+    /// Updates an existing hip SA in place (`XFRM_MSG_UPDSA`: lifetimes and the UDP
+    /// encapsulation's ports; the kernel does not change keys this way — rekeying uses new
+    /// SPIs, RFC 7402 §6.9). Adding or removing UDP encapsulation is refused with `EINVAL`,
+    /// as the kernel refuses it ([`KernelIpsec::move_sa`] does it).
     fn update_sa(&self, sa: &SaParams) -> impl Future<Output = Result<(), XfrmError>> + Send;
 
     /// Moves hip's SA `old` to `new`: the same SPI and keys at new outer addresses (an
-    /// RFC 8046 locator change). The new SA continues the old one's sequence numbers and
-    /// replay window, so no ESP sequence number is sent twice under its keys and no
-    /// packet received before is accepted again.
+    /// RFC 8046 locator change) or UDP ports (a NAT rebinding, RFC 9028), or with UDP
+    /// encapsulation added or removed. The new SA continues the old one's sequence
+    /// numbers and replay window, so no ESP sequence number is sent twice under its keys
+    /// and no packet received before is accepted again.
+    ///
+    /// When only the encapsulation's ports change (same addresses, SPI and encapsulated
+    /// before and after) the SA is updated in place (`XFRM_MSG_UPDSA`), which keeps its
+    /// state whole and leaves no gap; otherwise it is re-added with the old one's replay
+    /// state and the old one deleted (the kernel's update can neither change addresses
+    /// nor add or remove encapsulation).
     fn move_sa(
         &self,
         old: &SaId,
@@ -102,8 +111,8 @@ pub trait KernelIpsec: Send + Sync {
     /// All SAs and policies hip owns.
     fn list_owned(&self) -> impl Future<Output = Result<Owned, XfrmError>> + Send;
 
-    /// Subscribes to acquire, expire and delete events (all of them; filter with
-    /// [`KernelEvent::is_owned`]).
+    /// Subscribes to acquire, expire, delete and NAT mapping events (all of them; filter
+    /// with [`KernelEvent::is_owned`]).
     fn subscribe(&self) -> Result<Events, XfrmError>;
 }
 

@@ -7,7 +7,9 @@
 //! without a kernel with ESP. Written by hand: no crate models XFRM. It models what
 //! [`crate::XfrmNetlink`] guarantees and the kernel does — upserts on hip's objects,
 //! [`XfrmError::ForeignConflict`] on anyone else's, `ESRCH` for a missing SA to move, the
-//! sequence numbers carried over by a move, larval SAs from `ALLOCSPI`, and policy
+//! sequence numbers carried over by a move (which may also change, add or remove UDP
+//! encapsulation), `EINVAL` for an update that adds or removes encapsulation (the
+//! kernel's `UPDSA` cannot), larval SAs from `ALLOCSPI`, and policy
 //! lookup by priority (the lowest number wins, as in `xfrm_policy_lookup_bytype`) — and
 //! nothing else: no packets, no lifetimes, no events.
 //!
@@ -385,6 +387,12 @@ impl KernelIpsec for MemoryIpsec {
             let Some(cur) = db.sas.get(&id) else {
                 return Err(XfrmError::kernel("update SA", libc::ESRCH));
             };
+            // A larval SA is replaced whole; a complete one keeps its encapsulation kind.
+            if let Some(p) = &cur.params
+                && p.encap.is_some() != sa.encap.is_some()
+            {
+                return Err(crate::netlink::encap_change_refused(format!("update {id}")));
+            }
             let m = complete(sa, cur.seq_out, cur.seq_in);
             db.sas.insert(id, m);
             Ok(())
@@ -456,6 +464,8 @@ impl KernelIpsec for MemoryIpsec {
                     replay_window: s.params.as_ref().map_or(0, |p| p.replay_window),
                     seq_out: s.seq_out,
                     seq_in: s.seq_in,
+                    encap: s.params.as_ref().and_then(|p| p.encap),
+                    other_encap_type: None,
                 })
                 .collect();
         let policies =

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::{
     AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, KernelIpsec,
-    LocatorPair, PolicyDir, Prefix, Reqid, XfrmError, install_association, install_guard,
+    LocatorPair, PolicyDir, Prefix, Reqid, UdpEncap, XfrmError, install_association, install_guard,
     memory::{MemoryIpsec, Op, Snapshot, Verdict},
     reconcile, rekey_association, remove_association,
 };
@@ -251,4 +251,142 @@ fn reconcile_keeps_the_live_and_removes_the_stale() {
     let s = k.snapshot();
     assert!(protected(&s, &live));
     assert_eq!(s.sas.len(), 3, "live pair + the foreign SA: {s:#?}");
+}
+
+/// `assoc`'s association over IPv4 outer addresses with UDP encapsulation: our port
+/// 10500, the peer's `peer_port`.
+fn encapsulated(peer_port: u16) -> AssociationParams {
+    AssociationParams {
+        local_locator: "192.0.2.1".parse().unwrap(),
+        peer_locator: "198.51.100.2".parse().unwrap(),
+        encap: Some(UdpEncap {
+            sport: UdpEncap::HIP_NAT_PORT,
+            dport: peer_port,
+        }),
+        ..assoc(FailClosed::PerPeer)
+    }
+}
+
+fn encap_of(k: &MemoryIpsec, id: &crate::SaId) -> Option<UdpEncap> {
+    run(k.list_owned())
+        .unwrap()
+        .sas
+        .into_iter()
+        .find(|s| s.id == *id)
+        .unwrap_or_else(|| panic!("no {id}"))
+        .encap
+}
+
+#[test]
+fn an_encapsulated_association_reads_back_with_its_ports_per_direction() {
+    let a = encapsulated(40000);
+    let k = MemoryIpsec::new();
+    run(install_association(&k, &a)).unwrap();
+    // Outbound: from our port to the peer's; inbound: from the peer's port to ours.
+    let out = UdpEncap {
+        sport: 10500,
+        dport: 40000,
+    };
+    assert_eq!(encap_of(&k, &a.sa_out().id()), Some(out));
+    assert_eq!(encap_of(&k, &a.sa_in().id()), Some(out.reversed()));
+    assert!(protected(&k.snapshot(), &a));
+    never_clear(&k, &a);
+    // Port 0 is no port.
+    let bad = AssociationParams {
+        encap: Some(UdpEncap {
+            sport: 10500,
+            dport: 0,
+        }),
+        ..a.clone()
+    };
+    assert!(matches!(
+        run(install_association(&k, &bad)),
+        Err(XfrmError::InvalidParam(_))
+    ));
+}
+
+#[test]
+fn an_update_changes_encap_ports_but_cannot_add_or_remove_encapsulation() {
+    let a = encapsulated(10500);
+    let k = MemoryIpsec::new();
+    run(install_association(&k, &a)).unwrap();
+    let id = a.sa_out().id();
+    k.set_seq(&id, 77, 0);
+    // New ports in place: counters stay.
+    let rebound = encapsulated(40000);
+    run(k.update_sa(&rebound.sa_out())).unwrap();
+    assert_eq!(encap_of(&k, &id), rebound.encap);
+    assert_eq!(k.snapshot().sas[&id].seq_out, 77);
+    // Removing (or adding) encapsulation is refused as the kernel refuses it, changing
+    // nothing.
+    let before = k.snapshot();
+    let plain = AssociationParams {
+        encap: None,
+        ..rebound.clone()
+    };
+    let err = run(k.update_sa(&plain.sa_out())).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EINVAL), "{err}");
+    assert!(err.to_string().contains("UDP encapsulation"), "{err}");
+    assert_eq!(k.snapshot(), before);
+
+    let k = MemoryIpsec::new();
+    run(install_association(&k, &plain)).unwrap();
+    let err = run(k.update_sa(&rebound.sa_out())).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EINVAL), "{err}");
+    assert_eq!(encap_of(&k, &id), None);
+}
+
+#[test]
+fn a_move_changes_adds_and_removes_encapsulation_keeping_sequence_numbers() {
+    let plain = AssociationParams {
+        encap: None,
+        ..encapsulated(10500)
+    };
+    let k = MemoryIpsec::new();
+    run(install_association(&k, &plain)).unwrap();
+    let (out, inb) = (plain.sa_out().id(), plain.sa_in().id());
+    k.set_seq(&out, 500, 0);
+    k.set_seq(&inb, 0, 480);
+    // Plain → encapsulated (a NAT appeared) → other peer port (a rebinding) → plain.
+    let mut cur = plain.clone();
+    for next in [encapsulated(10500), encapsulated(40000), plain.clone()] {
+        run(async {
+            k.move_sa(&cur.sa_out().id(), &next.sa_out()).await?;
+            k.move_sa(&cur.sa_in().id(), &next.sa_in()).await
+        })
+        .unwrap();
+        let s = k.snapshot();
+        assert_eq!((s.sas[&out].seq_out, s.sas[&inb].seq_in), (500, 480));
+        assert_eq!(encap_of(&k, &out), next.encap);
+        assert_eq!(encap_of(&k, &inb), next.encap.map(UdpEncap::reversed));
+        assert!(protected(&s, &next));
+        cur = next;
+    }
+    never_clear(&k, &plain);
+}
+
+#[test]
+fn a_rekey_carries_the_encapsulation_to_the_new_pair() {
+    let old = encapsulated(10500);
+    let k = MemoryIpsec::new();
+    run(install_association(&k, &old)).unwrap();
+    let k2 = |b| EspKeys::new(EspTransform::AesCbc128HmacSha256, &[b; 16], &[b; 32]).unwrap();
+    // The peer's port changed with the rekey.
+    let new = AssociationParams {
+        spi_in: 0x3000,
+        spi_out: 0x4000,
+        keys: EspKeyPair {
+            outbound: k2(3),
+            inbound: k2(4),
+        },
+        ..encapsulated(40000)
+    };
+    run(rekey_association(&k, &old, &new)).unwrap();
+    let o = run(k.list_owned()).unwrap();
+    assert_eq!(o.sas.len(), 2, "{o:?}");
+    assert_eq!(encap_of(&k, &new.sa_out().id()), new.encap);
+    assert_eq!(
+        encap_of(&k, &new.sa_in().id()),
+        new.encap.map(UdpEncap::reversed)
+    );
 }

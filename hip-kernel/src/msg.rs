@@ -1,13 +1,13 @@
 //! Pure converters between hip's typed parameters and `netlink-packet-xfrm` messages
 //! (strongSwan's `kernel_netlink_ipsec.c` keeps the same split: build/parse without I/O).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use netlink_packet_xfrm::{
-    Address, Alg, AlgAead, AlgAuth, IPPROTO_ESP, LifetimeConfig, ReplayEsn, UserPolicyId,
-    UserPolicyInfo, UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XFRM_INF, XFRM_MODE_BEET,
-    XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT,
-    XFRM_SHARE_ANY, XfrmAttrs, XfrmMessage,
+    Address, Alg, AlgAead, AlgAuth, EncapTmpl, IPPROTO_ESP, LifetimeConfig, ReplayEsn,
+    UDP_ENCAP_ESPINUDP, UserPolicyId, UserPolicyInfo, UserSaId, UserSaInfo, UserSpiInfo,
+    UserTemplate, XFRM_INF, XFRM_MODE_BEET, XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_FWD,
+    XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY, XfrmAttrs, XfrmMessage,
     constants::{AF_INET, AF_INET6},
     policy::{DelGetMessage as PolicyDelGet, ModifyMessage as PolicyModify},
     state::{AllocSpiMessage, DelGetMessage as StateDelGet, ModifyMessage as StateModify},
@@ -16,6 +16,7 @@ use netlink_packet_xfrm::{
 use crate::{
     EspTransform, HitPair, KernelEvent, LEGACY_REPLAY_WINDOW, Lifetimes, LocatorPair, PolicyAction,
     PolicyDir, PolicyEntry, PolicyId, PolicyParams, Prefix, Reqid, SaEntry, SaId, SaParams, Spi,
+    UdpEncap,
 };
 
 fn addr_back(a: &Address, fam: u16) -> IpAddr {
@@ -144,6 +145,9 @@ pub(crate) fn sa_message(p: &SaParams, update: bool) -> XfrmMessage {
             alg_key: p.keys.enc().to_vec(),
         }));
     }
+    if let Some(e) = &p.encap {
+        nlas.push(encap_attr(e));
+    }
     let m = StateModify {
         user_sa_info: info,
         nlas,
@@ -153,6 +157,53 @@ pub(crate) fn sa_message(p: &SaParams, update: bool) -> XfrmMessage {
     } else {
         XfrmMessage::AddSa(m)
     }
+}
+
+/// `XFRMA_ENCAP` for RFC 3948 UDP encapsulation (`struct xfrm_encap_tmpl`: type
+/// `UDP_ENCAP_ESPINUDP`, the ports in network byte order — the crate converts them —
+/// and an all-zero original address, which serves IPv4 and IPv6 outer addresses alike).
+fn encap_attr(e: &UdpEncap) -> XfrmAttrs {
+    XfrmAttrs::EncapsulationTemplate(EncapTmpl {
+        encap_type: UDP_ENCAP_ESPINUDP,
+        encap_sport: e.sport,
+        encap_dport: e.dport,
+        encap_oa: Address::default(),
+    })
+}
+
+/// The `encap_type` of an SA's `XFRMA_ENCAP`; `None` for plain ESP.
+pub(crate) fn encap_type(nlas: &[XfrmAttrs]) -> Option<u16> {
+    nlas.iter().find_map(|n| match n {
+        XfrmAttrs::EncapsulationTemplate(t) => Some(t.encap_type),
+        _ => None,
+    })
+}
+
+/// True unless `p` adds or removes encapsulation relative to the installed SA whose
+/// attributes are `nlas` (or changes its type): what the kernel's `UPDSA` refuses with
+/// `EINVAL` (`xfrm_state_update()`, net/xfrm/xfrm_state.c, copies the template only
+/// between two encapsulations of the same type).
+pub(crate) fn same_encap_kind(nlas: &[XfrmAttrs], p: &SaParams) -> bool {
+    encap_type(nlas) == p.encap.map(|_| UDP_ENCAP_ESPINUDP)
+}
+
+/// True if the installed, complete SA `cur` (same destination and SPI as `p`) becomes
+/// `p` through `XFRM_MSG_UPDSA`, which keeps everything of the kernel's state but the
+/// lifetime limits and the encapsulation's ports: the keys, selector, reqid, source,
+/// mode and replay window are `p`'s already, and both or neither are UDP-encapsulated.
+/// Anything else needs a new SA.
+pub(crate) fn updatable_to(cur: &StateModify, p: &SaParams) -> bool {
+    let XfrmMessage::AddSa(want) = sa_message(p, false) else {
+        unreachable!("sa_message(_, false) is an AddSa")
+    };
+    alg_attrs(&cur.nlas) == alg_attrs(&want.nlas)
+        && cur.user_sa_info.selector == want.user_sa_info.selector
+        && cur.user_sa_info.reqid == want.user_sa_info.reqid
+        && cur.user_sa_info.saddr == want.user_sa_info.saddr
+        && cur.user_sa_info.family == want.user_sa_info.family
+        && cur.user_sa_info.mode == want.user_sa_info.mode
+        && sa_entry(&cur.user_sa_info, &cur.nlas).map(|e| e.replay_window) == Some(p.replay_window)
+        && same_encap_kind(&cur.nlas, p)
 }
 
 /// An SA's replay state as the kernel reports it: `XFRMA_REPLAY_VAL` (a window of up to
@@ -332,8 +383,16 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
     let (mut enc, mut auth, mut aead) = (None, None, None);
     let mut replay_window = u32::from(info.replay_window);
     let (mut seq_out, mut seq_in) = (0, 0);
+    let (mut encap, mut other_encap_type) = (None, None);
     for n in nlas {
         match n {
+            XfrmAttrs::EncapsulationTemplate(t) if t.encap_type == UDP_ENCAP_ESPINUDP => {
+                encap = Some(UdpEncap {
+                    sport: t.encap_sport,
+                    dport: t.encap_dport,
+                });
+            }
+            XfrmAttrs::EncapsulationTemplate(t) => other_encap_type = Some(t.encap_type),
             XfrmAttrs::ReplayStateEsn(r) => {
                 replay_window = r.replay_window;
                 (seq_out, seq_in) = (r.oseq, r.seq);
@@ -364,6 +423,8 @@ pub(crate) fn sa_entry(info: &UserSaInfo, nlas: &[XfrmAttrs]) -> Option<SaEntry>
         replay_window,
         seq_out,
         seq_in,
+        encap,
+        other_encap_type,
     })
 }
 
@@ -476,6 +537,20 @@ pub(crate) fn event(m: &XfrmMessage) -> Option<KernelEvent> {
                 reqid,
             })
         }
+        XfrmMessage::Mapping(m) => {
+            // The addresses carry no family of their own: the SA's (`id.family`) is theirs.
+            let m = &m.map;
+            let fam = m.id.family;
+            Some(KernelEvent::Mapping {
+                sa: SaId {
+                    dst: addr_back(&m.id.daddr, fam),
+                    spi: m.id.spi,
+                },
+                reqid: Reqid(m.reqid),
+                old: SocketAddr::new(addr_back(&m.old_saddr, fam), m.old_sport),
+                new: SocketAddr::new(addr_back(&m.new_saddr, fam), m.new_sport),
+            })
+        }
         XfrmMessage::DeletePolicy(d) => {
             let (src, dst) = selector_back(&d.user_policy_id.selector)?;
             let dir = dir_back(d.user_policy_id.direction)?;
@@ -510,7 +585,7 @@ fn v6(a: &Address, fam: u16) -> Ipv6Addr {
 mod tests {
     use super::*;
     use crate::{EspKeys, MAX_REPLAY_WINDOW, owner};
-    use netlink_packet_core::{Emitable, ParseableParametrized};
+    use netlink_packet_core::{Emitable, NetlinkMessage, ParseableParametrized};
 
     fn sa() -> SaParams {
         SaParams {
@@ -531,6 +606,7 @@ mod tests {
                 hard_secs: 20,
                 ..Lifetimes::UNLIMITED
             },
+            encap: None,
         }
     }
 
@@ -679,6 +755,257 @@ mod tests {
             policy_entry(&m.user_policy_info, &m.nlas).unwrap().params,
             b
         );
+    }
+
+    fn sa_v4(encap: Option<UdpEncap>) -> SaParams {
+        SaParams {
+            locators: LocatorPair {
+                src: "192.0.2.1".parse().unwrap(),
+                dst: "198.51.100.2".parse().unwrap(),
+            },
+            encap,
+            ..sa()
+        }
+    }
+
+    fn encap_attrs(nlas: &[XfrmAttrs]) -> Vec<&EncapTmpl> {
+        nlas.iter()
+            .filter_map(|n| match n {
+                XfrmAttrs::EncapsulationTemplate(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn udp_encapsulation_is_written_as_the_kernel_lays_it_out() {
+        let e = UdpEncap {
+            sport: 10500,
+            dport: 40000,
+        };
+        // struct nlattr { u16 len = 4 + 24, u16 type = XFRMA_ENCAP (4) } then struct
+        // xfrm_encap_tmpl { u16 encap_type; be16 sport; be16 dport; (2 octets of padding:
+        // xfrm_address_t is 4-aligned) xfrm_address_t encap_oa; }.
+        let a = encap_attr(&e);
+        let mut buf = vec![0xee; a.buffer_len()];
+        a.emit(&mut buf);
+        let mut want = Vec::new();
+        want.extend_from_slice(&28u16.to_ne_bytes());
+        want.extend_from_slice(&4u16.to_ne_bytes());
+        want.extend_from_slice(&2u16.to_ne_bytes());
+        want.extend_from_slice(&[0x29, 0x04, 0x9c, 0x40, 0, 0]);
+        want.extend_from_slice(&[0; 16]);
+        assert_eq!(buf, want);
+    }
+
+    #[test]
+    fn udp_encapsulation_round_trips_over_ipv4_and_ipv6_outer() {
+        let e = UdpEncap {
+            sport: 10500,
+            dport: 40000,
+        };
+        for p in [
+            sa_v4(Some(e)),
+            SaParams {
+                encap: Some(e),
+                ..sa()
+            },
+        ] {
+            for update in [false, true] {
+                let (XfrmMessage::AddSa(s) | XfrmMessage::UpdateSa(s)) =
+                    round_trip(&sa_message(&p, update))
+                else {
+                    unreachable!()
+                };
+                let t = encap_attrs(&s.nlas);
+                assert_eq!(t.len(), 1, "{:?}", s.nlas);
+                assert_eq!(t[0].encap_type, UDP_ENCAP_ESPINUDP);
+                assert_eq!(
+                    t[0].encap_oa,
+                    Address::default(),
+                    "original address all zero"
+                );
+                let back = sa_entry(&s.user_sa_info, &s.nlas).unwrap();
+                assert_eq!((back.encap, back.other_encap_type), (Some(e), None));
+                assert_eq!((back.id, back.src), (p.id(), p.locators.src));
+            }
+        }
+        // Plain ESP carries no XFRMA_ENCAP and reads back as such.
+        let XfrmMessage::AddSa(s) = round_trip(&sa_message(&sa_v4(None), false)) else {
+            unreachable!()
+        };
+        assert!(encap_attrs(&s.nlas).is_empty());
+        let back = sa_entry(&s.user_sa_info, &s.nlas).unwrap();
+        assert_eq!((back.encap, back.other_encap_type), (None, None));
+        // A moved SA keeps its encapsulation next to the carried replay state.
+        let carried = XfrmAttrs::ReplayState(netlink_packet_xfrm::Replay {
+            oseq: 9,
+            seq: 0,
+            bitmap: 0,
+        });
+        let XfrmMessage::AddSa(m) = round_trip(&sa_message_continuing(&sa_v4(Some(e)), &carried))
+        else {
+            unreachable!()
+        };
+        let back = sa_entry(&m.user_sa_info, &m.nlas).unwrap();
+        assert_eq!((back.encap, back.seq_out), (Some(e), 9));
+    }
+
+    #[test]
+    fn another_encapsulation_type_stays_visible() {
+        let XfrmMessage::AddSa(mut s) = sa_message(&sa_v4(None), false) else {
+            unreachable!()
+        };
+        // ESP in TCP (RFC 8229), as another IKE daemon might install it.
+        s.nlas.push(XfrmAttrs::EncapsulationTemplate(EncapTmpl {
+            encap_type: netlink_packet_xfrm::TCP_ENCAP_ESPINTCP,
+            encap_sport: 4500,
+            encap_dport: 4500,
+            encap_oa: Address::default(),
+        }));
+        let XfrmMessage::AddSa(s) = round_trip(&XfrmMessage::AddSa(s)) else {
+            unreachable!()
+        };
+        let back = sa_entry(&s.user_sa_info, &s.nlas).unwrap();
+        assert_eq!(back.encap, None);
+        assert_eq!(back.other_encap_type, Some(7));
+        // hip never updates it into a UDP one (or plain ESP) in place.
+        assert!(!updatable_to(&s, &sa_v4(None)));
+        let udp = UdpEncap {
+            sport: 4500,
+            dport: 4500,
+        };
+        assert!(!updatable_to(&s, &sa_v4(Some(udp))));
+    }
+
+    #[test]
+    fn updsa_is_chosen_only_where_the_kernel_takes_it() {
+        let (e1, e2) = (
+            UdpEncap {
+                sport: 10500,
+                dport: 10500,
+            },
+            UdpEncap {
+                sport: 10500,
+                dport: 40000,
+            },
+        );
+        let installed = |p: &SaParams| {
+            let XfrmMessage::AddSa(s) = round_trip(&sa_message(p, false)) else {
+                unreachable!()
+            };
+            s
+        };
+        let cur = installed(&sa_v4(Some(e1)));
+        // New ports: xfrm_state_update() copies the template.
+        assert!(updatable_to(&cur, &sa_v4(Some(e2))));
+        assert!(updatable_to(&cur, &sa_v4(Some(e1))));
+        // Encapsulation removed or added: EINVAL in the kernel, so a new SA instead.
+        assert!(!updatable_to(&cur, &sa_v4(None)));
+        assert!(!updatable_to(&installed(&sa_v4(None)), &sa_v4(Some(e1))));
+        assert!(updatable_to(&installed(&sa_v4(None)), &sa_v4(None)));
+        // Another source address is a new SA too (UPDSA keeps the old one's).
+        let mut moved = sa_v4(Some(e2));
+        moved.locators.src = "192.0.2.9".parse().unwrap();
+        assert!(!updatable_to(&cur, &moved));
+    }
+
+    /// An `XFRM_MSG_MAPPING` as the kernel sends it (`xfrm_send_mapping()`,
+    /// net/xfrm/xfrm_user.c), byte by byte from include/uapi/linux/xfrm.h.
+    fn mapping_bytes(fam: u16, daddr: &[u8], old: &[u8], new: &[u8], reqid: u32) -> Vec<u8> {
+        let addr = |a: &[u8]| {
+            let mut v = [0u8; 16];
+            v[..a.len()].copy_from_slice(a);
+            v
+        };
+        let mut body = Vec::new();
+        // struct xfrm_usersa_id { xfrm_address_t daddr; __be32 spi; __u16 family;
+        // __u8 proto; } — 23 octets, padded to 24.
+        body.extend_from_slice(&addr(daddr));
+        body.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+        body.extend_from_slice(&fam.to_ne_bytes());
+        body.push(IPPROTO_ESP);
+        body.push(0);
+        // __u32 reqid; xfrm_address_t old_saddr, new_saddr; __be16 old_sport, new_sport.
+        body.extend_from_slice(&reqid.to_ne_bytes());
+        body.extend_from_slice(&addr(old));
+        body.extend_from_slice(&addr(new));
+        body.extend_from_slice(&10500u16.to_be_bytes());
+        body.extend_from_slice(&40000u16.to_be_bytes());
+        assert_eq!(body.len(), 64, "sizeof(struct xfrm_user_mapping)");
+        // struct nlmsghdr { u32 len; u16 type = XFRM_MSG_MAPPING (0x26); u16 flags;
+        // u32 seq; u32 pid; }
+        let mut m = Vec::new();
+        m.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+        m.extend_from_slice(&0x26u16.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
+    fn parse_event(bytes: &[u8]) -> Option<KernelEvent> {
+        let m = NetlinkMessage::<XfrmMessage>::deserialize(bytes).unwrap();
+        let netlink_packet_core::NetlinkPayload::InnerMessage(x) = m.payload else {
+            panic!("{m:?}")
+        };
+        event(&x)
+    }
+
+    #[test]
+    fn mapping_events_parse_from_the_kernels_bytes() {
+        let reqid = Reqid::hip(7);
+        let ev = parse_event(&mapping_bytes(
+            AF_INET,
+            &[192, 0, 2, 1],
+            &[198, 51, 100, 2],
+            &[203, 0, 113, 9],
+            reqid.0,
+        ))
+        .unwrap();
+        assert_eq!(
+            ev,
+            KernelEvent::Mapping {
+                sa: SaId {
+                    dst: "192.0.2.1".parse().unwrap(),
+                    spi: 0x0102_0304,
+                },
+                reqid,
+                old: "198.51.100.2:10500".parse().unwrap(),
+                new: "203.0.113.9:40000".parse().unwrap(),
+            }
+        );
+        assert!(ev.is_owned());
+
+        let (d, o, n): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            "2001:db8::3".parse().unwrap(),
+        );
+        let ev = parse_event(&mapping_bytes(
+            AF_INET6,
+            &d.octets(),
+            &o.octets(),
+            &n.octets(),
+            1,
+        ))
+        .unwrap();
+        let KernelEvent::Mapping {
+            sa,
+            old,
+            new,
+            reqid,
+            ..
+        } = ev.clone()
+        else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(sa.dst, IpAddr::V6(d));
+        assert_eq!(old, "[2001:db8::2]:10500".parse().unwrap());
+        assert_eq!(new, "[2001:db8::3]:40000".parse().unwrap());
+        assert_eq!(reqid, Reqid(1));
+        assert!(!ev.is_owned(), "reqid 1 is not hip's");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_xfrm::{
-    XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XfrmMessage,
+    XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_MAPPING, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
+    XfrmMessage,
 };
 use netlink_proto::{
     ConnectionHandle, NetlinkCodec,
@@ -161,6 +162,15 @@ impl XfrmNetlink {
     }
 }
 
+/// The kernel's `EINVAL` for an `UPDSA` that adds or removes UDP encapsulation, with the
+/// reason (the kernel gives none).
+pub(crate) fn encap_change_refused(op: String) -> XfrmError {
+    XfrmError::kernel(
+        format!("{op} (the kernel cannot add or remove UDP encapsulation in place: move the SA)"),
+        libc::EINVAL,
+    )
+}
+
 fn sa_reqid(m: &XfrmMessage) -> Option<u32> {
     match m {
         XfrmMessage::AddSa(s) | XfrmMessage::UpdateSa(s) => Some(s.user_sa_info.reqid),
@@ -207,24 +217,16 @@ impl KernelIpsec for XfrmNetlink {
         let XfrmMessage::AddSa(cur) = cur else {
             unreachable!("sa_reqid matched AddSa/UpdateSa")
         };
-        let XfrmMessage::AddSa(want) = msg::sa_message(sa, false) else {
-            unreachable!()
-        };
         let larval = msg::alg_attrs(&cur.nlas).is_empty();
-        let same = msg::alg_attrs(&cur.nlas) == msg::alg_attrs(&want.nlas)
-            && cur.user_sa_info.selector == want.user_sa_info.selector
-            && cur.user_sa_info.reqid == want.user_sa_info.reqid
-            && cur.user_sa_info.saddr == want.user_sa_info.saddr
-            && cur.user_sa_info.mode == want.user_sa_info.mode
-            && msg::sa_entry(&cur.user_sa_info, &cur.nlas).map(|e| e.replay_window)
-                == Some(sa.replay_window);
-        if larval || same {
-            // UPDSA replaces a larval SA (from ALLOCSPI) by the full one, or refreshes the
-            // lifetimes of an identical one (xfrm_state_update(), net/xfrm/xfrm_state.c).
+        if larval || msg::updatable_to(&cur, sa) {
+            // UPDSA replaces a larval SA (from ALLOCSPI) by the full one, encapsulated or
+            // not, or refreshes the lifetimes and encapsulation ports of an otherwise
+            // identical one (xfrm_state_update(), net/xfrm/xfrm_state.c).
             self.sa_request(sa, true).await
         } else {
-            // The kernel's update never changes keys or selectors: replace. The policy
-            // still demands ESP, so the short gap drops packets, it does not leak them.
+            // The kernel's update never changes keys or selectors, nor adds or removes
+            // encapsulation: replace. The policy still demands ESP, so the short gap drops
+            // packets, it does not leak them.
             self.del_sa(&sa.id()).await?;
             self.sa_request(sa, false).await
         }
@@ -242,7 +244,21 @@ impl KernelIpsec for XfrmNetlink {
                     what: sa.id().to_string(),
                 })
             }
-            Some(_) => self.sa_request(sa, true).await,
+            Some(XfrmMessage::AddSa(cur)) => {
+                let larval = msg::alg_attrs(&cur.nlas).is_empty();
+                match self.sa_request(sa, true).await {
+                    // xfrm_state_update() refuses to add or remove encapsulation.
+                    Err(XfrmError::Kernel { op, errno, .. })
+                        if errno == libc::EINVAL
+                            && !larval
+                            && !msg::same_encap_kind(&cur.nlas, sa) =>
+                    {
+                        Err(encap_change_refused(op))
+                    }
+                    r => r,
+                }
+            }
+            Some(_) => unreachable!("sa_reqid matched AddSa/UpdateSa"),
         }
     }
 
@@ -258,6 +274,12 @@ impl KernelIpsec for XfrmNetlink {
             Some(XfrmMessage::AddSa(c)) => c,
             Some(_) => unreachable!("sa_reqid matched AddSa/UpdateSa"),
         };
+        if *old == new.id() && msg::updatable_to(&cur, new) {
+            // Only the encapsulation's ports (or nothing) change: UPDSA in place keeps the
+            // kernel's state whole — sequence numbers, replay window, counters — with no
+            // gap and no copy that packets sent meanwhile could outdate.
+            return self.send_sa(new, msg::sa_message(new, true), "move").await;
+        }
         let m = match msg::replay_state(&cur.nlas) {
             Some(r) => msg::sa_message_continuing(new, r),
             // The kernel reports one for every SA (copy_to_user_state_extra()).
@@ -267,7 +289,8 @@ impl KernelIpsec for XfrmNetlink {
                 )));
             }
         };
-        // The same (destination, SPI) must go before it can be added again; a new
+        // New addresses, or encapsulation added or removed (which UPDSA refuses): a new
+        // SA. The same (destination, SPI) must go before it can be added again; a new
         // destination is added first. The policies still demand ESP: a gap drops packets.
         let same = *old == new.id();
         if same {
@@ -398,6 +421,7 @@ impl KernelIpsec for XfrmNetlink {
             XFRMNLGRP_EXPIRE,
             XFRMNLGRP_SA,
             XFRMNLGRP_POLICY,
+            XFRMNLGRP_MAPPING,
         ] {
             s.add_membership(g).map_err(XfrmError::Socket)?;
         }

@@ -6,7 +6,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use serde::{Deserialize, Serialize};
@@ -364,6 +364,57 @@ pub const LEGACY_REPLAY_WINDOW: u32 = 32;
 /// bitmap; `verify_replay()` in net/xfrm/xfrm_user.c).
 pub const MAX_REPLAY_WINDOW: u32 = 4096;
 
+/// RFC 3948 UDP encapsulation of an SA's ESP packets (`UDP_ENCAP_ESPINUDP`, the kernel's
+/// `XFRMA_ENCAP`; `ip xfrm state … encap espinudp SPORT DPORT 0.0.0.0`), as RFC 9028 runs
+/// HIP and ESP over UDP through NATs.
+///
+/// The ports are as **the SA** sees them: `sport` is the outer UDP source port and
+/// `dport` the outer UDP destination port of this SA's packets. So on an outbound SA
+/// `sport` is our port and `dport` the peer's (behind a NAT: its mapped port); on an
+/// inbound SA it is the other way round, and the kernel compares each arriving packet's
+/// source address and port with the SA's (`locators.src`, `sport`): a difference makes it
+/// report [`KernelEvent::Mapping`] (it still accepts the packet). The kernel sends with
+/// these ports without any socket; receiving needs a UDP socket bound to our port with
+/// the `UDP_ENCAP` socket option set to `UDP_ENCAP_ESPINUDP` (that socket is the HIP
+/// driver's, not this crate's). The outer addresses are IPv4 or IPv6 alike; the
+/// template's original address (`encap_oa`) is always all zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UdpEncap {
+    /// Outer UDP source port of this SA's packets.
+    pub sport: u16,
+    /// Outer UDP destination port of this SA's packets.
+    pub dport: u16,
+}
+
+impl UdpEncap {
+    /// The UDP port of HIP and ESP over UDP (RFC 9028 §4.1, IANA `hip-nat-t`).
+    pub const HIP_NAT_PORT: u16 = 10500;
+
+    /// The same ports seen from the SA of the other direction (source and destination
+    /// swapped).
+    pub const fn reversed(self) -> Self {
+        UdpEncap {
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), XfrmError> {
+        if self.sport == 0 || self.dport == 0 {
+            return Err(XfrmError::InvalidParam(format!(
+                "UDP encapsulation port 0 ({self:?})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for UdpEncap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "espinudp sport {} dport {}", self.sport, self.dport)
+    }
+}
+
 /// One BEET-mode ESP SA (`ip xfrm state add … proto esp mode beet`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaParams {
@@ -381,6 +432,10 @@ pub struct SaParams {
     pub replay_window: u32,
     /// Soft and hard lifetimes.
     pub lifetimes: Lifetimes,
+    /// UDP encapsulation (RFC 3948/RFC 9028), ports as this SA sees them; `None`: plain
+    /// ESP (IP protocol 50).
+    #[serde(default)]
+    pub encap: Option<UdpEncap>,
 }
 
 impl SaParams {
@@ -396,6 +451,9 @@ impl SaParams {
         self.locators.check()?;
         self.keys.validate()?;
         self.lifetimes.check()?;
+        if let Some(e) = &self.encap {
+            e.check()?;
+        }
         if self.replay_window > MAX_REPLAY_WINDOW {
             return Err(XfrmError::InvalidParam(format!(
                 "replay window {} above {MAX_REPLAY_WINDOW}",
@@ -591,6 +649,16 @@ pub struct SaEntry {
     pub seq_out: u32,
     /// The highest ESP sequence number received (`seq`; inbound SAs).
     pub seq_in: u32,
+    /// UDP encapsulation (`XFRMA_ENCAP` of type `UDP_ENCAP_ESPINUDP`), ports as this SA
+    /// sees them; `None` for plain ESP — and for an encapsulation of another type, which
+    /// [`SaEntry::other_encap_type`] then names.
+    #[serde(default)]
+    pub encap: Option<UdpEncap>,
+    /// The `encap_type` of an `XFRMA_ENCAP` hip never installs
+    /// (`UDP_ENCAP_ESPINUDP_NON_IKE` = 1, `TCP_ENCAP_ESPINTCP` = 7, …), so that such an SA
+    /// does not pass for plain ESP; `None` for plain ESP and for [`SaEntry::encap`].
+    #[serde(default)]
+    pub other_encap_type: Option<u16>,
 }
 
 /// A policy as read back from the kernel.
@@ -644,6 +712,25 @@ pub enum KernelEvent {
         /// Its reqid, if the kernel included the SA.
         reqid: Option<Reqid>,
     },
+    /// An inbound UDP-encapsulated SA received a packet (one whose ICV verified) from
+    /// another outer source address or port than the SA's (`XFRM_MSG_MAPPING`, group
+    /// `XFRMNLGRP_MAPPING`): a NAT rebinding, or the peer moved. The kernel accepted the
+    /// packet but follows nothing itself: the outbound SA keeps sending to `old` until it
+    /// is moved ([`crate::KernelIpsec::move_sa`] with the new locator and encap `dport`),
+    /// and the inbound SA reports again until its `sport`/source are updated too. A
+    /// replayed packet can be resent from anywhere, so the address is a hint for the HIP
+    /// layer to verify (as RFC 8046 verifies a new locator), not a move by itself.
+    Mapping {
+        /// The inbound SA that received the packet.
+        sa: SaId,
+        /// Its reqid.
+        reqid: Reqid,
+        /// The SA's outer source address and encapsulation source port (where the peer's
+        /// packets were expected from).
+        old: SocketAddr,
+        /// Where this packet came from.
+        new: SocketAddr,
+    },
     /// A policy was deleted (`XFRM_MSG_DELPOLICY`).
     PolicyDeleted {
         /// The policy.
@@ -657,9 +744,9 @@ impl KernelEvent {
     /// True if the event concerns an object hip owns.
     pub fn is_owned(&self) -> bool {
         match self {
-            KernelEvent::Acquire { reqid, .. } | KernelEvent::Expire { reqid, .. } => {
-                reqid.is_hip()
-            }
+            KernelEvent::Acquire { reqid, .. }
+            | KernelEvent::Expire { reqid, .. }
+            | KernelEvent::Mapping { reqid, .. } => reqid.is_hip(),
             KernelEvent::SaDeleted { reqid, .. } => reqid.is_some_and(Reqid::is_hip),
             KernelEvent::PolicyDeleted { priority, .. } => {
                 priority.is_some_and(owner::is_owned_priority)

@@ -35,6 +35,7 @@ fn assoc(spi_in: u32, fail_closed: FailClosed) -> AssociationParams {
         replay_window: 32,
         lifetimes: Lifetimes::UNLIMITED,
         fail_closed,
+        encap: None,
     }
 }
 

@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader},
-    net::{Ipv6Addr, UdpSocket},
+    net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Command, Stdio},
     time::Duration,
@@ -18,8 +18,8 @@ use std::{
 
 use hip_kernel::{
     AssociationParams, EspKeyPair, EspTransform, FailClosed, Guard, KernelEvent, KernelIpsec,
-    Lifetimes, LocatorPair, Prefix, Reqid, SaParams, Spi, XfrmNetlink, install_association,
-    install_guard, rekey_association, remove_association, remove_guard,
+    Lifetimes, LocatorPair, Prefix, Reqid, SaParams, Spi, UdpEncap, XfrmNetlink,
+    install_association, install_guard, rekey_association, remove_association, remove_guard,
 };
 use hip_tests::{
     NetNs, VethPair, agent_bin, run_agent, wait_until,
@@ -78,6 +78,7 @@ fn side(
         replay_window: replay_window(t),
         lifetimes,
         fail_closed,
+        encap: None,
     }
 }
 
@@ -167,6 +168,11 @@ impl Capture {
 
     /// IPv6 packets this interface sent since the last call.
     fn sent_ipv6(&self) -> Vec<Vec<u8>> {
+        self.sent(libc::ETH_P_IPV6 as u16)
+    }
+
+    /// Packets of `ethertype` this interface sent since the last call.
+    fn sent(&self, ethertype: u16) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
@@ -188,7 +194,7 @@ impl Capture {
                 break;
             }
             if sll.sll_pkttype == libc::PACKET_OUTGOING
-                && u16::from_be(sll.sll_protocol) == libc::ETH_P_IPV6 as u16
+                && u16::from_be(sll.sll_protocol) == ethertype
             {
                 out.push(buf[..n as usize].to_vec());
             }
@@ -737,5 +743,316 @@ fn prefix_guard_blocks_until_the_association_is_up_and_after_it_is_gone() {
         };
         rt.block_on(remove_guard(k, &g)).unwrap();
         assert_eq!(xfrm_list_len(ns, "policy"), 0);
+    }
+}
+
+/// Host A's IPv4 locator for the UDP-encapsulation test (RFC 5737 documentation range).
+const LOC4_A: &str = "192.0.2.1";
+/// Host B's IPv4 locator.
+const LOC4_B: &str = "192.0.2.2";
+/// `UDP_ENCAP_ESPINUDP` (include/uapi/linux/udp.h; not in the libc crate).
+const UDP_ENCAP_ESPINUDP: libc::c_int = 2;
+
+/// A UDP socket on `port` in `ns` with `UDP_ENCAP` = `UDP_ENCAP_ESPINUDP`: the kernel
+/// decapsulates the ESP-in-UDP packets that arrive there (without one it answers port
+/// unreachable). Sending needs none.
+fn encap_socket(ns: &NetNs, port: u16) -> UdpSocket {
+    ns.run_in(|| {
+        let s = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+        let v = UDP_ENCAP_ESPINUDP;
+        // SAFETY: setsockopt on a socket we own with a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_UDP,
+                libc::UDP_ENCAP,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        s
+    })
+    .unwrap()
+}
+
+/// What crossed the wire over IPv4: (UDP source port, destination port, SPI) of each
+/// ESP-in-UDP packet, and the SPIs of plain ESP packets.
+#[derive(Debug, Default)]
+struct Wire4 {
+    udp_esp: Vec<(u16, u16, u32)>,
+    esp: Vec<u32>,
+}
+
+fn wire4(frames: &[Vec<u8>]) -> Wire4 {
+    let mut w = Wire4::default();
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    for f in frames {
+        if f.len() < 20 {
+            continue;
+        }
+        let ihl = usize::from(f[0] & 0xf) * 4;
+        match f[9] {
+            // An SPI of 0 is the non-ESP marker of HIP control packets (RFC 9028 §4.1).
+            17 if f.len() >= ihl + 12 && be32(&f[ihl + 8..]) != 0 => {
+                w.udp_esp
+                    .push((be16(&f[ihl..]), be16(&f[ihl + 2..]), be32(&f[ihl + 8..])))
+            }
+            50 if f.len() >= ihl + 4 => w.esp.push(be32(&f[ihl..])),
+            _ => {}
+        }
+    }
+    w
+}
+
+/// The SA with `spi` as hip reads it back.
+fn owned_sa(rt: &Runtime, k: &XfrmNetlink, spi: Spi) -> hip_kernel::SaEntry {
+    let o = rt.block_on(k.list_owned()).unwrap();
+    o.sas
+        .into_iter()
+        .find(|s| s.id.spi == spi)
+        .unwrap_or_else(|| panic!("no SA with spi {spi:#x}"))
+}
+
+/// Moves both SAs of `from` to `to`'s parameters (same SPIs and keys).
+fn move_both(rt: &Runtime, k: &XfrmNetlink, from: &AssociationParams, to: &AssociationParams) {
+    rt.block_on(async {
+        k.move_sa(&from.sa_out().id(), &to.sa_out()).await?;
+        k.move_sa(&from.sa_in().id(), &to.sa_in()).await
+    })
+    .unwrap();
+}
+
+#[test]
+fn udp_encapsulated_sas_over_ipv4_carry_traffic_move_ports_and_report_mappings() {
+    let rt = runtime();
+    let p = VethPair::new(
+        "xencap",
+        &[&format!("{LOC4_A}/24")],
+        &[&format!("{LOC4_B}/24")],
+    )
+    .unwrap();
+    // HIT inner, IPv4 outer: the peer HIT still needs its /128 route over the device.
+    for (ns, hit, peer_hit, peer_loc) in
+        [(&p.a, HIT_A, HIT_B, LOC4_B), (&p.b, HIT_B, HIT_A, LOC4_A)]
+    {
+        let r = hit_routes_in(ns, &rt);
+        let (hit, peer_hit) = (hit.parse().unwrap(), peer_hit.parse().unwrap());
+        rt.block_on(r.add_local_hit(hit)).unwrap();
+        rt.block_on(r.add_peer_route(peer_hit, hit, peer_loc.parse().unwrap()))
+            .unwrap();
+    }
+    let (ka, kb) = (xfrm_in(&p.a, &rt), xfrm_in(&p.b, &rt));
+    let mut ev_a = events_in(&p.a, &rt, &ka);
+    let t = EspTransform::AesGcm128Icv16;
+    let port = UdpEncap::HIP_NAT_PORT;
+    let (la, lb): (IpAddr, IpAddr) = (LOC4_A.parse().unwrap(), LOC4_B.parse().unwrap());
+    let reqid = Reqid::hip(42);
+    let spi_a = rt
+        .block_on(ka.alloc_spi(LocatorPair { src: lb, dst: la }, reqid))
+        .unwrap();
+    let spi_b = rt
+        .block_on(kb.alloc_spi(LocatorPair { src: la, dst: lb }, reqid))
+        .unwrap();
+    let mk = |local, peer, spi_in, spi_out, peer_port| AssociationParams {
+        encap: Some(UdpEncap {
+            sport: port,
+            dport: peer_port,
+        }),
+        ..side(
+            t,
+            11,
+            local,
+            peer,
+            spi_in,
+            spi_out,
+            Lifetimes::UNLIMITED,
+            FailClosed::PerPeer,
+        )
+    };
+    let aa = mk((HIT_A, LOC4_A), (HIT_B, LOC4_B), spi_a, spi_b, port);
+    let ab = mk((HIT_B, LOC4_B), (HIT_A, LOC4_A), spi_b, spi_a, port);
+    // Each side's encapsulation socket (the HIP driver's, in the agent), and one more on
+    // b for after a's move to b's "new" port.
+    let _sockets = [
+        encap_socket(&p.a, port),
+        encap_socket(&p.b, port),
+        encap_socket(&p.b, 40000),
+    ];
+    // The larval SAs from ALLOCSPI become encapsulated ones.
+    rt.block_on(install_association(&ka, &aa)).unwrap();
+    rt.block_on(install_association(&kb, &ab)).unwrap();
+    rt.block_on(install_association(&ka, &aa)).unwrap();
+
+    let (cap_a, cap_b) = (Capture::open(&p.a, &p.if_a), Capture::open(&p.b, &p.if_b));
+    const N: usize = 5;
+    exchange(&p, N, "espinudp");
+    let ipv4 = libc::ETH_P_IP as u16;
+    let (fa, fb) = (cap_a.sent(ipv4), cap_b.sent(ipv4));
+    let mut w = wire4(&fa);
+    w.udp_esp.extend(wire4(&fb).udp_esp);
+    assert!(w.esp.is_empty(), "no plain ESP: {w:?}");
+    assert!(w.udp_esp.len() >= 2 * N, "{w:?}");
+    let seen: BTreeSet<(u16, u16, u32)> = w.udp_esp.iter().copied().collect();
+    assert_eq!(
+        seen,
+        BTreeSet::from([(port, port, ab.spi_in), (port, port, aa.spi_in)]),
+        "ESP in UDP 10500 → 10500 with the SPIs hip reported"
+    );
+    let mut v6 = cap_a.sent_ipv6();
+    v6.extend(cap_b.sent_ipv6());
+    assert_eq!(wire(&v6).clear_udp, 0, "no clear-text HIT traffic");
+
+    for (ns, k, a) in [(&p.a, &ka, &aa), (&p.b, &kb, &ab)] {
+        let st = xfrm_list(ns, "state");
+        assert_eq!(xfrm_list_len(ns, "state"), 2, "{st}");
+        assert_eq!(
+            st.matches("encap type espinudp sport 10500 dport 10500")
+                .count(),
+            2,
+            "{st}"
+        );
+        for sa in [a.sa_out(), a.sa_in()] {
+            let e = owned_sa(&rt, k, sa.spi);
+            assert_eq!(
+                e.encap,
+                Some(UdpEncap {
+                    sport: port,
+                    dport: port
+                }),
+                "{e:?}"
+            );
+            assert_eq!(e.other_encap_type, None);
+            assert_eq!(e.src, sa.locators.src);
+        }
+    }
+    let sent = owned_sa(&rt, &ka, aa.spi_out).seq_out;
+    assert!(sent >= N as u32, "{sent}");
+
+    // UPDSA cannot drop the encapsulation (the kernel says EINVAL); nothing changes.
+    let before = xfrm_list(&p.a, "state");
+    let plain_out = SaParams {
+        encap: None,
+        ..aa.sa_out()
+    };
+    let e = rt.block_on(ka.update_sa(&plain_out)).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
+    assert_eq!(xfrm_list(&p.a, "state"), before);
+
+    // a learns another port for b (40000): both SAs move in place, the inbound one with
+    // the ports swapped; the outbound one goes on counting.
+    let a2 = AssociationParams {
+        encap: Some(UdpEncap {
+            sport: port,
+            dport: 40000,
+        }),
+        ..aa.clone()
+    };
+    move_both(&rt, &ka, &aa, &a2);
+    let st = xfrm_list(&p.a, "state");
+    assert_eq!(xfrm_list_len(&p.a, "state"), 2, "{st}");
+    assert!(
+        st.contains("encap type espinudp sport 10500 dport 40000"),
+        "{st}"
+    );
+    assert!(
+        st.contains("encap type espinudp sport 40000 dport 10500"),
+        "{st}"
+    );
+    let out = owned_sa(&rt, &ka, aa.spi_out);
+    assert_eq!(out.encap, a2.encap, "{out:?}");
+    assert_eq!(out.seq_out, sent, "sequence numbers kept: {out:?}");
+    let inb = owned_sa(&rt, &ka, aa.spi_in);
+    assert_eq!(inb.encap, a2.encap.map(UdpEncap::reversed), "{inb:?}");
+
+    // Traffic follows: a sends to b's port 40000. b still sends from 10500, which a's
+    // inbound SA does not expect now: the kernel takes the packets and reports a mapping.
+    exchange(&p, 3, "moved");
+    let w = wire4(&cap_a.sent(ipv4));
+    assert!(
+        w.udp_esp
+            .iter()
+            .all(|&(s, d, spi)| (s, d, spi) == (port, 40000, aa.spi_out)),
+        "{w:?}"
+    );
+    assert!(!w.udp_esp.is_empty(), "{w:?}");
+    assert!(owned_sa(&rt, &ka, aa.spi_out).seq_out >= sent + 3);
+    let earlier = std::cell::RefCell::new(Vec::new());
+    let m = wait_event(&rt, &mut ev_a, Duration::from_secs(10), "mapping", |e| {
+        earlier.borrow_mut().push(e.clone());
+        matches!(e, KernelEvent::Mapping { .. })
+    });
+    // The port move was an update in place (UPDSA), not a deletion and a new SA.
+    assert!(
+        !earlier
+            .borrow()
+            .iter()
+            .any(|e| matches!(e, KernelEvent::SaDeleted { .. })),
+        "{earlier:?}"
+    );
+    assert!(m.is_owned(), "{m:?}");
+    assert_eq!(
+        m,
+        KernelEvent::Mapping {
+            sa: a2.sa_in().id(),
+            reqid,
+            old: SocketAddr::new(lb, 40000),
+            new: SocketAddr::new(lb, port),
+        }
+    );
+
+    // Back to plain ESP on both sides: deleted and re-added (UPDSA cannot remove
+    // encapsulation), sequence numbers carried over.
+    let sent = owned_sa(&rt, &ka, aa.spi_out).seq_out;
+    let (a3, b3) = (
+        AssociationParams {
+            encap: None,
+            ..aa.clone()
+        },
+        AssociationParams {
+            encap: None,
+            ..ab.clone()
+        },
+    );
+    move_both(&rt, &ka, &a2, &a3);
+    move_both(&rt, &kb, &ab, &b3);
+    wait_event(
+        &rt,
+        &mut ev_a,
+        Duration::from_secs(10),
+        "re-add",
+        |e| matches!(e, KernelEvent::SaDeleted { sa, .. } if sa.spi == aa.spi_out),
+    );
+    for (ns, k, a) in [(&p.a, &ka, &a3), (&p.b, &kb, &b3)] {
+        let st = xfrm_list(ns, "state");
+        assert_eq!(xfrm_list_len(ns, "state"), 2, "{st}");
+        assert!(!st.contains("encap"), "{st}");
+        for sa in [a.sa_out(), a.sa_in()] {
+            assert_eq!(owned_sa(&rt, k, sa.spi).encap, None);
+        }
+    }
+    assert_eq!(owned_sa(&rt, &ka, aa.spi_out).seq_out, sent, "carried over");
+    exchange(&p, 3, "plain");
+    let mut w = wire4(&cap_a.sent(ipv4));
+    w.esp.extend(wire4(&cap_b.sent(ipv4)).esp);
+    assert!(w.udp_esp.is_empty(), "{w:?}");
+    assert_eq!(
+        w.esp.iter().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([aa.spi_in, ab.spi_in]),
+        "{w:?}"
+    );
+    assert!(owned_sa(&rt, &ka, aa.spi_out).seq_out >= sent + 3);
+
+    rt.block_on(remove_association(&ka, &a3)).unwrap();
+    rt.block_on(remove_association(&kb, &b3)).unwrap();
+    for ns in [&p.a, &p.b] {
+        assert_eq!(xfrm_list_len(ns, "state"), 0, "{}", xfrm_list(ns, "state"));
+        assert_eq!(
+            xfrm_list_len(ns, "policy"),
+            0,
+            "{}",
+            xfrm_list(ns, "policy")
+        );
     }
 }

@@ -198,6 +198,7 @@ fn kernel_floor(n: usize, like_agent: bool) -> Result<f64> {
                     replay_window: 32,
                     lifetimes: Lifetimes::UNLIMITED,
                     fail_closed: FailClosed::PerPeer,
+                    encap: None,
                 };
                 let start = Instant::now();
                 hip_kernel::install_association(&x, &a).await?;
