@@ -519,6 +519,11 @@ enum Command {
         new_local: IpAddr,
         reply: oneshot::Sender<Result<(), DriverError>>,
     },
+    PathObserved {
+        peer: Hit,
+        from: SocketAddr,
+        reply: oneshot::Sender<Result<(), DriverError>>,
+    },
 }
 
 /// Handle to a running driver task.
@@ -685,6 +690,17 @@ impl HipDriver {
                 new_local,
                 reply,
             })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// The kernel saw `peer`'s ESP arrive from another UDP path (`XFRM_MSG_MAPPING`):
+    /// the endpoint verifies that path (see [`Endpoint::path_observed`]).
+    pub async fn path_observed(&self, peer: Hit, from: SocketAddr) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::PathObserved { peer, from, reply })
             .await
             .map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)?
@@ -895,6 +911,10 @@ async fn run(
                 }
                 Some(Command::UpdateLocators { peer, new_local, reply }) => {
                     let r = ep.update_locators(Instant::now(), peer, new_local);
+                    let _ = reply.send(r.map_err(Into::into));
+                }
+                Some(Command::PathObserved { peer, from, reply }) => {
+                    let r = ep.path_observed(Instant::now(), peer, from);
                     let _ = reply.send(r.map_err(Into::into));
                 }
             },

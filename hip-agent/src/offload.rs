@@ -20,11 +20,12 @@ use hip_datapath::{
 };
 use hip_kernel::{
     AssociationParams, EspKeyPair, EspKeys, EspTransform, FailClosed, Guard, KernelEvent,
-    KernelIpsec, Lifetimes, LocatorPair, Prefix, Reqid, ReqidPool, SaId, XfrmError, XfrmNetlink,
+    KernelIpsec, Lifetimes, LocatorPair, Prefix, Reqid, ReqidPool, SaId, UdpEncap, XfrmError,
+    XfrmNetlink,
 };
 use hip_proto::{
     Hit,
-    endpoint::{Established, Rekeyed, SpiAllocator},
+    endpoint::{Established, Rekeyed, SpiAllocator, UdpPorts},
     esp::EspSuite,
 };
 use serde::Serialize;
@@ -75,6 +76,10 @@ pub struct Installed {
     pub local_locator: IpAddr,
     /// Outer addresses.
     pub peer_locator: IpAddr,
+    /// The SAs' UDP encapsulation (RFC 3948, for HIP over UDP through a NAT): our port as
+    /// `sport`, the peer's as `dport`; absent for plain ESP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encap: Option<UdpEncap>,
     /// How long each part of the install took, in microseconds (where a call's kernel
     /// programming time goes; `hip-call-bench` reports it). Absent after a rekey or a
     /// move, which replace the SAs without a new install.
@@ -298,7 +303,7 @@ impl Offload {
             replay_window: self.replay_window,
             lifetimes: self.lifetimes,
             fail_closed: self.fail_closed,
-            encap: None,
+            encap: encap_of(e.udp),
         };
         let mut split = InstallSplit::default();
         let t = std::time::Instant::now();
@@ -469,11 +474,16 @@ impl Offload {
     /// (XFRM cannot change an SA's addresses in place without MIGRATE, so the pair is
     /// re-added and the old one removed), the policies' templates are replaced in place,
     /// and the datapath's verified locator follows.
+    ///
+    /// Over UDP a NAT's rebinding changes only the ports (`udp`): the kernel updates both
+    /// SAs' encapsulation in place, keys and counters untouched; a path that gains or
+    /// loses encapsulation re-adds the pair.
     pub async fn locators_changed(
         &mut self,
         peer: Hit,
         local: IpAddr,
         peer_locator: IpAddr,
+        udp: Option<UdpPorts>,
     ) -> Result<Installed, OffloadError> {
         let old = self
             .installed
@@ -483,6 +493,7 @@ impl Offload {
         let mut new = old.clone();
         new.local_locator = local;
         new.peer_locator = peer_locator;
+        new.encap = encap_of(udp);
         // The policies' templates first: from then on the kernel picks no SA at the old
         // addresses for sending (templates match on them), so the old outbound SA's
         // counter is frozen when `move_sa` copies it — otherwise a packet sent in between
@@ -495,7 +506,7 @@ impl Offload {
         // carried over. (An inbound SA whose destination stays may still take a packet
         // between the copy and the delete; that one packet could be replayed once.)
         for (o, n) in [(old.sa_out(), new.sa_out()), (old.sa_in(), new.sa_in())] {
-            if o.locators != n.locators {
+            if o.locators != n.locators || o.encap != n.encap {
                 self.xfrm.move_sa(&o.id(), &n).await?;
             }
         }
@@ -602,8 +613,18 @@ fn installed(p: &AssociationParams) -> Installed {
         transform: p.keys.inbound.transform().name(),
         local_locator: p.local_locator,
         peer_locator: p.peer_locator,
+        encap: p.encap,
         install_us: None,
     }
+}
+
+/// The SAs' encapsulation for an association over UDP: our port is the source of what
+/// we send.
+fn encap_of(u: Option<UdpPorts>) -> Option<UdpEncap> {
+    u.map(|u| UdpEncap {
+        sport: u.local,
+        dport: u.peer,
+    })
 }
 
 fn spec(p: &AssociationParams) -> AssociationSpec {

@@ -90,6 +90,8 @@ pub struct AssocRecord {
     pub peer_locator: Option<IpAddr>,
     /// Our locator.
     pub local_locator: Option<IpAddr>,
+    /// Set when the association runs over UDP (RFC 9028: HIP and ESP through a NAT).
+    pub nat: Option<NatPath>,
     /// Negotiated ESP transform (RFC 7402 suite name).
     pub esp_transform: Option<String>,
     /// What the kernel holds for it (SPIs, reqid), when offloaded.
@@ -105,6 +107,30 @@ pub struct AssocRecord {
     pub timing_ms: Timing,
     /// Rekeys done.
     pub rekeys: u32,
+}
+
+/// How an association over UDP runs (see [`AssocRecord::nat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NatPath {
+    /// Our UDP port (HIP and UDP-encapsulated ESP).
+    pub local_port: u16,
+    /// The peer's UDP port as seen on the wire (behind a NAT: its mapped port).
+    pub peer_port: u16,
+    /// Whether the path goes through a relay (RFC 9028 §4.5); never yet: direct.
+    pub relayed: bool,
+    /// Interval of the NAT keepalives both sides send (RFC 9028 §5.3).
+    pub keepalive_interval_s: u64,
+}
+
+impl NatPath {
+    fn of(u: Option<endpoint::UdpPorts>) -> Option<Self> {
+        u.map(|u| Self {
+            local_port: u.local,
+            peer_port: u.peer,
+            relayed: false,
+            keepalive_interval_s: endpoint::Config::default().udp_keepalive.as_secs(),
+        })
+    }
 }
 
 /// See [`AssocRecord::timing_ms`].
@@ -423,6 +449,7 @@ impl Security {
             initiator,
             peer_locator: locator,
             local_locator: None,
+            nat: None,
             esp_transform: None,
             kernel: None,
             error: None,
@@ -908,6 +935,7 @@ impl Security {
                 r.initiator = e.initiator;
                 r.peer_locator = Some(e.peer_locator);
                 r.local_locator = Some(e.local_locator);
+                r.nat = NatPath::of(e.udp);
                 r.esp_transform = Some(format!("{:?}", e.esp_suite));
                 r.kernel = kernel;
                 r.error = None;
@@ -1058,7 +1086,7 @@ impl Security {
                 self.moving.remove(&peer_hit);
                 if let Some(o) = &mut self.offload {
                     match o
-                        .locators_changed(peer_hit, local_locator, peer_locator)
+                        .locators_changed(peer_hit, local_locator, peer_locator, udp)
                         .await
                     {
                         Ok(i) => {
@@ -1080,6 +1108,7 @@ impl Security {
                 if let Some(rec) = self.records.get_mut(&peer_hit) {
                     rec.local_locator = Some(local_locator);
                     rec.peer_locator = Some(peer_locator);
+                    rec.nat = NatPath::of(udp);
                 }
                 Outcome::Nothing
             }
@@ -1122,6 +1151,18 @@ impl Security {
                             .await;
                     }
                     None => tracing::debug!(%sa, "hard expiry of an SA no association uses"),
+                }
+            }
+            KernelEvent::Mapping { sa, old, new, .. } => {
+                // Authenticated ESP from another UDP path: a NAT rebound. HIP verifies the
+                // path before the SAs follow (LocatorsChanged); the kernel repeats the
+                // event per packet until then, and the endpoint starts one check only.
+                let peer = self.offload.as_ref().and_then(|o| o.peer_of_sa(&sa));
+                if let Some(peer) = peer {
+                    tracing::info!(%peer, %old, %new, "ESP from a new UDP path (NAT mapping): verifying it");
+                    if let Err(e) = self.driver.path_observed(peer, new).await {
+                        tracing::debug!(%peer, "path check: {e}");
+                    }
                 }
             }
             other => tracing::debug!("kernel event: {other:?}"),
@@ -1350,6 +1391,7 @@ mod tests {
             initiator: true,
             peer_locator: None,
             local_locator: None,
+            nat: None,
             esp_transform: None,
             kernel: None,
             error: None,

@@ -39,6 +39,9 @@ pub struct Options {
     /// How long bob rings before he answers (default 300 ms, so the 180 and the 200
     /// travel apart as in the draft's flow; benchmarks use 0).
     pub ring_ms: Option<u64>,
+    /// Put alice behind a NAT ([`Trapezoid::with_nat`]): she is
+    /// [`ALICE_PRIVATE_IP`](crate::sip::ALICE_PRIVATE_IP) and 192.0.2.1 is the NAT's.
+    pub alice_behind_nat: bool,
 }
 
 /// A running scenario; dropping it stops everything and deletes the namespaces.
@@ -104,7 +107,11 @@ impl Scenario {
     /// Builds the network, starts both proxies and both agents, and waits until both are
     /// registered.
     pub fn start(opts: &Options) -> Result<Self> {
-        let net = Trapezoid::new()?;
+        let net = if opts.alice_behind_nat {
+            Trapezoid::with_nat()?
+        } else {
+            Trapezoid::new()?
+        };
         let dir = scratch("call");
         // An independent view of everything on the wire, read back after the call.
         let (capture, pcap) = capture_bridge(&net, &dir)?;
@@ -141,11 +148,16 @@ impl Scenario {
                 ),
             )
         };
+        let alice_ip = if opts.alice_behind_nat {
+            crate::sip::ALICE_PRIVATE_IP
+        } else {
+            ALICE_IP
+        };
         let alice = agent(
             &net.hosts[0],
             "alice",
             &alice_key,
-            ALICE_IP,
+            alice_ip,
             "192.0.2.2",
             "atlanta.com",
         )?;
@@ -246,6 +258,16 @@ impl Scenario {
     /// Streams `count` RTP packets (20 ms apart) from alice's HIT to bob's HIT and the
     /// port bob's SDP announced; bob's side receives them with an ordinary UDP socket.
     pub fn stream_rtp(&self, count: u32) -> Result<RtpReport> {
+        self.stream(false, count)
+    }
+
+    /// [`Scenario::stream_rtp`] the other way: from bob's HIT (the port above his media
+    /// port, which his own receiver may hold) to alice's HIT and her media port.
+    pub fn stream_rtp_to_alice(&self, count: u32) -> Result<RtpReport> {
+        self.stream(true, count)
+    }
+
+    fn stream(&self, to_alice: bool, count: u32) -> Result<RtpReport> {
         let (addr, port) = self.bob_media()?;
         if addr != self.bob_hit {
             bail!(
@@ -253,16 +275,25 @@ impl Scenario {
                 self.bob_hit
             );
         }
+        let (rx_ns, tx_ns, from, to) = if to_alice {
+            (
+                self.alice_ns(),
+                self.bob_ns(),
+                format!("[{addr}]:{}", port + 2),
+                format!("[{}]:{RTP_PORT}", self.alice_hit),
+            )
+        } else {
+            (
+                self.bob_ns(),
+                self.alice_ns(),
+                format!("[{}]:{RTP_PORT}", self.alice_hit),
+                format!("[{addr}]:{port}"),
+            )
+        };
         let rtp = crate::rtp_bin();
         let mut rx = Command::new(&rtp)
-            .args([
-                "--netns",
-                self.bob_ns().name(),
-                "recv",
-                "--announce",
-                "--bind",
-            ])
-            .arg(format!("[{addr}]:{port}"))
+            .args(["--netns", rx_ns.name(), "recv", "--announce", "--bind"])
+            .arg(&to)
             .args(["--count", &count.to_string(), "--timeout-s", "60"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -279,12 +310,12 @@ impl Scenario {
             rtp.to_str().unwrap(),
             [
                 "--netns",
-                self.alice_ns().name(),
+                tx_ns.name(),
                 "send",
                 "--from",
-                &format!("[{}]:{RTP_PORT}", self.alice_hit),
+                &from,
                 "--to",
-                &format!("[{addr}]:{port}"),
+                &to,
                 "--count",
                 &count.to_string(),
             ],

@@ -478,9 +478,97 @@ pub struct Trapezoid {
     pub lan: NetNs,
     /// alice, atlanta, biloxi, bob.
     pub hosts: Vec<NetNs>,
+    /// With [`Trapezoid::with_nat`]: the router alice sits behind.
+    pub nat: Option<NetNs>,
 }
 
+/// alice's address behind the NAT of [`Trapezoid::with_nat`].
+pub const ALICE_PRIVATE_IP: &str = "10.0.1.2";
+
+/// The UDP conntrack timeout the NAT of [`Trapezoid::with_nat`] keeps (both the
+/// unreplied and the stream one): a binding idle longer than this is forgotten.
+pub const NAT_UDP_TIMEOUT_S: u64 = 20;
+
 impl Trapezoid {
+    /// The trapezoid with alice behind a NAT: a router namespace holds her public address
+    /// 192.0.2.1 on the bridge and masquerades (nftables) everything from her private
+    /// network 10.0.1.0/24, where she is [`ALICE_PRIVATE_IP`]; UDP bindings time out
+    /// after [`NAT_UDP_TIMEOUT_S`].
+    pub fn with_nat() -> Result<Self> {
+        let mut t = Self::new()?;
+        let nat = NetNs::new("trnat")?;
+        let alice = &t.hosts[0];
+        // alice's link to the bridge moves to the router; alice gets a private link.
+        alice.ip(["link", "set", "valice", "netns", nat.name()])?;
+        nat.ip(["link", "set", "valice", "name", "wan"])?;
+        nat.ip(["addr", "add", "192.0.2.1/24", "dev", "wan"])?;
+        nat.ip(["link", "set", "wan", "up"])?;
+        crate::ip([
+            "link",
+            "add",
+            "valice",
+            "netns",
+            alice.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan",
+            "netns",
+            nat.name(),
+        ])?;
+        nat.ip(["addr", "add", "10.0.1.1/24", "dev", "lan"])?;
+        nat.ip(["link", "set", "lan", "up"])?;
+        alice.ip([
+            "addr",
+            "add",
+            &format!("{ALICE_PRIVATE_IP}/24"),
+            "dev",
+            "valice",
+        ])?;
+        alice.ip(["link", "set", "valice", "up"])?;
+        alice.ip(["route", "add", "default", "via", "10.0.1.1"])?;
+        let sh = |cmd: &str| -> Result<()> {
+            crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
+        };
+        sh("sysctl -qw net.ipv4.ip_forward=1")?;
+        let rules = "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade\n }\n}\n";
+        sh(&format!("printf '{rules}' | nft -f -"))?;
+        // The conntrack sysctls are per namespace once the module is loaded (the rule
+        // above loaded it).
+        sh(&format!(
+            "sysctl -qw net.netfilter.nf_conntrack_udp_timeout={NAT_UDP_TIMEOUT_S} \
+             net.netfilter.nf_conntrack_udp_timeout_stream={NAT_UDP_TIMEOUT_S}"
+        ))?;
+        t.nat = Some(nat);
+        Ok(t)
+    }
+
+    /// Makes the NAT of [`Trapezoid::with_nat`] behave as one that restarted with a new
+    /// port range: every binding it held is forgotten (its conntrack table flushed over
+    /// ctnetlink, `IPCTNL_MSG_CT_DELETE` without attributes) and new ones take ports from
+    /// 20000–20999, so alice's next datagram leaves from another public port.
+    pub fn rebind_nat(&self) -> Result<()> {
+        let nat = self.nat.as_ref().context("no NAT in this trapezoid")?;
+        let rules = "flush table ip nat\ntable ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade to :20000-20999\n }\n}\n";
+        crate::run(
+            "ip",
+            [
+                "netns",
+                "exec",
+                nat.name(),
+                "sh",
+                "-c",
+                &format!("printf '{rules}' | nft -f -"),
+            ],
+        )?;
+        // No conntrack tool in the guest: the flush request by hand (nfnetlink header,
+        // subsystem CTNETLINK = 1, message DELETE = 2, family AF_INET, no attributes).
+        let flush = "import socket,struct\n            s=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,12)\n            m=struct.pack('=IHHII',20,(1<<8)|2,0x5,1,0)+struct.pack('=BBH',2,0,0)\n            s.send(m)\n            r=s.recv(4096)\n            e=struct.unpack('=i',r[16:20])[0]\n            assert e==0,e\n";
+        crate::run("ip", ["netns", "exec", nat.name(), "python3", "-c", flush])?;
+        Ok(())
+    }
+
     pub fn new() -> Result<Self> {
         let lan = NetNs::new("trlan")?;
         // Ageing time 0: the bridge never learns addresses and floods every frame, so its own
@@ -517,7 +605,11 @@ impl Trapezoid {
             ns.ip(["link", "set", &inner, "up"])?;
             hosts.push(ns);
         }
-        Ok(Self { lan, hosts })
+        Ok(Self {
+            lan,
+            hosts,
+            nat: None,
+        })
     }
 
     /// Starts the two Kamailio proxies of the draft's Figure 1 (configs and logs in

@@ -582,3 +582,169 @@ fn a_kernel_that_refuses_the_move_closes_the_association_and_says_why() {
     s.bob.ctl(&["hangup", &bob_call]).unwrap();
     wait_calls_ended(&[&s.alice, &s.bob], Duration::from_secs(60)).unwrap();
 }
+
+/// Issue 13 (a): alice behind a NAT (nftables masquerade, UDP bindings forgotten after
+/// 20 s) calls bob on a public address. HIP runs over UDP 10500 (RFC 9028 framing), the
+/// SAs are UDP-encapsulated (the kernel's `espinudp`), and the NAT's public side carries
+/// only SIP, HIP over UDP and UDP-encapsulated ESP. Keepalives hold the binding through
+/// an idle gap longer than its timeout.
+#[test]
+fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
+    use hip_tests::sip::{ALICE_PRIVATE_IP, NAT_UDP_TIMEOUT_S};
+    let mut s = Scenario::start(&Options {
+        alice_behind_nat: true,
+        ..Options::default()
+    })
+    .unwrap();
+    let call = s.call().unwrap();
+    let (a, b) = s.wait_established().unwrap();
+    let (aa, ab) = (&a["associations"][0], &b["associations"][0]);
+    // alice sees bob as he is; bob sees alice at the NAT's address and mapped port.
+    assert_eq!(aa["local_locator"], ALICE_PRIVATE_IP, "{aa}");
+    assert_eq!(aa["peer_locator"], call::BOB_IP, "{aa}");
+    assert_eq!(aa["nat"]["local_port"], 10500, "{aa}");
+    assert_eq!(aa["nat"]["peer_port"], 10500, "{aa}");
+    assert_eq!(
+        ab["peer_locator"],
+        call::ALICE_IP,
+        "the NAT's public address: {ab}"
+    );
+    let mapped = ab["nat"]["peer_port"]
+        .as_u64()
+        .expect("bob's view of alice's port");
+    assert_eq!(ab["nat"]["relayed"], false, "{ab}");
+    // Both SAs on each side are UDP-encapsulated, with the same ports.
+    for (ns, peer_port) in [(s.alice_ns(), 10500), (s.bob_ns(), mapped)] {
+        let st = ns.ip(["xfrm", "state", "list"]).unwrap();
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        assert_eq!(st.matches("mode beet").count(), 2, "{st}");
+        assert_eq!(st.matches("encap type espinudp").count(), 2, "{st}");
+        for dir in [
+            format!("sport 10500 dport {peer_port}"),
+            format!("sport {peer_port} dport 10500"),
+        ] {
+            assert!(st.contains(&dir), "{dir} in {}: {st}", ns.name());
+        }
+    }
+
+    const N: u32 = 50;
+    let check = |r: call::RtpReport, what: &str| {
+        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
+        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
+    };
+    check(s.stream_rtp(N).unwrap(), "alice → bob");
+    check(s.stream_rtp_to_alice(N).unwrap(), "bob → alice");
+
+    // Idle for longer than the NAT keeps an unused binding: only the keepalives (every
+    // 15 s, RFC 9028 §4.10) cross it. The idle time itself is what is tested here.
+    let before = s.bob.status()["limits"]["hip"]["keepalives_received"]
+        .as_u64()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(NAT_UDP_TIMEOUT_S + 6));
+    let st_a = s.alice.status();
+    let st_b = s.bob.status();
+    assert!(
+        st_a["limits"]["hip"]["keepalives_sent"].as_u64() >= Some(1),
+        "{}",
+        st_a["limits"]["hip"]
+    );
+    assert!(
+        st_b["limits"]["hip"]["keepalives_received"].as_u64() > Some(before),
+        "{}",
+        st_b["limits"]["hip"]
+    );
+    // Media still gets through both ways, on the same binding (no re-exchange).
+    check(s.stream_rtp(N).unwrap(), "alice → bob after the idle gap");
+    check(
+        s.stream_rtp_to_alice(N).unwrap(),
+        "bob → alice after the idle gap",
+    );
+    let (_, b2) = s.wait_established().unwrap();
+    assert_eq!(b2["associations"][0]["nat"]["peer_port"], mapped, "{b2}");
+
+    // The NAT restarts: its bindings are gone and alice's next datagram gets another
+    // public port. bob's kernel takes her ESP from there and reports it
+    // (XFRM_MSG_MAPPING); bob checks the new path with an echo, and only then moves his
+    // SAs to it — so his media reaches her again, without a new exchange or re-INVITE.
+    let rebound = std::time::Instant::now();
+    s.net.rebind_nat().unwrap();
+    check(
+        s.stream_rtp(N).unwrap(),
+        "alice → bob after the NAT rebound",
+    );
+    let moved = Scenario::wait_call_security(
+        &s.bob,
+        "bob to follow the new mapping",
+        Duration::from_secs(60),
+        |sec| {
+            sec["associations"][0]["nat"]["peer_port"]
+                .as_u64()
+                .is_some_and(|p| (20000..21000).contains(&p))
+        },
+    )
+    .unwrap();
+    println!(
+        "NAT rebinding followed {} ms after the NAT restarted (alice's stream of {N} packets, 20 ms apart, started at once)",
+        rebound.elapsed().as_millis()
+    );
+    let new_port = moved["associations"][0]["nat"]["peer_port"]
+        .as_u64()
+        .unwrap();
+    let st = s.bob_ns().ip(["xfrm", "state", "list"]).unwrap();
+    let st = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(
+        st.contains(&format!("sport 10500 dport {new_port}")),
+        "{st}"
+    );
+    assert!(
+        st.contains(&format!("sport {new_port} dport 10500")),
+        "{st}"
+    );
+    check(
+        s.stream_rtp_to_alice(N).unwrap(),
+        "bob → alice after the NAT rebound",
+    );
+    assert_eq!(
+        moved["associations"][0]["kernel"]["spi_in"], ab["kernel"]["spi_in"],
+        "the same SAs, moved"
+    );
+
+    s.hangup(&call).unwrap();
+    s.wait_kernel_empty().unwrap();
+
+    // The NAT's public side, decoded by tshark: between the NAT's address and bob only
+    // SIP, HIP over UDP and UDP-encapsulated ESP — no raw HIP, no raw ESP, no clear RTP.
+    let pcap = s.stop_capture().unwrap();
+    let pkts = call::read_pcap(&pcap).unwrap();
+    let direct: Vec<_> = pkts
+        .iter()
+        .filter(|p| {
+            let ends = [p.src.as_str(), p.dst.as_str()];
+            ends.contains(&call::ALICE_IP) && ends.contains(&call::BOB_IP)
+        })
+        .collect();
+    let wrong: Vec<_> = direct
+        .iter()
+        .filter(|p| {
+            !(p.proto == 17
+                && ([p.sport, p.dport].contains(&10500) || p.sport == 5060 || p.dport == 5060))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "not SIP or UDP 10500: {wrong:?}");
+    let encap: Vec<_> = direct
+        .iter()
+        .filter(|p| [p.sport, p.dport].contains(&10500))
+        .collect();
+    assert!(
+        encap.len() as u32 >= 4 * N,
+        "{} datagrams on 10500 for {} RTP packets",
+        encap.len(),
+        4 * N
+    );
+    assert!(
+        !pkts
+            .iter()
+            .any(|p| p.proto == 17 && [p.sport, p.dport].contains(&call::RTP_PORT)),
+        "clear RTP on the wire"
+    );
+}

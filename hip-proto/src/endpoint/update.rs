@@ -720,6 +720,34 @@ impl Endpoint {
             .map(|c| (c, None))
     }
 
+    /// The kernel saw authenticated ESP of `peer`'s association arrive from `from`, not
+    /// from the UDP path the association has (`XFRM_MSG_MAPPING`: a NAT rebound, RFC
+    /// 3948 §3 leaves following it to the key manager). Like a keepalive from there, it
+    /// starts the verification of that path (RFC 8046 §5.2's echo); nothing moves before
+    /// the peer answers from it. `Ok` also when nothing was to be done (the path is
+    /// already the association's, or a verification is running).
+    pub fn path_observed(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        from: std::net::SocketAddr,
+    ) -> Result<(), ProtocolError> {
+        let a = self
+            .assocs
+            .get(&peer)
+            .ok_or(ProtocolError::NoAssociation(peer))?;
+        let Some(u) = a.udp else {
+            return Ok(());
+        };
+        self.rx_udp = Some(UdpPorts {
+            local: u.local,
+            peer: from.port(),
+        });
+        let r = self.verify_observed_path(now, peer, from.ip());
+        self.rx_udp = None;
+        r
+    }
+
     /// Starts verifying the UDP path an authenticated packet of `peer`'s arrived on, when
     /// it is not the association's and no other UPDATE is outstanding.
     pub(super) fn verify_observed_path(
@@ -734,7 +762,7 @@ impl Endpoint {
         let Some(a) = self.assocs.get(&peer) else {
             return Ok(());
         };
-        if a.state != State::Established
+        if !matches!(a.state, State::Established | State::R2Sent)
             || a.upd.pending.is_some()
             || (src == a.peer_loc && Some(rx) == a.udp)
         {

@@ -328,3 +328,34 @@ fn a_replayed_keepalive_from_elsewhere_moves_nothing() {
             .any(|e| matches!(e, Event::UpdateFailed { .. }))
     );
 }
+
+#[test]
+fn a_mapping_seen_by_the_kernel_starts_the_same_verification() {
+    let mut n = Nat::new(6);
+    n.established();
+    n.port = 40003;
+    // bob's kernel reports ESP from alice at the new port: bob checks that path at once
+    // (no waiting for her next keepalive), and moves when she answers from it.
+    n.b.path_observed(n.now, n.a.hit(), sock(NAT_PUBLIC, 40003))
+        .unwrap();
+    n.run();
+    assert_eq!(
+        n.locator_changes_b(),
+        [(
+            loc(NAT_PUBLIC),
+            Some(UdpPorts {
+                local: HIP_UDP_PORT,
+                peer: 40003
+            })
+        )]
+    );
+    // The same report again: already the path, nothing sent.
+    n.b.path_observed(n.now, n.a.hit(), sock(NAT_PUBLIC, 40003))
+        .unwrap();
+    assert!(n.b.poll_transmit().is_none());
+    // A report for an unknown peer is refused.
+    assert!(
+        n.b.path_observed(n.now, Hit::ZERO, sock(NAT_PUBLIC, 1))
+            .is_err()
+    );
+}
