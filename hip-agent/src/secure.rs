@@ -1158,7 +1158,13 @@ impl Security {
                 // path before the SAs follow (LocatorsChanged); the kernel repeats the
                 // event per packet until then, and the endpoint starts one check only.
                 let peer = self.offload.as_ref().and_then(|o| o.peer_of_sa(&sa));
-                if let Some(peer) = peer {
+                // Packets already in flight when the SAs moved report the path they now
+                // have: nothing to do for those.
+                let current = peer.and_then(|p| self.records.get(&p)).is_some_and(|r| {
+                    r.peer_locator == Some(new.ip())
+                        && r.nat.is_some_and(|n| n.peer_port == new.port())
+                });
+                if let Some(peer) = peer.filter(|_| !current) {
                     tracing::info!(%peer, %old, %new, "ESP from a new UDP path (NAT mapping): verifying it");
                     if let Err(e) = self.driver.path_observed(peer, new).await {
                         tracing::debug!(%peer, "path check: {e}");

@@ -550,7 +550,7 @@ impl Trapezoid {
     /// 20000–20999, so alice's next datagram leaves from another public port.
     pub fn rebind_nat(&self) -> Result<()> {
         let nat = self.nat.as_ref().context("no NAT in this trapezoid")?;
-        let rules = "flush table ip nat\ntable ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade to :20000-20999\n }\n}\n";
+        let rules = "flush table ip nat\ntable ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 meta l4proto udp masquerade to :20000-20999\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade\n }\n}\n";
         crate::run(
             "ip",
             [
@@ -564,7 +564,11 @@ impl Trapezoid {
         )?;
         // No conntrack tool in the guest: the flush request by hand (nfnetlink header,
         // subsystem CTNETLINK = 1, message DELETE = 2, family AF_INET, no attributes).
-        let flush = "import socket,struct\n            s=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,12)\n            m=struct.pack('=IHHII',20,(1<<8)|2,0x5,1,0)+struct.pack('=BBH',2,0,0)\n            s.send(m)\n            r=s.recv(4096)\n            e=struct.unpack('=i',r[16:20])[0]\n            assert e==0,e\n";
+        let flush = "import socket,struct; \
+            s=socket.socket(socket.AF_NETLINK,socket.SOCK_RAW,12); \
+            s.send(struct.pack('=IHHII',20,(1<<8)|2,0x5,1,0)+struct.pack('=BBH',2,0,0)); \
+            e=struct.unpack('=i',s.recv(4096)[16:20])[0]; \
+            assert e==0,e";
         crate::run("ip", ["netns", "exec", nat.name(), "python3", "-c", flush])?;
         Ok(())
     }

@@ -20,6 +20,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip netns, ip xfrm"),
     ("tshark", "independent HIP dissector and captures"),
     ("tcpdump", "captures on veths"),
+    (
+        "nftables",
+        "nft: the masquerading NATs of the NAT traversal tests (issue 13)",
+    ),
     ("sip-tester", "SIPp, the SIP test peer"),
     (
         "baresip-core",
