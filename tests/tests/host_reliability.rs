@@ -14,7 +14,7 @@ use std::{
 
 use hip_tests::{
     HostIdentityFile, VethPair,
-    attack::{RawHip, bad_checksum_i1, flood_invite, rss_kb, unverified_notify},
+    attack::{RawHip, bad_checksum_i1, flood_invite, i1, rss_kb, unverified_notify},
     relay::{Relay, Rules},
     sip::{Agent, NO_OFFLOAD, hip_key, scratch, signed_both, wait_calls_ended},
     wait_until,
@@ -646,4 +646,82 @@ fn the_relay_rewrites_what_the_tests_say_it_does() {
     assert!(out.contains(
         "\r\n\r\na=key-mgmt:host-identity-tag FFFF\r\na=key-mgmt:host-identity-tag CCCC\r\n"
     ));
+}
+
+/// Issue 13: HIP over UDP (RFC 9028) is a new way in, held to the same rules. On bob's
+/// UDP port 10500: a well-formed I1 gets its R1 back over UDP, behind the non-ESP
+/// marker, with a zero checksum; an I1 carrying a pseudo-header checksum, a truncated
+/// packet, a datagram without the marker and a NAT keepalive no one can verify are each
+/// dropped and counted by reason, and none of them leaves any state behind.
+#[test]
+fn hip_over_udp_answers_what_is_valid_and_counts_what_is_not() {
+    let n = net("relhu", "10.99.4", |_, _| None, "", "");
+    let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+        ("10.99.4.1".parse().unwrap(), n.b_ip.parse().unwrap());
+    let hit_b = hip_proto::Hit(n.bob_id.hit.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    let stranger = hip_proto::Hit([0x20, 0x01, 0, 0x2f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+    let framed = |p: &[u8]| [&[0u8; 4][..], p].concat();
+    let zero_sum = |mut p: Vec<u8>| {
+        p[4] = 0;
+        p[5] = 0;
+        p
+    };
+    let r1 =
+        n.p.a
+            .run_in(|| {
+                let s = UdpSocket::bind((a, 0)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let to = SocketAddr::from((b, 10500));
+                // Bad input first: none of it may be answered.
+                s.send_to(&framed(&bad_checksum_i1(hit_b, a, b)), to)
+                    .unwrap();
+                s.send_to(&framed(&zero_sum(i1(stranger, hit_b, a, b))[..20]), to)
+                    .unwrap();
+                s.send_to(b"\x01\x02\x03\x04", to).unwrap();
+                let mut notify = zero_sum(unverified_notify(hit_b, a, b));
+                // NAT_KEEPALIVE (RFC 9028 §5.3) in place of the message type.
+                let at = notify.len() - 8;
+                notify[at + 6..at + 8].copy_from_slice(&16385u16.to_be_bytes());
+                s.send_to(&framed(&notify), to).unwrap();
+                // Then a valid I1 over UDP: the answer comes back the same way.
+                s.send_to(&framed(&zero_sum(i1(stranger, hit_b, a, b))), to)
+                    .unwrap();
+                let mut buf = [0u8; 2048];
+                let (len, from) = s.recv_from(&mut buf).unwrap();
+                (buf[..len].to_vec(), from)
+            })
+            .unwrap();
+    let (r1, from) = r1;
+    assert_eq!(from, SocketAddr::from((b, 10500)));
+    assert_eq!(r1[..4], [0, 0, 0, 0], "the non-ESP marker");
+    let pkt = hip_proto::wire::Packet::parse(&r1[4..]).unwrap();
+    assert_eq!(pkt.header.packet_type, hip_proto::wire::PacketType::R1);
+    assert_eq!(pkt.header.checksum, 0, "no HIP checksum over UDP");
+    assert_eq!(pkt.header.receiver, stranger);
+
+    let st = wait_until(Duration::from_secs(10), "bob to count all five", || {
+        let st = n.bob.status();
+        (st["limits"]["hip"]["udp_received"].as_u64() >= Some(4)
+            && st["limits"]["hip"]["udp_not_hip"].as_u64() >= Some(1))
+        .then_some(st)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", n.bob.status()));
+    let hip = &st["limits"]["hip"];
+    assert_eq!(hip["udp_received"], 4, "{hip}");
+    assert_eq!(hip["udp_not_hip"], 1, "{hip}");
+    let d = &hip["dropped"];
+    assert_eq!(d["bad-checksum"], 1, "{hip}");
+    assert_eq!(d["unverified-notify"], 1, "{hip}");
+    let total: u64 = d
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(
+        total, 3,
+        "bad checksum, truncated, unverifiable keepalive: {hip}"
+    );
+    assert_eq!(hip["keepalives_received"], 0, "{hip}");
+    assert_eq!(hip["associations"], 0, "an R1 holds no state: {hip}");
 }
