@@ -7,7 +7,7 @@
 //! `poll_timeout` calls `handle_timeout`, and after each step all `poll_transmit`
 //! datagrams are sent and all `poll_event` events forwarded on a channel.
 //!
-//! With [`Sockets::with_udp`], a UDP socket on port 10500 (RFC 9028 §4.1) carries HIP over
+//! With [`Sockets::add_udp`], a UDP socket on port 10500 (RFC 9028 §4.1) carries HIP over
 //! UDP behind the 32-bit zero non-ESP marker, and — marked `UDP_ENCAP_ESPINUDP` — lets the
 //! kernel take UDP-encapsulated ESP off the same port (RFC 3948): the agent still never
 //! sees a media packet, only the HIP ones the kernel hands up with the marker.
