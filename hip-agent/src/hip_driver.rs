@@ -404,6 +404,9 @@ pub struct DriverStats {
     pub keepalives_sent: u64,
     /// See [`DriverStats::keepalives_sent`].
     pub keepalives_received: u64,
+    /// Per peer HIT over UDP: milliseconds since its last verified NAT keepalive
+    /// (absent until the first).
+    pub keepalive_age_ms: BTreeMap<String, u64>,
     /// R1 lanes, capacity and NOTIFY counters from the endpoint.
     pub r1_sent_expected: u64,
     /// See [`endpoint::Stats`].
@@ -901,6 +904,11 @@ async fn run(
                 }
                 Some(Command::Stats { reply }) => {
                     log.stats.absorb(ep.stats(), ep.association_count());
+                    log.stats.keepalive_age_ms = ep
+                        .udp_paths(Instant::now())
+                        .into_iter()
+                        .filter_map(|(h, _, age)| Some((h.to_string(), age?.as_millis() as u64)))
+                        .collect();
                     let _ = reply.send(log.stats.clone());
                 }
                 Some(Command::Close { peer, reply }) => {

@@ -653,6 +653,13 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
         "{}",
         st_b["limits"]["hip"]
     );
+    // The operator's view: when alice's last keepalive came, per association.
+    let age = st_b["limits"]["hip"]["keepalive_age_ms"][s.alice_hit.as_str()].as_u64();
+    assert!(
+        age.is_some_and(|ms| ms <= 16_000),
+        "{}",
+        st_b["limits"]["hip"]
+    );
     // Media still gets through both ways, on the same binding (no re-exchange).
     check(s.stream_rtp(N).unwrap(), "alice → bob after the idle gap");
     check(

@@ -157,6 +157,8 @@ pub(super) struct Assoc {
     pub upd: super::update::UpdateState,
     /// Over UDP: when the next NAT keepalive is due ([`Config::udp_keepalive`]).
     pub keepalive: Option<Instant>,
+    /// Over UDP: when the peer's last verified keepalive arrived.
+    pub keepalive_seen: Option<Instant>,
 }
 
 impl Assoc {
@@ -191,6 +193,7 @@ impl Assoc {
             peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
             keepalive: None,
+            keepalive_seen: None,
         }
     }
 
@@ -1085,6 +1088,7 @@ impl Endpoint {
             peer_host_id_tlv: Vec::new(),
             upd: Default::default(),
             keepalive: udp.map(|_| now + self.config.udp_keepalive),
+            keepalive_seen: None,
         };
         a.upd.esp_next = next;
         self.assocs.insert(hit_i, a);
@@ -1172,6 +1176,9 @@ impl Endpoint {
             // than the association's, it starts that path's verification (a NAT that
             // rebound); no event, the owner has nothing to do per keepalive.
             self.stats.keepalives_received += 1;
+            if let Some(a) = self.assocs.get_mut(&peer) {
+                a.keepalive_seen = Some(now);
+            }
             return self.verify_observed_path(now, peer, src);
         }
         self.events.push_back(Event::Notified {

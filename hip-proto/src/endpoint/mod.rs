@@ -863,6 +863,18 @@ impl Endpoint {
         self.pool.counter()
     }
 
+    /// Associations over UDP: each peer, its ports, and how long ago its last verified
+    /// NAT keepalive arrived (`None`: none yet).
+    pub fn udp_paths(&self, now: Instant) -> Vec<(Hit, UdpPorts, Option<Duration>)> {
+        self.assocs
+            .iter()
+            .filter_map(|(h, a)| {
+                let age = a.keepalive_seen.map(|t| now.saturating_duration_since(t));
+                a.udp.map(|u| (*h, u, age))
+            })
+            .collect()
+    }
+
     /// Number of associations (all states, opportunistic ones included).
     pub fn association_count(&self) -> usize {
         self.assocs.len() + self.opportunistic.len()

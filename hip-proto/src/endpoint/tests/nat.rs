@@ -228,6 +228,11 @@ fn keepalives_keep_coming_and_change_nothing() {
         }
     }
     assert_eq!(n.a.stats().keepalives_received, 3);
+    // The last one came at 45 s; the clock now reads 46 s.
+    let paths = n.b.udp_paths(n.now);
+    assert_eq!(paths.len(), 1);
+    assert_eq!(paths[0].0, n.a.hit());
+    assert_eq!(paths[0].2, Some(Duration::from_secs(1)));
     assert_eq!(n.b.stats().keepalives_received, 3);
     assert!(
         n.events_a
