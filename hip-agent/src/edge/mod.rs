@@ -388,6 +388,10 @@ impl Edge {
                         if let Err(e) = s.initiate(loc, &hits).await {
                             tracing::error!(%call_id, "edge: HIP initiate: {e}");
                         }
+                        // An early exchange may have completed before the answer named
+                        // the HITs: its outcome found no HIT to judge then, so the phone
+                        // hears the level now (nothing is sent while it is pending).
+                        self.retell(&call_id, s).await;
                     }
                     _ => tracing::warn!(%call_id, ?locator, "edge: no HIT or no locator for HIP"),
                 }
