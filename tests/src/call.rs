@@ -413,6 +413,16 @@ pub struct Packet {
     pub sdp: bool,
 }
 
+/// The packets of a capture whose outer addresses are `a` and `b` (either way).
+pub fn between<'p>(pkts: &'p [Packet], a: &str, b: &str) -> Vec<&'p Packet> {
+    pkts.iter()
+        .filter(|p| {
+            let ends = [p.src.as_str(), p.dst.as_str()];
+            ends.contains(&a) && ends.contains(&b)
+        })
+        .collect()
+}
+
 /// Decodes a capture with tshark (an independent dissector).
 pub fn read_pcap(pcap: &std::path::Path) -> Result<Vec<Packet>> {
     let out = crate::run(

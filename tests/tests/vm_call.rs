@@ -146,13 +146,7 @@ fn a_call_is_secured_end_to_end_and_leaves_nothing_behind() {
     // The capture: between the hosts only HIP, ESP (with the reported SPIs) and SIP.
     let pcap = s.stop_capture().unwrap();
     let pkts = call::read_pcap(&pcap).unwrap();
-    let direct: Vec<_> = pkts
-        .iter()
-        .filter(|p| {
-            let ends = [p.src.as_str(), p.dst.as_str()];
-            ends.contains(&call::ALICE_IP) && ends.contains(&call::BOB_IP)
-        })
-        .collect();
+    let direct = call::between(&pkts, call::ALICE_IP, call::BOB_IP);
     let esp: Vec<_> = direct.iter().filter(|p| p.proto == 50).collect();
     assert!(esp.len() as u32 >= N, "{} ESP packets", esp.len());
     let spis: std::collections::BTreeSet<u32> = esp.iter().filter_map(|p| p.spi).collect();
@@ -729,13 +723,7 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
     // SIP, HIP over UDP and UDP-encapsulated ESP — no raw HIP, no raw ESP, no clear RTP.
     let pcap = s.stop_capture().unwrap();
     let pkts = call::read_pcap(&pcap).unwrap();
-    let direct: Vec<_> = pkts
-        .iter()
-        .filter(|p| {
-            let ends = [p.src.as_str(), p.dst.as_str()];
-            ends.contains(&call::ALICE_IP) && ends.contains(&call::BOB_IP)
-        })
-        .collect();
+    let direct = call::between(&pkts, call::ALICE_IP, call::BOB_IP);
     // (ICMP errors are allowed: the NAT answers bob's packets to a binding it forgot
     // with port unreachable, quoting them — until bob follows the new one.)
     let wrong: Vec<_> = direct

@@ -233,11 +233,7 @@ impl Assoc {
             let tag = k.rhash.hmac(&k.hmac_out, b.covered());
             b.push(&Param::Hmac(tag))?;
         }
-        let sig = id.sign(b.covered())?;
-        b.push(&Param::Signature {
-            algorithm: id.host_id().algorithm() as u16,
-            signature: sig,
-        })?;
+        push_signature(&mut b, id)?;
         Ok(self.transmit(b.finish()))
     }
 
@@ -357,6 +353,20 @@ fn check_mac(k: &SessionKeys, covered: &[u8], tag: &[u8]) -> Result<(), Protocol
     }
 }
 
+/// Signs what `b` holds so far with our HI and appends the HIP_SIGNATURE (RFC 7401
+/// §5.2.15: UPDATE, CLOSE, CLOSE_ACK, NOTIFY and R2 carry it).
+pub(super) fn push_signature(
+    b: &mut PacketBuilder,
+    id: &HostIdentity,
+) -> Result<(), ProtocolError> {
+    let sig = id.sign(b.covered())?;
+    b.push(&Param::Signature {
+        algorithm: id.host_id().algorithm() as u16,
+        signature: sig,
+    })?;
+    Ok(())
+}
+
 fn verify_signature(pkt: &Packet, t: u16, hi: &HostId) -> Result<(), ProtocolError> {
     let other = if t == ty::HIP_SIGNATURE {
         ty::HIP_SIGNATURE_2
@@ -474,11 +484,7 @@ impl Endpoint {
     ) -> Result<(), ProtocolError> {
         let mut b = PacketBuilder::new(PacketType::Notify, 0, self.hit(), peer_hit);
         b.push(&Param::Notification { msg_type, data })?;
-        let sig = self.identity.sign(b.covered())?;
-        b.push(&Param::Signature {
-            algorithm: self.identity.host_id().algorithm() as u16,
-            signature: sig,
-        })?;
+        push_signature(&mut b, &self.identity)?;
         // A NOTIFY answers the packet being handled: it goes back the way that came.
         let t = Transmit::framed(local, peer, self.rx_udp, b.finish());
         self.transmits.push_back(t);

@@ -1188,7 +1188,8 @@ impl Endpoint {
             return Err(WireError::BadChecksum.into());
         }
         self.rx_udp = None;
-        self.dispatch(now, src, dst, bytes)
+        let pkt = Packet::parse(bytes)?;
+        self.dispatch(now, src, dst, &pkt)
     }
 
     /// Processes one HIP packet received over UDP from `src` to `dst` (RFC 9028 §4.1),
@@ -1210,7 +1211,7 @@ impl Endpoint {
             local: dst.port(),
             peer: src.port(),
         });
-        let r = self.dispatch(now, src.ip(), dst.ip(), bytes);
+        let r = self.dispatch(now, src.ip(), dst.ip(), &pkt);
         self.rx_udp = None;
         r
     }
@@ -1220,19 +1221,18 @@ impl Endpoint {
         now: Instant,
         src: IpAddr,
         dst: IpAddr,
-        bytes: &[u8],
+        pkt: &Packet,
     ) -> Result<(), ProtocolError> {
-        let pkt = Packet::parse(bytes)?;
         pkt.check_critical(assoc::KNOWN_PARAMS)?;
         match pkt.header.packet_type {
-            PacketType::I1 => self.on_i1(now, src, dst, &pkt),
-            PacketType::R1 => self.on_r1(now, src, dst, &pkt),
-            PacketType::I2 => self.on_i2(now, src, dst, &pkt),
-            PacketType::R2 => self.on_r2(now, &pkt),
-            PacketType::Notify => self.on_notify(now, src, &pkt),
-            PacketType::Close => self.on_close(now, src, dst, &pkt),
-            PacketType::CloseAck => self.on_close_ack(now, &pkt),
-            PacketType::Update => self.on_update(now, src, dst, &pkt),
+            PacketType::I1 => self.on_i1(now, src, dst, pkt),
+            PacketType::R1 => self.on_r1(now, src, dst, pkt),
+            PacketType::I2 => self.on_i2(now, src, dst, pkt),
+            PacketType::R2 => self.on_r2(now, pkt),
+            PacketType::Notify => self.on_notify(now, src, pkt),
+            PacketType::Close => self.on_close(now, src, dst, pkt),
+            PacketType::CloseAck => self.on_close_ack(now, pkt),
+            PacketType::Update => self.on_update(now, src, dst, pkt),
         }
     }
 }

@@ -137,11 +137,7 @@ impl Assoc {
                 msg_type: wire::notify::NAT_KEEPALIVE,
                 data: Vec::new(),
             })?;
-            let sig = id.sign(b.covered())?;
-            b.push(&Param::Signature {
-                algorithm: id.host_id().algorithm() as u16,
-                signature: sig,
-            })?;
+            super::assoc::push_signature(&mut b, id)?;
             Ok(self.transmit(b.finish()))
         })();
         // A failure to sign only skips this keepalive; the next one is armed.

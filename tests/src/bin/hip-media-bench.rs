@@ -180,19 +180,7 @@ fn measure(transform: &str, secs: f64) -> Result<Value> {
     let cpu0 = pids.map(|p| cpu_ms(p).unwrap_or(f64::NAN));
     let bpf0 = bpf_runtime()?;
     let t0 = Instant::now();
-    let esp: Vec<Stream> = SIZES
-        .iter()
-        .map(|&size| {
-            stream(
-                &b_ns,
-                format!("[{}]:0", s.bob_hit).parse()?,
-                &a_ns,
-                format!("[{}]:40000", s.alice_hit).parse()?,
-                size,
-                secs,
-            )
-        })
-        .collect::<Result<_>>()?;
+    let esp = esp_streams(&s, secs)?;
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
     let bpf1 = bpf_runtime()?;
     let cpu1 = pids.map(|p| cpu_ms(p).unwrap_or(f64::NAN));
@@ -292,6 +280,24 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The ESP streams of every size, bob's HIT → alice's HIT, through the call's SAs.
+fn esp_streams(s: &Scenario, secs: f64) -> Result<Vec<Stream>> {
+    let (a_ns, b_ns) = (s.alice_ns().name(), s.bob_ns().name());
+    SIZES
+        .iter()
+        .map(|&size| {
+            stream(
+                b_ns,
+                format!("[{}]:0", s.bob_hit).parse()?,
+                a_ns,
+                format!("[{}]:40000", s.alice_hit).parse()?,
+                size,
+                secs,
+            )
+        })
+        .collect()
+}
+
 /// ESP streams bob → alice with alice behind a NAT.
 fn through_nat(secs: f64) -> Result<Vec<Stream>> {
     let s = Scenario::start(&Options {
@@ -300,25 +306,12 @@ fn through_nat(secs: f64) -> Result<Vec<Stream>> {
         alice_behind_nat: true,
         ..Options::default()
     })?;
-    let (a_ns, b_ns) = (s.alice_ns().name().to_owned(), s.bob_ns().name().to_owned());
     let call = s.call()?;
     let (sec, _) = s.wait_established()?;
     if sec["associations"][0]["nat"].is_null() {
         bail!("the call did not go over UDP: {sec}");
     }
-    let esp: Vec<Stream> = SIZES
-        .iter()
-        .map(|&size| {
-            stream(
-                &b_ns,
-                format!("[{}]:0", s.bob_hit).parse()?,
-                &a_ns,
-                format!("[{}]:40000", s.alice_hit).parse()?,
-                size,
-                secs,
-            )
-        })
-        .collect::<Result<_>>()?;
+    let esp = esp_streams(&s, secs)?;
     s.hangup(&call)?;
     if esp.iter().any(|e| e.received == 0) {
         bail!("no ESP stream crossed the NAT: {esp:?}");
