@@ -108,6 +108,12 @@ pub const SPI_SLOT_NONE: u32 = u32::MAX;
 /// Locators kept per association (the preferred one first).
 pub const MAX_LOCATORS: usize = 2;
 
+/// The HIP-over-UDP port of RFC 9028 §4.1 (and [`Config::esp_udp_port`]'s default in
+/// `hip-datapath`): HIP control packets behind a 32-bit zero non-ESP marker,
+/// UDP-encapsulated ESP (RFC 3948 §2, the kernel's `UDP_ENCAP_ESPINUDP`) and 1-byte
+/// 0xFF NAT keepalives share it.
+pub const HIP_UDP_PORT: u16 = 10500;
+
 /// RTP clock rate used when [`Config::clock_hz`] has none for a payload type:
 /// 8000 Hz, the rate of PCMU/PCMA (RFC 3551 §4.5.14, §6 table 4).
 pub const DEFAULT_CLOCK_HZ: u32 = 8000;
@@ -182,7 +188,8 @@ pub struct Counters {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// ESP packets received for an SPI in [`MAP_SPIS`].
+    /// ESP packets received for an SPI in [`MAP_SPIS`] (plain or UDP-encapsulated,
+    /// here and in the three below).
     EspIn = 0,
     /// ESP packets received for an SPI the agent does not know.
     EspInUnknownSpi = 1,
@@ -199,7 +206,9 @@ pub enum Stat {
     /// Clear-text RTP dropped by the media guard.
     GuardDropped = 7,
     /// Packets whose IP/UDP/ESP headers claim more bytes than the packet has, or
-    /// headers that are invalid (IPv4 IHL < 5): passed untouched, never RTP.
+    /// headers that are invalid (IPv4 IHL < 5), and datagrams on
+    /// [`Config::esp_udp_port`] that are neither ESP (too short for its header and
+    /// some payload), nor HIP, nor a keepalive: passed untouched, never RTP.
     Malformed = 8,
     /// Locator changes seen (ESP for a known SPI from a new outer address).
     LocatorChanges = 9,
@@ -207,15 +216,23 @@ pub enum Stat {
     EventsLost = 10,
     /// A new flow could not be inserted (only under map-update failure).
     FlowInsertFailed = 11,
+    /// HIP control packets over UDP on [`Config::esp_udp_port`] (zero non-ESP marker,
+    /// RFC 9028 §4.1; HIP's own NAT keepalives, NOTIFYs, among them), either
+    /// direction: not ESP.
+    EspUdpHip = 12,
+    /// NAT keepalives (a 1-byte 0xFF payload, RFC 3948 §2.3) on
+    /// [`Config::esp_udp_port`], either direction: not ESP.
+    EspUdpKeepalive = 13,
 }
 
 /// Number of entries of [`MAP_STATS`].
-pub const STATS_ENTRIES: u32 = 12;
+pub const STATS_ENTRIES: u32 = 14;
 
 /// Configuration written by the agent (the single entry of [`MAP_CONFIG`]).
 ///
 /// A zeroed config (as the kernel creates it) means: media guard off, port range
-/// empty (no packet is recognised as RTP), default clock rate.
+/// empty (no packet is recognised as RTP), no UDP-encapsulated ESP, default clock
+/// rate.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -238,6 +255,18 @@ pub struct Config {
     /// config (a plain `memcpy` in `array_map_update_elem()`) sees the old or the
     /// new value, never a mix that could equal an older generation.
     pub maps_gen: u32,
+    /// Our HIP-over-UDP port (RFC 9028; [`HIP_UDP_PORT`] by default in
+    /// `hip-datapath`), 0 = no UDP-encapsulated ESP. A UDP datagram leaving from
+    /// this port or arriving at it (the encapsulation socket's port; the peer's side
+    /// may be any port a NAT mapped) is ESP when its payload is longer than the
+    /// 8-byte ESP header and its first 32-bit word (the SPI) is not zero, the
+    /// kernel's own test (`xfrm4_udp_encap_rcv()`, `xfrm6_udp_encap_rcv()`): counted
+    /// per SPI like plain ESP, and never taken for RTP. A zero word is the non-ESP
+    /// marker of a HIP control packet, a single 0xFF byte a NAT keepalive
+    /// ([`Stat::EspUdpHip`], [`Stat::EspUdpKeepalive`]). Host order; next to the
+    /// other fields every packet reads, in the first cache line.
+    pub esp_udp_port: u16,
+    pub _pad: [u8; 6],
     /// RTP clock rate per payload type 0..=127 (RFC 3551 §6 for the static ones;
     /// dynamic ones come from SDP `a=rtpmap`); 0 = use `default_clock_hz`.
     pub clock_hz: [u32; 128],
@@ -272,6 +301,8 @@ impl Default for Config {
             port_max: 0,
             default_clock_hz: DEFAULT_CLOCK_HZ,
             maps_gen: 0,
+            esp_udp_port: 0,
+            _pad: [0; 6],
             clock_hz: [0; 128],
             clock_mult: [clock_mult(DEFAULT_CLOCK_HZ); 128],
         }
@@ -564,7 +595,8 @@ const _: () = {
     assert!(size_of::<Addr>() == 16);
     assert!(core::mem::align_of::<Addr>() == 8);
     assert!(size_of::<Counters>() == 16);
-    assert!(size_of::<Config>() == 4 + 2 + 2 + 4 + 4 + 4 * 128 + 8 * 128);
+    assert!(size_of::<Config>() == 4 + 2 + 2 + 4 + 4 + 2 + 6 + 4 * 128 + 8 * 128);
+    assert!(core::mem::offset_of!(Config, esp_udp_port) == 16);
     assert!(size_of::<GuardCacheEntry>() == 16 + 4 + 1 + 1 + 2);
     assert!(size_of::<Association>() == 16 * 3 + 4 + 4 + 1 + 2 + 5);
     assert!(size_of::<LocatorEntry>() == 16 + 4 + 1 + 1 + 2);

@@ -44,7 +44,10 @@
 //!   clear-text HIT traffic would be dropped by design);
 //! * `esp-v6`: ESP between locators from a raw socket (per-SPI counting on egress
 //!   and ingress, locator check on ingress; the host kernel has no ESP and drops the
-//!   packets after tc ingress): what every protected media packet costs.
+//!   packets after tc ingress): what every protected media packet costs;
+//! * `esp-udp-v4`: the same ESP packets UDP-encapsulated (RFC 3948) between the
+//!   HIP-over-UDP ports 10500 over IPv4, as through a NAT (a plain UDP socket
+//!   receives them: the host kernel has no ESP to decapsulate them).
 
 use std::{
     fs,
@@ -64,8 +67,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
 };
 use hip_common::{
-    PROBE_ALL, PROBE_ATOMICS, PROBE_KTIME, PROBE_LOOKUP, PROBE_OPS_GLOBAL, PROBE_XFRM,
-    PROG_TC_FLOOR, PROG_TC_PROBE,
+    HIP_UDP_PORT, PROBE_ALL, PROBE_ATOMICS, PROBE_KTIME, PROBE_LOOKUP, PROBE_OPS_GLOBAL,
+    PROBE_XFRM, PROG_TC_FLOOR, PROG_TC_PROBE,
 };
 
 use crate::{
@@ -516,16 +519,28 @@ enum Kind {
     /// it after tc ingress): per-SPI counting on egress and ingress, the path every
     /// protected media packet takes.
     EspV6,
+    /// The same ESP in UDP between the HIP-over-UDP ports (IPv4, as behind a NAT):
+    /// the UDP demultiplexing before the same per-SPI counting.
+    EspUdpV4,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::GuardV4, Kind::FlowHit, Kind::EspV6];
+    const ALL: [Kind; 4] = [Kind::GuardV4, Kind::FlowHit, Kind::EspV6, Kind::EspUdpV4];
 
     fn name(self) -> &'static str {
         match self {
             Kind::GuardV4 => "guard-v4",
             Kind::FlowHit => "flow-hit",
             Kind::EspV6 => "esp-v6",
+            Kind::EspUdpV4 => "esp-udp-v4",
+        }
+    }
+
+    /// UDP source and destination port of the scenario's packets.
+    fn ports(self) -> (u16, u16) {
+        match self {
+            Kind::EspUdpV4 => (HIP_UDP_PORT, HIP_UDP_PORT),
+            _ => (20000, 20010),
         }
     }
 
@@ -533,7 +548,7 @@ impl Kind {
     fn addrs(self) -> (IpAddr, IpAddr) {
         let p = |s: &str| s.parse::<IpAddr>().expect("literal address");
         match self {
-            Kind::GuardV4 => (p("10.80.0.1"), p("10.80.0.2")),
+            Kind::GuardV4 | Kind::EspUdpV4 => (p("10.80.0.1"), p("10.80.0.2")),
             Kind::FlowHit => (p("2001:20::a"), p("2001:20::b")),
             Kind::EspV6 => (p("2001:db8:9::1"), p("2001:db8:9::2")),
         }
@@ -554,7 +569,8 @@ fn esp(seq: u16) -> [u8; 168] {
 
 /// The scenario's sending socket.
 enum Tx {
-    Udp(UdpSocket, SocketAddr),
+    /// A UDP socket, its destination, and whether it carries [`esp`] (else [`rtp`]).
+    Udp(UdpSocket, SocketAddr, bool),
     /// A raw IPv6 socket for next header 50 and its destination.
     Esp(std::os::fd::OwnedFd, libc::sockaddr_in6),
 }
@@ -562,9 +578,14 @@ enum Tx {
 impl Tx {
     fn open(kind: Kind, ns: &str) -> anyhow::Result<Self> {
         let (src, dst) = kind.addrs();
+        let (sport, dport) = kind.ports();
         if kind != Kind::EspV6 {
-            let tx = in_ns(ns, || UdpSocket::bind(SocketAddr::new(src, 20000)))??;
-            return Ok(Tx::Udp(tx, SocketAddr::new(dst, 20010)));
+            let tx = in_ns(ns, || UdpSocket::bind(SocketAddr::new(src, sport)))??;
+            return Ok(Tx::Udp(
+                tx,
+                SocketAddr::new(dst, dport),
+                kind == Kind::EspUdpV4,
+            ));
         }
         let IpAddr::V6(dst6) = dst else {
             unreachable!("the ESP scenario is IPv6")
@@ -587,8 +608,11 @@ impl Tx {
 
     fn send(&self, seq: u16) {
         match self {
-            Tx::Udp(s, dst) => {
+            Tx::Udp(s, dst, false) => {
                 let _ = s.send_to(&rtp(seq), dst);
+            }
+            Tx::Udp(s, dst, true) => {
+                let _ = s.send_to(&esp(seq), dst);
             }
             Tx::Esp(fd, sa) => {
                 let p = esp(seq);
@@ -614,10 +638,10 @@ fn scenario(kind: Kind, na: &str, nb: &str, opts: &BenchOptions) -> anyhow::Resu
     // The receiving UDP socket; for ESP (which no socket receives) a UDP socket on
     // the same addresses only serves the neighbour-resolution warm-up.
     let (src, dst) = kind.addrs();
-    let dst_sa = SocketAddr::new(dst, 20010);
+    let dst_sa = SocketAddr::new(dst, kind.ports().1);
     let rx = in_ns(nb, || UdpSocket::bind(dst_sa))??;
     let warm_tx = match &tx {
-        Tx::Udp(s, _) => s.try_clone()?,
+        Tx::Udp(s, ..) => s.try_clone()?,
         Tx::Esp(..) => in_ns(na, || UdpSocket::bind(SocketAddr::new(src, 20000)))??,
     };
     // A large receive buffer (SO_RCVBUFFORCE: root may exceed rmem_max).
@@ -853,16 +877,22 @@ fn eth_frame(ethertype: u16, ip: &[u8]) -> Vec<u8> {
     f
 }
 
-/// The frame each scenario sends: UDP 20000 → 20010 carrying [`rtp`], or [`esp`].
+/// The frame each scenario sends: UDP 20000 → 20010 carrying [`rtp`], [`esp`], or
+/// UDP 10500 → 10500 carrying [`esp`].
 fn scenario_frame(kind: Kind) -> Vec<u8> {
     let (src, dst) = kind.addrs();
+    let (sport, dport) = kind.ports();
     let l4 = if kind == Kind::EspV6 {
         esp(7).to_vec()
     } else {
-        let payload = rtp(7);
+        let payload = if kind == Kind::EspUdpV4 {
+            esp(7).to_vec()
+        } else {
+            rtp(7).to_vec()
+        };
         let mut udp = Vec::new();
-        udp.extend_from_slice(&20000u16.to_be_bytes());
-        udp.extend_from_slice(&20010u16.to_be_bytes());
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
         udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(&payload);

@@ -167,7 +167,7 @@ pub struct DatapathOptions {
     pub interfaces: Vec<String>,
     /// Where the maps are pinned ([`PIN_DIR`] by default).
     pub pin_dir: PathBuf,
-    /// Media guard, RTP ports, clock rates.
+    /// Media guard, RTP ports, clock rates, HIP-over-UDP port.
     pub media: MediaConfig,
 }
 
@@ -364,9 +364,16 @@ impl Datapath {
         Ok(pinned)
     }
 
-    /// Writes the media configuration (guard, RTP ports, clock rates).
+    /// Writes the media configuration (guard, RTP ports, clock rates, the
+    /// HIP-over-UDP port).
     pub fn set_media_config(&mut self, cfg: &MediaConfig) -> Result<(), DatapathError> {
         self.maps.set_media_config(cfg)
+    }
+
+    /// Changes only the HIP-over-UDP port whose datagrams are counted as
+    /// UDP-encapsulated ESP (0 = off); see [`Maps::set_esp_udp_port`].
+    pub fn set_esp_udp_port(&mut self, port: u16) -> Result<(), DatapathError> {
+        self.maps.set_esp_udp_port(port)
     }
 
     /// Adds (on ESTABLISHED) or updates (rekey, locator change) an association.

@@ -10,11 +10,11 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use hip_common::{
     Addr, AssocState, Association, Config, Counters, DEFAULT_CLOCK_HZ, Direction, FLOW_VIA_ASSOC,
-    FLOW_VIA_XFRM, FlowKey, FlowStats, GuardDrop, LocatorEntry, LocatorState, MAP_ASSOCS,
-    MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_CACHE, MAP_GUARD_DROPS, MAP_IFACE_STATS,
-    MAP_LOCATORS, MAP_SPI_CACHE, MAP_SPI_COUNTERS, MAP_SPI_STATE, MAP_SPIS, MAP_STATS,
-    MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot, SpiStats, Stat,
-    clock_mult, next_gray,
+    FLOW_VIA_XFRM, FlowKey, FlowStats, GuardDrop, HIP_UDP_PORT, LocatorEntry, LocatorState,
+    MAP_ASSOCS, MAP_CONFIG, MAP_EVENTS, MAP_FLOWS, MAP_GUARD_CACHE, MAP_GUARD_DROPS,
+    MAP_IFACE_STATS, MAP_LOCATORS, MAP_SPI_CACHE, MAP_SPI_COUNTERS, MAP_SPI_STATE, MAP_SPIS,
+    MAP_STATS, MAX_LOCATORS, MAX_SPIS, SPI_DIR_IN, SPI_DIR_OUT, SpiEntry, SpiKey, SpiSlot,
+    SpiStats, Stat, clock_mult, next_gray,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,10 @@ pub struct MediaConfig {
     /// RTP clock rate per payload type (static ones from RFC 3551 §6, dynamic ones
     /// from SDP `a=rtpmap`).
     pub clock_hz: Vec<(u8, u32)>,
+    /// Our HIP-over-UDP port ([`Config::esp_udp_port`]): UDP leaving from it or
+    /// arriving at it is UDP-encapsulated ESP (counted per SPI like plain ESP, never
+    /// media), HIP or a NAT keepalive. 0 = ESP runs over IP only.
+    pub esp_udp_port: u16,
 }
 
 /// Static payload types of RFC 3551 §6 (table 4 and 5) whose clock is not 8000 Hz.
@@ -77,13 +81,15 @@ pub const RFC3551_CLOCKS: &[(u8, u32)] = &[
 
 impl Default for MediaConfig {
     /// Guard on, ports 16384–32767 (the range many SIP user agents allocate RTP
-    /// ports from), 8000 Hz default clock (PCMU/PCMA), RFC 3551's other static clocks.
+    /// ports from), 8000 Hz default clock (PCMU/PCMA), RFC 3551's other static clocks,
+    /// ESP-in-UDP on 10500 ([`HIP_UDP_PORT`], RFC 9028 §4.1).
     fn default() -> Self {
         Self {
             guard: true,
             ports: 16384..=32767,
             default_clock_hz: DEFAULT_CLOCK_HZ,
             clock_hz: RFC3551_CLOCKS.to_vec(),
+            esp_udp_port: HIP_UDP_PORT,
         }
     }
 }
@@ -105,6 +111,7 @@ impl MediaConfig {
             port_min: *self.ports.start(),
             port_max: *self.ports.end(),
             default_clock_hz: self.default_clock_hz,
+            esp_udp_port: self.esp_udp_port,
             ..Config::default()
         };
         for &(pt, hz) in &self.clock_hz {
@@ -335,6 +342,10 @@ pub struct DatapathStats {
     pub locator_changes: u64,
     pub events_lost: u64,
     pub flow_insert_failed: u64,
+    /// HIP control packets on the HIP-over-UDP port (zero non-ESP marker).
+    pub esp_udp_hip: u64,
+    /// 1-byte 0xFF NAT keepalives on the HIP-over-UDP port.
+    pub esp_udp_keepalive: u64,
 }
 
 /// Handles on every map of the datapath (owned file descriptors).
@@ -431,6 +442,15 @@ impl Maps {
     pub fn set_media_config(&mut self, cfg: &MediaConfig) -> Result<(), DatapathError> {
         let mut raw = cfg.to_raw()?;
         raw.maps_gen = self.media_config()?.maps_gen;
+        self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
+    }
+
+    /// Changes only [`Config::esp_udp_port`] (0 = off), e.g. once the agent knows
+    /// whether and where its HIP-over-UDP socket listens; the rest of the
+    /// configuration stays as written.
+    pub fn set_esp_udp_port(&mut self, port: u16) -> Result<(), DatapathError> {
+        let mut raw = self.media_config()?;
+        raw.esp_udp_port = port;
         self.config.set(0, raw, 0).map_err(merr(MAP_CONFIG))
     }
 
@@ -846,6 +866,8 @@ impl Maps {
             locator_changes: self.stat(Stat::LocatorChanges)?,
             events_lost: self.stat(Stat::EventsLost)?,
             flow_insert_failed: self.stat(Stat::FlowInsertFailed)?,
+            esp_udp_hip: self.stat(Stat::EspUdpHip)?,
+            esp_udp_keepalive: self.stat(Stat::EspUdpKeepalive)?,
         })
     }
 }
@@ -924,6 +946,12 @@ mod tests {
             "the default's multiplier"
         );
         assert_eq!(c.clock_mult[34], clock_mult(90_000));
+        assert_eq!(c.esp_udp_port, 10500);
+        let off = MediaConfig {
+            esp_udp_port: 0,
+            ..MediaConfig::default()
+        };
+        assert_eq!(off.to_raw().unwrap().esp_udp_port, 0);
         let bad = MediaConfig {
             ports: 0..=10,
             ..MediaConfig::default()

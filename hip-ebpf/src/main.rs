@@ -29,6 +29,39 @@
 //! * XDP is not used: the re-injected inner packet never passes XDP, and XDP has no
 //!   egress hook.
 //!
+//! # ESP in UDP (NAT traversal, issue 13)
+//!
+//! Behind a NAT the SAs are UDP-encapsulated (RFC 3948, `encap espinudp`) on the
+//! HIP-over-UDP port (`Config::esp_udp_port`, 10500 by default, RFC 9028 §4.1; 0 =
+//! off), which also carries HIP control packets behind a 32-bit zero non-ESP marker
+//! and 1-byte 0xFF NAT keepalives. Such a datagram is demultiplexed as the kernel's
+//! `UDP_ENCAP_ESPINUDP` receive path does it (`xfrm4_udp_encap_rcv()`,
+//! `xfrm6_udp_encap_rcv()`): ESP when the payload is longer than the 8-byte ESP
+//! header and its first word, the SPI, is not zero; then it takes the same per-SPI
+//! path as plain ESP (slot cache, counters, last-seen, locator change by outer
+//! source address). A zero word is HIP (`Stat::EspUdpHip`), one 0xFF byte a
+//! keepalive (`Stat::EspUdpKeepalive`), anything else on the port malformed (an
+//! 8-byte payload with a non-zero SPI too: the kernel hands it to the socket, not
+//! to XFRM).
+//!
+//! * **Which port.** Ingress: the *destination* port (our encapsulation socket's;
+//!   the source is whatever the peer's NAT mapped). Egress: the *source* port: XFRM
+//!   adds the UDP header in the ESP transform (`esp_output_head()`,
+//!   `esp6_output_head()`), before the device, so tc egress sees IP/UDP/ESP leaving
+//!   from the SA's encap source port, ours; the destination is the peer's, possibly
+//!   mapped. Only the source port exempts a datagram from the media guard: a
+//!   hostile SDP can name 10500 as its RTP port, but cannot make our media leave
+//!   *from* it (the agent's socket holds it). This is narrower than "either port",
+//!   deliberately.
+//! * **Ingress, second pass.** The ESP comes out of the UDP socket's `encap_rcv`
+//!   into the same `xfrm_input()`, and the decrypted BEET packet crosses tc ingress
+//!   again as with plain ESP (seen on the 6.1 guest, netlink clsact: 10 datagrams
+//!   HIT to HIT over `encap espinudp 10500 10500` counted 10 times as ESP on ingress
+//!   and 10 times as HIT-addressed UDP, with the HIP packet and keepalive sent on
+//!   the encapsulation socket counted as such on both ends). It is HIT-addressed:
+//!   flows as usual; HIT-to-HIT UDP is never taken for ESP in UDP (its outer
+//!   addresses are locators).
+//!
 //! # Verdicts
 //!
 //! Every packet continues (`TC_ACT_PIPE`: the next filter or tcx program runs, then
@@ -59,7 +92,10 @@
 //!   and only the fields a path needs, when it needs them;
 //! * counters live in per-CPU arrays, whose lookups the verifier inlines (no call);
 //! * packets that are neither ESP nor UDP leave after the IP header; UDP outside
-//!   the media port range leaves after the UDP header;
+//!   the media port range and not on the HIP-over-UDP port leaves after the UDP
+//!   header (on ingress, UDP between locators used to leave after the IP header:
+//!   now its destination port is read and compared first; on egress, one compare
+//!   of the source port more, before the media check);
 //! * the media guard keeps a per-CPU cache of its verdicts, and ESP a per-CPU cache
 //!   of SPI slots, both tagged with the generation of the agent's index maps: they
 //!   look up `HIP_LOCATORS` / `HIP_SPIS` only on a miss;
@@ -100,6 +136,13 @@
 //!   ≥ 8 kHz); A.8 only uses differences between consecutive packets.
 //! * Wider loads at any alignment need `CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`
 //!   (x86-64, arm64); elsewhere the verifier refuses the object at load time.
+//! * ESP in UDP: a locator change is a new outer source *address*; a NAT
+//!   rebinding that keeps the address and changes the port is not one here (the
+//!   kernel reports it as `XFRM_MSG_MAPPING`). Whatever leaves from the HIP-over-UDP
+//!   port passes the media guard unjudged: right while the agent's socket holds the
+//!   port; with that socket off, the agent should set the port to 0. Datagrams on
+//!   the port with fewer than 12 payload bytes (keepalives) are read with
+//!   `bpf_skb_load_bytes()`, a helper call (see `short_load`).
 #![no_std]
 #![no_main]
 // `atomic_xadd`/`atomic_cxchg`: the bpfel target has no compare-and-swap in `core`'s
@@ -511,24 +554,42 @@ enum Udp {
     Malformed,
 }
 
+/// A UDP header as read in place, and where its payload starts when the packet
+/// has at least the fixed RTP header's worth of it.
+struct UdpHdr {
+    sport: u16,
+    dport: u16,
+    /// The UDP length field (not checked yet).
+    ulen: usize,
+    /// `RTP_HLEN` payload bytes, bounds-checked; `None` when the packet ends sooner
+    /// (a short datagram, or one the length field lies about).
+    r: Option<*const u8>,
+}
+
+/// Reads the UDP header, or `None` if the packet is cut inside it.
+#[inline(always)]
+fn udp_hdr(ctx: &TcContext, ip: &Ip) -> Option<UdpHdr> {
+    // One bounds check for the UDP and the fixed RTP header together when the packet
+    // has them (every RTP and every ESP-in-UDP packet), two otherwise.
+    let (u, r) = match bytes_at(ctx, ip.l4_off, UDP_HLEN + RTP_HLEN) {
+        Some(u) => (u, Some(u.wrapping_add(UDP_HLEN))),
+        None => (bytes_at(ctx, ip.l4_off, UDP_HLEN)?, None),
+    };
+    Some(UdpHdr {
+        sport: be16(u, 0),
+        dport: be16(u, 2),
+        ulen: be16(u, 4) as usize,
+        r,
+    })
+}
+
 /// Recognises RTP in a UDP datagram: a media port (source or destination in the
 /// configured range), version 2 (RFC 3550 §5.1), not RTCP (second octet 192..=223,
 /// RFC 5761 §4), and long enough for the fixed header, the CSRC list and, when the X
 /// bit is set, the extension header word.
 #[inline(always)]
-fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
-    // One bounds check for the UDP and the fixed RTP header together when the packet
-    // has them (every RTP packet), two otherwise (short or non-RTP datagrams).
-    let (u, r) = match bytes_at(ctx, ip.l4_off, UDP_HLEN + RTP_HLEN) {
-        Some(u) => (u, Some(u.wrapping_add(UDP_HLEN))),
-        None => match bytes_at(ctx, ip.l4_off, UDP_HLEN) {
-            Some(u) => (u, None),
-            None => return Udp::Malformed,
-        },
-    };
-    let sport = be16(u, 0);
-    let dport = be16(u, 2);
-    let ulen = be16(u, 4) as usize;
+fn parse_rtp(h: &UdpHdr, ip: &Ip, cfg: &Config) -> Udp {
+    let (sport, dport, ulen) = (h.sport, h.dport, h.ulen);
     if ulen < UDP_HLEN || ulen > ip.l4_len {
         return Udp::Malformed;
     }
@@ -540,7 +601,7 @@ fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
     if payload < RTP_HLEN {
         return Udp::NotRtp;
     }
-    let Some(r) = r else {
+    let Some(r) = h.r else {
         // The UDP length promised these bytes: the packet is truncated.
         return Udp::Malformed;
     };
@@ -565,6 +626,89 @@ fn parse_udp(ctx: &TcContext, ip: &Ip, cfg: &Config) -> Udp {
     })
 }
 
+/// What a datagram on our HIP-over-UDP port ([`Config::esp_udp_port`]) carries.
+enum EspUdp {
+    /// UDP-encapsulated ESP (RFC 3948 §2.1), with its SPI (host order).
+    Esp(u32),
+    /// A HIP control packet behind the zero non-ESP marker (RFC 9028 §4.1).
+    Hip,
+    /// A NAT keepalive: one 0xFF byte (RFC 3948 §2.3).
+    Keepalive,
+    /// None of these: a bad UDP length, or too short for what its first bytes say.
+    Malformed,
+}
+
+/// Demultiplexes a datagram on the HIP-over-UDP port the way the kernel's
+/// `UDP_ENCAP_ESPINUDP` receive path does (`xfrm4_udp_encap_rcv()`,
+/// `xfrm6_udp_encap_rcv()`): ESP only when the payload is longer than the 8-byte
+/// ESP header and its first word (the SPI) is not zero. An 8-byte payload with a
+/// non-zero SPI goes to the socket there, not to XFRM: it is no ESP packet, and is
+/// counted as malformed here. Decided on the UDP length (the frame may carry
+/// Ethernet padding beyond it), read through the pointers that were bounds-checked.
+#[inline(always)]
+fn esp_udp(ctx: &TcContext, ip: &Ip, h: &UdpHdr) -> EspUdp {
+    let ulen = h.ulen;
+    if ulen < UDP_HLEN || ulen > ip.l4_len {
+        return EspUdp::Malformed;
+    }
+    let payload = ulen - UDP_HLEN;
+    if payload < 4 {
+        if payload != 1 {
+            return EspUdp::Malformed;
+        }
+        let one = match h.r {
+            Some(r) => ld::<u8>(r, 0),
+            None => match short_load::<u8>(ctx, ip.l4_off + UDP_HLEN) {
+                Some(b) => b,
+                None => return EspUdp::Malformed,
+            },
+        };
+        return if one == 0xff {
+            EspUdp::Keepalive
+        } else {
+            EspUdp::Malformed
+        };
+    }
+    let word = match h.r {
+        Some(r) => ld::<u32>(r, 0),
+        // The UDP length promised more than the packet has: truncated.
+        None if payload >= RTP_HLEN => return EspUdp::Malformed,
+        None => match short_load::<u32>(ctx, ip.l4_off + UDP_HLEN) {
+            Some(w) => w,
+            None => return EspUdp::Malformed,
+        },
+    };
+    if word == 0 {
+        EspUdp::Hip
+    } else if payload > 8 {
+        EspUdp::Esp(u32::from_be(word))
+    } else {
+        EspUdp::Malformed
+    }
+}
+
+/// A `T` at `off` through `bpf_skb_load_bytes()`, for the few bytes of a datagram
+/// shorter than `UDP_HLEN + RTP_HLEN` (keepalives, HIP packets cut short): a helper
+/// call, but only there. Direct access would need a bounds check that may end at
+/// the packet's last byte; for one byte LLVM emits it as `p < data_end`, from which
+/// the verifier derives no packet range when `p`'s constant offset is 0 (the IP
+/// header length makes the offset variable).
+#[inline(always)]
+fn short_load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+/// Counts a datagram on the HIP-over-UDP port that is not ESP.
+#[inline(always)]
+fn not_esp(e: EspUdp) {
+    match e {
+        EspUdp::Esp(_) => {}
+        EspUdp::Hip => stat(Stat::EspUdpHip),
+        EspUdp::Keepalive => stat(Stat::EspUdpKeepalive),
+        EspUdp::Malformed => stat(Stat::Malformed),
+    }
+}
+
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     HIP_CONFIG.get(0)
@@ -577,26 +721,53 @@ fn ingress(ctx: &TcContext) {
         Parsed::Other => return,
         Parsed::Malformed => return stat(Stat::Malformed),
     };
-    match ip.l4_proto {
-        IPPROTO_ESP => esp_in(ctx, &ip),
-        IPPROTO_UDP if ip.v6 => {
-            // Only HIT-to-HIT datagrams are flows; the address check comes first
-            // because it is cheaper than the UDP/RTP header checks.
-            let Some((src, dst)) = src_dst(ctx, &ip) else {
-                return;
+    // Plain and UDP-encapsulated ESP end in the same per-SPI path (one copy of it).
+    let (spi, cfg) = match ip.l4_proto {
+        IPPROTO_ESP => {
+            let Some(spi) = esp_spi(ctx, &ip) else {
+                return stat(Stat::Malformed);
             };
-            if !src.is_hit() || !dst.is_hit() {
+            let Some(cfg) = config() else { return };
+            (spi, cfg)
+        }
+        IPPROTO_UDP => {
+            let Some(cfg) = config() else { return };
+            if ip.v6 {
+                // HIT-to-HIT datagrams are flows (never ESP-in-UDP: its outer
+                // addresses are locators); the address check comes first because it
+                // is cheaper than the UDP/RTP header checks.
+                let Some((src, dst)) = src_dst(ctx, &ip) else {
+                    return;
+                };
+                if src.is_hit() && dst.is_hit() {
+                    let Some(h) = udp_hdr(ctx, &ip) else {
+                        return stat(Stat::Malformed);
+                    };
+                    return match parse_rtp(&h, &ip, cfg) {
+                        Udp::Rtp(rtp) => flow_in(ctx, &ip, src, dst, &rtp, cfg),
+                        Udp::NotRtp => stat(Stat::HitUdpNotRtp),
+                        Udp::Malformed => stat(Stat::Malformed),
+                    };
+                }
+            }
+            // Between locators: only ESP-in-UDP to our HIP-over-UDP port is ours
+            // (any source port: a NAT may have mapped the peer's).
+            let port = cfg.esp_udp_port;
+            if port == 0 {
                 return;
             }
-            let Some(cfg) = config() else { return };
-            match parse_udp(ctx, &ip, cfg) {
-                Udp::Rtp(rtp) => flow_in(ctx, &ip, src, dst, &rtp, cfg),
-                Udp::NotRtp => stat(Stat::HitUdpNotRtp),
-                Udp::Malformed => stat(Stat::Malformed),
+            let Some(h) = udp_hdr(ctx, &ip) else { return };
+            if h.dport != port {
+                return;
+            }
+            match esp_udp(ctx, &ip, &h) {
+                EspUdp::Esp(spi) => (spi, cfg),
+                other => return not_esp(other),
             }
         }
-        _ => {}
-    }
+        _ => return,
+    };
+    esp_in(ctx, &ip, spi, cfg);
 }
 
 #[inline(always)]
@@ -660,12 +831,10 @@ fn count_spi(ctx: &TcContext, slot: u32, now: u64) {
     }
 }
 
+/// Counts one inbound ESP packet (plain or UDP-encapsulated) on its SPI and checks
+/// its outer source against the SPI's last one.
 #[inline(always)]
-fn esp_in(ctx: &TcContext, ip: &Ip) {
-    let Some(spi) = esp_spi(ctx, ip) else {
-        return stat(Stat::Malformed);
-    };
-    let Some(cfg) = config() else { return };
+fn esp_in(ctx: &TcContext, ip: &Ip, spi: u32, cfg: &Config) {
     let Some(slot) = spi_slot(spi, SPI_DIR_IN, cfg) else {
         return stat(Stat::EspInUnknownSpi);
     };
@@ -909,22 +1078,61 @@ fn egress(ctx: &TcContext) -> i32 {
             return TC_ACT_PIPE;
         }
     };
-    match ip.l4_proto {
+    // Plain and UDP-encapsulated ESP end in the same per-SPI path (one copy of it).
+    let (spi, cfg) = match ip.l4_proto {
         IPPROTO_ESP => {
-            esp_out(ctx, &ip);
-            TC_ACT_PIPE
+            let Some(spi) = esp_spi(ctx, &ip) else {
+                stat(Stat::Malformed);
+                return TC_ACT_PIPE;
+            };
+            let Some(cfg) = config() else {
+                return TC_ACT_PIPE;
+            };
+            (spi, cfg)
         }
-        IPPROTO_UDP => guard(ctx, &ip),
-        _ => TC_ACT_PIPE,
-    }
+        IPPROTO_UDP => {
+            let Some(cfg) = config() else {
+                return TC_ACT_PIPE;
+            };
+            let port = cfg.esp_udp_port;
+            if cfg.guard_enabled == 0 && port == 0 {
+                return TC_ACT_PIPE;
+            }
+            let Some(h) = udp_hdr(ctx, &ip) else {
+                if cfg.guard_enabled != 0 {
+                    stat(Stat::Malformed);
+                }
+                return TC_ACT_PIPE;
+            };
+            // Before the media check: what leaves from our HIP-over-UDP port is
+            // ESP-in-UDP (XFRM's encapsulation leaves from the SA's encap source
+            // port, ours), HIP or a keepalive, never clear-text media, even if the media range
+            // covered the port. Only the *source* port counts: the destination is
+            // whatever a peer (or a hostile SDP) names, and a datagram aimed at the
+            // peer's HIP port from a media port is still judged as media.
+            if port != 0 && h.sport == port {
+                match esp_udp(ctx, &ip, &h) {
+                    EspUdp::Esp(spi) => (spi, cfg),
+                    other => {
+                        not_esp(other);
+                        return TC_ACT_PIPE;
+                    }
+                }
+            } else if cfg.guard_enabled == 0 {
+                return TC_ACT_PIPE;
+            } else {
+                return guard(ctx, &ip, &h, cfg);
+            }
+        }
+        _ => return TC_ACT_PIPE,
+    };
+    esp_out(ctx, spi, cfg);
+    TC_ACT_PIPE
 }
 
+/// Counts one outbound ESP packet (plain or UDP-encapsulated) on its SPI.
 #[inline(always)]
-fn esp_out(ctx: &TcContext, ip: &Ip) {
-    let Some(spi) = esp_spi(ctx, ip) else {
-        return stat(Stat::Malformed);
-    };
-    let Some(cfg) = config() else { return };
+fn esp_out(ctx: &TcContext, spi: u32, cfg: &Config) {
     let Some(slot) = spi_slot(spi, SPI_DIR_OUT, cfg) else {
         return stat(Stat::EspOutUnknownSpi);
     };
@@ -980,14 +1188,8 @@ fn guard_pass(dst: &Addr, cfg: &Config) -> bool {
 /// RTP leaving the host passes only towards an ACTIVE locator of an ESTABLISHED
 /// association; everything else that is RTP is dropped and counted.
 #[inline(always)]
-fn guard(ctx: &TcContext, ip: &Ip) -> i32 {
-    let Some(cfg) = config() else {
-        return TC_ACT_PIPE;
-    };
-    if cfg.guard_enabled == 0 {
-        return TC_ACT_PIPE;
-    }
-    let rtp = match parse_udp(ctx, ip, cfg) {
+fn guard(ctx: &TcContext, ip: &Ip, h: &UdpHdr, cfg: &Config) -> i32 {
+    let rtp = match parse_rtp(h, ip, cfg) {
         Udp::Rtp(rtp) => rtp,
         Udp::NotRtp => return TC_ACT_PIPE,
         Udp::Malformed => {

@@ -1,6 +1,7 @@
 //! The datapath attached to real veths in test namespaces (host kernel, tcx, no ESP):
-//! the media guard's verdicts on real traffic with exact counts, and the flow
-//! statistics of a generated RTP stream with known gaps and known timing.
+//! the media guard's verdicts on real traffic with exact counts, the flow
+//! statistics of a generated RTP stream with known gaps and known timing, and ESP in
+//! UDP counted per SPI both ways.
 
 use std::{
     net::{IpAddr, Ipv6Addr, UdpSocket},
@@ -414,4 +415,79 @@ fn two_associations_at_one_address_share_its_guard_verdict() {
         ("both gone", (0, 5)),
     ];
     assert_eq!(steps, expect);
+}
+
+/// ESP header (SPI, sequence) and 100 bytes of "ciphertext".
+fn esp(spi: u32, seq: u32) -> Vec<u8> {
+    let mut e = spi.to_be_bytes().to_vec();
+    e.extend_from_slice(&seq.to_be_bytes());
+    e.resize(108, 0x5a);
+    e
+}
+
+#[test]
+fn esp_in_udp_counted_per_spi_on_a_veth_both_ways() {
+    // a: us, with the datapath and a socket on the HIP-over-UDP port; b: the peer,
+    // sending from a port its NAT would have mapped.
+    let p = VethPair::new("eu", &["10.79.0.1/24"], &["10.79.0.2/24"]).unwrap();
+    let pin = pin_dir("eu");
+    let if_a = p.if_a.clone();
+    let mut dp = p.a.run_in(move || start(if_a, pin)).unwrap();
+    dp.upsert_association(&AssociationSpec {
+        peer_hit: "2001:20::b".parse().unwrap(),
+        local_hit: "2001:20::a".parse().unwrap(),
+        locators: vec![PeerLocator {
+            addr: "10.79.0.2".parse().unwrap(),
+            state: LocatorState::Active,
+        }],
+        spi_in: 0x1001,
+        spi_out: 0x2002,
+        state: AssocState::Established,
+    })
+    .unwrap();
+    let ours =
+        p.a.run_in(|| UdpSocket::bind("10.79.0.1:10500"))
+            .unwrap()
+            .unwrap();
+    let peer =
+        p.b.run_in(|| UdpSocket::bind("10.79.0.2:40000"))
+            .unwrap()
+            .unwrap();
+    let hip = [0u8, 0, 0, 0, 0x3b, 4, 0x11, 0x02, 0, 0, 0, 0];
+
+    const OUT: u32 = 12;
+    const IN: u32 = 9;
+    for i in 0..OUT {
+        ours.send_to(&esp(0x2002, i + 1), "10.79.0.2:40000")
+            .unwrap();
+    }
+    ours.send_to(&[0xff], "10.79.0.2:40000").unwrap();
+    ours.send_to(&hip, "10.79.0.2:40000").unwrap();
+    for i in 0..IN {
+        peer.send_to(&esp(0x1001, i + 1), "10.79.0.1:10500")
+            .unwrap();
+    }
+    peer.send_to(&[0xff], "10.79.0.1:10500").unwrap();
+    peer.send_to(&hip, "10.79.0.1:10500").unwrap();
+    // Everything arrives (the guard judged none of it as media).
+    assert_eq!(recv_n(&peer, OUT as usize + 2).len(), OUT as usize + 2);
+    assert_eq!(recv_n(&ours, IN as usize + 2).len(), IN as usize + 2);
+
+    let st = dp.stats().unwrap();
+    assert_eq!((st.esp_out, st.esp_in), (u64::from(OUT), u64::from(IN)));
+    assert_eq!((st.esp_out_unknown_spi, st.esp_in_unknown_spi), (0, 0));
+    assert_eq!((st.esp_udp_keepalive, st.esp_udp_hip), (2, 2));
+    assert_eq!((st.guard_passed, st.guard_dropped, st.malformed), (0, 0, 0));
+    let spis = dp.spi_counters().unwrap();
+    let of = |spi: u32| spis.iter().find(|c| c.spi == spi).unwrap();
+    assert_eq!(of(0x2002).packets, u64::from(OUT));
+    assert_eq!(of(0x1001).packets, u64::from(IN));
+    // Frame bytes: Ethernet + IPv4 + UDP + 108.
+    assert_eq!(of(0x1001).bytes, u64::from(IN) * (14 + 20 + 8 + 108));
+    assert_eq!(of(0x1001).locator_changes, 0);
+    assert_eq!(
+        of(0x1001).last_src,
+        Some("10.79.0.2".parse::<IpAddr>().unwrap())
+    );
+    dp.shutdown().unwrap();
 }

@@ -1,8 +1,10 @@
 //! Program tests with crafted packets through `BPF_PROG_TEST_RUN` (aya 0.14's
 //! `TestRun` for `SchedClassifier`, wrapped by `Datapath::test_run`): verdicts and map
 //! contents for RTP, non-RTP, truncated and malformed packets, ESP per SPI and
-//! locator changes. The programs are loaded for real (the kernel verifier runs) but
-//! not attached, so no namespace is needed; each test pins under its own directory.
+//! locator changes, ESP in UDP on the HIP-over-UDP port and what else shares that
+//! port (HIP control packets, keepalives). The programs are loaded for real (the
+//! kernel verifier runs) but not attached, so no namespace is needed; each test pins
+//! under its own directory.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -538,5 +540,404 @@ fn esp_counted_per_spi_and_locator_change_reported_once() {
     let inb = inb.iter().find(|c| c.spi == 0x5005).unwrap();
     assert_eq!((inb.packets, inb.locator_changes), (1, 0));
     assert!(events.drain().is_empty());
+    dp.shutdown().unwrap();
+}
+
+// ---- ESP in UDP (RFC 3948 framing on the HIP-over-UDP port, RFC 9028) ---------------
+
+const HIP_PORT: u16 = 10500;
+/// A port a NAT mapped the peer's 10500 to.
+const NAT_PORT: u16 = 40000;
+const ME6: &str = "2001:db8::2";
+const PEER6: &str = "2001:db8::1";
+
+/// A second association with an IPv6 locator and SPIs of its own.
+fn assoc_v6_udp() -> AssociationSpec {
+    AssociationSpec {
+        peer_hit: hit("2001:20::c"),
+        local_hit: hit("2001:20::a"),
+        locators: vec![PeerLocator {
+            addr: PEER6.parse().unwrap(),
+            state: LocatorState::Active,
+        }],
+        spi_in: 0x3003,
+        spi_out: 0x4004,
+        state: AssocState::Established,
+    }
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// A HIP control packet over UDP: the zero non-ESP marker, then a (dummy) HIP header.
+fn hip_over_udp() -> Vec<u8> {
+    let mut p = vec![0, 0, 0, 0];
+    p.extend_from_slice(&[0x3b, 4, 0x11, 0x02]);
+    p.extend_from_slice(&[0x77; 36]);
+    p
+}
+
+/// Per-SPI packets (and bytes) of one SPI and direction.
+fn spi_count(dp: &Datapath, spi: u32, dir: &str) -> (u64, u64) {
+    dp.spi_counters()
+        .unwrap()
+        .iter()
+        .find(|c| c.spi == spi && c.direction == dir)
+        .map_or((0, 0), |c| (c.packets, c.bytes))
+}
+
+#[test]
+fn esp_in_udp_counted_per_spi_like_plain_esp() {
+    let mut dp = load();
+    dp.set_media_config(&media(true)).unwrap();
+    assert_eq!(dp.maps().media_config().unwrap().esp_udp_port, HIP_PORT);
+    dp.upsert_association(&assoc_v4(AssocState::Established))
+        .unwrap();
+    dp.upsert_association(&assoc_v6_udp()).unwrap();
+    let mut events = dp.events().unwrap();
+    let esp_udp4 =
+        |src, dst, sport, dport, spi, seq| ipv4(17, src, dst, &udp(sport, dport, &esp(spi, seq)));
+    let esp_udp6 = |src: &str, dst: &str, sport, dport, spi, seq| {
+        ipv6(17, v6(src), v6(dst), &udp(sport, dport, &esp(spi, seq)))
+    };
+
+    // Inbound, IPv4 outer, from the port a NAT mapped to our 10500: the SPI's packets
+    // and bytes (the whole frame, as for plain ESP), no locator change from the known
+    // locator.
+    for seq in 1..=3 {
+        let f = esp_udp4(PEER4, A4, NAT_PORT, HIP_PORT, 0x1001, seq);
+        assert_eq!(dp.test_run(Hook::Ingress, &f).unwrap(), TC_ACT_PIPE);
+    }
+    assert_eq!(spi_count(&dp, 0x1001, "in"), (3, 3 * (14 + 20 + 8 + 72)));
+    assert!(
+        events.drain().is_empty(),
+        "no change from the known locator"
+    );
+    // Inbound, IPv6 outer.
+    for seq in 1..=2 {
+        let f = esp_udp6(PEER6, ME6, HIP_PORT, HIP_PORT, 0x3003, seq);
+        assert_eq!(dp.test_run(Hook::Ingress, &f).unwrap(), TC_ACT_PIPE);
+    }
+    assert_eq!(spi_count(&dp, 0x3003, "in"), (2, 2 * (14 + 40 + 8 + 72)));
+    // Plain ESP and ESP in UDP on one SPI count together.
+    let plain = ipv6(50, v6(PEER6), v6(ME6), &esp(0x3003, 3));
+    assert_eq!(dp.test_run(Hook::Ingress, &plain).unwrap(), TC_ACT_PIPE);
+    assert_eq!(spi_count(&dp, 0x3003, "in").0, 3);
+    // A new outer source (the peer moved behind another NAT address): one change.
+    let moved = Ipv4Addr::new(198, 51, 100, 7);
+    for seq in 4..=5 {
+        let f = esp_udp4(moved, A4, NAT_PORT + 1, HIP_PORT, 0x1001, seq);
+        dp.test_run(Hook::Ingress, &f).unwrap();
+    }
+    let evs = events.drain();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    match &evs[0] {
+        DatapathEvent::LocatorChange {
+            spi,
+            peer_hit,
+            old,
+            new,
+            ..
+        } => {
+            assert_eq!(*spi, 0x1001);
+            assert_eq!(*peer_hit, hit("2001:20::b"));
+            assert_eq!(*old, IpAddr::V4(PEER4));
+            assert_eq!(*new, IpAddr::V4(moved));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let inb = dp.spi_counters().unwrap();
+    let inb = inb.iter().find(|c| c.spi == 0x1001).unwrap();
+    assert_eq!((inb.packets, inb.locator_changes), (5, 1));
+    assert_eq!(inb.last_src, Some(IpAddr::V4(moved)));
+    assert!(inb.last_seen_ns > 0);
+
+    // Outbound from our 10500, to the peer's mapped port (IPv4) and to its 10500
+    // (IPv6): counted on the outbound SPIs; the guard is on and judges none of it.
+    for seq in 1..=2 {
+        let f = esp_udp4(A4, PEER4, HIP_PORT, NAT_PORT, 0x2002, seq);
+        assert_eq!(dp.test_run(Hook::Egress, &f).unwrap(), TC_ACT_PIPE);
+    }
+    // ESP towards an address the guard does not know is not media either.
+    let f = esp_udp4(A4, STRANGER4, HIP_PORT, HIP_PORT, 0x2002, 3);
+    assert_eq!(dp.test_run(Hook::Egress, &f).unwrap(), TC_ACT_PIPE);
+    let f = esp_udp6(ME6, PEER6, HIP_PORT, HIP_PORT, 0x4004, 1);
+    assert_eq!(dp.test_run(Hook::Egress, &f).unwrap(), TC_ACT_PIPE);
+    assert_eq!(spi_count(&dp, 0x2002, "out"), (3, 3 * (14 + 20 + 8 + 72)));
+    assert_eq!(spi_count(&dp, 0x4004, "out").0, 1);
+
+    // Unknown SPIs, both directions.
+    let f = esp_udp4(PEER4, A4, NAT_PORT, HIP_PORT, 0x7777, 1);
+    dp.test_run(Hook::Ingress, &f).unwrap();
+    let f = esp_udp6(ME6, PEER6, HIP_PORT, HIP_PORT, 0x8888, 1);
+    dp.test_run(Hook::Egress, &f).unwrap();
+
+    // The shortest ESP the kernel decapsulates (payload of 9 bytes: more than the
+    // ESP header, read past the fast path's 12-byte window).
+    let mut short = esp(0x1001, 6);
+    short.truncate(9);
+    let f = ipv4(17, moved, A4, &udp(NAT_PORT + 1, HIP_PORT, &short));
+    dp.test_run(Hook::Ingress, &f).unwrap();
+    assert_eq!(spi_count(&dp, 0x1001, "in").0, 6);
+
+    // Not ours: ESP-like datagrams that do not arrive at / leave from our HIP port
+    // (the peer's port is not ours; a datagram from a media or other port towards a
+    // peer's 10500 is judged as what it is), HIT-to-HIT UDP on port 10500 (the
+    // outer addresses of ESP in UDP are locators), and any UDP with the port off.
+    let before = dp.stats().unwrap();
+    let not_esp: Vec<(Hook, Vec<u8>)> = vec![
+        (
+            Hook::Ingress,
+            esp_udp4(PEER4, A4, HIP_PORT, NAT_PORT, 0x1001, 7),
+        ),
+        (
+            Hook::Egress,
+            esp_udp4(A4, PEER4, NAT_PORT, HIP_PORT, 0x2002, 4),
+        ),
+        (
+            Hook::Ingress,
+            ipv6(
+                17,
+                hit(PEER_HIT),
+                hit(MY_HIT),
+                &udp(HIP_PORT, HIP_PORT, &esp(0x1001, 8)),
+            ),
+        ),
+    ];
+    for (hook, f) in &not_esp {
+        assert_eq!(dp.test_run(*hook, f).unwrap(), TC_ACT_PIPE);
+    }
+    dp.set_esp_udp_port(0).unwrap();
+    assert_eq!(
+        dp.maps().media_config().unwrap().port_min,
+        20000,
+        "rest kept"
+    );
+    dp.test_run(
+        Hook::Ingress,
+        &esp_udp4(PEER4, A4, NAT_PORT, HIP_PORT, 0x1001, 9),
+    )
+    .unwrap();
+    dp.test_run(
+        Hook::Egress,
+        &esp_udp4(A4, PEER4, HIP_PORT, NAT_PORT, 0x2002, 5),
+    )
+    .unwrap();
+    let after = dp.stats().unwrap();
+    assert_eq!(
+        (after.esp_in, after.esp_out, after.esp_in_unknown_spi),
+        (before.esp_in, before.esp_out, before.esp_in_unknown_spi)
+    );
+    assert_eq!(after.hit_udp_not_rtp, before.hit_udp_not_rtp + 1);
+    assert_eq!(after.malformed, before.malformed);
+
+    let st = after;
+    assert_eq!(st.esp_in, 6 + 3, "v4 (the 9-byte one too), v6 (one plain)");
+    assert_eq!(st.esp_out, 3 + 1);
+    assert_eq!((st.esp_in_unknown_spi, st.esp_out_unknown_spi), (1, 1));
+    assert_eq!(st.locator_changes, 1);
+    assert_eq!((st.guard_passed, st.guard_dropped), (0, 0));
+    assert_eq!(
+        (st.esp_udp_hip, st.esp_udp_keepalive, st.malformed),
+        (0, 0, 0)
+    );
+    assert_eq!(spi_count(&dp, 0x1001, "in").0, 6);
+    assert_eq!(spi_count(&dp, 0x2002, "out").0, 3);
+    assert!(events.drain().is_empty());
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn hip_control_keepalives_and_short_datagrams_on_the_hip_port_are_not_esp() {
+    let mut dp = load();
+    dp.set_media_config(&media(true)).unwrap();
+    dp.upsert_association(&assoc_v4(AssocState::Established))
+        .unwrap();
+    dp.upsert_association(&assoc_v6_udp()).unwrap();
+
+    // HIP control packets behind the zero marker, both families and directions (a
+    // marker with less than a HIP header behind it is still not ESP).
+    let hip: Vec<(Hook, Vec<u8>)> = vec![
+        (
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &hip_over_udp())),
+        ),
+        (
+            Hook::Ingress,
+            ipv6(
+                17,
+                v6(PEER6),
+                v6(ME6),
+                &udp(HIP_PORT, HIP_PORT, &hip_over_udp()),
+            ),
+        ),
+        (
+            Hook::Egress,
+            ipv4(17, A4, PEER4, &udp(HIP_PORT, NAT_PORT, &hip_over_udp())),
+        ),
+        (
+            Hook::Egress,
+            ipv6(
+                17,
+                v6(ME6),
+                v6(PEER6),
+                &udp(HIP_PORT, HIP_PORT, &hip_over_udp()),
+            ),
+        ),
+        (
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &[0, 0, 0, 0, 0x3b])),
+        ),
+    ];
+    for (hook, f) in &hip {
+        assert_eq!(dp.test_run(*hook, f).unwrap(), TC_ACT_PIPE);
+    }
+    // NAT keepalives (one 0xFF byte): in, out, IPv6, and one in a frame with
+    // Ethernet padding behind the datagram (decided on the UDP length).
+    let ka4_in = ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &[0xff]));
+    let mut padded = ka4_in.clone();
+    padded.resize(60, 0);
+    let keepalives: Vec<(Hook, Vec<u8>)> = vec![
+        (Hook::Ingress, ka4_in),
+        (Hook::Ingress, padded),
+        (
+            Hook::Egress,
+            ipv4(17, A4, PEER4, &udp(HIP_PORT, NAT_PORT, &[0xff])),
+        ),
+        (
+            Hook::Ingress,
+            ipv6(17, v6(PEER6), v6(ME6), &udp(HIP_PORT, HIP_PORT, &[0xff])),
+        ),
+    ];
+    for (hook, f) in &keepalives {
+        assert_eq!(dp.test_run(*hook, f).unwrap(), TC_ACT_PIPE);
+    }
+    // Too short for ESP (the kernel hands these to the socket, not to XFRM) or cut:
+    // malformed, never ESP, whatever SPI their first bytes spell.
+    let spi = 0x1001u32.to_be_bytes();
+    let mut cut = ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &esp(0x1001, 1)));
+    cut.truncate(14 + 20 + 8 + 6);
+    let mut cut6 = ipv6(
+        17,
+        v6(PEER6),
+        v6(ME6),
+        &udp(HIP_PORT, HIP_PORT, &esp(0x3003, 1)),
+    );
+    cut6.truncate(14 + 40 + 8 + 2);
+    let malformed: Vec<(&str, Hook, Vec<u8>)> = vec![
+        (
+            "empty payload",
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &[])),
+        ),
+        (
+            "one byte, not 0xFF",
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &[0x10])),
+        ),
+        (
+            "half an SPI",
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &spi[..2])),
+        ),
+        (
+            "an SPI alone",
+            Hook::Ingress,
+            ipv4(17, PEER4, A4, &udp(NAT_PORT, HIP_PORT, &spi)),
+        ),
+        (
+            "an ESP header without payload (IPv6)",
+            Hook::Ingress,
+            ipv6(
+                17,
+                v6(PEER6),
+                v6(ME6),
+                &udp(HIP_PORT, HIP_PORT, &esp(0x3003, 1)[..8]),
+            ),
+        ),
+        (
+            "an ESP header without payload, outbound",
+            Hook::Egress,
+            ipv4(
+                17,
+                A4,
+                PEER4,
+                &udp(HIP_PORT, NAT_PORT, &esp(0x2002, 1)[..8]),
+            ),
+        ),
+        ("UDP length beyond the packet", Hook::Ingress, cut),
+        ("IPv6 packet cut inside the SPI", Hook::Ingress, cut6),
+        ("UDP length below 8", Hook::Egress, {
+            let mut f = ipv4(17, A4, PEER4, &udp(HIP_PORT, NAT_PORT, &esp(0x2002, 2)));
+            f[14 + 20 + 4] = 0;
+            f[14 + 20 + 5] = 4;
+            f
+        }),
+    ];
+    for (what, hook, f) in &malformed {
+        assert_eq!(
+            dp.test_run(*hook, f)
+                .unwrap_or_else(|e| panic!("{what}: {e:?}")),
+            TC_ACT_PIPE,
+            "{what}"
+        );
+    }
+
+    let st = dp.stats().unwrap();
+    assert_eq!(st.esp_udp_hip, hip.len() as u64);
+    assert_eq!(st.esp_udp_keepalive, keepalives.len() as u64);
+    assert_eq!(st.malformed, malformed.len() as u64);
+    assert_eq!((st.esp_in, st.esp_in_unknown_spi), (0, 0));
+    assert_eq!((st.esp_out, st.esp_out_unknown_spi), (0, 0));
+    assert_eq!((st.guard_passed, st.guard_dropped), (0, 0));
+    assert!(
+        dp.spi_counters()
+            .unwrap()
+            .iter()
+            .all(|c| c.packets == 0 && c.locator_changes == 0),
+        "{:?}",
+        dp.spi_counters().unwrap()
+    );
+    dp.shutdown().unwrap();
+}
+
+#[test]
+fn media_guard_never_takes_esp_in_udp_for_rtp_even_in_the_media_range() {
+    let mut dp = load();
+    // A media range that covers the HIP-over-UDP port.
+    let overlapping = MediaConfig {
+        ports: 10000..=20100,
+        ..media(true)
+    };
+    dp.set_media_config(&overlapping).unwrap();
+    dp.upsert_association(&assoc_v4(AssocState::Established))
+        .unwrap();
+
+    // From our 10500 to an address the guard does not know: ESP (here a payload
+    // that would pass for RTP: version 2, PT 0; its first word is a valid SPI), HIP
+    // and keepalives pass and are counted as what they are.
+    let rtp_like = ipv4(17, A4, STRANGER4, &udp(HIP_PORT, 10510, &rtp(1, 0, 1)));
+    assert_eq!(dp.test_run(Hook::Egress, &rtp_like).unwrap(), TC_ACT_PIPE);
+    let esp4 = ipv4(17, A4, STRANGER4, &udp(HIP_PORT, 10510, &esp(0x2002, 1)));
+    assert_eq!(dp.test_run(Hook::Egress, &esp4).unwrap(), TC_ACT_PIPE);
+    let hip4 = ipv4(17, A4, STRANGER4, &udp(HIP_PORT, 10510, &hip_over_udp()));
+    assert_eq!(dp.test_run(Hook::Egress, &hip4).unwrap(), TC_ACT_PIPE);
+    // A hostile SDP naming the HIP port as its RTP port gains nothing: our media
+    // leaves from a media port, and is judged as media.
+    let aimed = ipv4(17, A4, STRANGER4, &udp(20000, HIP_PORT, &rtp(2, 160, 1)));
+    assert_eq!(dp.test_run(Hook::Egress, &aimed).unwrap(), TC_ACT_SHOT);
+    let st = dp.stats().unwrap();
+    assert_eq!((st.esp_out, st.esp_out_unknown_spi), (1, 1));
+    assert_eq!(st.esp_udp_hip, 1);
+    assert_eq!((st.guard_passed, st.guard_dropped), (0, 1));
+    let drops = dp.maps().guard_drops().unwrap();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0].packets, 1, "only the datagram to the HIP port");
+
+    // With ESP in UDP off, port 10500 is a media port like any in the range.
+    dp.set_esp_udp_port(0).unwrap();
+    assert_eq!(dp.test_run(Hook::Egress, &rtp_like).unwrap(), TC_ACT_SHOT);
+    assert_eq!(dp.stats().unwrap().guard_dropped, 2);
     dp.shutdown().unwrap();
 }
