@@ -226,6 +226,11 @@ impl Offload {
                 media: MediaConfig {
                     guard: cfg.datapath.media_guard,
                     ports,
+                    // UDP-encapsulated ESP is counted on the HIP-over-UDP port, if any.
+                    esp_udp_port: match cfg.hip.udp {
+                        crate::config::UdpMode::Never => 0,
+                        _ => cfg.hip.udp_port,
+                    },
                     ..MediaConfig::default()
                 },
             };
