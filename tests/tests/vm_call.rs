@@ -628,6 +628,23 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
     };
     check(s.stream_rtp(N).unwrap(), "alice → bob");
     check(s.stream_rtp_to_alice(N).unwrap(), "bob → alice");
+    // bob's eBPF programs counted the encapsulated ESP on his inbound SPI and classified
+    // the decrypted stream, from the NAT's address.
+    let flows =
+        Scenario::wait_call_security(&s.bob, "bob's flow", Duration::from_secs(30), |sec| {
+            sec["flows"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["packets"] == N))
+        })
+        .unwrap();
+    let flow = flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["packets"] == N)
+        .unwrap();
+    assert_eq!(flow["spi"], ab["kernel"]["spi_in"], "{flow}");
+    assert_eq!(flow["locator"], call::ALICE_IP, "{flow}");
 
     // Idle for longer than the NAT keeps an unused binding: only the keepalives (every
     // 15 s, RFC 9028 §4.10) cross it. The idle time itself is what is tested here.
