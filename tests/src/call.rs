@@ -87,6 +87,10 @@ pub fn capture_bridge(net: &Trapezoid, dir: &std::path::Path) -> Result<(Child, 
             "br0",
             "-n",
             "-U",
+            // Each packet to tcpdump at once: without it the last ring-buffer block (up
+            // to a second of packets, e.g. a BYE just before the stop) can be lost when
+            // SIGINT ends the capture.
+            "--immediate-mode",
             "-w",
         ])
         .arg(&pcap)
