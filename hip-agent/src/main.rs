@@ -76,6 +76,14 @@ enum DatapathCmd {
         iface: String,
         #[arg(long, default_value = hip_datapath::PIN_DIR, env = "HIP_PIN_DIR")]
         pin_dir: PathBuf,
+        /// UDP port counted as UDP-encapsulated ESP (0 = ESP over IP only).
+        ///
+        /// `datapath attach` reads no agent configuration file (no `datapath`
+        /// subcommand does), so this option stands in for what the daemon writes from
+        /// `[hip]`: its `udp_port` (default 10500, RFC 9028 §4.1), or 0 with
+        /// `udp = "never"`.
+        #[arg(long, default_value_t = hip_common::HIP_UDP_PORT, value_name = "PORT")]
+        esp_udp_port: u16,
     },
     /// Detach the programs from IFACE and remove the pins.
     Detach {
@@ -122,8 +130,16 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Xfrm(a) => cmd_xfrm::run(a)?,
-        Cmd::Datapath(DatapathCmd::Attach { iface, pin_dir }) => {
+        Cmd::Datapath(DatapathCmd::Attach {
+            iface,
+            pin_dir,
+            esp_udp_port,
+        }) => {
             let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
+            // Before attaching, so that the programs count ESP in UDP from the first
+            // packet; the rest of the configuration stays zeroed (guard off, no RTP).
+            dp.set_esp_udp_port(esp_udp_port)
+                .context("writing the datapath's ESP-in-UDP port")?;
             let links = dp
                 .attach_persistent(&iface)
                 .with_context(|| format!("attaching to {iface}"))?;
@@ -182,4 +198,51 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn attach_port(args: &[&str]) -> u16 {
+        let cli = Cli::try_parse_from(
+            ["hip-agent", "datapath", "attach", "--iface", "eth0"]
+                .iter()
+                .chain(args),
+        )
+        .unwrap();
+        match cli.cmd {
+            Cmd::Datapath(DatapathCmd::Attach { esp_udp_port, .. }) => esp_udp_port,
+            _ => panic!("not datapath attach"),
+        }
+    }
+
+    #[test]
+    fn attach_counts_esp_in_udp_where_the_daemon_would() {
+        // The daemon's default `[hip] udp_port`.
+        assert_eq!(attach_port(&[]), hip_proto::endpoint::HIP_UDP_PORT);
+        assert_eq!(attach_port(&[]), 10500);
+        assert_eq!(attach_port(&["--esp-udp-port", "4500"]), 4500);
+        // `udp = "never"`.
+        assert_eq!(attach_port(&["--esp-udp-port", "0"]), 0);
+        assert!(
+            Cli::try_parse_from([
+                "hip-agent",
+                "datapath",
+                "attach",
+                "--iface",
+                "eth0",
+                "--esp-udp-port",
+                "70000"
+            ])
+            .is_err()
+        );
+    }
 }

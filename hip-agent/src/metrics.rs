@@ -40,7 +40,7 @@
 //! | `kernel_sas` | gauge | | hip's XFRM SAs in the kernel (`xfrm`) |
 //! | `kernel_policies` | gauge | | hip's XFRM policies in the kernel (`xfrm`) |
 //! | `datapath_packets_total`, `datapath_bytes_total` | counter | `direction` (`ingress`, `egress`) | what the tc programs saw |
-//! | `datapath_events_total` | counter | `event` | the programs' counters (`esp_in`, `esp_in_unknown_spi`, `esp_out`, `esp_out_unknown_spi`, `rtp_in`, `hit_udp_not_rtp`, `guard_passed`, `guard_dropped`, `malformed`, `locator_changes`, `events_lost`, `flow_insert_failed`) |
+//! | `datapath_events_total` | counter | `event` | the programs' counters (`esp_in`, `esp_in_unknown_spi`, `esp_out`, `esp_out_unknown_spi`, `rtp_in`, `hit_udp_not_rtp`, `guard_passed`, `guard_dropped`, `malformed`, `locator_changes`, `events_lost`, `flow_insert_failed`, and on the HIP-over-UDP port `esp_udp_hip` for HIP control packets and `esp_udp_keepalive` for 0xFF NAT keepalives, neither ESP nor media) |
 //! | `esp_packets_total`, `esp_bytes_total` | counter | `spi`, `direction`, `peer_hit` | per SA, from the SPI map |
 //! | `esp_locator_changes_total` | counter | `spi`, `direction`, `peer_hit` | inbound ESP seen from a new outer source |
 //! | `guard_dropped_packets_total`, `guard_dropped_bytes_total` | counter | `dst` | clear-text RTP the media guard dropped |
@@ -498,7 +498,8 @@ fn datapath(o: &mut Out, d: &DatapathView) {
     );
     o.counter(
         "datapath_events",
-        "The tc programs' counters",
+        "The tc programs' counters; esp_udp_hip and esp_udp_keepalive count HIP control \
+         packets and 0xFF NAT keepalives on the HIP-over-UDP port (not ESP, never media)",
         [
             ("esp_in", s.esp_in),
             ("esp_in_unknown_spi", s.esp_in_unknown_spi),
@@ -512,6 +513,8 @@ fn datapath(o: &mut Out, d: &DatapathView) {
             ("locator_changes", s.locator_changes),
             ("events_lost", s.events_lost),
             ("flow_insert_failed", s.flow_insert_failed),
+            ("esp_udp_hip", s.esp_udp_hip),
+            ("esp_udp_keepalive", s.esp_udp_keepalive),
         ]
         .map(|(e, v)| (labels(&[("event", e.into())]), v)),
     );
@@ -780,6 +783,8 @@ mod tests {
         let dp = DatapathView {
             stats: DatapathStats {
                 esp_in: 11,
+                esp_udp_hip: 3,
+                esp_udp_keepalive: 5,
                 ..DatapathStats::default()
             },
             spis: vec![SpiCounters {
@@ -817,6 +822,8 @@ mod tests {
             "hip_kernel_sas 2",
             "hip_kernel_policies 4",
             "hip_datapath_events_total{event=\"esp_in\"} 11",
+            "hip_datapath_events_total{event=\"esp_udp_hip\"} 3",
+            "hip_datapath_events_total{event=\"esp_udp_keepalive\"} 5",
             "hip_esp_packets_total{spi=\"0x60000001\",direction=\"in\",peer_hit=\"2001:20::2\"} 11",
             "hip_esp_locator_changes_total{spi=\"0x60000001\",direction=\"in\",peer_hit=\"2001:20::2\"} 1",
             "hip_association_outcomes_total{outcome=\"established\"} 1",
@@ -826,6 +833,13 @@ mod tests {
         ] {
             assert!(t.lines().any(|l| l == line), "{line} missing in:\n{t}");
         }
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("# HELP hip_datapath_events_total ")
+                    && l.contains("esp_udp_hip")
+                    && l.contains("keepalives")),
+            "{t}"
+        );
         assert!(!t.contains("hip_scrape_error{"), "{t}");
         let (om, ctype) = render(&rec, &snap, true);
         assert!(ctype.starts_with("application/openmetrics-text"));
