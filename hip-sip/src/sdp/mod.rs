@@ -261,6 +261,26 @@ impl Sdp {
             .map(Line::value)
     }
 
+    /// The values of the session-level attributes `a=<name>:<value>` (an attribute with no
+    /// value gives `""`), in order.
+    pub fn session_attributes<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.typed_lines()
+            .filter(|(_, scope, kind, _)| *scope == Scope::Session && *kind == 'a')
+            .filter_map(move |(_, _, _, v)| match v.split_once(':') {
+                Some((n, value)) if n == name => Some(value),
+                None if v == name => Some(""),
+                _ => None,
+            })
+    }
+
+    /// Appends `a=<name>:<value>` to the session section (before the first `m=`).
+    pub fn push_session_attribute(&mut self, name: &str, value: &str) {
+        let at = self
+            .section(Scope::Session)
+            .map_or(self.lines.len(), |r| r.end);
+        self.insert_line(at, format!("a={name}:{value}"));
+    }
+
     /// Line index range `[start, end)` of a scope: the session section, or media `i`
     /// (from its `m=` line up to the next `m=`).
     fn section(&self, scope: Scope) -> Option<std::ops::Range<usize>> {
@@ -329,6 +349,30 @@ impl Sdp {
             return;
         }
         self.lines.insert(at, Line { text, ending });
+    }
+}
+
+/// hip's own SDP attribute for NAT traversal (issue 13; not registered with IANA): a
+/// session-level `a=hip-nat:initiate` says that its sender sits behind a NAT — its HIP runs
+/// over UDP (RFC 9028) — and starts the base exchange itself once the dialog is confirmed,
+/// so the peer must not send it an I1 (nothing reaches it through the NAT) but answer its
+/// I1 as a responder, accepting only the HITs this same SDP carries.
+///
+/// It moves nothing but who sends the first packet: the exchange proves the HIT either
+/// way, so a path that adds the attribute or strips it can only delay or stop HIP, as it
+/// could by dropping the message.
+pub const NAT_ATTRIBUTE: &str = "hip-nat";
+
+/// Whether `sdp` carries `a=hip-nat:initiate` ([`NAT_ATTRIBUTE`]) at session level.
+pub fn nat_initiator(sdp: &Sdp) -> bool {
+    sdp.session_attributes(NAT_ATTRIBUTE)
+        .any(|v| v.trim() == "initiate")
+}
+
+/// Adds `a=hip-nat:initiate` ([`NAT_ATTRIBUTE`]) to `sdp`'s session section, once.
+pub fn mark_nat_initiator(sdp: &mut Sdp) {
+    if !nat_initiator(sdp) {
+        sdp.push_session_attribute(NAT_ATTRIBUTE, "initiate");
     }
 }
 

@@ -491,3 +491,31 @@ fn hit_serde_is_ipv6_text_and_accepts_hex() {
         h
     );
 }
+
+/// `a=hip-nat:initiate` goes into the session section, before the first `m=`, once; it is
+/// read only there (a media-level one, or another value, is not the mark) and the rest of
+/// the body is left as it was.
+#[test]
+fn the_nat_initiator_mark_is_session_level_and_added_once() {
+    let body = "v=0\r\no=- 1 1 IN IP6 ::1\r\ns=-\r\nc=IN IP6 ::1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=hip-nat:initiate\r\n";
+    let mut s = Sdp::parse(body).unwrap();
+    assert!(!nat_initiator(&s), "media level is not the mark");
+    mark_nat_initiator(&mut s);
+    mark_nat_initiator(&mut s);
+    assert!(nat_initiator(&s));
+    assert_eq!(
+        s.emit(),
+        body.replace("t=0 0\r\n", "t=0 0\r\na=hip-nat:initiate\r\n")
+    );
+    let other = Sdp::parse("v=0\no=- 1 1 IN IP4 a\na=hip-nat:relay\na=hip-nat\n").unwrap();
+    assert!(!nat_initiator(&other));
+    assert_eq!(
+        other.session_attributes(NAT_ATTRIBUTE).collect::<Vec<_>>(),
+        vec!["relay", ""]
+    );
+    // A body without media and without a final newline: the mark is its last line.
+    let mut bare = Sdp::parse("v=0\no=- 1 1 IN IP4 a").unwrap();
+    mark_nat_initiator(&mut bare);
+    assert_eq!(bare.emit(), "v=0\no=- 1 1 IN IP4 a\na=hip-nat:initiate");
+    assert!(nat_initiator(&Sdp::parse(&bare.emit()).unwrap()));
+}
