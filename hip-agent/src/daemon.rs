@@ -353,8 +353,11 @@ const HISTORY: usize = 32;
 struct CallSecurity {
     /// The peer's HITs from its SDP.
     peer_hits: Vec<hip_proto::Hit>,
-    /// Whether we accepted its HITs as initiators (we answered).
+    /// Whether we accepted its HITs as initiators (we answered, or the callee starts HIP).
     authorized: bool,
+    /// The base exchange runs the other way round: the callee, behind a NAT, starts it
+    /// (`a=hip-nat:initiate` in its answer, issue 13) and the caller answers it.
+    nat_reversed: bool,
     /// What SIP established about the SDP's integrity (draft §4).
     sip: SipAssurance,
     /// The peer's media address and port from its SDP.
@@ -860,7 +863,25 @@ impl Daemon {
             }
             _ => (None, None),
         };
-        let sdp = self.local_sdp(offer.as_ref(), form);
+        let mut sdp = self.local_sdp(offer.as_ref(), form);
+        // Behind a NAT towards the caller, no I1 of its reaches us: we start HIP once the
+        // ACK confirms the dialog (by then the caller holds our HITs), and our answer says
+        // so.
+        let caller = self
+            .ua
+            .call_info(h)
+            .and_then(|i| i.remote_target)
+            .as_deref()
+            .and_then(uri_host);
+        if let (Some(sec), Some(loc)) = (&self.security, caller)
+            && sec.behind_nat_towards(loc)
+            && let Ok(mut s) = Sdp::parse_bytes(&sdp)
+        {
+            sdp::mark_nat_initiator(&mut s);
+            sdp = Bytes::from(s.emit());
+            self.call_sec.entry(h).or_default().nat_reversed = true;
+            tracing::info!(call = %h, caller = %loc, "behind a NAT towards the caller: we start the base exchange, over UDP, once the call is confirmed");
+        }
         // The caller may send I1 as soon as our 200 is out, before its ACK reaches us:
         // its HITs from the offer are accepted from now on (draft §3.3: the known-HITs pool).
         if let (Some(sec), Some((ids, _))) = (&mut self.security, self.offered.get(&h)) {
@@ -1198,11 +1219,13 @@ impl Daemon {
                 ..
             } => {
                 let hits = secure::distinct(identities.iter().map(|i| proto_hit(i.hit)));
-                let media = self
-                    .ua
-                    .call_sdp(call)
-                    .and_then(|(_, r)| r)
-                    .and_then(|b| media_of(&b));
+                let remote = self.ua.call_sdp(call).and_then(|(_, r)| r);
+                let media = remote.as_ref().and_then(|b| media_of(b));
+                let peer_starts = direction == Direction::Outgoing
+                    && remote
+                        .as_ref()
+                        .and_then(|b| Sdp::parse_bytes(b).ok())
+                        .is_some_and(|s| sdp::nat_initiator(&s));
                 let cs = self.call_sec.entry(call).or_default();
                 cs.confirmed_ms.get_or_insert_with(unix_ms);
                 cs.peer_hits = hits.clone();
@@ -1221,10 +1244,13 @@ impl Daemon {
                 let Some(sec) = &mut self.security else {
                     return;
                 };
-                if direction != Direction::Outgoing {
+                if direction != Direction::Outgoing && !cs.nat_reversed {
                     return;
                 }
-                if self.cfg.security.require_verified_peer && !cs.sip.peer_authenticated {
+                if direction == Direction::Outgoing
+                    && self.cfg.security.require_verified_peer
+                    && !cs.sip.peer_authenticated
+                {
                     // No base exchange (and so no media) until the callee's HIT is
                     // verified: its signed UPDATE brings the HITs again (PeerHitsLearned).
                     tracing::info!(%call, "HIP waits for the callee's HIT to be verified (require_verified_peer)");
@@ -1234,6 +1260,18 @@ impl Daemon {
                     tracing::warn!(%call, ?peer_contact, "no IP address in the peer's Contact: no HIP locator");
                     return;
                 };
+                if peer_starts {
+                    // The callee is behind a NAT: our I1 would not reach it. Its I1 comes
+                    // to us instead, and its I2 is accepted only from the answer's HITs
+                    // (proved by the exchange as our R1 check would).
+                    cs.nat_reversed = true;
+                    if !cs.authorized {
+                        sec.authorize(&hits);
+                        cs.authorized = true;
+                    }
+                    tracing::info!(%call, %locator, "the callee is behind a NAT (a=hip-nat:initiate): waiting for its base exchange");
+                    return;
+                }
                 // One exchange for all the HITs the SDP carried: the responder proves one
                 // of them (a wrong HIT listed first costs nothing).
                 if let Err(e) = sec.initiate(locator, &hits).await {
@@ -1410,9 +1448,10 @@ impl Daemon {
             };
             cs.association_lost = Some(reason.clone());
             tracing::warn!(call = %h, %peer, "the call's HIP association was lost: {reason}");
-            if info.direction != Direction::Outgoing
-                || info.state != hip_sip::sip::CallState::Confirmed
-            {
+            // Whoever started the exchange starts it again: the caller, or the callee
+            // behind a NAT.
+            let we_start = (info.direction == Direction::Outgoing) != cs.nat_reversed;
+            if !we_start || info.state != hip_sip::sip::CallState::Confirmed {
                 continue;
             }
             let hits = cs.peer_hits.clone();

@@ -567,19 +567,28 @@ impl Security {
         let over_udp = match self.udp_mode {
             UdpMode::Always => true,
             UdpMode::Never => false,
-            UdpMode::Auto => {
-                let local = self
-                    .local_locator
-                    .map(Ok)
-                    .unwrap_or_else(|| hip_driver::source_for(locator));
-                local.is_ok_and(|l| private_use(l) && !private_use(locator))
-            }
+            UdpMode::Auto => self.behind_nat_towards(locator),
         };
         if over_udp {
             std::net::SocketAddr::new(locator, port).into()
         } else {
             locator.into()
         }
+    }
+
+    /// Whether a NAT must be between us and `locator` (`[hip] udp = "auto"`): our address
+    /// towards it is a private one and its is not. Such a host cannot be reached by an I1
+    /// from the peer, so it starts the base exchange itself, over UDP, whichever side of
+    /// the call it is (`a=hip-nat:initiate` in its SDP tells the peer).
+    pub fn behind_nat_towards(&self, locator: IpAddr) -> bool {
+        if self.udp_port.is_none() || self.udp_mode != UdpMode::Auto {
+            return false;
+        }
+        let local = self
+            .local_locator
+            .map(Ok)
+            .unwrap_or_else(|| hip_driver::source_for(locator));
+        local.is_ok_and(|l| private_use(l) && !private_use(locator))
     }
 
     /// Starts a base exchange with the host at `locator` before its HIT is known (our
