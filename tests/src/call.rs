@@ -42,6 +42,9 @@ pub struct Options {
     /// Put alice behind a NAT ([`Trapezoid::with_nat`]): she is
     /// [`ALICE_PRIVATE_IP`](crate::sip::ALICE_PRIVATE_IP) and 192.0.2.1 is the NAT's.
     pub alice_behind_nat: bool,
+    /// Put bob behind a NAT ([`Trapezoid::with_nat_before_bob`]): he is
+    /// [`BOB_PRIVATE_IP`](crate::sip::BOB_PRIVATE_IP) and 192.0.2.4 is the NAT's.
+    pub bob_behind_nat: bool,
 }
 
 /// A running scenario; dropping it stops everything and deletes the namespaces.
@@ -111,10 +114,11 @@ impl Scenario {
     /// Builds the network, starts both proxies and both agents, and waits until both are
     /// registered.
     pub fn start(opts: &Options) -> Result<Self> {
-        let net = if opts.alice_behind_nat {
-            Trapezoid::with_nat()?
-        } else {
-            Trapezoid::new()?
+        let net = match (opts.alice_behind_nat, opts.bob_behind_nat) {
+            (true, false) => Trapezoid::with_nat()?,
+            (false, true) => Trapezoid::with_nat_before_bob()?,
+            (false, false) => Trapezoid::new()?,
+            (true, true) => bail!("one NAT per scenario"),
         };
         let dir = scratch("call");
         // An independent view of everything on the wire, read back after the call.
@@ -133,7 +137,20 @@ impl Scenario {
         };
         net.start_proxies(&dir, &rewrite)?;
 
-        let agent = |ns: &NetNs, who: &str, key: &PathBuf, ip: &str, proxy: &str, domain: &str| {
+        let agent = |ns: &NetNs,
+                     who: &str,
+                     key: &PathBuf,
+                     ip: &str,
+                     proxy: &str,
+                     domain: &str,
+                     natted: bool| {
+            // Behind the NAT, the registration's binding is kept by keep-alives sent more
+            // often than the NAT forgets it.
+            let keepalive = if natted {
+                format!("\nkeepalive_secs = {}", crate::sip::NAT_UDP_TIMEOUT_S / 2)
+            } else {
+                String::new()
+            };
             let pin = format!("/sys/fs/bpf/hip-test-{}", ns.name());
             Agent::start(
                 ns,
@@ -141,7 +158,7 @@ impl Scenario {
                 &format!(
                     "user = \"{who}\"\ndomain = \"{domain}\"\npassword = \"{who}-pw\"\n\
                      outbound_proxy = \"udp:{proxy}:5060\"\nregister = true\nregister_expires = 300\n\
-                     listen = [\"udp:{ip}:5060\"]"
+                     listen = [\"udp:{ip}:5060\"]{keepalive}"
                 ),
                 &format!(
                     "[sip.sdp]\nhit_format = \"hex\"\nrtp_port = {RTP_PORT}\n\
@@ -164,14 +181,21 @@ impl Scenario {
             alice_ip,
             "192.0.2.2",
             "atlanta.com",
+            opts.alice_behind_nat,
         )?;
+        let bob_ip = if opts.bob_behind_nat {
+            crate::sip::BOB_PRIVATE_IP
+        } else {
+            BOB_IP
+        };
         let bob = agent(
             &net.hosts[3],
             "bob",
             &bob_key,
-            BOB_IP,
+            bob_ip,
             "192.0.2.3",
             "biloxi.com",
+            opts.bob_behind_nat,
         )?;
         for (who, a) in [("alice", &alice), ("bob", &bob)] {
             a.wait_registered(who, Duration::from_secs(60))?;

@@ -478,12 +478,16 @@ pub struct Trapezoid {
     pub lan: NetNs,
     /// alice, atlanta, biloxi, bob.
     pub hosts: Vec<NetNs>,
-    /// With [`Trapezoid::with_nat`]: the router alice sits behind.
+    /// With [`Trapezoid::with_nat`]: the router alice (or bob) sits behind.
     pub nat: Option<NetNs>,
+    /// The private network behind [`Trapezoid::nat`] (`10.0.N.0/24`).
+    nat_lan: String,
 }
 
 /// alice's address behind the NAT of [`Trapezoid::with_nat`].
 pub const ALICE_PRIVATE_IP: &str = "10.0.1.2";
+/// bob's address behind the NAT of [`Trapezoid::with_nat_before_bob`].
+pub const BOB_PRIVATE_IP: &str = "10.0.4.2";
 
 /// The UDP conntrack timeout the NAT of [`Trapezoid::with_nat`] keeps (both the
 /// unreplied and the stream one): a binding idle longer than this is forgotten.
@@ -495,20 +499,34 @@ impl Trapezoid {
     /// network 10.0.1.0/24, where she is [`ALICE_PRIVATE_IP`]; UDP bindings time out
     /// after [`NAT_UDP_TIMEOUT_S`].
     pub fn with_nat() -> Result<Self> {
+        Self::with_nat_before(0, "alice", "192.0.2.1", 1)
+    }
+
+    /// [`Trapezoid::with_nat`] for bob: the router holds 192.0.2.4 and bob is
+    /// [`BOB_PRIVATE_IP`] on 10.0.4.0/24.
+    pub fn with_nat_before_bob() -> Result<Self> {
+        Self::with_nat_before(3, "bob", "192.0.2.4", 4)
+    }
+
+    /// Moves host `index` (link `v{who}`, public address `public`) behind a masquerading
+    /// router; the host gets 10.0.`net`.2/24, the router 10.0.`net`.1.
+    fn with_nat_before(index: usize, who: &str, public: &str, net: u8) -> Result<Self> {
         let mut t = Self::new()?;
         let nat = NetNs::new("trnat")?;
-        let alice = &t.hosts[0];
-        // alice's link to the bridge moves to the router; alice gets a private link.
-        alice.ip(["link", "set", "valice", "netns", nat.name()])?;
-        nat.ip(["link", "set", "valice", "name", "wan"])?;
-        nat.ip(["addr", "add", "192.0.2.1/24", "dev", "wan"])?;
+        let host = &t.hosts[index];
+        let link = format!("v{who}");
+        let lan = format!("10.0.{net}.0/24");
+        // The host's link to the bridge moves to the router; the host gets a private link.
+        host.ip(["link", "set", &link, "netns", nat.name()])?;
+        nat.ip(["link", "set", &link, "name", "wan"])?;
+        nat.ip(["addr", "add", &format!("{public}/24"), "dev", "wan"])?;
         nat.ip(["link", "set", "wan", "up"])?;
         crate::ip([
             "link",
             "add",
-            "valice",
+            &link,
             "netns",
-            alice.name(),
+            host.name(),
             "type",
             "veth",
             "peer",
@@ -517,22 +535,18 @@ impl Trapezoid {
             "netns",
             nat.name(),
         ])?;
-        nat.ip(["addr", "add", "10.0.1.1/24", "dev", "lan"])?;
+        nat.ip(["addr", "add", &format!("10.0.{net}.1/24"), "dev", "lan"])?;
         nat.ip(["link", "set", "lan", "up"])?;
-        alice.ip([
-            "addr",
-            "add",
-            &format!("{ALICE_PRIVATE_IP}/24"),
-            "dev",
-            "valice",
-        ])?;
-        alice.ip(["link", "set", "valice", "up"])?;
-        alice.ip(["route", "add", "default", "via", "10.0.1.1"])?;
+        host.ip(["addr", "add", &format!("10.0.{net}.2/24"), "dev", &link])?;
+        host.ip(["link", "set", &link, "up"])?;
+        host.ip(["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
         let sh = |cmd: &str| -> Result<()> {
             crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
         };
         sh("sysctl -qw net.ipv4.ip_forward=1")?;
-        let rules = "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade\n }\n}\n";
+        let rules = format!(
+            "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
+        );
         sh(&format!("printf '{rules}' | nft -f -"))?;
         // The conntrack sysctls are per namespace once the module is loaded (the rule
         // above loaded it).
@@ -541,16 +555,20 @@ impl Trapezoid {
              net.netfilter.nf_conntrack_udp_timeout_stream={NAT_UDP_TIMEOUT_S}"
         ))?;
         t.nat = Some(nat);
+        t.nat_lan = lan;
         Ok(t)
     }
 
     /// Makes the NAT of [`Trapezoid::with_nat`] behave as one that restarted with a new
     /// port range: every binding it held is forgotten (its conntrack table flushed over
     /// ctnetlink, `IPCTNL_MSG_CT_DELETE` without attributes) and new ones take ports from
-    /// 20000–20999, so alice's next datagram leaves from another public port.
+    /// 20000–20999, so the host's next datagram leaves from another public port.
     pub fn rebind_nat(&self) -> Result<()> {
         let nat = self.nat.as_ref().context("no NAT in this trapezoid")?;
-        let rules = "flush table ip nat\ntable ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr 10.0.1.0/24 meta l4proto udp masquerade to :20000-20999\n  oifname \"wan\" ip saddr 10.0.1.0/24 masquerade\n }\n}\n";
+        let lan = &self.nat_lan;
+        let rules = format!(
+            "flush table ip nat\ntable ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} meta l4proto udp masquerade to :20000-20999\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
+        );
         crate::run(
             "ip",
             [
@@ -613,6 +631,7 @@ impl Trapezoid {
             lan,
             hosts,
             nat: None,
+            nat_lan: String::new(),
         })
     }
 

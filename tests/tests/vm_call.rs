@@ -769,3 +769,108 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
         "clear RTP on the wire"
     );
 }
+
+/// Issue 13, case (b): bob is behind a NAT and alice calls him. His registration is
+/// saved with the NAT's binding (Kamailio's nathelper), the INVITE reaches him through it,
+/// and his answer says he starts HIP (`a=hip-nat:initiate`): no I1 of alice's could reach
+/// him. He runs the base exchange over UDP once the ACK confirms the call; alice answers it
+/// as a responder, accepting only the HITs of his answer.
+#[test]
+fn a_callee_behind_a_nat_starts_hip_itself_and_its_call_is_secured() {
+    use hip_tests::sip::{BOB_PRIVATE_IP, NAT_UDP_TIMEOUT_S};
+    let mut s = Scenario::start(&Options {
+        bob_behind_nat: true,
+        ..Options::default()
+    })
+    .unwrap();
+    let call = s.call().unwrap();
+    let (a, b) = s.wait_established().unwrap();
+    let (aa, ab) = (&a["associations"][0], &b["associations"][0]);
+    // The roles of the exchange are reversed: bob, the callee, initiated it.
+    assert_eq!(ab["initiator"], true, "{ab}");
+    assert_eq!(aa["initiator"], false, "{aa}");
+    // bob sees alice as she is; alice sees bob at the NAT's address and mapped port.
+    assert_eq!(ab["local_locator"], BOB_PRIVATE_IP, "{ab}");
+    assert_eq!(ab["peer_locator"], call::ALICE_IP, "{ab}");
+    assert_eq!(ab["nat"]["local_port"], 10500, "{ab}");
+    assert_eq!(ab["nat"]["peer_port"], 10500, "{ab}");
+    assert_eq!(aa["peer_locator"], call::BOB_IP, "the NAT's address: {aa}");
+    let mapped = aa["nat"]["peer_port"]
+        .as_u64()
+        .expect("alice's view of bob's port");
+    // HIP proved each side's HIT from SDP (no SIP Identity here: nothing signed the SDP).
+    for (who, sec) in [("alice", &a), ("bob", &b)] {
+        assert_eq!(sec["verification"], "unverified", "{who}: {sec}");
+    }
+    for (ns, peer_port) in [(s.bob_ns(), 10500), (s.alice_ns(), mapped)] {
+        let st = ns.ip(["xfrm", "state", "list"]).unwrap();
+        let st = String::from_utf8_lossy(&st.stdout).into_owned();
+        assert_eq!(st.matches("mode beet").count(), 2, "{st}");
+        assert_eq!(st.matches("encap type espinudp").count(), 2, "{st}");
+        for dir in [
+            format!("sport 10500 dport {peer_port}"),
+            format!("sport {peer_port} dport 10500"),
+        ] {
+            assert!(st.contains(&dir), "{dir} in {}: {st}", ns.name());
+        }
+    }
+
+    const N: u32 = 50;
+    let check = |r: call::RtpReport, what: &str| {
+        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
+        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
+    };
+    check(s.stream_rtp(N).unwrap(), "alice → bob");
+    check(s.stream_rtp_to_alice(N).unwrap(), "bob → alice");
+
+    // Idle for longer than the NAT keeps an unused binding: bob's HIP keepalives keep
+    // his path, his SIP keepalives his registration's binding.
+    std::thread::sleep(Duration::from_secs(NAT_UDP_TIMEOUT_S + 6));
+    let st_a = s.alice.status();
+    let age = st_a["limits"]["hip"]["keepalive_age_ms"][s.bob_hit.as_str()].as_u64();
+    assert!(
+        age.is_some_and(|ms| ms <= 16_000),
+        "{}",
+        st_a["limits"]["hip"]
+    );
+    check(s.stream_rtp(N).unwrap(), "alice → bob after the idle gap");
+    check(
+        s.stream_rtp_to_alice(N).unwrap(),
+        "bob → alice after the idle gap",
+    );
+
+    // alice hangs up: her BYE follows the route set through bob's proxy, which reaches
+    // him through the NAT's binding of his registration (it ends his call too).
+    s.hangup(&call).unwrap();
+    s.wait_kernel_empty().unwrap();
+
+    // Between alice and the NAT only HIP over UDP and UDP-encapsulated ESP (and ICMP);
+    // SIP goes through the proxies; no raw HIP, raw ESP or clear RTP anywhere.
+    let pcap = s.stop_capture().unwrap();
+    let pkts = call::read_pcap(&pcap).unwrap();
+    let direct = call::between(&pkts, call::ALICE_IP, call::BOB_IP);
+    let wrong: Vec<_> = direct
+        .iter()
+        .filter(|p| !(p.proto == 1 || p.proto == 17 && [p.sport, p.dport].contains(&10500)))
+        .collect();
+    assert!(wrong.is_empty(), "not UDP 10500: {wrong:?}");
+    assert!(
+        direct.len() as u32 >= 4 * N,
+        "{} datagrams on 10500 for {} RTP packets",
+        direct.len(),
+        4 * N
+    );
+    assert!(
+        !pkts.iter().any(|p| p.proto == 139
+            || p.proto == 50
+            || p.proto == 17 && [p.sport, p.dport].contains(&call::RTP_PORT)),
+        "raw HIP, raw ESP or clear RTP on the wire"
+    );
+    // The BYE crossed the NAT to bob (from his proxy, after the idle gap).
+    assert!(
+        pkts.iter().any(|p| p.sip.as_deref() == Some("BYE")
+            && p.src == "192.0.2.3"
+            && p.dst == call::BOB_IP),
+        "the BYE from bob's proxy to the NAT"
+    );
+}
