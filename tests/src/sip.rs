@@ -482,16 +482,61 @@ pub struct Trapezoid {
     pub nat: Option<NetNs>,
     /// The private network behind [`Trapezoid::nat`] (`10.0.N.0/24`).
     nat_lan: String,
+    /// With [`Trapezoid::add_second_nat_for_alice`]: the NAT alice moves behind.
+    pub nat2: Option<NetNs>,
 }
 
 /// alice's address behind the NAT of [`Trapezoid::with_nat`].
 pub const ALICE_PRIVATE_IP: &str = "10.0.1.2";
 /// bob's address behind the NAT of [`Trapezoid::with_nat_before_bob`].
 pub const BOB_PRIVATE_IP: &str = "10.0.4.2";
+/// alice's address behind the second NAT ([`Trapezoid::add_second_nat_for_alice`]).
+pub const ALICE_SECOND_PRIVATE_IP: &str = "10.0.2.2";
 
 /// The UDP conntrack timeout the NAT of [`Trapezoid::with_nat`] keeps (both the
 /// unreplied and the stream one): a binding idle longer than this is forgotten.
 pub const NAT_UDP_TIMEOUT_S: u64 = 20;
+
+/// Makes `nat` a masquerading router: `public`/24 on its link `wan` (already there, on the
+/// bridge), and a new link `host_link` from `host` to its `lan` with 10.0.`net`.1/24; UDP
+/// bindings time out after [`NAT_UDP_TIMEOUT_S`]. Returns the private network.
+fn nat_router(nat: &NetNs, public: &str, host: &NetNs, host_link: &str, net: u8) -> Result<String> {
+    let lan = format!("10.0.{net}.0/24");
+    nat.ip(["addr", "add", &format!("{public}/24"), "dev", "wan"])?;
+    nat.ip(["link", "set", "wan", "up"])?;
+    crate::ip([
+        "link",
+        "add",
+        host_link,
+        "netns",
+        host.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lan",
+        "netns",
+        nat.name(),
+    ])?;
+    nat.ip(["addr", "add", &format!("10.0.{net}.1/24"), "dev", "lan"])?;
+    nat.ip(["link", "set", "lan", "up"])?;
+    host.ip(["link", "set", host_link, "up"])?;
+    let sh = |cmd: &str| -> Result<()> {
+        crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
+    };
+    sh("sysctl -qw net.ipv4.ip_forward=1")?;
+    let rules = format!(
+        "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
+    );
+    sh(&format!("printf '{rules}' | nft -f -"))?;
+    // The conntrack sysctls are per namespace once the module is loaded (the rule above
+    // loaded it).
+    sh(&format!(
+        "sysctl -qw net.netfilter.nf_conntrack_udp_timeout={NAT_UDP_TIMEOUT_S} \
+         net.netfilter.nf_conntrack_udp_timeout_stream={NAT_UDP_TIMEOUT_S}"
+    ))?;
+    Ok(lan)
+}
 
 impl Trapezoid {
     /// The trapezoid with alice behind a NAT: a router namespace holds her public address
@@ -515,48 +560,39 @@ impl Trapezoid {
         let nat = NetNs::new("trnat")?;
         let host = &t.hosts[index];
         let link = format!("v{who}");
-        let lan = format!("10.0.{net}.0/24");
         // The host's link to the bridge moves to the router; the host gets a private link.
         host.ip(["link", "set", &link, "netns", nat.name()])?;
         nat.ip(["link", "set", &link, "name", "wan"])?;
-        nat.ip(["addr", "add", &format!("{public}/24"), "dev", "wan"])?;
-        nat.ip(["link", "set", "wan", "up"])?;
+        t.nat_lan = nat_router(&nat, public, host, &link, net)?;
+        host.ip(["addr", "add", &format!("10.0.{net}.2/24"), "dev", &link])?;
+        host.ip(["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
+        t.nat = Some(nat);
+        Ok(t)
+    }
+
+    /// A second NAT for alice (with [`Trapezoid::with_nat`]): a router holding 192.0.2.11
+    /// on the bridge, and a link `valice2` from alice to its private network 10.0.2.0/24,
+    /// where she has no address yet — she moves there with [`ALICE_SECOND_PRIVATE_IP`].
+    pub fn add_second_nat_for_alice(&mut self) -> Result<()> {
+        let nat = NetNs::new("trnat2")?;
         crate::ip([
             "link",
             "add",
-            &link,
+            "wan",
             "netns",
-            host.name(),
+            nat.name(),
             "type",
             "veth",
             "peer",
             "name",
-            "lan",
+            "p4",
             "netns",
-            nat.name(),
+            self.lan.name(),
         ])?;
-        nat.ip(["addr", "add", &format!("10.0.{net}.1/24"), "dev", "lan"])?;
-        nat.ip(["link", "set", "lan", "up"])?;
-        host.ip(["addr", "add", &format!("10.0.{net}.2/24"), "dev", &link])?;
-        host.ip(["link", "set", &link, "up"])?;
-        host.ip(["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
-        let sh = |cmd: &str| -> Result<()> {
-            crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
-        };
-        sh("sysctl -qw net.ipv4.ip_forward=1")?;
-        let rules = format!(
-            "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
-        );
-        sh(&format!("printf '{rules}' | nft -f -"))?;
-        // The conntrack sysctls are per namespace once the module is loaded (the rule
-        // above loaded it).
-        sh(&format!(
-            "sysctl -qw net.netfilter.nf_conntrack_udp_timeout={NAT_UDP_TIMEOUT_S} \
-             net.netfilter.nf_conntrack_udp_timeout_stream={NAT_UDP_TIMEOUT_S}"
-        ))?;
-        t.nat = Some(nat);
-        t.nat_lan = lan;
-        Ok(t)
+        self.lan.ip(["link", "set", "p4", "master", "br0", "up"])?;
+        nat_router(&nat, "192.0.2.11", &self.hosts[0], "valice2", 2)?;
+        self.nat2 = Some(nat);
+        Ok(())
     }
 
     /// Makes the NAT of [`Trapezoid::with_nat`] behave as one that restarted with a new
@@ -632,6 +668,7 @@ impl Trapezoid {
             hosts,
             nat: None,
             nat_lan: String::new(),
+            nat2: None,
         })
     }
 

@@ -874,3 +874,114 @@ fn a_callee_behind_a_nat_starts_hip_itself_and_its_call_is_secured() {
         "the BYE from bob's proxy to the NAT"
     );
 }
+
+/// Issue 13, item 5: alice, behind one NAT, moves behind another (a new private address,
+/// a new public one). Her HIP UPDATE goes over UDP through the new NAT; bob checks the new
+/// path (the NAT's address and port it came from) with an echo before he moves his SAs
+/// there — so media flows again both ways without a new exchange or a re-INVITE.
+#[test]
+fn a_caller_moving_from_one_nat_to_another_keeps_its_call() {
+    use hip_tests::sip::{ALICE_PRIVATE_IP, ALICE_SECOND_PRIVATE_IP};
+    let mut s = Scenario::start(&Options {
+        alice_behind_nat: true,
+        ..Options::default()
+    })
+    .unwrap();
+    s.net.add_second_nat_for_alice().unwrap();
+    let call = s.call().unwrap();
+    let (a, b) = s.wait_established().unwrap();
+    assert_eq!(a["associations"][0]["local_locator"], ALICE_PRIVATE_IP);
+    assert_eq!(b["associations"][0]["peer_locator"], call::ALICE_IP);
+    let spi_in = b["associations"][0]["kernel"]["spi_in"].clone();
+    const N: u32 = 50;
+    let check = |r: call::RtpReport, what: &str| {
+        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
+        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
+    };
+    check(s.stream_rtp(N).unwrap(), "alice → bob before the move");
+
+    // alice's host joins the second NAT's network, routes through it, and leaves the
+    // first one.
+    let ns = s.alice_ns();
+    ns.ip([
+        "addr",
+        "add",
+        &format!("{ALICE_SECOND_PRIVATE_IP}/24"),
+        "dev",
+        "valice2",
+    ])
+    .unwrap();
+    ns.ip([
+        "route", "replace", "default", "via", "10.0.2.1", "dev", "valice2",
+    ])
+    .unwrap();
+    ns.ip([
+        "addr",
+        "del",
+        &format!("{ALICE_PRIVATE_IP}/24"),
+        "dev",
+        "valice",
+    ])
+    .unwrap();
+    let left = std::time::Instant::now();
+    let moved = Scenario::wait_call_security(
+        &s.bob,
+        "bob to follow alice to the second NAT",
+        Duration::from_secs(60),
+        |sec| {
+            sec["associations"][0]["peer_locator"] == "192.0.2.11"
+                && sec["associations"][0]["kernel"]["peer_locator"] == "192.0.2.11"
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\n--- alice's log ---\n{}\n--- bob's log ---\n{}",
+            s.alice.log(),
+            s.bob.log()
+        )
+    });
+    println!(
+        "bob's SAs followed alice to the second NAT {} ms after she left the first",
+        left.elapsed().as_millis()
+    );
+    let ab = &moved["associations"][0];
+    assert_eq!(ab["state"], "established", "{ab}");
+    assert_eq!(ab["kernel"]["spi_in"], spi_in, "the same SAs, moved: {ab}");
+    let port = ab["nat"]["peer_port"].as_u64().expect("the new NAT's port");
+    let st = s.bob_ns().ip(["xfrm", "state", "list"]).unwrap();
+    let st = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(st.contains("192.0.2.11"), "{st}");
+    assert!(st.contains(&format!("sport 10500 dport {port}")), "{st}");
+    Scenario::wait_call_security(
+        &s.alice,
+        "alice's new locator",
+        Duration::from_secs(30),
+        |sec| sec["associations"][0]["local_locator"] == ALICE_SECOND_PRIVATE_IP,
+    )
+    .unwrap();
+    check(s.stream_rtp(N).unwrap(), "alice → bob after the move");
+    check(
+        s.stream_rtp_to_alice(N).unwrap(),
+        "bob → alice after the move",
+    );
+    s.hangup(&call).unwrap();
+    s.wait_kernel_empty().unwrap();
+
+    // No new exchange and no re-INVITE: one I1 in the whole capture, no INVITE after it,
+    // and the move was a HIP UPDATE from the second NAT's address.
+    let pcap = s.stop_capture().unwrap();
+    let pkts = call::read_pcap(&pcap).unwrap();
+    let i1s: Vec<_> = pkts.iter().filter(|p| p.hip_type == Some(1)).collect();
+    assert_eq!(i1s.len(), 1, "one I1: {i1s:?}");
+    assert!(
+        !pkts
+            .iter()
+            .any(|p| p.sip.as_deref() == Some("INVITE") && p.time > i1s[0].time),
+        "no re-INVITE"
+    );
+    assert!(
+        pkts.iter()
+            .any(|p| p.hip_type == Some(16) && p.src == "192.0.2.11"),
+        "a HIP UPDATE from the second NAT"
+    );
+}
