@@ -12,7 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use hip_kernel::{AddressEvent, AddressEvents, KernelEvent};
@@ -120,6 +120,14 @@ pub struct NatPath {
     pub relayed: bool,
     /// Interval of the NAT keepalives both sides send (RFC 9028 §5.3).
     pub keepalive_interval_s: u64,
+    /// How often the peer's UDP path changed during the association (a NAT that rebound,
+    /// a move to another NAT), each time after HIP verified the new path.
+    pub path_changes: u32,
+    /// For the last change the kernel found first (ESP from the new path,
+    /// `XFRM_MSG_MAPPING`): milliseconds from that report to our SAs moved — the part of
+    /// the media gap towards the peer that is ours. Absent while the peer announced every
+    /// change itself (UPDATE).
+    pub last_follow_ms: Option<u64>,
 }
 
 impl NatPath {
@@ -129,7 +137,30 @@ impl NatPath {
             peer_port: u.peer,
             relayed: false,
             keepalive_interval_s: endpoint::Config::default().udp_keepalive.as_secs(),
+            path_changes: 0,
+            last_follow_ms: None,
         })
+    }
+
+    /// The path after a verified move from `self` (at `old_peer`) to `udp` at `new_peer`;
+    /// `reported`: when the kernel first saw ESP on the new path, if it did.
+    fn moved(
+        prev: Option<Self>,
+        old_peer: Option<IpAddr>,
+        new_peer: IpAddr,
+        udp: Option<endpoint::UdpPorts>,
+        reported: Option<Instant>,
+    ) -> Option<Self> {
+        let mut next = Self::of(udp)?;
+        if let Some(p) = prev {
+            let changed = p.peer_port != next.peer_port || old_peer != Some(new_peer);
+            next.path_changes = p.path_changes + u32::from(changed);
+            next.last_follow_ms = reported
+                .filter(|_| changed)
+                .map(|t| t.elapsed().as_millis() as u64)
+                .or(p.last_follow_ms);
+        }
+        Some(next)
     }
 }
 
@@ -308,6 +339,9 @@ pub struct Security {
     moving: HashMap<Hit, IpAddr>,
     /// Dead peer detection: per established peer, and the silence that triggers a probe.
     liveness: HashMap<Hit, Liveness>,
+    /// When the kernel first reported ESP from a new UDP path per peer (until it is
+    /// verified and followed, or the association goes).
+    mapping_seen: HashMap<Hit, Instant>,
     dpd_idle_ns: u64,
     dpd_tick: tokio::time::Interval,
     /// HIP over UDP: the mode, and our (and the peers') port when the socket is open.
@@ -364,12 +398,7 @@ impl Security {
         ecfg.encrypt_host_id = cfg.hip.host_id_in_i2 == HostIdInI2::Encrypted;
         ecfg.send_r1_counter = cfg.hip.r1_counter;
         ecfg.opportunistic = true;
-        let mut ep = Endpoint::new(
-            ecfg,
-            identity,
-            hip_driver::os_rng()?,
-            std::time::Instant::now(),
-        )?;
+        let mut ep = Endpoint::new(ecfg, identity, hip_driver::os_rng()?, Instant::now())?;
         if let Some(o) = &offload {
             ep.set_spi_allocator(Box::new(o.spi_allocator()));
         }
@@ -422,6 +451,7 @@ impl Security {
             addrs,
             moving: HashMap::new(),
             liveness: HashMap::new(),
+            mapping_seen: HashMap::new(),
             dpd_idle_ns: cfg.hip.dead_peer_idle_secs.saturating_mul(1_000_000_000),
             dpd_tick,
             udp_mode: cfg.hip.udp,
@@ -694,6 +724,7 @@ impl Security {
             }
         }
         self.liveness.remove(&peer);
+        self.mapping_seen.remove(&peer);
     }
 
     /// Frees the record of `peer` if its association is over (closed or failed): for a
@@ -741,6 +772,7 @@ impl Security {
     async fn closed(&mut self, peer: Hit) {
         self.remove_kernel_state(peer).await;
         self.liveness.remove(&peer);
+        self.mapping_seen.remove(&peer);
         if let Some(r) = self.records.get_mut(&peer)
             && r.state != AssocState::Failed
         {
@@ -760,6 +792,7 @@ impl Security {
         let _ = self.driver.abort(peer).await;
         self.remove_kernel_state(peer).await;
         self.liveness.remove(&peer);
+        self.mapping_seen.remove(&peer);
         if let Some(r) = self.records.get_mut(&peer) {
             r.state = AssocState::Closed;
             r.lost = Some(why.clone());
@@ -1114,10 +1147,14 @@ impl Security {
                         }
                     }
                 }
+                let reported = self.mapping_seen.remove(&peer_hit);
                 if let Some(rec) = self.records.get_mut(&peer_hit) {
                     rec.local_locator = Some(local_locator);
+                    rec.nat = NatPath::moved(rec.nat, rec.peer_locator, peer_locator, udp, reported);
                     rec.peer_locator = Some(peer_locator);
-                    rec.nat = NatPath::of(udp);
+                    if let Some(n) = rec.nat.filter(|_| reported.is_some()) {
+                        tracing::info!(peer = %peer_hit, follow_ms = ?n.last_follow_ms, changes = n.path_changes, "SAs followed the peer's new UDP path");
+                    }
                 }
                 Outcome::Nothing
             }
@@ -1174,6 +1211,7 @@ impl Security {
                         && r.nat.is_some_and(|n| n.peer_port == new.port())
                 });
                 if let Some(peer) = peer.filter(|_| !current) {
+                    self.mapping_seen.entry(peer).or_insert_with(Instant::now);
                     tracing::info!(%peer, %old, %new, "ESP from a new UDP path (NAT mapping): verifying it");
                     if let Err(e) = self.driver.path_observed(peer, new).await {
                         tracing::debug!(%peer, "path check: {e}");
@@ -1384,6 +1422,35 @@ mod tests {
 
     fn hit(s: &str) -> Hit {
         Hit(s.parse::<std::net::Ipv6Addr>().unwrap().octets())
+    }
+
+    /// A verified move counts as a path change only when the peer's address or port
+    /// changed; the follow time comes from the kernel's first report and is kept until
+    /// the next reported change.
+    #[test]
+    fn nat_path_changes_are_counted_and_timed_from_the_kernels_report() {
+        let ports = |peer| Some(endpoint::UdpPorts { local: 10500, peer });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.11".parse().unwrap();
+        let first = NatPath::of(ports(40000));
+        assert_eq!(first.unwrap().path_changes, 0);
+        // The same path again (an UPDATE that listed it): nothing changed.
+        let same = NatPath::moved(first, Some(a), a, ports(40000), None).unwrap();
+        assert_eq!((same.path_changes, same.last_follow_ms), (0, None));
+        // A NAT rebinding the kernel reported 40 ms ago.
+        let seen = Instant::now() - Duration::from_millis(40);
+        let rebound = NatPath::moved(Some(same), Some(a), a, ports(20001), Some(seen)).unwrap();
+        assert_eq!(rebound.path_changes, 1);
+        assert!(
+            rebound.last_follow_ms.is_some_and(|ms| ms >= 40),
+            "{rebound:?}"
+        );
+        // A move the peer announced itself: counted, the last reported time kept.
+        let moved = NatPath::moved(Some(rebound), Some(a), b, ports(20001), None).unwrap();
+        assert_eq!(moved.path_changes, 2);
+        assert_eq!(moved.last_follow_ms, rebound.last_follow_ms);
+        // Leaving UDP (raw HIP again) leaves no NAT path.
+        assert_eq!(NatPath::moved(Some(moved), Some(b), b, None, None), None);
     }
 
     #[test]

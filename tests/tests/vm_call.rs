@@ -714,6 +714,12 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
     let new_port = moved["associations"][0]["nat"]["peer_port"]
         .as_u64()
         .unwrap();
+    // bob's status reports the change and his part of the gap: from the kernel's first
+    // report of ESP on the new path to his SAs moved.
+    let nat = &moved["associations"][0]["nat"];
+    assert_eq!(nat["path_changes"], 1, "{nat}");
+    let follow = nat["last_follow_ms"].as_u64().expect("last_follow_ms");
+    println!("bob's SAs followed {follow} ms after his kernel reported the new path");
     let st = s.bob_ns().ip(["xfrm", "state", "list"]).unwrap();
     let st = String::from_utf8_lossy(&st.stdout).into_owned();
     assert!(
@@ -947,6 +953,7 @@ fn a_caller_moving_from_one_nat_to_another_keeps_its_call() {
     let ab = &moved["associations"][0];
     assert_eq!(ab["state"], "established", "{ab}");
     assert_eq!(ab["kernel"]["spi_in"], spi_in, "the same SAs, moved: {ab}");
+    assert_eq!(ab["nat"]["path_changes"], 1, "{ab}");
     let port = ab["nat"]["peer_port"].as_u64().expect("the new NAT's port");
     let st = s.bob_ns().ip(["xfrm", "state", "list"]).unwrap();
     let st = String::from_utf8_lossy(&st.stdout).into_owned();
