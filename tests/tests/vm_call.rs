@@ -585,49 +585,25 @@ fn a_kernel_that_refuses_the_move_closes_the_association_and_says_why() {
 #[test]
 fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
     use hip_tests::sip::{ALICE_PRIVATE_IP, NAT_UDP_TIMEOUT_S};
-    let mut s = Scenario::start(&Options {
-        alice_behind_nat: true,
-        ..Options::default()
-    })
-    .unwrap();
-    let call = s.call().unwrap();
-    let (a, b) = s.wait_established().unwrap();
-    let (aa, ab) = (&a["associations"][0], &b["associations"][0]);
-    // alice sees bob as he is; bob sees alice at the NAT's address and mapped port.
-    assert_eq!(aa["local_locator"], ALICE_PRIVATE_IP, "{aa}");
-    assert_eq!(aa["peer_locator"], call::BOB_IP, "{aa}");
-    assert_eq!(aa["nat"]["local_port"], 10500, "{aa}");
-    assert_eq!(aa["nat"]["peer_port"], 10500, "{aa}");
-    assert_eq!(
-        ab["peer_locator"],
-        call::ALICE_IP,
-        "the NAT's public address: {ab}"
+    let (mut s, call, a, b) = established_call(
+        Options {
+            alice_behind_nat: true,
+            ..Options::default()
+        },
+        false,
     );
-    let mapped = ab["nat"]["peer_port"]
-        .as_u64()
-        .expect("bob's view of alice's port");
-    assert_eq!(ab["nat"]["relayed"], false, "{ab}");
-    // Both SAs on each side are UDP-encapsulated, with the same ports.
-    for (ns, peer_port) in [(s.alice_ns(), 10500), (s.bob_ns(), mapped)] {
-        let st = ns.ip(["xfrm", "state", "list"]).unwrap();
-        let st = String::from_utf8_lossy(&st.stdout).into_owned();
-        assert_eq!(st.matches("mode beet").count(), 2, "{st}");
-        assert_eq!(st.matches("encap type espinudp").count(), 2, "{st}");
-        for dir in [
-            format!("sport 10500 dport {peer_port}"),
-            format!("sport {peer_port} dport 10500"),
-        ] {
-            assert!(st.contains(&dir), "{dir} in {}: {st}", ns.name());
-        }
-    }
+    let (aa, ab) = (&a["associations"][0], &b["associations"][0]);
+    // alice sees bob as he is; bob sees alice at the NAT's address and mapped port; both
+    // SAs on each side are UDP-encapsulated, with the same ports.
+    let mapped = assert_nat_views(
+        (aa, s.alice_ns(), ALICE_PRIVATE_IP),
+        (ab, s.bob_ns(), call::BOB_IP),
+        call::ALICE_IP,
+    );
 
     const N: u32 = 50;
-    let check = |r: call::RtpReport, what: &str| {
-        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
-        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
-    };
-    check(s.stream_rtp(N).unwrap(), "alice → bob");
-    check(s.stream_rtp_to_alice(N).unwrap(), "bob → alice");
+    let check = |r: call::RtpReport, what: &str| all_intact(&r, N, what);
+    media_both_ways(&s, N, "at first");
     // bob's eBPF programs counted the encapsulated ESP on his inbound SPI and classified
     // the decrypted stream, from the NAT's address.
     let flows =
@@ -672,11 +648,7 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
         st_b["limits"]["hip"]
     );
     // Media still gets through both ways, on the same binding (no re-exchange).
-    check(s.stream_rtp(N).unwrap(), "alice → bob after the idle gap");
-    check(
-        s.stream_rtp_to_alice(N).unwrap(),
-        "bob → alice after the idle gap",
-    );
+    media_both_ways(&s, N, "after the idle gap");
     let (_, b2) = s.wait_established().unwrap();
     assert_eq!(b2["associations"][0]["nat"]["peer_port"], mapped, "{b2}");
 
@@ -784,50 +756,30 @@ fn a_caller_behind_a_nat_gets_a_secured_call_through_it() {
 #[test]
 fn a_callee_behind_a_nat_starts_hip_itself_and_its_call_is_secured() {
     use hip_tests::sip::{BOB_PRIVATE_IP, NAT_UDP_TIMEOUT_S};
-    let mut s = Scenario::start(&Options {
-        bob_behind_nat: true,
-        ..Options::default()
-    })
-    .unwrap();
-    let call = s.call().unwrap();
-    let (a, b) = s.wait_established().unwrap();
+    let (mut s, call, a, b) = established_call(
+        Options {
+            bob_behind_nat: true,
+            ..Options::default()
+        },
+        false,
+    );
     let (aa, ab) = (&a["associations"][0], &b["associations"][0]);
     // The roles of the exchange are reversed: bob, the callee, initiated it.
     assert_eq!(ab["initiator"], true, "{ab}");
     assert_eq!(aa["initiator"], false, "{aa}");
     // bob sees alice as she is; alice sees bob at the NAT's address and mapped port.
-    assert_eq!(ab["local_locator"], BOB_PRIVATE_IP, "{ab}");
-    assert_eq!(ab["peer_locator"], call::ALICE_IP, "{ab}");
-    assert_eq!(ab["nat"]["local_port"], 10500, "{ab}");
-    assert_eq!(ab["nat"]["peer_port"], 10500, "{ab}");
-    assert_eq!(aa["peer_locator"], call::BOB_IP, "the NAT's address: {aa}");
-    let mapped = aa["nat"]["peer_port"]
-        .as_u64()
-        .expect("alice's view of bob's port");
+    assert_nat_views(
+        (ab, s.bob_ns(), BOB_PRIVATE_IP),
+        (aa, s.alice_ns(), call::ALICE_IP),
+        call::BOB_IP,
+    );
     // HIP proved each side's HIT from SDP (no SIP Identity here: nothing signed the SDP).
     for (who, sec) in [("alice", &a), ("bob", &b)] {
         assert_eq!(sec["verification"], "unverified", "{who}: {sec}");
     }
-    for (ns, peer_port) in [(s.bob_ns(), 10500), (s.alice_ns(), mapped)] {
-        let st = ns.ip(["xfrm", "state", "list"]).unwrap();
-        let st = String::from_utf8_lossy(&st.stdout).into_owned();
-        assert_eq!(st.matches("mode beet").count(), 2, "{st}");
-        assert_eq!(st.matches("encap type espinudp").count(), 2, "{st}");
-        for dir in [
-            format!("sport 10500 dport {peer_port}"),
-            format!("sport {peer_port} dport 10500"),
-        ] {
-            assert!(st.contains(&dir), "{dir} in {}: {st}", ns.name());
-        }
-    }
 
     const N: u32 = 50;
-    let check = |r: call::RtpReport, what: &str| {
-        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
-        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
-    };
-    check(s.stream_rtp(N).unwrap(), "alice → bob");
-    check(s.stream_rtp_to_alice(N).unwrap(), "bob → alice");
+    media_both_ways(&s, N, "at first");
 
     // Idle for longer than the NAT keeps an unused binding: bob's HIP keepalives keep
     // his path, his SIP keepalives his registration's binding.
@@ -839,11 +791,7 @@ fn a_callee_behind_a_nat_starts_hip_itself_and_its_call_is_secured() {
         "{}",
         st_a["limits"]["hip"]
     );
-    check(s.stream_rtp(N).unwrap(), "alice → bob after the idle gap");
-    check(
-        s.stream_rtp_to_alice(N).unwrap(),
-        "bob → alice after the idle gap",
-    );
+    media_both_ways(&s, N, "after the idle gap");
 
     // alice hangs up: her BYE follows the route set through bob's proxy, which reaches
     // him through the NAT's binding of his registration (it ends his call too).
@@ -888,22 +836,18 @@ fn a_callee_behind_a_nat_starts_hip_itself_and_its_call_is_secured() {
 #[test]
 fn a_caller_moving_from_one_nat_to_another_keeps_its_call() {
     use hip_tests::sip::{ALICE_PRIVATE_IP, ALICE_SECOND_PRIVATE_IP};
-    let mut s = Scenario::start(&Options {
-        alice_behind_nat: true,
-        ..Options::default()
-    })
-    .unwrap();
-    s.net.add_second_nat_for_alice().unwrap();
-    let call = s.call().unwrap();
-    let (a, b) = s.wait_established().unwrap();
+    let (mut s, call, a, b) = established_call(
+        Options {
+            alice_behind_nat: true,
+            ..Options::default()
+        },
+        true,
+    );
     assert_eq!(a["associations"][0]["local_locator"], ALICE_PRIVATE_IP);
     assert_eq!(b["associations"][0]["peer_locator"], call::ALICE_IP);
     let spi_in = b["associations"][0]["kernel"]["spi_in"].clone();
     const N: u32 = 50;
-    let check = |r: call::RtpReport, what: &str| {
-        assert_eq!(r.received["received"], N, "{what}: {:?}", r.received);
-        assert_eq!(r.received["intact"], N, "{what}: {:?}", r.received);
-    };
+    let check = |r: call::RtpReport, what: &str| all_intact(&r, N, what);
     check(s.stream_rtp(N).unwrap(), "alice → bob before the move");
 
     // alice's host joins the second NAT's network, routes through it, and leaves the
@@ -966,11 +910,7 @@ fn a_caller_moving_from_one_nat_to_another_keeps_its_call() {
         |sec| sec["associations"][0]["local_locator"] == ALICE_SECOND_PRIVATE_IP,
     )
     .unwrap();
-    check(s.stream_rtp(N).unwrap(), "alice → bob after the move");
-    check(
-        s.stream_rtp_to_alice(N).unwrap(),
-        "bob → alice after the move",
-    );
+    media_both_ways(&s, N, "after the move");
     s.hangup(&call).unwrap();
     s.wait_kernel_empty().unwrap();
 
@@ -991,4 +931,74 @@ fn a_caller_moving_from_one_nat_to_another_keeps_its_call() {
             .any(|p| p.hip_type == Some(16) && p.src == "192.0.2.11"),
         "a HIP UPDATE from the second NAT"
     );
+}
+
+/// Both SAs in `ns` are BEET SAs encapsulated in UDP between our port 10500 and the
+/// peer's `peer_port` (each direction swapped).
+fn assert_encapsulated(ns: &hip_tests::NetNs, peer_port: u64) {
+    let st = ns.ip(["xfrm", "state", "list"]).unwrap();
+    let st = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert_eq!(st.matches("mode beet").count(), 2, "{st}");
+    assert_eq!(st.matches("encap type espinudp").count(), 2, "{st}");
+    for dir in [
+        format!("sport 10500 dport {peer_port}"),
+        format!("sport {peer_port} dport 10500"),
+    ] {
+        assert!(st.contains(&dir), "{dir} in {}: {st}", ns.name());
+    }
+}
+
+/// The receiver got all `n` packets of a stream, intact.
+fn all_intact(r: &call::RtpReport, n: u32, what: &str) {
+    assert_eq!(r.received["received"], n, "{what}: {:?}", r.received);
+    assert_eq!(r.received["intact"], n, "{what}: {:?}", r.received);
+}
+
+/// `n` RTP packets alice → bob, then bob → alice, each stream complete and intact.
+fn media_both_ways(s: &Scenario, n: u32, when: &str) {
+    all_intact(&s.stream_rtp(n).unwrap(), n, &format!("alice → bob {when}"));
+    all_intact(
+        &s.stream_rtp_to_alice(n).unwrap(),
+        n,
+        &format!("bob → alice {when}"),
+    );
+}
+
+/// A scenario started with `opts` (and alice's second NAT ready, with `second_nat`), alice's
+/// call to bob placed and its association established on both sides: the scenario, the
+/// call's handle, alice's and bob's call security blocks.
+fn established_call(
+    opts: Options,
+    second_nat: bool,
+) -> (Scenario, String, serde_json::Value, serde_json::Value) {
+    let mut s = Scenario::start(&opts).unwrap();
+    if second_nat {
+        s.net.add_second_nat_for_alice().unwrap();
+    }
+    let call = s.call().unwrap();
+    let (a, b) = s.wait_established().unwrap();
+    (s, call, a, b)
+}
+
+/// An association across one NAT, as each end sees it: the host `inside` (its association
+/// record, namespace and private address) reaches the peer as it is, on port 10500 at both
+/// ends; the peer `outside` (record, namespace, address) sees it at `nat_ip` and the NAT's
+/// mapped port, directly (no relay). Both SAs on each side are encapsulated accordingly.
+/// Returns the mapped port.
+fn assert_nat_views(
+    inside: (&serde_json::Value, &hip_tests::NetNs, &str),
+    outside: (&serde_json::Value, &hip_tests::NetNs, &str),
+    nat_ip: &str,
+) -> u64 {
+    let ((i, i_ns, private_ip), (o, o_ns, public_ip)) = (inside, outside);
+    assert_eq!(i["local_locator"], private_ip, "{i}");
+    assert_eq!(i["peer_locator"], public_ip, "{i}");
+    assert_eq!(i["nat"]["local_port"], 10500, "{i}");
+    assert_eq!(i["nat"]["peer_port"], 10500, "{i}");
+    assert_eq!(o["peer_locator"], nat_ip, "the NAT's address: {o}");
+    assert_eq!(o["nat"]["relayed"], false, "{o}");
+    let mapped = o["nat"]["peer_port"].as_u64().expect("the mapped port");
+    assert_encapsulated(i_ns, 10500);
+    assert_encapsulated(o_ns, mapped);
+    mapped
 }
