@@ -1228,7 +1228,7 @@ impl Daemon {
                         .is_some_and(|s| sdp::nat_initiator(&s));
                 let cs = self.call_sec.entry(call).or_default();
                 cs.confirmed_ms.get_or_insert_with(unix_ms);
-                cs.peer_hits = hits.clone();
+                let before = std::mem::replace(&mut cs.peer_hits, hits.clone());
                 cs.remote_media = media;
                 if let Some(d) = &mut self.dns
                     && d.want(call, peer_uri, Some(ev.clone())).is_some()
@@ -1264,11 +1264,14 @@ impl Daemon {
                     // The callee is behind a NAT: our I1 would not reach it. Its I1 comes
                     // to us instead, and its I2 is accepted only from the answer's HITs
                     // (proved by the exchange as our R1 check would).
+                    // (A later answer, e.g. the signed UPDATE, may name other HITs: the
+                    // authorization follows it.)
                     cs.nat_reversed = true;
-                    if !cs.authorized {
-                        sec.authorize(&hits);
-                        cs.authorized = true;
+                    if cs.authorized {
+                        sec.deauthorize(&before);
                     }
+                    sec.authorize(&hits);
+                    cs.authorized = true;
                     tracing::info!(%call, %locator, "the callee is behind a NAT (a=hip-nat:initiate): waiting for its base exchange");
                     return;
                 }

@@ -142,8 +142,10 @@ impl NatPath {
         })
     }
 
-    /// The path after a verified move from `self` (at `old_peer`) to `udp` at `new_peer`;
-    /// `reported`: when the kernel first saw ESP on the new path, if it did.
+    /// The path after a verified move from `prev` (the peer at `old_peer`) to `udp` with
+    /// the peer at `new_peer`; `reported`: when the kernel first saw ESP on the new path,
+    /// if it did. A report left from a check that never completed is counted only with a
+    /// change that happens.
     fn moved(
         prev: Option<Self>,
         old_peer: Option<IpAddr>,
