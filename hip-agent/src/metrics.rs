@@ -36,6 +36,9 @@
 //! | `hip_r1_rate_limited_total` | counter | `lane` (`address`, `unexpected`, `expected`) | I1s not answered: their lane's budget was spent |
 //! | `hip_refused_at_capacity_total` | counter | | new peers refused at `max_associations` |
 //! | `hip_unverified_notify_total` | counter | | NOTIFYs that could not be verified (ignored) |
+//! | `hip_udp_received_total` | counter | | HIP packets received over UDP (RFC 9028) |
+//! | `hip_udp_not_hip_total` | counter | | UDP datagrams on the HIP port that were neither HIP nor ESP |
+//! | `hip_nat_keepalives_total` | counter | `direction` (`sent`, `received`) | NAT keepalives sent, and verified ones received |
 //! | `hip_endpoint_associations` | gauge | | associations the HIP endpoint holds, every state |
 //! | `kernel_sas` | gauge | | hip's XFRM SAs in the kernel (`xfrm`) |
 //! | `kernel_policies` | gauge | | hip's XFRM policies in the kernel (`xfrm`) |
@@ -430,6 +433,25 @@ pub fn render(rec: &Recorder, s: &Snapshot<'_>, openmetrics: bool) -> (String, &
             "NOTIFYs that could not be verified",
             num(hip, &["unverified_notify"]),
         );
+        o.counter1(
+            "hip_udp_received",
+            "HIP packets received over UDP (RFC 9028, behind the non-ESP marker)",
+            num(hip, &["udp_received"]),
+        );
+        o.counter1(
+            "hip_udp_not_hip",
+            "UDP datagrams on the HIP port that were neither HIP nor ESP (dropped)",
+            num(hip, &["udp_not_hip"]),
+        );
+        o.counter(
+            "hip_nat_keepalives",
+            "NAT keepalives (RFC 9028 §5.3): sent, and verified ones received",
+            [
+                ("sent", num(hip, &["keepalives_sent"])),
+                ("received", num(hip, &["keepalives_received"])),
+            ]
+            .map(|(d, v)| (labels(&[("direction", d.into())]), v)),
+        );
         o.gauge1(
             "hip_endpoint_associations",
             "Associations the HIP endpoint holds, every state",
@@ -770,7 +792,9 @@ mod tests {
                         "r1_sent_expected": 3, "r1_sent_unexpected": 0,
                         "r1_rate_limited_address": 0, "r1_rate_limited_unexpected": 9,
                         "r1_rate_limited_expected": 0, "refused_at_capacity": 0,
-                        "unverified_notify": 0, "associations": 2},
+                        "unverified_notify": 0, "associations": 2,
+                        "udp_received": 12, "udp_not_hip": 1,
+                        "keepalives_sent": 4, "keepalives_received": 6},
             },
             "pool_entries": 2,
         });
@@ -819,6 +843,10 @@ mod tests {
             "hip_sip_registered 1",
             "hip_hip_packets_dropped_total{reason=\"bad-checksum\"} 2",
             "hip_hip_r1_rate_limited_total{lane=\"unexpected\"} 9",
+            "hip_hip_udp_received_total 12",
+            "hip_hip_udp_not_hip_total 1",
+            "hip_hip_nat_keepalives_total{direction=\"sent\"} 4",
+            "hip_hip_nat_keepalives_total{direction=\"received\"} 6",
             "hip_kernel_sas 2",
             "hip_kernel_policies 4",
             "hip_datapath_events_total{event=\"esp_in\"} 11",
