@@ -406,11 +406,6 @@ pub fn uri_host(uri: &str) -> Option<IpAddr> {
     rest.split(':').next()?.parse().ok()
 }
 
-/// The connection address and port of the first accepted audio stream of an SDP body.
-fn media_of(body: &[u8]) -> Option<(String, u16)> {
-    sdp::offer::audio_target(&Sdp::parse_bytes(body).ok()?)
-}
-
 impl Daemon {
     /// Loads the identity and the pool and binds the SIP transports.
     pub async fn new(cfg: Config) -> Result<Self, DaemonError> {
@@ -782,7 +777,14 @@ impl Daemon {
     /// configured or mirrored form. With HIP, media goes HIT to HIT: the addresses are our
     /// HIT, and the kernel carries it through the BEET SAs (the draft's §3.2 discussion:
     /// HITs in `c=` lines survive address changes without a re-INVITE).
-    fn local_sdp(&mut self, offer: Option<&Sdp>, offer_form: Option<Form>) -> Bytes {
+    /// Our offer or answer; with `nat_initiator`, marked `a=hip-nat:initiate` (we are
+    /// behind a NAT and start HIP ourselves).
+    fn local_sdp(
+        &mut self,
+        offer: Option<&Sdp>,
+        offer_form: Option<Form>,
+        nat_initiator: bool,
+    ) -> Bytes {
         let host = match &self.security {
             Some(s) => s.local_hit().to_string(),
             None => self
@@ -804,7 +806,12 @@ impl Daemon {
             identity: Some((&id, self.cfg.sip.sdp.identity())),
         };
         match sdp::offer::build(&local, offer, offer_form) {
-            Ok(s) => Bytes::from(s.emit()),
+            Ok(mut s) => {
+                if nat_initiator {
+                    sdp::mark_nat_initiator(&mut s);
+                }
+                Bytes::from(s.emit())
+            }
             Err(e) => {
                 // Our own lines always parse; an identity that cannot be inserted is a bug.
                 tracing::error!("building our SDP: {e}");
@@ -863,7 +870,6 @@ impl Daemon {
             }
             _ => (None, None),
         };
-        let mut sdp = self.local_sdp(offer.as_ref(), form);
         // Behind a NAT towards the caller, no I1 of its reaches us: we start HIP once the
         // ACK confirms the dialog (by then the caller holds our HITs), and our answer says
         // so.
@@ -873,15 +879,15 @@ impl Daemon {
             .and_then(|i| i.remote_target)
             .as_deref()
             .and_then(uri_host);
-        if let (Some(sec), Some(loc)) = (&self.security, caller)
-            && sec.behind_nat_towards(loc)
-            && let Ok(mut s) = Sdp::parse_bytes(&sdp)
-        {
-            sdp::mark_nat_initiator(&mut s);
-            sdp = Bytes::from(s.emit());
-            self.call_sec.entry(h).or_default().nat_reversed = true;
-            tracing::info!(call = %h, caller = %loc, "behind a NAT towards the caller: we start the base exchange, over UDP, once the call is confirmed");
-        }
+        let behind_nat = match (&self.security, caller) {
+            (Some(sec), Some(loc)) if sec.behind_nat_towards(loc) => {
+                tracing::info!(call = %h, caller = %loc, "behind a NAT towards the caller: we start the base exchange, over UDP, once the call is confirmed");
+                self.call_sec.entry(h).or_default().nat_reversed = true;
+                true
+            }
+            _ => false,
+        };
+        let sdp = self.local_sdp(offer.as_ref(), form, behind_nat);
         // The caller may send I1 as soon as our 200 is out, before its ACK reaches us:
         // its HITs from the offer are accepted from now on (draft §3.3: the known-HITs pool).
         if let (Some(sec), Some((ids, _))) = (&mut self.security, self.offered.get(&h)) {
@@ -1219,13 +1225,14 @@ impl Daemon {
                 ..
             } => {
                 let hits = secure::distinct(identities.iter().map(|i| proto_hit(i.hit)));
-                let remote = self.ua.call_sdp(call).and_then(|(_, r)| r);
-                let media = remote.as_ref().and_then(|b| media_of(b));
+                let remote = self
+                    .ua
+                    .call_sdp(call)
+                    .and_then(|(_, r)| r)
+                    .and_then(|b| Sdp::parse_bytes(&b).ok());
+                let media = remote.as_ref().and_then(sdp::offer::audio_target);
                 let peer_starts = direction == Direction::Outgoing
-                    && remote
-                        .as_ref()
-                        .and_then(|b| Sdp::parse_bytes(b).ok())
-                        .is_some_and(|s| sdp::nat_initiator(&s));
+                    && remote.as_ref().is_some_and(sdp::nat_initiator);
                 let cs = self.call_sec.entry(call).or_default();
                 cs.confirmed_ms.get_or_insert_with(unix_ms);
                 let before = std::mem::replace(&mut cs.peer_hits, hits.clone());
@@ -1707,7 +1714,7 @@ impl Daemon {
                 if let Some(d) = &mut self.dns {
                     d.prefetch(&uri);
                 }
-                let sdp = self.local_sdp(None, None);
+                let sdp = self.local_sdp(None, None, false);
                 let mut own = SipAssurance::default();
                 let signed = match self.sipsec.signer {
                     None => {

@@ -497,6 +497,11 @@ pub const ALICE_SECOND_PRIVATE_IP: &str = "10.0.2.2";
 /// unreplied and the stream one): a binding idle longer than this is forgotten.
 pub const NAT_UDP_TIMEOUT_S: u64 = 20;
 
+/// Runs `cmd` through `sh -c` in the router namespace `nat`.
+fn nat_sh(nat: &NetNs, cmd: &str) -> Result<()> {
+    crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
+}
+
 /// Makes `nat` a masquerading router: `public`/24 on its link `wan` (already there, on the
 /// bridge), and a new link `host_link` from `host` to its `lan` with 10.0.`net`.1/24; UDP
 /// bindings time out after [`NAT_UDP_TIMEOUT_S`]. Returns the private network.
@@ -521,9 +526,7 @@ fn nat_router(nat: &NetNs, public: &str, host: &NetNs, host_link: &str, net: u8)
     nat.ip(["addr", "add", &format!("10.0.{net}.1/24"), "dev", "lan"])?;
     nat.ip(["link", "set", "lan", "up"])?;
     host.ip(["link", "set", host_link, "up"])?;
-    let sh = |cmd: &str| -> Result<()> {
-        crate::run("ip", ["netns", "exec", nat.name(), "sh", "-c", cmd]).map(|_| ())
-    };
+    let sh = |cmd: &str| nat_sh(nat, cmd);
     sh("sysctl -qw net.ipv4.ip_forward=1")?;
     let rules = format!(
         "table ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
@@ -605,17 +608,7 @@ impl Trapezoid {
         let rules = format!(
             "flush table ip nat\ntable ip nat {{\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan\" ip saddr {lan} meta l4proto udp masquerade to :20000-20999\n  oifname \"wan\" ip saddr {lan} masquerade\n }}\n}}\n"
         );
-        crate::run(
-            "ip",
-            [
-                "netns",
-                "exec",
-                nat.name(),
-                "sh",
-                "-c",
-                &format!("printf '{rules}' | nft -f -"),
-            ],
-        )?;
+        nat_sh(nat, &format!("printf '{rules}' | nft -f -"))?;
         // No conntrack tool in the guest: the flush request by hand (nfnetlink header,
         // subsystem CTNETLINK = 1, message DELETE = 2, family AF_INET, no attributes).
         let flush = "import socket,struct; \
